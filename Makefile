@@ -1,0 +1,39 @@
+# HuViDPO developer entry points. Every target works from a fresh clone.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_SPEC ?= torch==2.13.0
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_VERBOSITY := error
+export DIFFUSERS_VERBOSITY := error
+
+.PHONY: install test test-fast lint demo bench proto clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# torch first (a CPU wheel here; a CUDA wheel on a GPU host), then the project, which accepts it.
+install: $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e ".[dev]"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy huvidpo services
+
+demo: install
+	$(BIN)/python -m huvidpo.demo --out out/demo
+
+bench: install
+	$(BIN)/python bench/run_all.py --out bench/RESULTS.md
+
+clean:
+	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

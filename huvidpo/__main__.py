@@ -1,0 +1,3 @@
+from huvidpo.cli import main
+
+raise SystemExit(main())

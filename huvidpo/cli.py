@@ -1,0 +1,134 @@
+"""``huvidpo`` command line: ``init-tiny``, ``generate`` (and the training commands).
+
+Each subcommand lives in a ``_cmd_*`` function registered in :func:`build_parser`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    logging.getLogger("diffusers").setLevel(logging.ERROR)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.set_verbosity_error()
+        dlog.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _cmd_init_tiny(args: argparse.Namespace) -> int:
+    from huvidpo.models.tiny import write_tiny_model
+
+    out = write_tiny_model(args.dir, seed=args.seed)
+    print(f"wrote a tiny random HuViDPO model to {out}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm import tqdm
+
+    from huvidpo.lora import load_lora
+    from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    pipe = HuViDPOPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    if args.lora:
+        load_lora(pipe.components.unet, args.lora, adapter="cli", scale=args.lora_scale)
+    cfg = GenerationConfig(
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed,
+        shared_noise_ratio=args.shared_noise_ratio,
+        latent_adain=not args.no_adain,
+        hist_match=not args.no_hist_match,
+    )
+    cfg.validate()
+    bar = tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet)
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    result = pipe(args.prompt, args.first_frame, cfg, progress=progress)
+    bar.close()
+    out = result.save(args.out, fps=args.fps)
+    print(f"wrote {out} ({cfg.num_frames} frames, {cfg.width}x{cfg.height}, seed {result.seed}, "
+          f"{result.timings['total_s']:.2f} s)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="huvidpo", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("init-tiny", help="write a tiny random model (diffusers layout) for tests and demos")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_init_tiny)
+
+    p = sub.add_parser("generate", help="generate a video from a first frame (or from the prompt alone)")
+    p.add_argument("--model", required=True, type=Path, help="model directory (diffusers layout)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--first-frame", type=Path, default=None, help="image for frame 0; omitted: text-to-image")
+    p.add_argument("--lora", type=Path, default=None, help="LoRA adapter directory")
+    p.add_argument("--lora-scale", type=float, default=1.0)
+    p.add_argument("--frames", type=int, default=16)
+    p.add_argument("--height", type=int, default=320)
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=12.5)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--shared-noise-ratio", type=float, default=0.2)
+    p.add_argument("--no-adain", action="store_true", help="switch latent AdaIN off")
+    p.add_argument("--no-hist-match", action="store_true", help="switch histogram matching off")
+    p.add_argument("--fps", type=float, default=8.0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")
+    p.set_defaults(func=_cmd_generate)
+
+    try:  # training commands (huvidpo.training) register themselves when present
+        from huvidpo.training.cli import register as register_training
+    except ImportError:
+        register_training = None
+    if register_training is not None:
+        register_training(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"huvidpo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,137 @@
+"""Video and image I/O with real codecs: PyAV (libx264) for MP4, Pillow for GIF and images.
+
+Frames are ``uint8`` arrays of shape ``(f, h, w, 3)``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from fractions import Fraction
+from pathlib import Path
+from typing import BinaryIO
+
+import av
+import numpy as np
+from PIL import Image, ImageOps
+
+ImageInput = str | os.PathLike[str] | bytes | Image.Image | np.ndarray
+
+
+class VideoDecodeError(ValueError):
+    """A file or byte string could not be decoded as a video."""
+
+
+class ImageDecodeError(ValueError):
+    """A file or byte string could not be decoded as an image."""
+
+
+def _check_frames(frames: np.ndarray) -> np.ndarray:
+    if frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be (f, h, w, 3), got {frames.shape}")
+    if frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8, got {frames.dtype}")
+    return frames
+
+
+def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
+    """H.264 (yuv420p) MP4 bytes. Width and height must be even."""
+    frames = _check_frames(frames)
+    _, h, w, _ = frames.shape
+    if h % 2 or w % 2:
+        raise ValueError(f"H.264 needs even width and height, got {w}x{h}")
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
+        stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
+        stream.options = {"crf": str(crf)}
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def encode_gif(frames: np.ndarray, fps: float = 8.0) -> bytes:
+    """Looping animated GIF bytes. Pillow's ``duration`` is milliseconds per frame (not seconds,
+    the reference code's bug that made GIFs play far too fast)."""
+    frames = _check_frames(frames)
+    images = [Image.fromarray(f) for f in frames]
+    buf = io.BytesIO()
+    images[0].save(
+        buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000.0 / fps), loop=0, disposal=2
+    )
+    return buf.getvalue()
+
+
+def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: float = 8.0) -> Path:
+    """Write ``frames`` to ``path``; the suffix (.mp4 or .gif) picks the format."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix == ".mp4":
+        data = encode_mp4(frames, fps)
+    elif suffix == ".gif":
+        data = encode_gif(frames, fps)
+    else:
+        raise ValueError(f"unsupported video format {suffix!r}: use .mp4 or .gif")
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(p)
+    return p
+
+
+def read_video(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video. Returns ``(frames (f, h, w, 3) uint8, fps)``."""
+    src: str | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source  # type: ignore[assignment]
+    if isinstance(src, os.PathLike):
+        src = os.fspath(src)
+    try:
+        with av.open(src) as container:
+            if not container.streams.video:
+                raise VideoDecodeError(f"{_name(source)} has no video stream")
+            stream = container.streams.video[0]
+            fps = float(stream.average_rate or stream.guessed_rate or 8)
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+    except VideoDecodeError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as exc:
+        raise VideoDecodeError(f"cannot decode video {_name(source)}: {exc}") from exc
+    if not frames:
+        raise VideoDecodeError(f"{_name(source)} has no decodable frames")
+    return np.stack(frames), fps
+
+
+def _name(source: object) -> str:
+    return "<bytes>" if isinstance(source, bytes | io.IOBase) else str(source)
+
+
+def load_image(image: ImageInput) -> Image.Image:
+    """An RGB PIL image from a path, encoded bytes, a PIL image or an ``(h, w, 3)`` uint8 array."""
+    if isinstance(image, Image.Image):
+        return image.convert("RGB")
+    if isinstance(image, np.ndarray):
+        if image.ndim != 3 or image.shape[-1] not in (3, 4) or image.dtype != np.uint8:
+            raise ImageDecodeError(f"image array must be (h, w, 3) uint8, got {image.shape} {image.dtype}")
+        return Image.fromarray(image[..., :3])
+    try:
+        src = io.BytesIO(image) if isinstance(image, bytes) else image
+        with Image.open(src) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except FileNotFoundError:
+        raise
+    except Exception as exc:
+        raise ImageDecodeError(f"cannot decode image {_name(image)}: {exc}") from exc
+
+
+def resize_center_crop(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
+    """Aspect-preserving resize so the image covers ``height x width``, then a centre crop.
+    Returns ``(height, width, 3)`` uint8."""
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    scale = max(width / im.width, height / im.height)
+    new_w, new_h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+    im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
+    left, top = (new_w - width) // 2, (new_h - height) // 2
+    return np.array(im.crop((left, top, left + width, top + height)).convert("RGB"), dtype=np.uint8)
