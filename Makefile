@@ -35,5 +35,8 @@ demo: install
 bench: install
 	$(BIN)/python bench/run_all.py --out bench/RESULTS.md
 
+proto: install
+	$(BIN)/python -m services.inference.protogen
+
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of protos/huvidpo/v1 (see services/inference/protogen.py)."""
