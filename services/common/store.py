@@ -1,0 +1,738 @@
+"""The ``ObjectStore`` port, its local-directory adapter, and the factory every service uses.
+
+Every durable record of HuViDPO (datasets, checkpoints, fine-tune records, rollouts) lives behind
+this port. Two adapters implement it with the same observable behaviour:
+
+- ``LocalStore`` (here): the embedded default, files under a root directory.
+- ``MinioStore`` (``services.common.store_minio``): any S3 endpoint through the official ``minio`` SDK.
+
+Guarantees shared by both (tested by the same suite, ``tests/*/test_store*.py``):
+
+- Writes are atomic: a reader sees the old object, the new object or nothing, never half of one. A
+  stream that fails (or ends early) leaves no object behind.
+- Every write computes the sha256 of the bytes while they stream and stores it with the object;
+  ``get_file`` verifies it before the file appears at its destination (``ChecksumMismatch``).
+- Memory stays bounded whatever the object size (chunked reads, multipart uploads on S3).
+- Keys are validated (``InvalidKey``): no leading ``/``, no empty, ``.`` or ``..`` segment, no control
+  characters or backslashes, at most 1024 UTF-8 bytes, and the first segment must not start with
+  ``.huvidpo-`` (reserved for the adapters' own bookkeeping).
+- Errors are few and meaningful: ``ObjectNotFound``; ``StoreUnavailable`` (retryable: connection
+  refused, timeouts, 5xx); ``StoreAccessDenied`` (bad credentials or signature, not retryable);
+  ``ChecksumMismatch``; ``InvalidKey``; ``PresignedUrlInvalid``.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import hashlib
+import hmac
+import io
+import json
+import os
+import secrets
+import tempfile
+import time
+import unicodedata
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    from services.common.settings import StoreSettings
+
+CHUNK_SIZE = 1024 * 1024
+"""Bytes read or written per step when streaming (1 MiB)."""
+
+MAX_PRESIGN_EXPIRY = timedelta(days=7)
+"""Longest lifetime of a presigned URL (the S3 SigV4 limit, applied to every adapter)."""
+
+RESERVED_PREFIX = ".huvidpo-"
+"""First-segment prefix reserved for adapter bookkeeping (temp files, sidecars, keys)."""
+
+SHA256_METADATA_KEY = "sha256"
+"""User-metadata name of the content digest (``x-amz-meta-sha256`` on S3)."""
+
+
+# --------------------------------------------------------------------------------------------- errors
+class StoreError(Exception):
+    """Base class of every object-store error."""
+
+
+class ObjectNotFound(StoreError):
+    """The key does not exist (or its bucket does not)."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"object not found: {key}")
+        self.key = key
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached or failed on its side (connection, timeout, 5xx). Retryable."""
+
+    retryable = True
+
+
+class StoreAccessDenied(StoreError):
+    """The store refused the credentials or the request signature. Not retryable."""
+
+
+class ChecksumMismatch(StoreError):
+    """Bytes read do not match the sha256 recorded for them."""
+
+    def __init__(self, key: str, expected: str, actual: str) -> None:
+        super().__init__(f"sha256 mismatch for {key}: expected {expected}, got {actual}")
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class InvalidKey(StoreError, ValueError):
+    """The key (or prefix) is not acceptable; the message says why."""
+
+
+class IncompleteStream(StoreError, ValueError):
+    """A stream ended before the announced length, or ran past it. No object was written."""
+
+
+class PresignedUrlInvalid(StoreError):
+    """A presigned request carries a bad signature or has expired."""
+
+
+# ---------------------------------------------------------------------------------------------- types
+@dataclass(frozen=True)
+class ObjectInfo:
+    """What the store knows about one object.
+
+    ``size`` in bytes; ``sha256`` is the hex digest recorded at write time (None when the object was
+    written by something else); ``modified`` is timezone-aware UTC.
+    """
+
+    key: str
+    size: int
+    etag: str | None = None
+    sha256: str | None = None
+    content_type: str | None = None
+    modified: datetime | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+class ObjectReader:
+    """A streaming read of one object: file-like ``read(n)``, iteration by chunks, a context manager.
+
+    Always close it (or use ``with``): on S3 it holds an HTTP connection.
+    """
+
+    def __init__(self, info: ObjectInfo, read: Callable[[int], bytes], close: Callable[[], None]) -> None:
+        self.info = info
+        self._read = read
+        self._close = close
+        self.closed = False
+
+    def read(self, n: int = -1) -> bytes:
+        """Up to ``n`` bytes (all the rest when ``n < 0``); ``b""`` at the end."""
+        if n is None or n < 0:
+            parts = []
+            while chunk := self._read(CHUNK_SIZE):
+                parts.append(chunk)
+            return b"".join(parts)
+        return self._read(n)
+
+    def readable(self) -> bool:
+        return True
+
+    def iter_chunks(self, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+        """Yield the object in chunks of at most ``chunk_size`` bytes, then close."""
+        try:
+            while chunk := self._read(chunk_size):
+                yield chunk
+        finally:
+            self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self.iter_chunks()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._close()
+
+    def __enter__(self) -> ObjectReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class HashingReader:
+    """Wraps a stream: counts and sha256-hashes every byte read, and fills each ``read(n)`` fully.
+
+    Filling reads matters for the minio SDK, which concatenates short reads into a part (quadratic
+    copying when a web framework hands over 64 KiB at a time).
+    """
+
+    def __init__(self, stream: BinaryIO, length: int | None = None) -> None:
+        self._stream = stream
+        self._length = length
+        self.hasher = hashlib.sha256()
+        self.size = 0
+
+    def read(self, n: int = -1) -> bytes:
+        if n is None or n < 0:
+            n = 1 << 62
+        buf = bytearray()
+        while len(buf) < n:
+            chunk = self._stream.read(min(n - len(buf), 8 * CHUNK_SIZE))
+            if not chunk:
+                break
+            buf += chunk
+        self.size += len(buf)
+        self.hasher.update(buf)
+        if self._length is not None and self.size > self._length:
+            raise IncompleteStream(f"stream is longer than the announced {self._length} bytes")
+        return bytes(buf)
+
+    def check_complete(self) -> None:
+        """Raise ``IncompleteStream`` if an announced length was not reached."""
+        if self._length is not None and self.size != self._length:
+            raise IncompleteStream(f"stream ended after {self.size} bytes, expected {self._length}")
+
+    @property
+    def sha256(self) -> str:
+        return self.hasher.hexdigest()
+
+
+# ------------------------------------------------------------------------------------- key validation
+def _check_segments(text: str, what: str, segments: list[str]) -> None:
+    if len(text.encode("utf-8")) > 1024:
+        raise InvalidKey(f"{what} is longer than 1024 UTF-8 bytes")
+    if text.startswith("/"):
+        raise InvalidKey(f"{what} must not start with '/': {text!r}")
+    if "\\" in text:
+        raise InvalidKey(f"{what} must not contain a backslash: {text!r}")
+    if any(unicodedata.category(c) == "Cc" for c in text):
+        raise InvalidKey(f"{what} must not contain control characters: {text!r}")
+    for seg in segments:
+        if seg == "":
+            raise InvalidKey(f"{what} must not contain an empty segment ('//'): {text!r}")
+        if seg in (".", ".."):
+            raise InvalidKey(f"{what} must not contain a '.' or '..' segment: {text!r}")
+    if segments and segments[0].startswith(RESERVED_PREFIX):
+        raise InvalidKey(f"{what} must not start with the reserved {RESERVED_PREFIX!r}: {text!r}")
+
+
+def validate_key(key: str) -> str:
+    """Return ``key`` unchanged if it is a valid object key, else raise ``InvalidKey`` saying why."""
+    if not isinstance(key, str) or not key:
+        raise InvalidKey("key must be a non-empty string")
+    if key.endswith("/"):
+        raise InvalidKey(f"key must not end with '/': {key!r}")
+    _check_segments(key, "key", key.split("/"))
+    return key
+
+
+def validate_prefix(prefix: str) -> str:
+    """Return ``prefix`` if valid: ``""`` (everything) or a key-like string, optionally ending in '/'."""
+    if not isinstance(prefix, str):
+        raise InvalidKey("prefix must be a string")
+    if prefix == "":
+        return prefix
+    body = prefix[:-1] if prefix.endswith("/") else prefix
+    if body == "":
+        raise InvalidKey("prefix must not be '/'")
+    _check_segments(prefix, "prefix", body.split("/"))
+    return prefix
+
+
+def join_key(prefix: str, rel: str) -> str:
+    """``prefix`` and a relative key joined by exactly one '/' (validated)."""
+    prefix = validate_prefix(prefix)
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return validate_key(prefix + rel)
+
+
+def check_expiry(expires: timedelta) -> timedelta:
+    if not isinstance(expires, timedelta) or expires <= timedelta(0) or expires > MAX_PRESIGN_EXPIRY:
+        raise ValueError(f"expires must be a timedelta in (0, {MAX_PRESIGN_EXPIRY}], got {expires!r}")
+    return expires
+
+
+def sha256_file(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(sha256 hex digest, size in bytes) of a file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(CHUNK_SIZE):
+            h.update(chunk)
+            size += len(chunk)
+    return h.hexdigest(), size
+
+
+# ----------------------------------------------------------------------------------------------- port
+class ObjectStore(ABC):
+    """The port. Adapters implement the abstract primitives; the helpers below are shared.
+
+    All keys are validated with ``validate_key`` and prefixes with ``validate_prefix``.
+    """
+
+    # --- primitives every adapter implements
+    @abstractmethod
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO,
+        length: int | None = None,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Write ``stream`` (read until EOF, or exactly ``length`` bytes) as ``key``, atomically.
+
+        Memory bounded (multipart for large objects on S3). Computes the sha256 while streaming,
+        stores it with the object and returns it in ``ObjectInfo.sha256``. If the stream raises, or
+        ``length`` is given and the stream is shorter or longer, no object is written.
+        """
+
+    @abstractmethod
+    def open_read(self, key: str) -> ObjectReader:
+        """A streaming reader of the object (``ObjectNotFound`` if absent). Close it after use."""
+
+    @abstractmethod
+    def stat(self, key: str) -> ObjectInfo | None:
+        """What is known about ``key``, or None if it does not exist."""
+
+    @abstractmethod
+    def list(self, prefix: str = "", recursive: bool = True) -> builtins.list[ObjectInfo]:
+        """Objects whose key starts with ``prefix``, sorted by key.
+
+        Non-recursive: only objects directly under ``prefix`` (no further '/' after it); use
+        ``list_dirs`` for the sub-"directories".
+        """
+
+    @abstractmethod
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        """Immediate sub-prefixes of ``prefix`` that hold objects, each ending in '/', sorted."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Remove ``key``. Deleting a missing key is not an error (as on S3)."""
+
+    @abstractmethod
+    def presigned_get_url(self, key: str, expires: timedelta) -> str:
+        """A URL that lets anyone holding it GET the object until ``expires`` from now (max 7 days)."""
+
+    @abstractmethod
+    def presigned_put_url(self, key: str, expires: timedelta) -> str:
+        """A URL that lets anyone holding it PUT the object until ``expires`` from now (max 7 days)."""
+
+    @abstractmethod
+    def check(self) -> None:
+        """Raise ``StoreUnavailable``/``StoreAccessDenied`` if the store cannot serve (readiness)."""
+
+    # --- shared helpers (adapters may override for speed)
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Write ``data`` as ``key`` atomically; returns its ``ObjectInfo`` with sha256."""
+        return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        """Upload the file at ``path`` as ``key`` (streamed, atomic)."""
+        size = os.path.getsize(path)
+        with open(path, "rb") as fh:
+            return self.put_stream(key, fh, size, content_type, metadata)  # type: ignore[arg-type]
+
+    def get_bytes(self, key: str) -> bytes:
+        """The whole object in memory (for small objects: records, manifests). Verifies sha256."""
+        with self.open_read(key) as reader:
+            data = reader.read()
+        recorded = reader.info.sha256
+        if recorded is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != recorded:
+                raise ChecksumMismatch(key, recorded, actual)
+        return data
+
+    def get_file(
+        self, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
+    ) -> ObjectInfo:
+        """Download ``key`` to ``path`` atomically (temp file in the same directory, then rename).
+
+        Verifies the sha256 recorded with the object and ``expected_sha256`` if given; on a mismatch
+        raises ``ChecksumMismatch`` and leaves ``path`` untouched. Returns the object's info with the
+        sha256 actually read.
+        """
+        dest = Path(path)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        try:
+            h = hashlib.sha256()
+            size = 0
+            with os.fdopen(fd, "wb") as out, self.open_read(key) as reader:
+                info = reader.info
+                while chunk := reader.read(CHUNK_SIZE):
+                    h.update(chunk)
+                    size += len(chunk)
+                    out.write(chunk)
+                out.flush()
+                os.fsync(out.fileno())
+            actual = h.hexdigest()
+            for expected in (info.sha256, expected_sha256):
+                if expected is not None and expected != actual:
+                    raise ChecksumMismatch(key, expected, actual)
+            os.replace(tmp, dest)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        return ObjectInfo(
+            key=key,
+            size=size,
+            etag=info.etag,
+            sha256=actual,
+            content_type=info.content_type,
+            modified=info.modified,
+            metadata=info.metadata,
+        )
+
+    def exists(self, key: str) -> bool:
+        return self.stat(key) is not None
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every object under ``prefix`` (``""`` is refused: too easy to wipe a store)."""
+        if validate_prefix(prefix) == "":
+            raise InvalidKey("delete_prefix needs a non-empty prefix")
+        objs = self.list(prefix, recursive=True)
+        for obj in objs:
+            self.delete(obj.key)
+        return len(objs)
+
+    def put_json(self, key: str, value: Any) -> ObjectInfo:
+        """Write ``value`` as UTF-8 JSON (``application/json``)."""
+        data = json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8")
+        return self.put_bytes(key, data, content_type="application/json")
+
+    def get_json(self, key: str) -> Any:
+        """Read a JSON object written by ``put_json`` (``ObjectNotFound`` if absent)."""
+        return json.loads(self.get_bytes(key))
+
+    def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> builtins.list[ObjectInfo]:
+        """Upload every file under ``local_dir`` to ``prefix/relpath`` (sorted, symlinks followed)."""
+        root = Path(local_dir)
+        if not root.is_dir():
+            raise NotADirectoryError(str(root))
+        infos = []
+        for path in sorted(p for p in root.rglob("*") if p.is_file()):
+            rel = path.relative_to(root).as_posix()
+            infos.append(self.put_file(join_key(prefix, rel), path))
+        return infos
+
+    def download_prefix(self, prefix: str, local_dir: str | os.PathLike[str]) -> builtins.list[Path]:
+        """Download every object under ``prefix`` into ``local_dir`` keeping relative paths (verified)."""
+        prefix = validate_prefix(prefix)
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        root = Path(local_dir)
+        paths = []
+        for obj in self.list(prefix, recursive=True):
+            rel = obj.key[len(prefix) :]
+            dest = root.joinpath(*rel.split("/"))
+            self.get_file(obj.key, dest)
+            paths.append(dest)
+        return paths
+
+
+# ------------------------------------------------------------------------------------- local adapter
+_TMP_DIR = RESERVED_PREFIX + "tmp"
+_META_DIR = RESERVED_PREFIX + "meta"
+_PRESIGN_KEY_FILE = RESERVED_PREFIX + "presign.key"
+
+
+class LocalStore(ObjectStore):
+    """Objects as files under ``root``; the embedded default.
+
+    Layout: the object ``a/b/c`` is the file ``root/a/b/c``, so an operator can browse the store.
+    The sha256, content type and user metadata live in a JSON sidecar under
+    ``root/.huvidpo-meta/<sha256(key)>.json`` that also records the data file's inode, size and
+    mtime; a sidecar that does not match the file (a crash between the two renames) is ignored.
+    Writes go to ``root/.huvidpo-tmp/`` first, are fsynced, then renamed into place (atomic on POSIX).
+    Limitation (unlike S3): a key cannot be both an object and a "directory" (``a`` and ``a/b``);
+    such a write raises ``InvalidKey``.
+
+    Presigned URLs: a ``file://`` URL is useless to an HTTP client, so LocalStore signs
+    ``METHOD\\nkey\\nexpires`` with HMAC-SHA256 and returns
+    ``{public_base_url}/v1/objects/{key}?expires=<unix seconds>&signature=<hex>``. The control plane
+    serves that route (GET and PUT) and calls ``verify_presigned`` first. The HMAC key comes from
+    ``presign_secret``; when empty, a random key is created once in ``root/.huvidpo-presign.key``
+    (mode 0600) so every process sharing the root agrees on it.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        public_base_url: str = "http://127.0.0.1:8080",
+        presign_secret: str | bytes | None = None,
+    ) -> None:
+        self.root = Path(root).resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / _TMP_DIR).mkdir(exist_ok=True)
+        (self.root / _META_DIR).mkdir(exist_ok=True)
+        self.public_base_url = public_base_url.rstrip("/")
+        if presign_secret:
+            self._secret = presign_secret.encode() if isinstance(presign_secret, str) else presign_secret
+        else:
+            self._secret = self._load_or_create_secret()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    # --- paths
+    def _path(self, key: str) -> Path:
+        return self.root.joinpath(*validate_key(key).split("/"))
+
+    def _meta_path(self, key: str) -> Path:
+        digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
+        return self.root / _META_DIR / digest[:2] / f"{digest}.json"
+
+    def _load_or_create_secret(self) -> bytes:
+        path = self.root / _PRESIGN_KEY_FILE
+        try:
+            return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
+        try:
+            os.write(fd, secrets.token_hex(32).encode())
+            os.close(fd)
+            os.chmod(tmp, 0o600)
+            # link() fails if another process won the race; then everyone uses the winner's key.
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+        return path.read_bytes()
+
+    # --- metadata
+    def _write_meta(self, key: str, data_path: Path, info: dict[str, Any]) -> None:
+        st = data_path.stat()
+        record = {**info, "key": key, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        meta_path = self._meta_path(key)
+        meta_path.parent.mkdir(exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, suffix=".json")
+        try:
+            with os.fdopen(fd, "w") as fh:
+                json.dump(record, fh)
+            os.replace(tmp, meta_path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+
+    def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
+        meta: dict[str, Any] = {}
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            meta = json.loads(self._meta_path(key).read_text())
+        if (meta.get("ino"), meta.get("size"), meta.get("mtime_ns")) != (
+            st.st_ino,
+            st.st_size,
+            st.st_mtime_ns,
+        ):
+            meta = {}  # stale sidecar (crash between renames) or none: report no digest
+        return ObjectInfo(
+            key=key,
+            size=st.st_size,
+            etag=meta.get("sha256"),
+            sha256=meta.get("sha256"),
+            content_type=meta.get("content_type"),
+            modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
+            metadata=dict(meta.get("metadata") or {}),
+        )
+
+    # --- primitives
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO,
+        length: int | None = None,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        dest = self._path(key)
+        reader = HashingReader(stream, length)
+        fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                while chunk := reader.read(CHUNK_SIZE):
+                    out.write(chunk)
+                reader.check_complete()
+                out.flush()
+                os.fsync(out.fileno())
+            try:
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(tmp, dest)
+            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+                raise InvalidKey(f"key {key!r} conflicts with an existing object or prefix") from exc
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        meta = {"sha256": reader.sha256, "content_type": content_type, "metadata": dict(metadata or {})}
+        self._write_meta(key, dest, meta)
+        st = dest.stat()
+        return self._info(key, st)
+
+    def open_read(self, key: str) -> ObjectReader:
+        path = self._path(key)
+        try:
+            fh = open(path, "rb")  # noqa: SIM115 (closed by the reader)
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+            raise ObjectNotFound(key) from exc
+        st = os.fstat(fh.fileno())
+        return ObjectReader(self._info(key, st), fh.read, fh.close)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        try:
+            st = self._path(key).stat()
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        if not os.path.isfile(self._path(key)):
+            return None
+        return self._info(key, st)
+
+    def _walk(self, prefix: str) -> Iterator[tuple[str, os.stat_result]]:
+        """(key, stat) of every object whose key starts with ``prefix``."""
+        base_rel = prefix.rsplit("/", 1)[0] if "/" in prefix else ""
+        base = self.root.joinpath(*base_rel.split("/")) if base_rel else self.root
+        if not base.is_dir():
+            return
+        for dirpath, dirnames, filenames in os.walk(base):
+            rel_dir = Path(dirpath).relative_to(self.root).as_posix()
+            rel_dir = "" if rel_dir == "." else rel_dir + "/"
+            if rel_dir == "":
+                dirnames[:] = [d for d in dirnames if not d.startswith(RESERVED_PREFIX)]
+                filenames = [f for f in filenames if not f.startswith(RESERVED_PREFIX)]
+            # prune directories that cannot hold a matching key
+            dirnames[:] = [
+                d
+                for d in dirnames
+                if (rel_dir + d + "/").startswith(prefix) or prefix.startswith(rel_dir + d + "/")
+            ]
+            for name in filenames:
+                key = rel_dir + name
+                if key.startswith(prefix):
+                    with contextlib.suppress(FileNotFoundError):
+                        yield key, os.stat(os.path.join(dirpath, name))
+
+    def list(self, prefix: str = "", recursive: bool = True) -> builtins.list[ObjectInfo]:
+        prefix = validate_prefix(prefix)
+        out = []
+        for key, st in self._walk(prefix):
+            if not recursive and "/" in key[len(prefix) :]:
+                continue
+            out.append(self._info(key, st))
+        return sorted(out, key=lambda o: o.key)
+
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        prefix = validate_prefix(prefix)
+        dirs = set()
+        for key, _ in self._walk(prefix):
+            rest = key[len(prefix) :]
+            if "/" in rest:
+                dirs.add(prefix + rest.split("/", 1)[0] + "/")
+        return sorted(dirs)
+
+    def delete(self, key: str) -> None:
+        path = self._path(key)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+            path.unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._meta_path(key).unlink()
+        # prune now-empty parent directories (S3 has no directories to leave behind)
+        parent = path.parent
+        while parent != self.root:
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+            parent = parent.parent
+
+    def check(self) -> None:
+        probe = self.root / _TMP_DIR
+        if not os.access(probe, os.W_OK):
+            raise StoreUnavailable(f"local store root {self.root} is not writable")
+
+    # --- presigned URLs
+    def _signature(self, method: str, key: str, expires: int) -> str:
+        msg = f"{method.upper()}\n{key}\n{expires}".encode()
+        return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()
+
+    def _presign(self, method: str, key: str, expires: timedelta) -> str:
+        validate_key(key)
+        deadline = int(time.time() + check_expiry(expires).total_seconds())
+        query = urlencode({"expires": deadline, "signature": self._signature(method, key, deadline)})
+        return f"{self.public_base_url}/v1/objects/{quote(key, safe='/')}?{query}"
+
+    def presigned_get_url(self, key: str, expires: timedelta) -> str:
+        return self._presign("GET", key, expires)
+
+    def presigned_put_url(self, key: str, expires: timedelta) -> str:
+        return self._presign("PUT", key, expires)
+
+    def verify_presigned(
+        self, key: str, expires: int | str, signature: str, method: str = "GET", now: float | None = None
+    ) -> None:
+        """Check a presigned request for ``key`` (the URL-decoded path after ``/v1/objects/``).
+
+        Raises ``PresignedUrlInvalid`` if the signature does not match ``method``, ``key`` and
+        ``expires`` or if the URL has expired; ``InvalidKey`` for a bad key. Constant-time compare.
+        """
+        validate_key(key)
+        try:
+            deadline = int(expires)
+        except (TypeError, ValueError) as exc:
+            raise PresignedUrlInvalid("expires must be an integer (unix seconds)") from exc
+        expected = self._signature(method, key, deadline)
+        if not hmac.compare_digest(expected, str(signature)):
+            raise PresignedUrlInvalid("signature does not match")
+        if (time.time() if now is None else now) > deadline:
+            raise PresignedUrlInvalid("presigned URL has expired")
+
+
+# ------------------------------------------------------------------------------------------- factory
+def make_store(settings: StoreSettings) -> ObjectStore:
+    """Build the adapter ``settings.backend`` names (``local`` or ``s3``). Does no network I/O."""
+    if settings.backend == "local":
+        return LocalStore(
+            settings.root,
+            public_base_url=settings.public_base_url,
+            presign_secret=settings.presign_secret.get_secret_value() or None,
+        )
+    if settings.backend == "s3":
+        from services.common.store_minio import MinioStore
+
+        return MinioStore(
+            endpoint=settings.endpoint,
+            access_key=settings.access_key.get_secret_value(),
+            secret_key=settings.secret_key.get_secret_value(),
+            bucket=settings.bucket,
+            secure=settings.secure,
+            region=settings.region,
+            create_bucket=settings.create_bucket,
+            part_size=settings.part_size,
+            timeout=settings.timeout_seconds,
+        )
+    raise ValueError(f"unknown store backend {settings.backend!r}")
