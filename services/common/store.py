@@ -248,6 +248,24 @@ def validate_prefix(prefix: str) -> str:
     return prefix
 
 
+def validate_metadata(metadata: dict[str, str] | None) -> dict[str, str]:
+    """User metadata as stored: names lowercased (ASCII letters, digits, '-'), printable ASCII values.
+
+    The name ``sha256`` is reserved for the digest the store records itself.
+    """
+    meta = {}
+    for name, value in (metadata or {}).items():
+        low = str(name).lower()
+        if not low or any(not (c.isascii() and (c.isalnum() or c == "-")) for c in low):
+            raise ValueError(f"metadata names must be ASCII letters, digits or '-': {name!r}")
+        if low == SHA256_METADATA_KEY:
+            raise ValueError(f"metadata name {name!r} is reserved for the content digest")
+        if not isinstance(value, str) or any(not c.isascii() or not c.isprintable() for c in value):
+            raise ValueError(f"metadata values must be printable ASCII strings: {name}={value!r}")
+        meta[low] = value
+    return meta
+
+
 def join_key(prefix: str, rel: str) -> str:
     """``prefix`` and a relative key joined by exactly one '/' (validated)."""
     prefix = validate_prefix(prefix)
@@ -572,6 +590,7 @@ class LocalStore(ObjectStore):
         metadata: dict[str, str] | None = None,
     ) -> ObjectInfo:
         dest = self._path(key)
+        user_meta = validate_metadata(metadata)
         reader = HashingReader(stream, length)
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR)
         try:
@@ -590,7 +609,11 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        meta = {"sha256": reader.sha256, "content_type": content_type, "metadata": dict(metadata or {})}
+        meta = {
+            "sha256": reader.sha256,
+            "content_type": content_type or "application/octet-stream",
+            "metadata": user_meta,
+        }
         self._write_meta(key, dest, meta)
         st = dest.stat()
         return self._info(key, st)

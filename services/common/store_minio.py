@@ -1,0 +1,406 @@
+"""``MinioStore``: the ``ObjectStore`` port on any S3 endpoint, through the official ``minio`` SDK.
+
+Tested against Ceph radosgw (real SigV4, real multipart) and moto. How the port's guarantees map to S3:
+
+- Atomic writes: S3 makes an object visible only when its PUT (or multipart completion) succeeds.
+- sha256 in user metadata (``x-amz-meta-sha256``). S3 sends metadata *before* the bytes, so for a
+  stream of unknown digest the adapter reads the first ``part_size + 1`` bytes: a short stream is
+  one PUT with its digest; a longer one is uploaded by multipart to a temporary key
+  (``.huvidpo-tmp/<uuid>``), then server-side copied to its key with the digest in its metadata and
+  the temporary object deleted. The key therefore never holds an object without its digest, and a
+  stream that fails or ends early leaves nothing at the key. (Radosgw shares the data between the
+  copies, so the copy costs metadata only; on other servers it is a server-side copy.)
+- ``put_file`` hashes the file first and uploads it once, with the digest, by multipart.
+- Memory: at most ``(num_parallel_uploads + 2) * part_size`` bytes per upload; reads are chunked.
+- Errors: connection failures, timeouts and 5xx become ``StoreUnavailable`` (after ``retries``
+  retries for idempotent requests); bad credentials or signatures become ``StoreAccessDenied``.
+- ``list`` returns size, etag and modified time only (S3 listings carry no user metadata): call
+  ``stat`` for the sha256.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import io
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from email.utils import parsedate_to_datetime
+from typing import Any, BinaryIO, NoReturn
+
+import certifi
+import urllib3
+from minio import Minio
+from minio.commonconfig import REPLACE, CopySource
+from minio.deleteobjects import DeleteObject
+from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from urllib3.util import Retry, Timeout
+
+from services.common.store import (
+    CHUNK_SIZE,
+    RESERVED_PREFIX,
+    SHA256_METADATA_KEY,
+    ChecksumMismatch,
+    HashingReader,
+    ObjectInfo,
+    ObjectNotFound,
+    ObjectReader,
+    ObjectStore,
+    StoreAccessDenied,
+    StoreError,
+    StoreUnavailable,
+    check_expiry,
+    sha256_file,
+    validate_key,
+    validate_metadata,
+    validate_prefix,
+)
+
+_NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound", "NoSuchUpload"}
+_DENIED = {
+    "AccessDenied",
+    "SignatureDoesNotMatch",
+    "InvalidAccessKeyId",
+    "InvalidToken",
+    "ExpiredToken",
+    "AuthorizationHeaderMalformed",
+    "RequestTimeTooSkewed",
+}
+_TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "ServiceUnavailableError"}
+_META_PREFIX = "x-amz-meta-"
+_TMP_PREFIX = RESERVED_PREFIX + "tmp/"
+_OCTET = "application/octet-stream"
+
+
+class _Prefixed:
+    """A stream that yields ``head`` then the rest of ``tail`` (so a peeked part is not lost)."""
+
+    def __init__(self, head: bytes, tail: HashingReader) -> None:
+        self._head: memoryview | None = memoryview(head)
+        self._tail = tail
+
+    def read(self, n: int = -1) -> bytes:
+        if self._head is None:
+            return self._tail.read(n)
+        if n is None or n < 0:
+            data = bytes(self._head) + self._tail.read()
+            self._head = None
+            return data
+        out = bytes(self._head[:n])
+        self._head = self._head[n:] if len(self._head) > n else None
+        if len(out) < n:
+            out += self._tail.read(n - len(out))
+        return out
+
+
+def _user_metadata(headers: Any) -> dict[str, str]:
+    """The ``x-amz-meta-*`` entries of a response's headers, prefix stripped, names lowercased."""
+    out: dict[str, str] = {}
+    for name, value in (headers or {}).items():
+        low = str(name).lower()
+        if low.startswith(_META_PREFIX):
+            out[low[len(_META_PREFIX) :]] = str(value)
+    return out
+
+
+def _info_from(
+    key: str, size: int, etag: str | None, content_type: str | None, modified: Any, meta: dict[str, str]
+) -> ObjectInfo:
+    meta = dict(meta)
+    sha = meta.pop(SHA256_METADATA_KEY, None)
+    return ObjectInfo(
+        key=key,
+        size=size,
+        etag=etag.strip('"') if etag else None,
+        sha256=sha,
+        content_type=content_type,
+        modified=modified,
+        metadata=meta,
+    )
+
+
+class MinioStore(ObjectStore):
+    """Objects in one S3 bucket through the ``minio`` SDK (MinIO, Ceph radosgw, AWS S3, moto).
+
+    ``endpoint`` is ``host:port`` (an ``http://``/``https://`` prefix also sets ``secure``).
+    ``create_bucket`` creates the bucket on the first write if missing. ``part_size`` (>= 5 MiB) is
+    the multipart part size; ``timeout`` seconds per connect/read; ``retries`` for idempotent
+    requests on connection errors and 5xx.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str = "huvidpo",
+        secure: bool = False,
+        region: str = "us-east-1",
+        *,
+        create_bucket: bool = True,
+        part_size: int = 16 * 1024 * 1024,
+        timeout: float = 30.0,
+        retries: int = 2,
+        num_parallel_uploads: int = 3,
+    ) -> None:
+        if endpoint.startswith(("http://", "https://")):
+            secure = endpoint.startswith("https://")
+            endpoint = endpoint.split("://", 1)[1]
+        endpoint = endpoint.rstrip("/")
+        if part_size < 5 * 1024 * 1024:
+            raise ValueError("part_size must be at least 5 MiB (the S3 minimum)")
+        self.endpoint = endpoint
+        self.bucket = bucket
+        self.part_size = part_size
+        self.create_bucket = create_bucket
+        self.num_parallel_uploads = num_parallel_uploads
+        http = urllib3.PoolManager(
+            timeout=Timeout(connect=min(timeout, 10.0), read=timeout),
+            maxsize=max(10, num_parallel_uploads + 2),
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=certifi.where(),
+            retries=Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+        )
+        self.client = Minio(
+            endpoint,
+            access_key=access_key or None,
+            secret_key=secret_key or None,
+            secure=secure,
+            region=region,
+            http_client=http,
+        )
+        self._bucket_ready = False
+        self._bucket_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"MinioStore({self.endpoint!r}, bucket={self.bucket!r})"
+
+    # --- error mapping
+    def _raise(self, exc: BaseException, key: str | None) -> NoReturn:
+        where = f"{self.endpoint}/{self.bucket}" + (f"/{key}" if key else "")
+        if isinstance(exc, S3Error):
+            code = exc.code or ""
+            if code in _NOT_FOUND:
+                raise ObjectNotFound(key or self.bucket) from exc
+            if code in _DENIED:
+                raise StoreAccessDenied(
+                    f"S3 refused the request to {where}: {code}: {exc.message} "
+                    "(check HUVIDPO_STORE_ACCESS_KEY / HUVIDPO_STORE_SECRET_KEY and the region)"
+                ) from exc
+            if code in _TRANSIENT or exc.response.status >= 500:
+                raise StoreUnavailable(f"S3 at {where} failed: {code}: {exc.message}") from exc
+            raise StoreError(f"S3 at {where} failed: {code}: {exc.message}") from exc
+        if isinstance(exc, ServerError):
+            raise StoreUnavailable(f"S3 at {where} failed with HTTP {exc.status_code}") from exc
+        if isinstance(exc, InvalidResponseError):
+            raise StoreUnavailable(f"S3 at {where} sent a response that is not S3: {exc}") from exc
+        if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+            raise StoreUnavailable(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc
+        if isinstance(exc, MinioException):
+            raise StoreError(f"S3 at {where}: {exc}") from exc
+        raise exc
+
+    @contextlib.contextmanager
+    def _errors(self, key: str | None = None) -> Iterator[None]:
+        try:
+            yield
+        except (MinioException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+            self._raise(exc, key)
+
+    def _ensure_bucket(self) -> None:
+        if self._bucket_ready or not self.create_bucket:
+            return
+        with self._bucket_lock, self._errors():
+            if self._bucket_ready:
+                return
+            if not self.client.bucket_exists(self.bucket):
+                try:
+                    self.client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+            self._bucket_ready = True
+
+    # --- writes
+    def _put_once(
+        self, key: str, data: BinaryIO, length: int, content_type: str | None, meta: dict[str, str]
+    ) -> Any:
+        with self._errors(key):
+            return self.client.put_object(
+                self.bucket,
+                key,
+                data,
+                length,
+                content_type=content_type or _OCTET,
+                metadata=dict(meta),
+                part_size=self.part_size,
+                num_parallel_uploads=self.num_parallel_uploads,
+            )
+
+    def put_stream(
+        self,
+        key: str,
+        stream: BinaryIO,
+        length: int | None = None,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        self._ensure_bucket()
+        reader = HashingReader(stream, length)
+        head = reader.read(self.part_size + 1)
+        if len(head) <= self.part_size:  # one PUT, digest known before sending
+            reader.check_complete()
+            meta[SHA256_METADATA_KEY] = reader.sha256
+            res = self._put_once(key, io.BytesIO(head), len(head), content_type, meta)
+            return _info_from(key, len(head), res.etag, content_type or _OCTET, res.last_modified, meta)
+        tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
+        try:
+            self._put_once(tmp_key, _Prefixed(head, reader), -1, content_type, {})  # type: ignore[arg-type]
+            del head
+            reader.check_complete()
+            meta[SHA256_METADATA_KEY] = reader.sha256
+            headers = {**meta, "Content-Type": content_type or _OCTET}
+            with self._errors(key):
+                res = self.client.copy_object(
+                    self.bucket,
+                    key,
+                    CopySource(self.bucket, tmp_key),
+                    metadata=headers,  # type: ignore[arg-type]
+                    metadata_directive=REPLACE,
+                )
+        finally:
+            with contextlib.suppress(StoreError, MinioException, urllib3.exceptions.HTTPError):
+                self.delete(tmp_key, _internal=True)
+        return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
+
+    def put_file(
+        self,
+        key: str,
+        path: str | os.PathLike[str],
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> ObjectInfo:
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        self._ensure_bucket()
+        sha, size = sha256_file(path)
+        meta[SHA256_METADATA_KEY] = sha
+        with open(path, "rb") as fh:
+            reader = HashingReader(fh, size)  # type: ignore[arg-type]
+            res = self._put_once(key, reader, size, content_type, meta)  # type: ignore[arg-type]
+        if reader.sha256 != sha:  # the file changed while we uploaded it
+            self.delete(key)
+            raise ChecksumMismatch(key, sha, reader.sha256)
+        return _info_from(key, size, res.etag, content_type or _OCTET, res.last_modified, meta)
+
+    # --- reads
+    def open_read(self, key: str) -> ObjectReader:
+        validate_key(key)
+        with self._errors(key):
+            resp = self.client.get_object(self.bucket, key)
+        headers = resp.headers
+        last_modified = headers.get("last-modified")
+        info = _info_from(
+            key,
+            int(headers.get("content-length", 0)),
+            headers.get("etag"),
+            headers.get("content-type"),
+            parsedate_to_datetime(last_modified) if last_modified else None,
+            _user_metadata(headers),
+        )
+
+        def read(n: int) -> bytes:
+            with self._errors(key):
+                return resp.read(n)  # type: ignore[no-any-return]
+
+        def close() -> None:
+            resp.close()
+            resp.release_conn()
+
+        return ObjectReader(info, read, close)
+
+    def stat(self, key: str) -> ObjectInfo | None:
+        validate_key(key)
+        try:
+            with self._errors(key):
+                obj = self.client.stat_object(self.bucket, key)
+        except ObjectNotFound:
+            return None
+        return _info_from(
+            key, obj.size or 0, obj.etag, obj.content_type, obj.last_modified, _user_metadata(obj.metadata)
+        )
+
+    def list(self, prefix: str = "", recursive: bool = True) -> builtins.list[ObjectInfo]:
+        prefix = validate_prefix(prefix)
+        out = []
+        try:
+            with self._errors(prefix):
+                for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=recursive):
+                    name = obj.object_name or ""
+                    if obj.is_dir or name.startswith(RESERVED_PREFIX):
+                        continue
+                    out.append(_info_from(name, obj.size or 0, obj.etag, None, obj.last_modified, {}))
+        except ObjectNotFound:
+            return []
+        return sorted(out, key=lambda o: o.key)
+
+    def list_dirs(self, prefix: str = "") -> builtins.list[str]:
+        prefix = validate_prefix(prefix)
+        out = []
+        try:
+            with self._errors(prefix):
+                for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=False):
+                    name = obj.object_name or ""
+                    if obj.is_dir and not name.startswith(RESERVED_PREFIX):
+                        out.append(name)
+        except ObjectNotFound:
+            return []
+        return sorted(out)
+
+    # --- deletes
+    def delete(self, key: str, _internal: bool = False) -> None:
+        if not _internal:
+            validate_key(key)
+        try:
+            with self._errors(key):
+                self.client.remove_object(self.bucket, key)
+        except ObjectNotFound:
+            pass
+
+    def delete_prefix(self, prefix: str) -> int:
+        if validate_prefix(prefix) == "":
+            return super().delete_prefix(prefix)  # refuses ""
+        keys = [o.key for o in self.list(prefix, recursive=True)]
+        with self._errors(prefix):
+            errors = list(self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+        if errors:
+            raise StoreError(f"could not delete {len(errors)} objects under {prefix}: {errors[0]}")
+        return len(keys)
+
+    # --- presigned URLs and readiness
+    def presigned_get_url(self, key: str, expires: timedelta) -> str:
+        validate_key(key)
+        with self._errors(key):
+            return self.client.presigned_get_object(self.bucket, key, expires=check_expiry(expires))
+
+    def presigned_put_url(self, key: str, expires: timedelta) -> str:
+        validate_key(key)
+        self._ensure_bucket()
+        with self._errors(key):
+            return self.client.presigned_put_object(self.bucket, key, expires=check_expiry(expires))
+
+    def check(self) -> None:
+        with self._errors():
+            exists = self.client.bucket_exists(self.bucket)
+        if not exists:
+            if not self.create_bucket:
+                raise StoreUnavailable(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
+            self._ensure_bucket()
+
+
+__all__ = ["CHUNK_SIZE", "MinioStore"]
