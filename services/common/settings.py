@@ -83,6 +83,45 @@ class InferenceSettings(BaseSettings):
     max_queue: int = Field(default=16, ge=1)
     max_batch: int = Field(default=4, ge=1)
     inline_limit_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    # --- added with the inference service (services/inference) ---
+    # Where the base model and checkpoints fetched from the store are kept; torch device of the model.
+    cache_dir: Path = Path("./var/inference")
+    device: str = "cpu"
+    # Checkpoint ids loaded at start besides the rollout's (served when a request names them).
+    checkpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # How long the worker waits for compatible requests to fill a batch (0: run what is queued).
+    batch_wait_ms: float = Field(default=20.0, ge=0)
+    # Request bounds (INVALID_ARGUMENT beyond them) and defaults for fields left at 0 / unset.
+    max_frames: int = Field(default=32, ge=2)
+    min_side: int = Field(default=32, ge=8)
+    max_side: int = Field(default=1024, ge=8)
+    max_steps: int = Field(default=100, ge=1)
+    max_prompt_chars: int = Field(default=2000, ge=1)
+    max_image_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    default_frames: int = Field(default=16, ge=2)
+    default_height: int = Field(default=320, ge=8)
+    default_width: int = Field(default=512, ge=8)
+    default_steps: int = Field(default=25, ge=1)
+    default_guidance_scale: float = Field(default=12.5, ge=0)
+    default_fps: float = Field(default=8.0, gt=0)
+    # Lifetime of download URLs of videos over the inline limit.
+    url_ttl_seconds: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    # The smoke generation every new checkpoint must pass before it serves.
+    smoke_steps: int = Field(default=1, ge=1)
+    smoke_frames: int = Field(default=2, ge=2)
+    smoke_size: int = Field(default=64, ge=8)
+    # Seed of the canary routing draws (unset: OS entropy); a fixed seed makes a split reproducible.
+    routing_seed: int | None = None
+    # Seconds in-flight requests get to finish on shutdown.
+    grace_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("checkpoints", mode="before")
+    @classmethod
+    def _split_checkpoints(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [c.strip() for c in value.split(",") if c.strip()]
+        return value
 
 
 class TrainerSettings(BaseSettings):
