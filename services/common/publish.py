@@ -1,0 +1,270 @@
+"""Atomic publication of directories (datasets, models, checkpoints) and the rollout record.
+
+A published directory is a set of objects under a prefix plus ``prefix/manifest.json`` written LAST:
+``{"files": {relpath: {"sha256", "size"}}, ...extra}``. A reader that finds no manifest treats the
+prefix as not existing (``NotPublished``), so it never sees half of a checkpoint; a reader that finds
+one verifies every file against it (``ChecksumMismatch`` naming the file).
+
+The rollout record ``rollouts/{deployment}.json`` (docs/CONTRACTS.md) is what the inference service
+follows. Its ``revision`` must increase with every write (``RevisionConflict`` otherwise), which
+catches two writers racing from the same revision; on a ``LocalStore`` the read-check-write is also
+serialized by a file lock, on S3 it relies on one control plane writing (it is the only writer).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from services.common.store import (
+    ChecksumMismatch,
+    LocalStore,
+    ObjectNotFound,
+    ObjectStore,
+    StoreError,
+    join_key,
+    validate_key,
+    validate_prefix,
+)
+
+MANIFEST_NAME = "manifest.json"
+MAX_ROLLOUT_HISTORY = 200
+_NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
+
+
+class NotPublished(StoreError):
+    """The prefix has no ``manifest.json``: nothing is published there (or not yet)."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__(f"nothing published at {prefix} (no {MANIFEST_NAME})")
+        self.prefix = prefix
+
+
+class RevisionConflict(StoreError):
+    """A rollout write did not increase the revision (someone else wrote first)."""
+
+
+def _dir_prefix(prefix: str) -> str:
+    prefix = validate_prefix(prefix)
+    if not prefix:
+        raise ValueError("a publication needs a non-empty prefix")
+    return prefix if prefix.endswith("/") else prefix + "/"
+
+
+def publish_dir(
+    store: ObjectStore,
+    local_dir: str | os.PathLike[str],
+    prefix: str,
+    extra_manifest: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Upload every file of ``local_dir`` under ``prefix``, then ``prefix/manifest.json`` last.
+
+    Returns the manifest written: ``{**extra_manifest, "files": {relpath: {"sha256", "size"}}}``
+    (digests as computed while uploading). ``local_dir`` must not hold its own top-level
+    ``manifest.json`` and ``extra_manifest`` must not define ``files``.
+    """
+    prefix = _dir_prefix(prefix)
+    root = Path(local_dir)
+    if not root.is_dir():
+        raise NotADirectoryError(str(root))
+    if (root / MANIFEST_NAME).exists():
+        raise ValueError(f"{root} already contains {MANIFEST_NAME}, which publishing writes itself")
+    extra = dict(extra_manifest or {})
+    if "files" in extra:
+        raise ValueError("extra_manifest must not define 'files'")
+    files: dict[str, dict[str, Any]] = {}
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        rel = path.relative_to(root).as_posix()
+        info = store.put_file(join_key(prefix, rel), path)
+        files[rel] = {"sha256": info.sha256, "size": info.size}
+    manifest = {**extra, "files": files}
+    store.put_json(prefix + MANIFEST_NAME, manifest)
+    return manifest
+
+
+def read_manifest(store: ObjectStore, prefix: str) -> dict[str, Any]:
+    """The manifest at ``prefix`` (``NotPublished`` if there is none)."""
+    prefix = _dir_prefix(prefix)
+    try:
+        manifest = store.get_json(prefix + MANIFEST_NAME)
+    except ObjectNotFound as exc:
+        raise NotPublished(prefix) from exc
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("files"), dict):
+        raise StoreError(f"{prefix}{MANIFEST_NAME} is not a manifest (no 'files' mapping)")
+    return manifest
+
+
+def is_published(store: ObjectStore, prefix: str) -> bool:
+    return store.exists(_dir_prefix(prefix) + MANIFEST_NAME)
+
+
+def fetch_published(store: ObjectStore, prefix: str, local_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Download a publication into ``local_dir``, verifying each file's sha256 and size.
+
+    Raises ``NotPublished`` without a manifest, ``ChecksumMismatch`` (naming the file) if a file
+    differs from its manifest entry, ``InvalidKey`` if the manifest names an unsafe path. Each file
+    appears atomically; a failed file is not left behind. Returns the manifest.
+    """
+    prefix = _dir_prefix(prefix)
+    manifest = read_manifest(store, prefix)
+    root = Path(local_dir)
+    for rel, entry in sorted(manifest["files"].items()):
+        validate_key(rel)  # a manifest must not steer a write outside local_dir
+        key = prefix + rel
+        dest = root.joinpath(*rel.split("/"))
+        info = store.get_file(key, dest, expected_sha256=str(entry["sha256"]))
+        if info.size != int(entry["size"]):
+            dest.unlink()
+            raise ChecksumMismatch(key, f"{entry['size']} bytes", f"{info.size} bytes")
+    return manifest
+
+
+# -------------------------------------------------------------------------------------------- rollouts
+def validate_deployment(name: str) -> str:
+    """``name`` if it is a valid deployment name (1-63 of a-z 0-9 . _ -, alphanumeric ends)."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"deployment must be 1-63 chars of a-z, 0-9, '.', '_' or '-', alphanumeric at both ends: {name!r}"
+        )
+    return name
+
+
+class RolloutEvent(BaseModel):
+    """One entry of a rollout's history: the state a revision set, and why."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    revision: int
+    action: str
+    current: str | None = None
+    canary: str | None = None
+    canary_percent: int = 0
+    updated_at: datetime
+    reason: str | None = None
+
+
+class RolloutRecord(BaseModel):
+    """``rollouts/{deployment}.json``: which checkpoint a deployment serves, and its canary.
+
+    ``revision`` increases by one on every change (``next`` builds the following record);
+    ``history`` keeps the last ``MAX_ROLLOUT_HISTORY`` events, oldest first.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    deployment: str
+    revision: int = Field(default=0, ge=0)
+    current: str | None = None
+    canary: str | None = None
+    canary_percent: int = Field(default=0, ge=0, le=100)
+    updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
+    history: list[RolloutEvent] = Field(default_factory=list)
+
+    @field_validator("deployment")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_deployment(value)
+
+    @model_validator(mode="after")
+    def _canary(self) -> RolloutRecord:
+        if self.canary is None and self.canary_percent != 0:
+            raise ValueError("canary_percent must be 0 when there is no canary")
+        return self
+
+    def next(
+        self,
+        action: str,
+        *,
+        current: str | None,
+        canary: str | None = None,
+        canary_percent: int = 0,
+        reason: str | None = None,
+        now: datetime | None = None,
+    ) -> RolloutRecord:
+        """The record after this change: revision + 1, a new ``updated_at``, the event appended."""
+        when = now or datetime.now(UTC)
+        event = RolloutEvent(
+            revision=self.revision + 1,
+            action=action,
+            current=current,
+            canary=canary,
+            canary_percent=canary_percent,
+            updated_at=when,
+            reason=reason,
+        )
+        return RolloutRecord(
+            deployment=self.deployment,
+            revision=self.revision + 1,
+            current=current,
+            canary=canary,
+            canary_percent=canary_percent,
+            updated_at=when,
+            history=[*self.history, event][-MAX_ROLLOUT_HISTORY:],
+        )
+
+
+def rollout_key(deployment: str) -> str:
+    return f"rollouts/{validate_deployment(deployment)}.json"
+
+
+@contextlib.contextmanager
+def _rollout_lock(store: ObjectStore, deployment: str) -> Iterator[None]:
+    if not isinstance(store, LocalStore):
+        yield
+        return
+    lock_path = store.root / ".huvidpo-tmp" / f"rollout-{deployment}.lock"
+    with open(lock_path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def read_rollout(store: ObjectStore, deployment: str) -> RolloutRecord | None:
+    """The deployment's rollout record, or None if none was ever written."""
+    try:
+        data = store.get_json(rollout_key(deployment))
+    except ObjectNotFound:
+        return None
+    return RolloutRecord.model_validate(data)
+
+
+def write_rollout(store: ObjectStore, record: RolloutRecord) -> RolloutRecord:
+    """Write ``record`` if its revision is above the stored one (``RevisionConflict`` otherwise)."""
+    if record.revision < 1:
+        raise RevisionConflict("a written rollout record needs revision >= 1 (use RolloutRecord.next)")
+    with _rollout_lock(store, record.deployment):
+        stored = read_rollout(store, record.deployment)
+        if stored is not None and record.revision <= stored.revision:
+            raise RevisionConflict(
+                f"rollout {record.deployment}: revision {record.revision} is not above the stored "
+                f"revision {stored.revision}; re-read and retry"
+            )
+        store.put_json(rollout_key(record.deployment), record.model_dump(mode="json"))
+    return record
+
+
+__all__ = [
+    "MANIFEST_NAME",
+    "NotPublished",
+    "RevisionConflict",
+    "RolloutEvent",
+    "RolloutRecord",
+    "fetch_published",
+    "is_published",
+    "publish_dir",
+    "read_manifest",
+    "read_rollout",
+    "rollout_key",
+    "validate_deployment",
+    "write_rollout",
+]
