@@ -111,6 +111,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")
     p.set_defaults(func=_cmd_generate)
 
+    from huvidpo.data.cli import register as register_data  # `huvidpo pairs DATASET`
+
+    register_data(sub)
+
     try:  # training commands (huvidpo.training) register themselves when present
         from huvidpo.training.cli import register as register_training
     except ImportError:
