@@ -1,0 +1,493 @@
+"""``ModelManager``: owns the base model, the LoRA checkpoints loaded over it, their verification,
+hot swap and canary routing. It follows the rollout record ``rollouts/{deployment}.json`` in the store.
+
+Threads: the model thread (``Batcher``) calls ``run_batch``; the follower thread loads the base model,
+then polls the rollout record; the event loop calls ``resolve``/``release`` and the read-only views.
+``_model_lock`` serializes everything that touches the UNet (a generation, adding or deleting an
+adapter, a smoke generation); ``_state_lock`` guards the routing table and is never held for long.
+
+Swapping loses no request: a request resolves its checkpoint when it is admitted and holds a
+reference until it ends; a checkpoint replaced by a rollout becomes ``retiring`` and its adapter is
+deleted only once no request holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+import tempfile
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from huvidpo.lora import load_lora
+from huvidpo.models import directory_digest
+from huvidpo.pipeline import GenerationConfig, GenerationResult, HuViDPOPipeline
+from services.common.publish import MANIFEST_NAME, NotPublished, RolloutRecord, fetch_published, read_rollout
+from services.common.settings import InferenceSettings
+from services.common.store import ChecksumMismatch, InvalidKey, ObjectStore, StoreError
+from services.inference.batcher import Job, ProgressFn, StopFn
+from services.inference.errors import CheckpointRefused, ModelNotReady, UnknownCheckpoint
+from services.inference.metrics import InferenceMetrics
+
+log = logging.getLogger(__name__)
+
+BASE_ID = "base"
+ROLES = ("base", "current", "canary", "pinned", "retiring")
+# The only files a checkpoint may hold: weights in safetensors, never a pickle.
+CHECKPOINT_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+
+
+@dataclass
+class LoadedModel:
+    """One model the service can generate with: the base model, or a LoRA adapter over it."""
+
+    id: str
+    role: str
+    adapter: str | None  # peft adapter name; None for the base model
+    digest: str
+    source: str
+    manifest_sha256: str = ""
+    lineage: dict[str, Any] = field(default_factory=dict)
+    created_at: str | None = None
+    loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    refs: int = 0
+
+
+class CanaryRouter:
+    """Per-request routing: the canary with probability ``percent``/100, else the current checkpoint."""
+
+    def __init__(self, seed: int | None = None) -> None:
+        self._rng = random.Random(seed)
+        self._lock = threading.Lock()
+
+    def choose(self, current: str, canary: str | None, percent: int) -> str:
+        if canary is None or percent <= 0:
+            return current
+        with self._lock:
+            draw = self._rng.random() * 100.0
+        return canary if draw < percent else current
+
+
+def adapter_name(checkpoint_id: str) -> str:
+    """A peft adapter name for a checkpoint id (module-dict keys must not contain '.')."""
+    return "ckpt_" + re.sub(r"\W", "_", checkpoint_id)
+
+
+class ModelManager:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        store: ObjectStore,
+        metrics: InferenceMetrics,
+        router: CanaryRouter | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.router = router or CanaryRouter(settings.routing_seed)
+        self.pipeline: HuViDPOPipeline | None = None
+        self.base_digest = ""
+        self._model_lock = threading.Lock()
+        self._state_lock = threading.Lock()
+        self._models: dict[str, LoadedModel] = {}
+        self._current: str | None = None
+        self._canary: str | None = None
+        self._canary_percent = 0
+        self._rollout: RolloutRecord | None = None
+        self._applied_revision: int | None = None
+        self._ready = False
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._on_ready: Callable[[bool], None] | None = None
+        self.cache_dir = Path(settings.cache_dir)
+
+    # -- lifecycle ---------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        return self._ready
+
+    def start(self, on_ready: Callable[[bool], None] | None = None) -> None:
+        """Load in the background (the server answers health checks meanwhile), then follow rollouts."""
+        self._on_ready = on_ready
+        self._thread = threading.Thread(target=self._follow, name="huvidpo-rollout", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30)
+
+    def _set_ready(self, ready: bool) -> None:
+        self._ready = ready
+        self.metrics.ready.set(1 if ready else 0)
+        if self._on_ready is not None:
+            self._on_ready(ready)
+
+    def _follow(self) -> None:
+        while not self._stop.is_set():
+            try:
+                if self.pipeline is None:
+                    self.load_base()
+                    self.load_pinned()
+                    self.sync_rollout()
+                    self._set_ready(True)
+                else:
+                    self.sync_rollout()
+                    self.retire_idle()
+            except (NotPublished, FileNotFoundError) as exc:
+                log.warning("model not available yet: %s; retrying in %.1fs", exc, self.settings.poll_seconds)
+            except StoreError as exc:
+                log.warning("object store error: %s; retrying in %.1fs", exc, self.settings.poll_seconds)
+            except Exception:
+                log.exception("rollout follower failed; retrying in %.1fs", self.settings.poll_seconds)
+            self._stop.wait(self.settings.poll_seconds)
+
+    # -- loading -----------------------------------------------------------------------------------
+    def load_base(self) -> None:
+        """Load the base model from a local directory or a ``models/{id}`` publication in the store."""
+        src = self.settings.base_model
+        local = Path(src)
+        if local.is_dir():
+            model_dir = local
+        else:
+            model_dir = self.cache_dir / "models" / re.sub(r"[^\w.-]", "_", src)
+            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self._ensure_cache()))
+            try:
+                fetch_published(self.store, src, tmp)
+                (tmp / MANIFEST_NAME).unlink(missing_ok=True)
+                if model_dir.exists():
+                    shutil.rmtree(model_dir)
+                model_dir.parent.mkdir(parents=True, exist_ok=True)
+                tmp.rename(model_dir)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        pipe = HuViDPOPipeline.from_pretrained(model_dir, device=self.settings.device)
+        digest = directory_digest(model_dir)
+        with self._model_lock:
+            self._smoke(pipe, None, BASE_ID)
+        self.pipeline = pipe
+        self.base_digest = digest
+        with self._state_lock:
+            self._models[BASE_ID] = LoadedModel(BASE_ID, "base", None, digest, src)
+            self._current = BASE_ID
+        self._publish_info()
+        log.info("base model loaded from %s (digest %s)", src, digest[:12])
+
+    def _ensure_cache(self) -> Path:
+        self.cache_dir.mkdir(parents=True, exist_ok=True)
+        return self.cache_dir
+
+    def load_pinned(self) -> None:
+        for ckpt in self.settings.checkpoints:
+            try:
+                self.load_checkpoint(ckpt, role="pinned")
+            except CheckpointRefused as exc:
+                self._refused(exc, "pinned")
+
+    def _fetch_checkpoint(self, checkpoint_id: str) -> tuple[Path, dict[str, Any], str]:
+        """Download and verify the checkpoint's files; returns (adapter dir, manifest, manifest sha256)."""
+        prefix = f"checkpoints/{checkpoint_id}/"
+        dest = self._ensure_cache() / "checkpoints" / re.sub(r"[^\w.-]", "_", checkpoint_id)
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
+        try:
+            try:
+                manifest = fetch_published(self.store, prefix, tmp)
+            except NotPublished as exc:
+                raise CheckpointRefused(checkpoint_id, str(exc), "fetch") from exc
+            except (ChecksumMismatch, InvalidKey) as exc:
+                raise CheckpointRefused(checkpoint_id, str(exc), "checksum") from exc
+            files = set(manifest["files"])
+            unexpected = sorted(files - CHECKPOINT_FILES)
+            if unexpected:
+                raise CheckpointRefused(
+                    checkpoint_id,
+                    f"unexpected files {unexpected}: a checkpoint holds only {sorted(CHECKPOINT_FILES)} "
+                    "(weights as safetensors, never pickles)",
+                    "files",
+                )
+            missing = sorted(CHECKPOINT_FILES - files)
+            if missing:
+                raise CheckpointRefused(checkpoint_id, f"missing files {missing}", "files")
+            info = self.store.stat(prefix + MANIFEST_NAME)
+            manifest_sha = (info.sha256 if info else None) or ""
+            if dest.exists():
+                shutil.rmtree(dest)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            tmp.rename(dest)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return dest / "adapter", manifest, manifest_sha
+
+    def load_checkpoint(self, checkpoint_id: str, role: str) -> LoadedModel:
+        """Fetch, verify (sha256, file types, strict load, smoke generation) and add a checkpoint.
+
+        Raises ``CheckpointRefused``; on refusal nothing of the checkpoint stays loaded."""
+        with self._state_lock:
+            existing = self._models.get(checkpoint_id)
+        if existing is not None:
+            return existing
+        if checkpoint_id == BASE_ID:
+            raise CheckpointRefused(checkpoint_id, f"{BASE_ID!r} is reserved for the base model", "fetch")
+        pipe = self.pipeline
+        if pipe is None:
+            raise ModelNotReady("the base model is not loaded")
+        adapter_dir, manifest, manifest_sha = self._fetch_checkpoint(checkpoint_id)
+        name = adapter_name(checkpoint_id)
+        unet = pipe.components.unet
+        with self._model_lock:
+            try:
+                load_lora(unet, adapter_dir, adapter=name)
+            except Exception as exc:
+                if name in getattr(unet, "peft_config", {}):
+                    unet.delete_adapters(name)
+                raise CheckpointRefused(checkpoint_id, str(exc), "load") from exc
+            try:
+                self._smoke(pipe, name, checkpoint_id)
+            except CheckpointRefused:
+                unet.delete_adapters(name)
+                raise
+        lineage = manifest.get("lineage") if isinstance(manifest.get("lineage"), dict) else {}
+        model = LoadedModel(
+            id=checkpoint_id,
+            role=role,
+            adapter=name,
+            digest=directory_digest(adapter_dir),
+            source=f"checkpoints/{checkpoint_id}/",
+            manifest_sha256=manifest_sha,
+            lineage=dict(lineage or {}),
+            created_at=str(manifest["created_at"]) if manifest.get("created_at") else None,
+        )
+        with self._state_lock:
+            self._models[checkpoint_id] = model
+        self._publish_info()
+        log.info(
+            "checkpoint %s verified and loaded as %s (digest %s)", checkpoint_id, role, model.digest[:12]
+        )
+        return model
+
+    def _select(self, pipe: HuViDPOPipeline, adapter: str | None) -> None:
+        """(model lock held) Make ``adapter`` the active one, or run the bare base model for None."""
+        unet = pipe.components.unet
+        loaded = getattr(unet, "peft_config", {}) or {}
+        if adapter is None:
+            if loaded:
+                unet.disable_adapters()
+            return
+        unet.enable_adapters()
+        unet.set_adapter(adapter)
+
+    def _smoke(self, pipe: HuViDPOPipeline, adapter: str | None, model_id: str) -> None:
+        """(model lock held) One short generation; its latents must be finite."""
+        s = self.settings
+        try:
+            self._select(pipe, adapter)
+            image = Image.new("RGB", (s.smoke_size, s.smoke_size), (128, 96, 64))
+            cfg = GenerationConfig(
+                num_frames=s.smoke_frames,
+                height=s.smoke_size,
+                width=s.smoke_size,
+                steps=s.smoke_steps,
+                seed=0,
+            )
+            result = pipe.generate_batch(["smoke test"], [image], cfg)[0]
+        except Exception as exc:
+            raise CheckpointRefused(model_id, f"smoke generation failed: {exc}", "smoke") from exc
+        if not torch.isfinite(result.latents).all():
+            raise CheckpointRefused(
+                model_id, "smoke generation produced non-finite latents (NaN/inf weights?)", "smoke"
+            )
+        if (
+            result.frames.shape != (s.smoke_frames, s.smoke_size, s.smoke_size, 3)
+            or result.frames.dtype != np.uint8
+        ):
+            raise CheckpointRefused(
+                model_id, f"smoke generation returned frames {result.frames.shape}", "smoke"
+            )
+
+    # -- rollouts ----------------------------------------------------------------------------------
+    def _refused(self, exc: CheckpointRefused, role: str) -> None:
+        self.metrics.rollout_outcomes.labels("refused", role, exc.stage).inc()
+        log.error(
+            "REFUSED %s checkpoint %s at %s: %s (the previous model keeps serving)",
+            role,
+            exc.checkpoint_id,
+            exc.stage,
+            exc.reason,
+        )
+
+    def sync_rollout(self) -> None:
+        """Apply the rollout record if its revision changed. A checkpoint that fails verification is
+        refused and the previous one keeps its role; a store outage is retried on the next poll."""
+        record = read_rollout(self.store, self.settings.deployment)
+        if record is None or record.revision == self._applied_revision:
+            return
+        log.info(
+            "rollout %s revision %d: current=%s canary=%s (%d%%)",
+            record.deployment,
+            record.revision,
+            record.current,
+            record.canary,
+            record.canary_percent,
+        )
+        new_current = self._current
+        new_canary: str | None = None
+        wanted_current = record.current or BASE_ID
+        # A StoreError other than a refusal (e.g. StoreUnavailable) propagates: the revision stays
+        # unapplied and the next poll retries.
+        if wanted_current == BASE_ID or self._try_load(wanted_current, "current"):
+            new_current = wanted_current
+        if record.canary and record.canary_percent > 0 and self._try_load(record.canary, "canary"):
+            new_canary = record.canary
+        with self._state_lock:
+            old = {self._current, self._canary}
+            self._current = new_current
+            self._canary = new_canary
+            self._canary_percent = record.canary_percent if new_canary else 0
+            self._rollout = record
+            self._applied_revision = record.revision
+            for mid, model in self._models.items():
+                if mid == BASE_ID:
+                    continue
+                if mid == new_current:
+                    model.role = "current"
+                elif mid == new_canary:
+                    model.role = "canary"
+                elif mid in old or model.role in ("current", "canary"):
+                    model.role = "pinned" if mid in self.settings.checkpoints else "retiring"
+        if new_current == wanted_current and new_current not in old:
+            self.metrics.rollout_outcomes.labels("applied", "current", "serving").inc()
+        if new_canary is not None and new_canary not in old:
+            self.metrics.rollout_outcomes.labels("applied", "canary", "serving").inc()
+        self._publish_info()
+        self.retire_idle()
+
+    def _try_load(self, checkpoint_id: str, role: str) -> bool:
+        try:
+            self.load_checkpoint(checkpoint_id, role)
+            return True
+        except CheckpointRefused as exc:
+            self._refused(exc, role)
+            return False
+
+    def retire_idle(self) -> None:
+        """Delete the adapters of retiring checkpoints that no request holds any more."""
+        with self._state_lock:
+            idle = [m for m in self._models.values() if m.role == "retiring" and m.refs == 0]
+            for m in idle:
+                del self._models[m.id]
+        if not idle or self.pipeline is None:
+            return
+        with self._model_lock:
+            for m in idle:
+                if m.adapter and m.adapter in (
+                    getattr(self.pipeline.components.unet, "peft_config", {}) or {}
+                ):
+                    self.pipeline.components.unet.delete_adapters(m.adapter)
+                log.info("retired checkpoint %s", m.id)
+        self._publish_info()
+
+    def _publish_info(self) -> None:
+        gauge = self.metrics.loaded_checkpoint
+        gauge.clear()
+        with self._state_lock:
+            for m in self._models.values():
+                gauge.labels(m.id, m.role, m.digest[:16]).set(1)
+
+    # -- serving -----------------------------------------------------------------------------------
+    def resolve(self, requested: str) -> str:
+        """The checkpoint a request runs on (``""``: current rollout, with canary routing); holds a
+        reference until ``release``."""
+        with self._state_lock:
+            if not self._ready or self._current is None:
+                raise ModelNotReady("no model is loaded yet; retry shortly")
+            if requested:
+                if requested not in self._models:
+                    raise UnknownCheckpoint(
+                        f"checkpoint {requested!r} is not loaded; loaded: {sorted(self._models)} "
+                        "(leave checkpoint_id empty for the current rollout)"
+                    )
+                chosen = requested
+            else:
+                chosen = self.router.choose(self._current, self._canary, self._canary_percent)
+            self._models[chosen].refs += 1
+            return chosen
+
+    def release(self, checkpoint_id: str) -> None:
+        with self._state_lock:
+            model = self._models.get(checkpoint_id)
+            if model is not None:
+                model.refs = max(0, model.refs - 1)
+
+    def count_tokens(self, text: str) -> int:
+        pipe = self.pipeline
+        if pipe is None:
+            raise ModelNotReady("no model is loaded yet; retry shortly")
+        return pipe.prompt_token_count(text)
+
+    @property
+    def max_tokens(self) -> int:
+        pipe = self.pipeline
+        if pipe is None:
+            raise ModelNotReady("no model is loaded yet; retry shortly")
+        return int(pipe.components.tokenizer.model_max_length)
+
+    def run_batch(self, jobs: list[Job], progress: ProgressFn, should_stop: StopFn) -> list[GenerationResult]:
+        """(model thread) Generate one batch of compatible jobs in one ``generate_batch`` call."""
+        pipe = self.pipeline
+        if pipe is None:
+            raise ModelNotReady("no model is loaded")
+        with self._state_lock:
+            adapter = self._models[jobs[0].checkpoint_id].adapter
+        first = jobs[0].spec
+        cfg = GenerationConfig(
+            num_frames=first.frames,
+            height=first.height,
+            width=first.width,
+            steps=first.steps,
+            guidance_scale=first.guidance_scale,
+            seed=first.seed,
+        )
+        with self._model_lock:
+            self._select(pipe, adapter)
+            return pipe.generate_batch(
+                [j.spec.prompt for j in jobs],
+                [j.spec.image for j in jobs],
+                cfg,
+                progress=progress,
+                should_stop=should_stop,
+                seeds=[j.spec.seed for j in jobs],
+                negative_prompts=[j.spec.negative_prompt for j in jobs],
+            )
+
+    # -- views -------------------------------------------------------------------------------------
+    def models(self) -> list[LoadedModel]:
+        with self._state_lock:
+            return [LoadedModel(**{**m.__dict__}) for m in self._models.values()]
+
+    def get(self, model_id: str) -> LoadedModel:
+        with self._state_lock:
+            m = self._models.get(model_id)
+            if m is None:
+                raise UnknownCheckpoint(f"model {model_id!r} is not loaded; loaded: {sorted(self._models)}")
+            return LoadedModel(**{**m.__dict__})
+
+    def rollout_view(self) -> dict[str, Any]:
+        with self._state_lock:
+            r = self._rollout
+            return {
+                "deployment": self.settings.deployment,
+                "revision": r.revision if r else 0,
+                "current": self._current or "",
+                "canary": self._canary or "",
+                "canary_percent": self._canary_percent,
+            }

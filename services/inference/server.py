@@ -1,0 +1,110 @@
+"""Assembly of the inference server: gRPC (service, health, reflection), metrics HTTP, the model
+thread and the rollout follower. ``InferenceServer`` is what ``python -m services.inference`` runs and
+what the tests start on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from services.common.settings import InferenceSettings
+from services.common.store import ObjectStore
+from services.inference.batcher import Batcher
+from services.inference.gen import inference_pb2 as pb
+from services.inference.gen import inference_pb2_grpc as pb_grpc
+from services.inference.manager import ModelManager
+from services.inference.metrics import InferenceMetrics
+from services.inference.servicer import VideoGenerationServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoGenerationService"].full_name
+
+
+class InferenceServer:
+    def __init__(self, settings: InferenceSettings, store: ObjectStore, bucket: str = "huvidpo") -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = InferenceMetrics()
+        self.manager = ModelManager(settings, store, self.metrics)
+        self.batcher = Batcher(
+            self.manager.run_batch,
+            max_queue=settings.max_queue,
+            max_batch=settings.max_batch,
+            batch_wait_s=settings.batch_wait_ms / 1000.0,
+            metrics=self.metrics,
+            after_batch=self.manager.retire_idle,
+        )
+        self.health = health.aio.HealthServicer()
+        self.servicer = VideoGenerationServicer(
+            settings, store, bucket, self.manager, self.batcher, self.metrics
+        )
+        self.port = 0
+        self.metrics_port = 0
+        self._server: grpc.aio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _set_health(self, ready: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set("", status)
+        await self.health.set(SERVICE_NAME, status)
+        log.info("health: %s", "SERVING" if ready else "NOT_SERVING")
+
+    def _on_ready(self, ready: bool) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            asyncio.run_coroutine_threadsafe(self._set_health(ready), loop)
+
+    async def start(self) -> None:
+        """Listen (gRPC and metrics), report NOT_SERVING, and start loading in the background."""
+        s = self.settings
+        self._loop = asyncio.get_running_loop()
+        # A first frame a little over the image limit still reaches validation (INVALID_ARGUMENT with
+        # the limit in the message) instead of gRPC's own RESOURCE_EXHAUSTED.
+        receive_limit = max(4 * 1024 * 1024, 2 * s.max_image_bytes + 8 * s.max_prompt_chars + 65536)
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", receive_limit),
+                ("grpc.max_send_message_length", s.inline_limit_bytes + 1024 * 1024),
+            ]
+        )
+        pb_grpc.add_VideoGenerationServiceServicer_to_server(self.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            [
+                SERVICE_NAME,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+        )
+        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind gRPC on {s.host}:{s.port}")
+        await self._set_health(False)
+        await server.start()
+        self._server = server
+        self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        self.metrics.ready.set(0)
+        self.batcher.start()
+        self.manager.start(on_ready=self._on_ready)
+        log.info("inference server on %s:%d (metrics on :%d)", s.host, self.port, self.metrics_port)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking requests, let running ones finish for ``grace`` seconds, then shut down."""
+        await self.health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self.settings.grace_seconds if grace is None else grace)
+        await asyncio.to_thread(self.batcher.stop)
+        await asyncio.to_thread(self.manager.stop)
+        self.metrics.close()
+
+    async def wait_for_termination(self) -> None:
+        if self._server is not None:
+            await self._server.wait_for_termination()
