@@ -395,12 +395,17 @@ class ObjectStore(ABC):
         sha256 actually read.
         """
         dest = Path(path)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        reader = self.open_read(key)  # first, so a missing object creates nothing locally
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        except BaseException:
+            reader.close()
+            raise
         try:
             h = hashlib.sha256()
             size = 0
-            with os.fdopen(fd, "wb") as out, self.open_read(key) as reader:
+            with os.fdopen(fd, "wb") as out, reader:
                 info = reader.info
                 while chunk := reader.read(CHUNK_SIZE):
                     h.update(chunk)
@@ -485,9 +490,11 @@ class LocalStore(ObjectStore):
 
     Layout: the object ``a/b/c`` is the file ``root/a/b/c``, so an operator can browse the store.
     The sha256, content type and user metadata live in a JSON sidecar under
-    ``root/.huvidpo-meta/<sha256(key)>.json`` that also records the data file's inode, size and
-    mtime; a sidecar that does not match the file (a crash between the two renames) is ignored.
-    Writes go to ``root/.huvidpo-tmp/`` first, are fsynced, then renamed into place (atomic on POSIX).
+    ``root/.huvidpo-meta/<sha256(key)>.json`` that also records the data file's inode.
+    Writes go to ``root/.huvidpo-tmp/`` first, are fsynced, then renamed into place (atomic on POSIX),
+    so every write gives the key a new inode: a sidecar naming another inode is stale (a crash
+    between the two renames) and is ignored, while bytes changed in place keep the inode and are
+    caught by the digest (``ChecksumMismatch``).
     Limitation (unlike S3): a key cannot be both an object and a "directory" (``a`` and ``a/b``);
     such a write raises ``InvalidKey``.
 
@@ -547,7 +554,7 @@ class LocalStore(ObjectStore):
     # --- metadata
     def _write_meta(self, key: str, data_path: Path, info: dict[str, Any]) -> None:
         st = data_path.stat()
-        record = {**info, "key": key, "ino": st.st_ino, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        record = {**info, "key": key, "ino": st.st_ino, "size": st.st_size}
         meta_path = self._meta_path(key)
         meta_path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, suffix=".json")
@@ -564,11 +571,7 @@ class LocalStore(ObjectStore):
         meta: dict[str, Any] = {}
         with contextlib.suppress(FileNotFoundError, ValueError):
             meta = json.loads(self._meta_path(key).read_text())
-        if (meta.get("ino"), meta.get("size"), meta.get("mtime_ns")) != (
-            st.st_ino,
-            st.st_size,
-            st.st_mtime_ns,
-        ):
+        if meta.get("ino") != st.st_ino:
             meta = {}  # stale sidecar (crash between renames) or none: report no digest
         return ObjectInfo(
             key=key,
