@@ -38,14 +38,20 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
 
 def register(subparsers: Any) -> None:
     """Add the ``pairs`` subcommand to ``huvidpo``'s subparsers."""
-    p = subparsers.add_parser("pairs", help="validate a preference dataset, compile its pairs and print a report")
+    p = subparsers.add_parser(
+        "pairs", help="validate a preference dataset, compile its pairs and print a report"
+    )
     p.add_argument("dataset", type=Path, help="dataset directory (manifest.jsonl or manifest.json + videos)")
-    p.add_argument("--tie-policy", choices=("drop", "keep"), default="drop", help="what to do with equal scores")
+    p.add_argument(
+        "--tie-policy", choices=("drop", "keep"), default="drop", help="what to do with equal scores"
+    )
     p.add_argument("--min-margin", type=float, default=0.0, help="drop score pairs closer than this (0..10)")
     p.add_argument("--margin-weighting", action="store_true", help="weight score pairs by their margin")
     p.add_argument("--seed", type=int, default=0, help="fixes the direction of kept ties")
     p.add_argument("--min-frames", type=int, default=2, help="reject videos with fewer frames")
-    p.add_argument("--no-video-check", action="store_true", help="do not decode the videos (faster, less safe)")
+    p.add_argument(
+        "--no-video-check", action="store_true", help="do not decode the videos (faster, less safe)"
+    )
     p.add_argument("--no-motion-check", action="store_true", help="skip the motion-bias check")
     p.add_argument("--out", type=Path, default=None, help="write the pairs as JSONL here (atomically)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
