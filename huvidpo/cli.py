@@ -73,8 +73,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     result = pipe(args.prompt, args.first_frame, cfg, progress=progress)
     bar.close()
     out = result.save(args.out, fps=args.fps)
-    print(f"wrote {out} ({cfg.num_frames} frames, {cfg.width}x{cfg.height}, seed {result.seed}, "
-          f"{result.timings['total_s']:.2f} s)")
+    print(
+        f"wrote {out} ({cfg.num_frames} frames, {cfg.width}x{cfg.height}, seed {result.seed}, "
+        f"{result.timings['total_s']:.2f} s)"
+    )
     return 0
 
 
@@ -111,16 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")
     p.set_defaults(func=_cmd_generate)
 
-    from huvidpo.data.cli import register as register_data  # `huvidpo pairs DATASET`
+    import importlib
 
-    register_data(sub)
-
-    try:  # training commands (huvidpo.training) register themselves when present
-        from huvidpo.training.cli import register as register_training
-    except ImportError:
-        register_training = None
-    if register_training is not None:
-        register_training(sub)
+    # `huvidpo pairs` (data) and `huvidpo train` (training) register themselves.
+    for module in ("huvidpo.data.cli", "huvidpo.training.cli"):
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as exc:
+            if exc.name != module:
+                raise
     return parser
 
 

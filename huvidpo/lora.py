@@ -38,7 +38,9 @@ def lora_config(
 ) -> LoraConfig:
     """A peft LoRA config. ``targets`` is a preset name (all, spatial, temporal, self), a regex, or a
     list of module-name suffixes."""
-    target: str | list[str] = LORA_TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
+    target: str | list[str] = (
+        LORA_TARGETS.get(targets, targets) if isinstance(targets, str) else list(targets)
+    )
     return LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian", target_modules=target
     )
@@ -51,6 +53,15 @@ def lora_parameters(unet: VideoUNet, adapter: str | None = None) -> dict[str, to
         if "lora_" in name and (adapter is None or name.endswith(f".{adapter}.weight")):
             out[name] = p
     return out
+
+
+def check_adapter_name(adapter: str) -> None:
+    """Adapter names become attribute names inside peft's layers: refuse ones that cannot be."""
+    if not adapter.replace("-", "_").isidentifier() or hasattr(torch.nn.Module, adapter):
+        raise ValueError(
+            f"adapter name {adapter!r} is not usable: use letters, digits, '_' or '-', "
+            "not starting with a digit and not a torch.nn.Module attribute such as 'train'"
+        )
 
 
 def set_lora_scale(unet: VideoUNet, adapter: str, scale: float) -> None:
@@ -70,7 +81,9 @@ def save_lora(unet: VideoUNet, directory: str | os.PathLike[str], adapter: str =
     save_file(state, str(d / ADAPTER_WEIGHTS), metadata={"format": "pt", "huvidpo": "lora"})
     cfg = config.to_dict()
     cfg["target_modules"] = (
-        sorted(cfg["target_modules"]) if isinstance(cfg["target_modules"], set | list) else cfg["target_modules"]
+        sorted(cfg["target_modules"])
+        if isinstance(cfg["target_modules"], set | list)
+        else cfg["target_modules"]
     )
     (d / ADAPTER_CONFIG).write_text(json.dumps(cfg, indent=2, default=str))
     return d
@@ -97,6 +110,7 @@ def load_lora(
     if not weights.is_file():
         raise FileNotFoundError(f"{d} has no {ADAPTER_WEIGHTS}")
     state = load_file(str(weights))
+    check_adapter_name(adapter)
     if adapter in getattr(unet, "peft_config", {}):
         raise ValueError(f"an adapter named {adapter!r} is already loaded")
     unet.add_adapter(config, adapter_name=adapter)

@@ -92,7 +92,7 @@ def histogram_match(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
     out = np.empty_like(frame)
     for c in range(3):
         src, ref = frame[..., c].ravel(), reference[..., c].ravel()
-        s_vals, s_idx, s_counts = np.unique(src, return_inverse=True, return_counts=True)
+        _, s_idx, s_counts = np.unique(src, return_inverse=True, return_counts=True)
         r_vals, r_counts = np.unique(ref, return_counts=True)
         s_cdf = np.cumsum(s_counts) / src.size
         r_cdf = np.cumsum(r_counts) / ref.size
@@ -127,7 +127,11 @@ class HuViDPOPipeline:
         """Text embeddings ``(n, seq, dim)`` for ``prompts`` (padded to the tokenizer's max length)."""
         tok = self.components.tokenizer
         ids = tok(
-            prompts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt"
+            prompts,
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
         ).input_ids.to(self.device)
         return self.components.text_encoder(ids)[0].to(self.dtype)
 
@@ -142,12 +146,18 @@ class HuViDPOPipeline:
         return (latents * self.components.latent_scale).to(self.dtype)
 
     @torch.no_grad()
-    def decode_latents(self, latents: torch.Tensor, chunk: int = 8) -> np.ndarray:
-        """``(b, 4, f, h, w)`` latents -> ``(b, f, H, W, 3)`` uint8 frames."""
+    def decode_latents(self, latents: torch.Tensor, chunk: int = 1) -> np.ndarray:
+        """``(b, 4, f, h, w)`` latents -> ``(b, f, H, W, 3)`` uint8 frames.
+
+        Frames are decoded one at a time by default: convolution kernels pick different paths for
+        different batch sizes, and per-frame decoding keeps a frame's pixels independent of the clip
+        length (frame 0 is then exactly the VAE round trip of the first frame)."""
         b, c, f, h, w = latents.shape
         flat = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w) / self.components.latent_scale
         vae = self.components.vae
-        images = torch.cat([vae.decode(flat[i : i + chunk].to(vae.dtype)).sample for i in range(0, b * f, chunk)])
+        images = torch.cat(
+            [vae.decode(flat[i : i + chunk].to(vae.dtype)).sample for i in range(0, b * f, chunk)]
+        )
         images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).reshape(b, f, *images.shape[2:], 3).cpu().numpy()
 
@@ -159,7 +169,12 @@ class HuViDPOPipeline:
 
     # -- sampling ----------------------------------------------------------------------------
     def _guided_eps(
-        self, latents: torch.Tensor, t: torch.Tensor, text: torch.Tensor, cfg: GenerationConfig, spatial_only: bool
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor,
+        text: torch.Tensor,
+        cfg: GenerationConfig,
+        spatial_only: bool,
     ) -> torch.Tensor:
         """Noise prediction with classifier-free guidance. ``text`` is ``[uncond; cond]`` per sample."""
         unet = self.components.unet
@@ -296,7 +311,9 @@ class HuViDPOPipeline:
             "decode_s": t_end - t_denoise,
             "total_s": t_end - t0,
         }
-        return [GenerationResult(videos[i], latents[i : i + 1].cpu(), seeds[i], dict(timings)) for i in range(b)]
+        return [
+            GenerationResult(videos[i], latents[i : i + 1].cpu(), seeds[i], dict(timings)) for i in range(b)
+        ]
 
 
 class GenerationCancelled(RuntimeError):

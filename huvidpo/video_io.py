@@ -46,7 +46,9 @@ def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
         stream.options = {"crf": str(crf)}
         for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+            for packet in stream.encode(
+                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
+            ):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
@@ -60,7 +62,13 @@ def encode_gif(frames: np.ndarray, fps: float = 8.0) -> bytes:
     images = [Image.fromarray(f) for f in frames]
     buf = io.BytesIO()
     images[0].save(
-        buf, format="GIF", save_all=True, append_images=images[1:], duration=round(1000.0 / fps), loop=0, disposal=2
+        buf,
+        format="GIF",
+        save_all=True,
+        append_images=images[1:],
+        duration=round(1000.0 / fps),
+        loop=0,
+        disposal=2,
     )
     return buf.getvalue()
 
@@ -88,7 +96,7 @@ def read_video(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.nd
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
     try:
-        with av.open(src) as container:
+        with av.open(src, mode="r") as container:
             if not container.streams.video:
                 raise VideoDecodeError(f"{_name(source)} has no video stream")
             stream = container.streams.video[0]

@@ -2,7 +2,12 @@
 
 from huvidpo.models.components import ModelComponents, directory_digest, load_components
 from huvidpo.models.layers import FrameContext, InflatedConv, SparseCausalAttnProcessor, VideoTransformerBlock
-from huvidpo.models.video_unet import DEFAULT_STAGE1_PATTERNS, PickleWeightsError, VideoUNet, ensure_safetensors
+from huvidpo.models.video_unet import (
+    DEFAULT_STAGE1_PATTERNS,
+    PickleWeightsError,
+    VideoUNet,
+    ensure_safetensors,
+)
 
 __all__ = [
     "DEFAULT_STAGE1_PATTERNS",

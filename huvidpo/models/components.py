@@ -102,12 +102,16 @@ def load_components(
         raise FileNotFoundError(f"{d} is not a diffusers model directory: missing {', '.join(missing)}/")
     for sub in ("vae", "text_encoder"):
         ensure_safetensors(d / sub)
-    unet = VideoUNet.from_pretrained_any(unet_dir or d / "unet", sparse_causal=sparse_causal, torch_dtype=dtype)
+    unet = VideoUNet.from_pretrained_any(
+        unet_dir or d / "unet", sparse_causal=sparse_causal, torch_dtype=dtype
+    )
     vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, torch_dtype=dtype)
     text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer")
     if len(tokenizer) < 10:
-        raise ValueError(f"{d / 'tokenizer'} did not load a usable tokenizer (vocabulary of {len(tokenizer)})")
+        raise ValueError(
+            f"{d / 'tokenizer'} did not load a usable tokenizer (vocabulary of {len(tokenizer)})"
+        )
     sched_file = d / "scheduler" / "scheduler_config.json"
     scheduler_config = json.loads(sched_file.read_text())
     for m in (vae, text_encoder):

@@ -49,8 +49,9 @@ class InflatedConv(nn.Module):
         self.kernel_size = kernel_size
         self.conv1d = nn.Conv1d(channels, channels, kernel_size, padding=0)
         self.conv_gate = nn.Conv2d(channels, 1, kernel_size=3, padding=1)
-        for p in (self.conv1d.weight, self.conv1d.bias, self.conv_gate.weight, self.conv_gate.bias):
-            nn.init.zeros_(p)
+        for m in (self.conv1d, self.conv_gate):
+            nn.init.zeros_(m.weight)
+            nn.init.zeros_(m.bias)  # type: ignore[arg-type]
         # A plain attribute, not a submodule: the context holds no weights.
         object.__setattr__(self, "_ctx", ctx)
 
@@ -69,7 +70,7 @@ class InflatedConv(nn.Module):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         y = self.conv2d(x)
-        ctx: FrameContext = self._ctx
+        ctx = self.__dict__["_ctx"]
         f = ctx.num_frames
         if ctx.spatial_only:
             return y
@@ -110,7 +111,7 @@ class SparseCausalAttnProcessor:
             raise ValueError("SparseCausalAttnProcessor is for self-attention (attn1) only")
         residual = hidden_states
         f = 1 if self.ctx.spatial_only else self.ctx.num_frames
-        bf, n, _ = hidden_states.shape
+        bf = hidden_states.shape[0]
         b = bf // f
         if attn.group_norm is not None:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
@@ -164,7 +165,9 @@ class VideoTransformerBlock(BasicTransformerBlock):
         heads = block.attn1.heads
         dim_head = block.attn1.inner_dim // heads
         block.__class__ = cls
-        attn_temp = Attention(query_dim=dim, heads=heads, dim_head=dim_head, bias=False, upcast_attention=False)
+        attn_temp = Attention(
+            query_dim=dim, heads=heads, dim_head=dim_head, bias=False, upcast_attention=False
+        )
         nn.init.zeros_(attn_temp.to_out[0].weight)
         if attn_temp.to_out[0].bias is not None:
             nn.init.zeros_(attn_temp.to_out[0].bias)

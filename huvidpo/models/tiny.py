@@ -18,7 +18,7 @@ from huvidpo.models.components import ModelComponents
 from huvidpo.models.layers import SparseCausalMode
 from huvidpo.models.video_unet import VideoUNet
 
-TINY_TEXT_LEN = 16
+TINY_TEXT_LEN = 77
 TINY_TEXT_DIM = 32
 
 SD_SCHEDULER_CONFIG: dict[str, Any] = {
@@ -54,7 +54,12 @@ SD15_UNET_CONFIG: dict[str, Any] = {
     "out_channels": 4,
     "block_out_channels": (320, 640, 1280, 1280),
     "layers_per_block": 2,
-    "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    "down_block_types": (
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    ),
     "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     "cross_attention_dim": 768,
     "attention_head_dim": 8,
@@ -63,7 +68,11 @@ SD15_UNET_CONFIG: dict[str, Any] = {
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible map from bytes to printable unicode characters."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):

@@ -106,7 +106,10 @@ class VideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_unet2d(
-        cls, unet2d: UNet2DConditionModel, sparse_causal: SparseCausalMode = "first+prev", temporal_kernel: int = 3
+        cls,
+        unet2d: UNet2DConditionModel,
+        sparse_causal: SparseCausalMode = "first+prev",
+        temporal_kernel: int = 3,
     ) -> VideoUNet:
         """Inflate a 2D UNet: spatial weights copied, temporal layers zero-initialised."""
         config = {k: v for k, v in dict(unet2d.config).items() if not k.startswith("_")}
@@ -165,8 +168,12 @@ class VideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def cross_attention_dim(self) -> int:
         return int(self.unet.config.cross_attention_dim)
 
-    def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func: Any = None) -> None:
-        self.unet._set_gradient_checkpointing(enable=enable, gradient_checkpointing_func=gradient_checkpointing_func)
+    def _set_gradient_checkpointing(
+        self, enable: bool = True, gradient_checkpointing_func: Any = None
+    ) -> None:
+        self.unet._set_gradient_checkpointing(
+            enable=enable, gradient_checkpointing_func=gradient_checkpointing_func
+        )
 
     # -- forward -----------------------------------------------------------------------------
     def forward(

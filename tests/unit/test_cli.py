@@ -1,0 +1,56 @@
+"""`huvidpo init-tiny` and `huvidpo generate` from the command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from huvidpo.cli import main
+from huvidpo.video_io import read_video
+
+
+def test_init_tiny_writes_a_loadable_diffusers_directory(tmp_path: Path) -> None:
+    assert main(["init-tiny", str(tmp_path / "m")]) == 0
+    for sub in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        assert (tmp_path / "m" / sub).is_dir()
+    weights = list((tmp_path / "m").rglob("*.safetensors"))
+    assert len(weights) == 3
+    assert not list((tmp_path / "m").rglob("*.bin"))
+
+
+def test_generate_writes_an_mp4_from_a_first_frame(tiny_model_dir: Path, tmp_path: Path) -> None:
+    img = tmp_path / "frame.png"
+    Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(img)
+    out = tmp_path / "v.mp4"
+    rc = main(
+        ["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--first-frame", str(img)]
+        + ["--frames", "3", "--height", "64", "--width", "80", "--steps", "2", "--quiet", "--out", str(out)]
+    )
+    assert rc == 0
+    frames, _ = read_video(out)
+    assert frames.shape == (3, 64, 80, 3)
+
+
+def test_generate_reports_bad_input_without_a_traceback(tiny_model_dir: Path, tmp_path: Path, capsys) -> None:
+    rc = main(
+        [
+            "generate",
+            "--model",
+            str(tiny_model_dir),
+            "--prompt",
+            "x",
+            "--height",
+            "63",
+            "--out",
+            str(tmp_path / "v.gif"),
+        ]
+    )
+    assert rc == 2
+    assert "height must be a positive multiple of 8" in capsys.readouterr().err
+    rc = main(
+        ["generate", "--model", str(tmp_path / "nope"), "--prompt", "x", "--out", str(tmp_path / "v.gif")]
+    )
+    assert rc == 2
+    assert "model directory not found" in capsys.readouterr().err

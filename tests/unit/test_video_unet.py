@@ -1,0 +1,177 @@
+"""The inflated video UNet: parity with diffusers' 2D UNet at init, causality, save/load."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+
+from huvidpo.models import InflatedConv, PickleWeightsError, VideoUNet
+from huvidpo.models.tiny import TINY_UNET_CONFIG
+
+TEMPORAL = (".conv1d.", ".conv_gate.", ".attn_temp.", ".norm_temp.")
+
+
+def make_pair(mode: str = "first+prev", seed: int = 0) -> tuple[UNet2DConditionModel, VideoUNet]:
+    torch.manual_seed(seed)
+    unet2d = UNet2DConditionModel(**TINY_UNET_CONFIG).eval()
+    return unet2d, VideoUNet.from_unet2d(unet2d, sparse_causal=mode).eval()  # type: ignore[arg-type]
+
+
+def randomise_temporal(video: VideoUNet, which: tuple[str, ...] = TEMPORAL, seed: int = 1) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in video.named_parameters():
+            if any(w in name for w in which) and ".norm_temp." not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.parametrize("mode", ["first+prev", "first"])
+def test_identical_frames_give_the_2d_unet_output_per_frame(mode: str) -> None:
+    unet2d, video = make_pair(mode)
+    frame = torch.randn(2, 4, 8, 8)
+    clip = frame[:, :, None].repeat(1, 1, 5, 1, 1)
+    text = torch.randn(2, 16, 32)
+    t = torch.tensor([10, 500])
+    with torch.no_grad():
+        expected = unet2d(frame, t, text).sample
+        out = video(clip, t, text)
+    assert out.shape == clip.shape
+    for f in range(clip.shape[2]):
+        torch.testing.assert_close(out[:, :, f], expected, rtol=0, atol=1e-5)
+
+
+def test_inflation_keeps_every_2d_weight_and_zero_initialises_the_new_ones() -> None:
+    unet2d, video = make_pair()
+    state = video.unet.state_dict()
+    for key, value in unet2d.state_dict().items():
+        module, _, leaf = key.rpartition(".")
+        mapped = f"{module}.conv2d.{leaf}" if f"{module}.conv2d.{leaf}" in state else key
+        assert torch.equal(state[mapped], value), key
+    new = {k: v for k, v in state.items() if any(t in k for t in (".conv1d.", ".conv_gate."))}
+    assert new and all(torch.count_nonzero(v) == 0 for v in new.values())
+    outs = [k for k in state if ".attn_temp.to_out.0.weight" in k]
+    assert outs and all(torch.count_nonzero(state[k]) == 0 for k in outs)
+    n_inflated = sum(isinstance(m, InflatedConv) for m in video.modules())
+    # conv_in, conv_out, 2 convs per resnet (+ shortcuts) and the samplers all get a temporal conv.
+    assert n_inflated >= 2 + 2 * 5
+
+
+def _frames_changed(video: VideoUNet, k: int, frames: int = 6) -> list[bool]:
+    torch.manual_seed(3)
+    clip = torch.randn(1, 4, frames, 8, 8)
+    text = torch.randn(1, 16, 32)
+    perturbed = clip.clone()
+    perturbed[:, :, k] += torch.randn(4, 8, 8)
+    with torch.no_grad():
+        a, b = video(clip, 20, text), video(perturbed, 20, text)
+    return [not torch.allclose(a[:, :, f], b[:, :, f], atol=1e-6) for f in range(frames)]
+
+
+def test_temporal_conv_is_causal() -> None:
+    _, video = make_pair("first")
+    randomise_temporal(video, (".conv1d.", ".conv_gate."))
+    changed = _frames_changed(video, k=3)
+    assert changed == [False, False, False, True, True, True]
+
+
+def test_sparse_causal_first_mode_isolates_frames_without_temporal_layers() -> None:
+    _, video = make_pair("first")
+    # temporal layers at zero: frames meet only through attention to frame 0.
+    assert _frames_changed(video, k=3) == [False, False, False, True, False, False]
+    assert all(_frames_changed(video, k=0))
+
+
+def test_sparse_causal_first_plus_prev_propagates_forward_only() -> None:
+    _, video = make_pair("first+prev")
+    changed = _frames_changed(video, k=2)
+    assert changed[:2] == [False, False]
+    assert changed[2] and changed[3]
+
+
+def test_temporal_attention_sees_all_frames() -> None:
+    _, video = make_pair("first")
+    randomise_temporal(video, (".attn_temp.",))
+    # Temporal attention has no mask: a later frame influences earlier ones too.
+    changed = _frames_changed(video, k=4)
+    assert changed[1] and changed[4]
+
+
+def test_spatial_only_is_exactly_the_2d_unet_even_with_trained_temporal_layers() -> None:
+    unet2d, video = make_pair()
+    randomise_temporal(video)
+    x = torch.randn(1, 4, 1, 8, 8)
+    text = torch.randn(1, 16, 32)
+    with torch.no_grad():
+        out = video(x, 30, text, spatial_only=True)
+        ref = unet2d(x[:, :, 0], torch.tensor([30]), text).sample
+    torch.testing.assert_close(out[:, :, 0], ref, rtol=0, atol=1e-5)
+
+
+def test_save_and_load_round_trip_in_safetensors(tmp_path: Path) -> None:
+    _, video = make_pair()
+    randomise_temporal(video)
+    video.save_pretrained(tmp_path / "unet")
+    files = {p.name for p in (tmp_path / "unet").iterdir()}
+    assert "diffusion_pytorch_model.safetensors" in files
+    assert not any(n.endswith((".bin", ".pth")) for n in files)
+    loaded = VideoUNet.from_pretrained_any(tmp_path / "unet")
+    clip, text = torch.randn(1, 4, 4, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clip, 5, text), video(clip, 5, text), rtol=0, atol=0)
+
+
+def test_a_2d_sd_unet_directory_is_inflated_on_load(tmp_path: Path) -> None:
+    unet2d, video = make_pair()
+    unet2d.save_pretrained(tmp_path / "unet2d")
+    loaded = VideoUNet.from_pretrained_any(tmp_path / "unet2d")
+    clip, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(clip, 5, text), video(clip, 5, text), rtol=0, atol=1e-6)
+
+
+def test_pickle_weights_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    unet2d, _ = make_pair()
+    d = tmp_path / "unet"
+    unet2d.save_pretrained(d)
+    (d / "diffusion_pytorch_model.safetensors").unlink()
+    (d / "diffusion_pytorch_model.bin").write_bytes(b"not really a pickle")
+    with pytest.raises(PickleWeightsError, match="safetensors only"):
+        VideoUNet.from_pretrained_any(d)
+
+
+def test_stage1_pattern_selects_temporal_layers_and_sparse_causal_query() -> None:
+    _, video = make_pair()
+    names = video.temporal_parameter_names()
+    assert names
+    assert all(any(p in n for p in (".conv1d.", ".conv_gate.", ".attn_temp.", "attn1.to_q.")) for n in names)
+    assert any("attn1.to_q" in n for n in names)
+    assert not any("attn2" in n or ".conv2d." in n for n in names)
+
+
+def test_gradients_reach_the_input_through_checkpointed_blocks() -> None:
+    _, video = make_pair()
+    video.enable_gradient_checkpointing()
+    video.train()
+    randomise_temporal(video)
+    for p in video.parameters():
+        p.requires_grad_(False)
+    trainable = [p for n, p in video.named_parameters() if ".conv1d." in n]
+    for p in trainable:
+        p.requires_grad_(True)
+    out = video(torch.randn(1, 4, 3, 8, 8), 5, torch.randn(1, 16, 32))
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
+
+
+def test_safetensors_only_directory_check_accepts_safetensors(tmp_path: Path) -> None:
+    d = tmp_path / "w"
+    d.mkdir()
+    save_file({"x": torch.zeros(1)}, str(d / "model.safetensors"))
+    (d / "old.bin").write_bytes(b"x")
+    from huvidpo.models import ensure_safetensors
+
+    ensure_safetensors(d)  # safetensors present: pickle files beside it are ignored, never read
