@@ -51,15 +51,48 @@ class ControlPlaneSettings(BaseSettings):
     trainer_image: str = "huvidpo-trainer:latest"
     gpu_count: int = Field(default=0, ge=0)
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # Read-only bearer tokens (sha256 digests): GETs pass, writes get 403.
+    read_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    # Local scratch space of the control plane (dataset commits, pair compiles, local executor runs).
+    work_dir: Path = Path("./var/controlplane")
+    # LocalExecutor: retries of the trainer after a transient failure (exit 75 or a crash).
+    local_max_retries: int = Field(default=2, ge=0)
+    # KubernetesExecutor: the trainer Job.
+    trainer_command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["python", "-m", "services.trainer"]
+    )
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    cpu_request: str = "2"
+    memory_request: str = "8Gi"
+    memory_limit: str = "32Gi"
+    gpu_resource: str = "nvidia.com/gpu"
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[dict[str, str]] = Field(default_factory=list)
+    service_account: str | None = None
+    store_secret: str = "huvidpo-store"
+    job_backoff_limit: int = Field(default=3, ge=0)
+    job_active_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
+    job_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=0)
+    delete_propagation: Literal["Background", "Foreground"] = "Background"
+    watch_timeout_seconds: int = Field(default=60, ge=1)
+    resync_seconds: float = Field(default=300.0, gt=0)
+    kube_context: str | None = None
 
-    @field_validator("tokens", mode="before")
+    @field_validator("trainer_command", mode="before")
+    @classmethod
+    def _split_command(cls, value: object) -> object:
+        if isinstance(value, str):
+            return value.split()
+        return value
+
+    @field_validator("tokens", "read_tokens", mode="before")
     @classmethod
     def _split_tokens(cls, value: object) -> object:
         if isinstance(value, str):
             return [t.strip().lower() for t in value.split(",") if t.strip()]
         return value
 
-    @field_validator("tokens")
+    @field_validator("tokens", "read_tokens")
     @classmethod
     def _tokens_are_sha256(cls, value: list[str]) -> list[str]:
         for token in value:

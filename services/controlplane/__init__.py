@@ -1,0 +1,1 @@
+"""The HuViDPO control plane: REST API over the object store and an executor of trainer Jobs."""

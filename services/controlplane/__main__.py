@@ -1,0 +1,38 @@
+"""``python -m services.controlplane``: read the settings once, build the store and executor, serve."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import uvicorn
+
+from services.common.settings import ControlPlaneSettings, StoreSettings
+from services.common.store import make_store
+from services.controlplane.app import create_app
+from services.controlplane.domain.ports import Executor
+
+
+def build_executor(settings: ControlPlaneSettings, environ: dict[str, str]) -> Executor:
+    if settings.executor == "kubernetes":
+        from services.controlplane.executors.kubernetes import KubernetesExecutor, load_api_client
+
+        return KubernetesExecutor(load_api_client(settings.kube_context), settings)
+    from services.controlplane.executors.local import LocalExecutor
+
+    env = {**environ, "HUVIDPO_TRAINER_WORK_DIR": str(settings.work_dir / "trainer")}
+    return LocalExecutor(settings.work_dir, env, max_retries=settings.local_max_retries)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ControlPlaneSettings()
+    store = make_store(StoreSettings())
+    # The trainer subprocesses inherit this process's environment (store settings, PATH).
+    executor = build_executor(settings, dict(os.environ))
+    app = create_app(settings, store, executor)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+
+
+if __name__ == "__main__":
+    main()

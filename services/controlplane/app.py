@@ -1,0 +1,151 @@
+"""The FastAPI application: wiring only. ``create_app`` takes every dependency explicitly.
+
+The app is stateless: it holds no record of its own, only handles to the store and the executor,
+so any number of replicas (or a restarted process) serve the same state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from services.common.settings import ControlPlaneSettings
+from services.common.store import (
+    ChecksumMismatch,
+    InvalidKey,
+    ObjectNotFound,
+    ObjectStore,
+    PresignedUrlInvalid,
+    StoreAccessDenied,
+    StoreUnavailable,
+)
+from services.controlplane import problems
+from services.controlplane.auth import TokenTable
+from services.controlplane.deps import Context
+from services.controlplane.domain.checkpoints import CheckpointService
+from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.finetunes import FineTuneService
+from services.controlplane.domain.ports import Executor
+from services.controlplane.domain.rollouts import RolloutService
+from services.controlplane.domain.util import Clock, utcnow
+from services.controlplane.metrics import Metrics, MetricsMiddleware
+from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, rollouts
+
+log = logging.getLogger(__name__)
+
+API_DESCRIPTION = """HuViDPO control plane: preference datasets, DPO fine-tunes run as Kubernetes Jobs,
+checkpoints with lineage, and rollouts the inference service follows.
+
+Errors are RFC 9457 `application/problem+json` with a stable `type` URI per kind of error."""
+
+
+def create_app(
+    settings: ControlPlaneSettings,
+    store: ObjectStore,
+    executor: Executor,
+    clock: Clock = utcnow,
+    background: bool = True,
+) -> FastAPI:
+    """Build the app over ``store`` and ``executor``. With ``background``, executors that watch
+    (Kubernetes) run their watch loop for the app's lifetime."""
+    metrics = Metrics()
+    cache_dir = Path(settings.work_dir) / "cache"
+    ds = DatasetService(store, cache_dir, clock)
+    ckpts = CheckpointService(store, clock)
+    fts = FineTuneService(
+        store,
+        executor,
+        ds,
+        clock,
+        on_transition=lambda a, b: metrics.finetune_transitions.labels(a, b).inc(),
+    )
+    metrics.watch_finetunes(fts.count_by_state)
+    context = Context(
+        settings=settings,
+        store=store,
+        executor=executor,
+        datasets=ds,
+        finetunes=fts,
+        checkpoints=ckpts,
+        rollouts=RolloutService(store, ckpts, clock),
+        metrics=metrics,
+        cache_dir=cache_dir,
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        stop = threading.Event()
+        watcher = None
+        start_watch = getattr(executor, "start_watch", None)
+        if background and start_watch is not None:
+            watcher = start_watch(fts.on_job_event, stop)
+        try:
+            yield
+        finally:
+            stop.set()
+            if watcher is not None:
+                watcher.join(timeout=5)
+
+    app = FastAPI(
+        title="HuViDPO control plane",
+        version="1.0.0",
+        description=API_DESCRIPTION,
+        lifespan=lifespan,
+        responses=problems.common_responses(500),
+    )
+    app.state.ctx = context
+    app.state.tokens = TokenTable(tuple(settings.tokens), tuple(settings.read_tokens))
+    if not app.state.tokens.enabled:
+        log.warning(
+            "no bearer tokens configured (HUVIDPO_CONTROLPLANE_TOKENS): the API is open to anyone who can reach it"
+        )
+    problems.install(app)
+    _install_store_errors(app)
+    for r in (
+        health.router,
+        datasets.router,
+        finetunes.router,
+        checkpoints.router,
+        rollouts.router,
+        objects.router,
+    ):
+        app.include_router(r)
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    return app
+
+
+def _install_store_errors(app: FastAPI) -> None:
+    """Store errors that reach the edge (the domain lets them through) as problem+json."""
+
+    def handler(status: int, kind: str, detail: str | None = None):  # type: ignore[no-untyped-def]
+        async def handle(request: Request, exc: Exception) -> JSONResponse:
+            headers = {"Retry-After": "5"} if status == 503 else None
+            if status >= 500:
+                log.warning("store error on %s %s: %s", request.method, request.url.path, exc)
+            return problems.problem_response(
+                status, kind, detail or str(exc), instance=request.url.path, headers=headers
+            )
+
+        return handle
+
+    handlers: dict[type[Exception], Any] = {
+        StoreUnavailable: handler(503, "service-unavailable", "the object store is unavailable; retry later"),
+        StoreAccessDenied: handler(
+            503, "service-unavailable", "the object store refused the control plane's credentials"
+        ),
+        ObjectNotFound: handler(404, "not-found", "not found"),
+        InvalidKey: handler(422, "validation-error"),
+        PresignedUrlInvalid: handler(403, "forbidden"),
+        ChecksumMismatch: handler(
+            500, "internal-error", "stored data failed its checksum; see the server log"
+        ),
+    }
+    for exc_type, h in handlers.items():
+        app.add_exception_handler(exc_type, h)

@@ -1,0 +1,39 @@
+"""FastAPI dependencies: the app's services, settings and auth, taken from ``app.state``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, Request
+
+from services.common.settings import ControlPlaneSettings
+from services.common.store import ObjectStore
+from services.controlplane.auth import require_auth
+from services.controlplane.domain.checkpoints import CheckpointService
+from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.finetunes import FineTuneService
+from services.controlplane.domain.ports import Executor
+from services.controlplane.domain.rollouts import RolloutService
+from services.controlplane.metrics import Metrics
+
+
+@dataclass
+class Context:
+    settings: ControlPlaneSettings
+    store: ObjectStore
+    executor: Executor
+    datasets: DatasetService
+    finetunes: FineTuneService
+    checkpoints: CheckpointService
+    rollouts: RolloutService
+    metrics: Metrics
+    cache_dir: Path
+
+
+def ctx(request: Request) -> Context:
+    context: Context = request.app.state.ctx
+    return context
+
+
+Authed = Depends(require_auth)

@@ -1,0 +1,399 @@
+"""Datasets: uploads staged in the store, committed into immutable versions named by their digest.
+
+Store layout (bucket root)::
+
+    datasets/{name}/dataset.json                      the dataset (name, description, created_at)
+    datasets/{name}/uploads/{upload_id}/session.json  an open upload session
+    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT)
+    datasets/{name}/ratings/{rating_id}.json          rating/choice records (id = digest of the record)
+    datasets/{name}/{digest}/data/{path}              an immutable version: the dataset directory
+    datasets/{name}/{digest}/manifest.json            written LAST: files, digests, counts
+    datasets/{name}/compiled/{digest}/{options}/      compiled pairs + report
+    datasets/{name}/refs/{finetune_id}.json           a fine-tune that uses a version (blocks deletion)
+
+A version's digest is the sha256 of its sorted ``path, sha256, size`` lines, so the same content
+always gets the same version and a commit can be retried safely.
+"""
+
+from __future__ import annotations
+
+import builtins
+import contextlib
+import dataclasses
+import hashlib
+import json
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
+from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
+from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
+from services.controlplane.domain.util import (
+    Clock,
+    iso,
+    new_id,
+    paginate,
+    read_json,
+    read_json_or_none,
+    utcnow,
+)
+
+ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".json", ".jsonl"})
+MANIFEST = "manifest.json"
+
+
+def dataset_prefix(name: str) -> str:
+    return f"datasets/{name}/"
+
+
+def version_prefix(name: str, digest: str) -> str:
+    return f"datasets/{name}/{digest}/"
+
+
+def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """sha256 over the sorted ``path \\0 sha256 \\0 size`` lines of a file listing."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path}\0{files[path]['sha256']}\0{files[path]['size']}\n".encode())
+    return h.hexdigest()
+
+
+def check_file_type(path: str, field: str = "filename") -> None:
+    """Only dataset files: videos and JSON(L) manifests. Raises ``UnsupportedMediaType`` otherwise."""
+    from services.controlplane.domain.errors import UnsupportedMediaType
+
+    suffix = Path(path).suffix.lower()
+    if suffix not in ALLOWED_EXTENSIONS:
+        raise UnsupportedMediaType(
+            f"{path!r}: only {', '.join(sorted(ALLOWED_EXTENSIONS))} files belong in a dataset", field=field
+        )
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """Options of the ratings-to-pairs compiler (see ``huvidpo.data.compile_pairs``)."""
+
+    tie_policy: str = "drop"
+    min_margin: float = 0.0
+    margin_weighting: bool = False
+
+    def key(self) -> str:
+        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+class DatasetService:
+    """Datasets, uploads, ratings and versions over an ``ObjectStore``. Knows nothing of HTTP."""
+
+    def __init__(self, store: ObjectStore, cache_dir: Path, clock: Clock = utcnow) -> None:
+        self.store = store
+        self.cache_dir = Path(cache_dir)
+        self.clock = clock
+
+    # ------------------------------------------------------------------------------- datasets
+    def create(self, name: str, description: str = "") -> dict[str, Any]:
+        validate_name(name)
+        key = dataset_prefix(name) + "dataset.json"
+        if self.store.exists(key):
+            raise Conflict(f"dataset {name!r} already exists", field="name")
+        record = {"name": name, "description": description, "created_at": iso(self.clock())}
+        self.store.put_json(key, record)
+        return record
+
+    def get(self, name: str) -> dict[str, Any]:
+        validate_name(name, "dataset")
+        record = read_json(self.store, dataset_prefix(name) + "dataset.json", f"dataset {name!r}")
+        return {**record, "versions": [v["id"] for v in self.list_versions(name)]}
+
+    def list(
+        self, page_size: int = 50, page_token: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str | None]:
+        names = [d[len("datasets/") : -1] for d in self.store.list_dirs("datasets/")]
+        page, token = paginate(sorted(names), lambda n: n, page_size, page_token)
+        out = []
+        for n in page:
+            rec = read_json_or_none(self.store, dataset_prefix(n) + "dataset.json")
+            if rec is not None:
+                out.append({**rec, "versions": [v["id"] for v in self.list_versions(n)]})
+        return out, token
+
+    def delete(self, name: str) -> None:
+        self.get(name)
+        refs = self.references(name)
+        if refs:
+            raise Conflict(
+                f"dataset {name!r} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}; it cannot be deleted"
+            )
+        self.store.delete_prefix(dataset_prefix(name))
+
+    # ------------------------------------------------------------------------------- references
+    def add_reference(self, name: str, digest: str, finetune_id: str) -> None:
+        self.store.put_json(
+            dataset_prefix(name) + f"refs/{finetune_id}.json", {"version": digest, "finetune_id": finetune_id}
+        )
+
+    def references(self, name: str, digest: str | None = None) -> dict[str, str]:
+        """``{finetune_id: version}`` of the fine-tunes that use this dataset (or one version of it)."""
+        out = {}
+        for obj in self.store.list(dataset_prefix(name) + "refs/", recursive=False):
+            ref = read_json_or_none(self.store, obj.key)
+            if ref and (digest is None or ref.get("version") == digest):
+                out[str(ref["finetune_id"])] = str(ref["version"])
+        return out
+
+    # ------------------------------------------------------------------------------- uploads
+    def start_upload(self, name: str) -> dict[str, Any]:
+        self.get(name)
+        upload_id = new_id("up")
+        session = {"id": upload_id, "dataset": name, "created_at": iso(self.clock())}
+        self.store.put_json(self._upload_prefix(name, upload_id) + "session.json", session)
+        return session
+
+    def _upload_prefix(self, name: str, upload_id: str) -> str:
+        return dataset_prefix(name) + f"uploads/{upload_id}/"
+
+    def get_upload(self, name: str, upload_id: str) -> dict[str, Any]:
+        validate_name(name, "dataset")
+        if not upload_id.startswith("up-") or not upload_id[3:].isalnum():
+            raise NotFound(f"upload {upload_id!r} not found")
+        session = read_json(
+            self.store, self._upload_prefix(name, upload_id) + "session.json", f"upload {upload_id!r}"
+        )
+        files = {
+            o.key.split("/files/", 1)[1]: {"size": o.size, "sha256": o.sha256}
+            for o in self.store.list(self._upload_prefix(name, upload_id) + "files/")
+        }
+        return {**session, "files": files}
+
+    def staged_key(self, name: str, upload_id: str, path: str) -> str:
+        validate_relative_path(path)
+        check_file_type(path)
+        return self._upload_prefix(name, upload_id) + "files/" + path
+
+    def stage_stream(
+        self, name: str, upload_id: str, path: str, stream: BinaryIO, content_type: str | None = None
+    ) -> ObjectInfo:
+        """Stream one file into the upload session (memory bounded; the store computes its sha256)."""
+        key = self.staged_key(name, upload_id, path)
+        return self.store.put_stream(key, stream, None, content_type or "application/octet-stream")
+
+    def presign_upload(self, name: str, upload_id: str, paths: Iterable[str], expires) -> dict[str, str]:  # type: ignore[no-untyped-def]
+        self.get_upload(name, upload_id)
+        return {p: self.store.presigned_put_url(self.staged_key(name, upload_id, p), expires) for p in paths}
+
+    def commit_upload(self, name: str, upload_id: str, include_ratings: bool = True) -> dict[str, Any]:
+        """Validate the staged files as a dataset and publish them as an immutable version."""
+        session = self.get_upload(name, upload_id)
+        if not session["files"]:
+            raise InvalidRequest(
+                "the upload has no files; upload the manifest and the videos first", field="upload"
+            )
+        with tempfile.TemporaryDirectory(prefix="huvidpo-commit-") as tmp:
+            data = Path(tmp) / "data"
+            self.store.download_prefix(self._upload_prefix(name, upload_id) + "files/", data)
+            version = self._publish_version(name, data, {"upload_id": upload_id}, include_ratings)
+        self.store.delete_prefix(self._upload_prefix(name, upload_id))
+        return version
+
+    def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
+        """A new version: the files of ``base`` plus the dataset's rating records."""
+        self.get_version(name, base)
+        with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
+            data = Path(tmp) / "data"
+            shutil.copytree(self.fetch_version(name, base), data)
+            return self._publish_version(name, data, {"base": base}, include_ratings)
+
+    def _publish_version(
+        self, name: str, data: Path, source: dict[str, Any], include_ratings: bool
+    ) -> dict[str, Any]:
+        from huvidpo.data import DatasetError, load_dataset
+
+        ratings = self._rating_records(name) if include_ratings else []
+        if ratings:
+            _append_records(data, ratings)
+        try:
+            ds = load_dataset(data)
+        except DatasetError as exc:
+            # Paths in the message are our temporary directory's; strip them so the caller sees theirs.
+            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="files") from exc
+        files: dict[str, dict[str, Any]] = {}
+        for p in sorted(q for q in data.rglob("*") if q.is_file()):
+            digest, size = sha256_file(p)
+            files["data/" + p.relative_to(data).as_posix()] = {"sha256": digest, "size": size}
+        digest = content_digest(files)
+        prefix = version_prefix(name, digest)
+        existing = read_json_or_none(self.store, prefix + MANIFEST)
+        if existing is not None:
+            return existing  # same content: the same immutable version
+        for rel in files:
+            self.store.put_file(prefix + rel, data / rel[len("data/") :])
+        manifest = {
+            "id": digest,
+            "dataset": name,
+            "digest": "sha256:" + digest,
+            "files": files,
+            "videos": len(ds.videos),
+            "prompts": len(ds.prompts),
+            "raters": len(ds.raters),
+            "rating_records": len(ratings),
+            "size": sum(f["size"] for f in files.values()),
+            "source": source,
+            "created_at": iso(self.clock()),
+        }
+        self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
+        return manifest
+
+    # ------------------------------------------------------------------------------- versions
+    def list_versions(self, name: str) -> builtins.list[dict[str, Any]]:
+        out = []
+        for d in self.store.list_dirs(dataset_prefix(name)):
+            seg = d[len(dataset_prefix(name)) : -1]
+            if len(seg) == 64:
+                m = read_json_or_none(self.store, d + MANIFEST)
+                if m is not None:
+                    out.append(m)
+        return sorted(out, key=lambda m: (m["created_at"], m["id"]))
+
+    def get_version(self, name: str, digest: str) -> dict[str, Any]:
+        validate_name(name, "dataset")
+        validate_digest(digest)
+        manifest: dict[str, Any] = read_json(
+            self.store, version_prefix(name, digest) + MANIFEST, f"version {digest} of dataset {name!r}"
+        )
+        return manifest
+
+    def delete_version(self, name: str, digest: str) -> None:
+        self.get_version(name, digest)
+        refs = self.references(name, digest)
+        if refs:
+            raise Conflict(f"version {digest} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}")
+        # manifest first: the version stops existing before its files go
+        self.store.delete(version_prefix(name, digest) + MANIFEST)
+        self.store.delete_prefix(version_prefix(name, digest))
+        with contextlib.suppress(Exception):
+            self.store.delete_prefix(dataset_prefix(name) + f"compiled/{digest}/")
+
+    def fetch_version(self, name: str, digest: str) -> Path:
+        """A verified local copy of a version's dataset directory (cached by digest)."""
+        manifest = self.get_version(name, digest)
+        dest = self.cache_dir / "datasets" / name / digest
+        if (dest / ".complete").exists():
+            return dest / "data"
+        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_mkdir(dest.parent)))
+        try:
+            for rel, meta in manifest["files"].items():
+                self.store.get_file(
+                    version_prefix(name, digest) + rel, tmp / rel, expected_sha256=meta["sha256"]
+                )
+            (tmp / "data").mkdir(exist_ok=True)
+            (tmp / ".complete").write_text(digest)
+            try:
+                tmp.rename(dest)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)  # another request fetched it first
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return dest / "data"
+
+    # ------------------------------------------------------------------------------- ratings
+    def add_ratings(self, name: str, records: builtins.list[dict[str, Any]]) -> builtins.list[str]:
+        """Store rating/choice records, one object each; the id is the record's digest (idempotent)."""
+        self.get(name)
+        ids = []
+        for rec in records:
+            blob = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
+            rid = "r-" + hashlib.sha256(blob).hexdigest()[:24]
+            self.store.put_json(dataset_prefix(name) + f"ratings/{rid}.json", {"id": rid, "record": rec})
+            ids.append(rid)
+        return ids
+
+    def list_ratings(
+        self, name: str, page_size: int = 100, page_token: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str | None]:
+        self.get(name)
+        objs = self.store.list(dataset_prefix(name) + "ratings/", recursive=False)
+        page, token = paginate(objs, lambda o: o.key, page_size, page_token)
+        return [self.store.get_json(o.key) for o in page], token
+
+    def _rating_records(self, name: str) -> builtins.list[dict[str, Any]]:
+        objs = self.store.list(dataset_prefix(name) + "ratings/", recursive=False)
+        return [self.store.get_json(o.key)["record"] for o in objs]
+
+    # ------------------------------------------------------------------------------- pairs
+    def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
+        """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
+        from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
+
+        prefix = dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
+        self.get_version(name, digest)
+        cached = read_json_or_none(self.store, prefix + "report.json")
+        if cached is not None:
+            return dict(cached)
+        data = self.fetch_version(name, digest)
+        try:
+            ds = load_dataset(data)
+            pairset = compile_pairs(ds, options.tie_policy, options.min_margin, options.margin_weighting)
+        except DatasetError as exc:
+            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="version") from exc
+        except ValueError as exc:
+            raise InvalidRequest(str(exc), field="options") from exc
+        with tempfile.TemporaryDirectory() as tmp:
+            path = write_pairs(pairset, Path(tmp) / "pairs.jsonl")
+            info = self.store.put_file(prefix + "pairs.jsonl", path, content_type="application/jsonl")
+        report = {
+            "dataset": name,
+            "version": digest,
+            "options": dataclasses.asdict(options),
+            "pairs": len(pairset.pairs),
+            "pairs_sha256": info.sha256,
+            "report": pairset.report.to_dict(),
+            "text": pairset.report.format(),
+        }
+        self.store.put_json(prefix + "report.json", report)
+        return report
+
+
+def _mkdir(p: Path) -> Path:
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+def _append_records(data: Path, records: builtins.list[dict[str, Any]]) -> None:
+    """Append rating/choice records to the dataset's manifest (a JSON list becomes JSONL)."""
+    from huvidpo.data import find_manifest
+
+    manifest = find_manifest(data)
+    if manifest.name == "manifest.json":
+        try:
+            existing = json.loads(manifest.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise InvalidRequest(f"manifest.json is not valid JSON: {exc}", field="files") from exc
+        if not isinstance(existing, list):
+            raise InvalidRequest("manifest.json must be a JSON list of records", field="files")
+        lines = [json.dumps(r) for r in existing]
+        manifest.unlink()
+        manifest = data / "manifest.jsonl"
+    else:
+        lines = [ln for ln in manifest.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    # Records already in the manifest (e.g. a version derived from one that took them) are not repeated.
+    seen = set()
+    for ln in lines:
+        with contextlib.suppress(ValueError):
+            seen.add(json.dumps(json.loads(ln), sort_keys=True))
+    lines += [c for c in (json.dumps(r, sort_keys=True) for r in records) if c not in seen]
+    manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+__all__ = [
+    "ALLOWED_EXTENSIONS",
+    "CHUNK_SIZE",
+    "DatasetService",
+    "PairOptions",
+    "check_file_type",
+    "content_digest",
+]

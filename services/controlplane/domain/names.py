@@ -1,0 +1,55 @@
+"""Validation of caller-chosen names and paths: no traversal, no control characters, bounded length."""
+
+from __future__ import annotations
+
+import re
+
+from services.controlplane.domain.errors import InvalidRequest
+
+# Lower-case DNS-label-like names: they become object-store prefixes, Kubernetes labels and URL segments.
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NAME_PATTERN = NAME_RE.pattern
+DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
+DIGEST_PATTERN = DIGEST_RE.pattern
+# Segments of a relative file path inside a dataset.
+_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+MAX_PATH_LEN = 512
+MAX_PATH_DEPTH = 8
+
+
+def validate_name(value: str, field: str = "name") -> str:
+    """Return ``value`` if it is a valid resource name, else raise :class:`InvalidRequest` saying why."""
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidRequest(
+            f"{field} must be 1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
+            field=field,
+        )
+    return value
+
+
+def validate_digest(value: str, field: str = "version") -> str:
+    """A dataset version is the 64 hex characters of a sha256 digest."""
+    if not isinstance(value, str) or not DIGEST_RE.match(value):
+        raise InvalidRequest(f"{field} must be a sha256 digest (64 lower-case hex characters)", field=field)
+    return value
+
+
+def validate_relative_path(value: str, field: str = "filename") -> str:
+    """A relative POSIX path of safe segments: no absolute path, no ``..``, no control characters."""
+    if not value or len(value) > MAX_PATH_LEN:
+        raise InvalidRequest(f"{field} must be 1-{MAX_PATH_LEN} characters", field=field)
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise InvalidRequest(f"{field} must not contain control characters", field=field)
+    if value.startswith("/") or "\\" in value:
+        raise InvalidRequest(f"{field} must be a relative path with '/' separators", field=field)
+    parts = value.split("/")
+    if len(parts) > MAX_PATH_DEPTH:
+        raise InvalidRequest(f"{field} is nested deeper than {MAX_PATH_DEPTH} directories", field=field)
+    for part in parts:
+        if part in ("", ".", "..") or not _SEGMENT_RE.match(part) or part.startswith("."):
+            raise InvalidRequest(
+                f"{field} {value!r}: each path segment must be letters, digits, '.', '_' or '-' "
+                "and must not be empty, '.', '..' or start with '.'",
+                field=field,
+            )
+    return value

@@ -1,0 +1,133 @@
+"""Rollouts: which checkpoint each inference deployment serves, with an optional canary.
+
+The record is ``services.common.publish.RolloutRecord`` at ``rollouts/{deployment}.json``, the
+one the inference service follows. Every change increments ``revision`` and appends to ``history``;
+a caller may pass the revision it read (``expected_revision``) and gets a conflict if someone
+changed the rollout meanwhile.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+from services.common.publish import RevisionConflict, RolloutRecord, read_rollout, write_rollout
+from services.common.store import ObjectStore
+from services.controlplane.domain.checkpoints import CheckpointService
+from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
+from services.controlplane.domain.names import validate_name
+from services.controlplane.domain.util import Clock, paginate, utcnow
+
+
+class RolloutService:
+    def __init__(self, store: ObjectStore, checkpoints: CheckpointService, clock: Clock = utcnow) -> None:
+        self.store = store
+        self.checkpoints = checkpoints
+        self.clock = clock
+
+    def _read(self, deployment: str) -> RolloutRecord | None:
+        validate_name(deployment, "deployment")
+        return read_rollout(self.store, deployment)
+
+    def get(self, deployment: str) -> dict[str, Any]:
+        return self._get(deployment).model_dump(mode="json")
+
+    def _get(self, deployment: str) -> RolloutRecord:
+        rec = self._read(deployment)
+        if rec is None:
+            raise NotFound(f"deployment {deployment!r} has no rollout yet")
+        return rec
+
+    def list(
+        self, page_size: int = 50, page_token: str | None = None
+    ) -> tuple[builtins.list[dict[str, Any]], str | None]:
+        names = sorted(
+            o.key[len("rollouts/") : -len(".json")]
+            for o in self.store.list("rollouts/", recursive=False)
+            if o.key.endswith(".json")
+        )
+        page, token = paginate(names, lambda n: n, page_size, page_token)
+        out = []
+        for n in page:
+            try:
+                rec = read_rollout(self.store, n)
+            except ValueError:
+                continue  # a name the record model refuses: not ours
+            if rec is not None:
+                out.append(rec.model_dump(mode="json"))
+        return out, token
+
+    def _require_checkpoint(self, checkpoint_id: str, field: str) -> None:
+        if not self.checkpoints.exists(checkpoint_id):
+            raise InvalidRequest(
+                f"checkpoint {checkpoint_id!r} does not exist (or is not published)", field=field
+            )
+
+    def _write(
+        self,
+        deployment: str,
+        prev: RolloutRecord | None,
+        action: str,
+        current: str | None,
+        canary: str | None,
+        percent: int,
+        expected_revision: int | None,
+    ) -> dict[str, Any]:
+        base = prev or RolloutRecord(deployment=deployment)
+        if expected_revision is not None and expected_revision != base.revision:
+            raise Conflict(
+                f"rollout of {deployment!r} is at revision {base.revision}, not {expected_revision}; re-read and retry",
+                field="expected_revision",
+            )
+        rec = base.next(action, current=current, canary=canary, canary_percent=percent, now=self.clock())
+        try:
+            write_rollout(self.store, rec)
+        except RevisionConflict as exc:
+            raise Conflict(str(exc), field="expected_revision") from exc
+        return rec.model_dump(mode="json")
+
+    def set_current(
+        self, deployment: str, checkpoint: str, expected_revision: int | None = None
+    ) -> dict[str, Any]:
+        """Serve ``checkpoint`` to all traffic (drops any canary)."""
+        prev = self._read(deployment)
+        self._require_checkpoint(checkpoint, "checkpoint")
+        return self._write(deployment, prev, "set_current", checkpoint, None, 0, expected_revision)
+
+    def set_canary(
+        self, deployment: str, checkpoint: str, percent: int, expected_revision: int | None = None
+    ) -> dict[str, Any]:
+        """Send ``percent`` of requests to ``checkpoint``; the rest keep the current one."""
+        if not 0 < percent <= 100:
+            raise InvalidRequest("percent must be in [1, 100]", field="percent")
+        prev = self._read(deployment)
+        if prev is None or not prev.current:
+            raise Conflict(
+                f"deployment {deployment!r} has no current checkpoint to canary against; set one first"
+            )
+        self._require_checkpoint(checkpoint, "checkpoint")
+        if checkpoint == prev.current:
+            raise InvalidRequest("the canary must differ from the current checkpoint", field="checkpoint")
+        return self._write(
+            deployment, prev, "set_canary", prev.current, checkpoint, percent, expected_revision
+        )
+
+    def promote(self, deployment: str, expected_revision: int | None = None) -> dict[str, Any]:
+        """The canary becomes the current checkpoint for all traffic."""
+        prev = self._get(deployment)
+        if not prev.canary:
+            raise Conflict(f"deployment {deployment!r} has no canary to promote")
+        return self._write(deployment, prev, "promote", prev.canary, None, 0, expected_revision)
+
+    def rollback(self, deployment: str, expected_revision: int | None = None) -> dict[str, Any]:
+        """Drop the canary if there is one; otherwise go back to the previous current checkpoint."""
+        prev = self._get(deployment)
+        if prev.canary:
+            return self._write(deployment, prev, "rollback", prev.current, None, 0, expected_revision)
+        for event in reversed(prev.history):
+            if event.current and event.current != prev.current and self.checkpoints.exists(event.current):
+                return self._write(deployment, prev, "rollback", event.current, None, 0, expected_revision)
+        raise Conflict(f"deployment {deployment!r} has no earlier checkpoint to roll back to")
+
+    def history(self, deployment: str) -> builtins.list[dict[str, Any]]:
+        return [e.model_dump(mode="json") for e in self._get(deployment).history]

@@ -1,0 +1,1 @@
+"""Executor adapters: ``LocalExecutor`` (subprocesses) and ``KubernetesExecutor`` (batch/v1 Jobs)."""

@@ -1,0 +1,100 @@
+"""Prometheus metrics of the control plane, in a registry per app (tests build several apps).
+
+Names follow ``huvidpo_controlplane_<what>_<unit>``; labels are bounded: the route *template*
+(``/v1/datasets/{name}``), never the concrete path, and the status code.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+
+class FineTuneStateCollector(Collector):
+    """``huvidpo_controlplane_finetunes{state}`` computed from the store at scrape time (cached briefly)."""
+
+    def __init__(self, count: Callable[[], dict[str, int]], ttl_seconds: float = 10.0) -> None:
+        self._count = count
+        self._ttl = ttl_seconds
+        self._cached: tuple[float, dict[str, int]] | None = None
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > self._ttl:
+            try:
+                self._cached = (now, self._count())
+            except Exception:
+                self._cached = self._cached or (now, {})
+        family = GaugeMetricFamily(
+            "huvidpo_controlplane_finetunes", "Fine-tunes by recorded state", labels=["state"]
+        )
+        for state, n in sorted(self._cached[1].items()):
+            family.add_metric([state], n)
+        yield family
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "huvidpo_controlplane_requests_total",
+            "HTTP requests by route template, method and status code",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "huvidpo_controlplane_request_duration_seconds",
+            "HTTP request latency by route template and method",
+            ["route", "method"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+            registry=self.registry,
+        )
+        self.upload_bytes = Counter(
+            "huvidpo_controlplane_upload_bytes_total",
+            "Bytes received in dataset uploads",
+            registry=self.registry,
+        )
+        self.finetune_transitions = Counter(
+            "huvidpo_controlplane_finetune_transitions_total",
+            "Fine-tune state changes observed by this process",
+            ["from_state", "to_state"],
+            registry=self.registry,
+        )
+
+    def watch_finetunes(self, count: Callable[[], dict[str, int]]) -> None:
+        self.registry.register(FineTuneStateCollector(count))
+
+
+class MetricsMiddleware:
+    """Pure ASGI middleware (no response buffering, so streamed bodies stay streamed)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            template = getattr(route, "path", None) or "<unmatched>"
+            method = scope.get("method", "GET")
+            self.metrics.requests.labels(template, method, str(status)).inc()
+            self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)

@@ -1,0 +1,161 @@
+"""RFC 9457 problem details: every error response of the API is ``application/problem+json``.
+
+Each kind of error has a stable ``type`` URI (``PROBLEM_BASE`` + kind); clients switch on ``type``,
+never on ``title`` or ``detail``. Domain errors, request validation, unknown routes (404), wrong
+methods (405), auth failures and unexpected errors are all mapped here, once.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from services.controlplane.domain import errors
+
+log = logging.getLogger(__name__)
+
+PROBLEM_BASE = "https://huvidpo.dev/problems/"
+MEDIA_TYPE = "application/problem+json"
+
+STATUS_BY_KIND: dict[str, int] = {
+    errors.NotFound.kind: 404,
+    errors.Conflict.kind: 409,
+    errors.InvalidRequest.kind: 422,
+    errors.IdempotencyKeyReused.kind: 422,
+    errors.PayloadTooLarge.kind: 413,
+    errors.UnsupportedMediaType.kind: 415,
+    errors.BadUpload.kind: 400,
+    errors.Unavailable.kind: 503,
+    "unauthorized": 401,
+    "forbidden": 403,
+    "method-not-allowed": 405,
+    "not-acceptable": 406,
+    "internal-error": 500,
+}
+
+
+class FieldProblem(BaseModel):
+    """One field at fault: where it is and what to fix."""
+
+    field: str
+    message: str
+
+
+class Problem(BaseModel):
+    """An RFC 9457 problem details object."""
+
+    type: str = Field(examples=[PROBLEM_BASE + "not-found"])
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    field: str | None = None
+    errors: list[FieldProblem] | None = None
+
+
+def problem_type(kind: str) -> str:
+    return PROBLEM_BASE + kind
+
+
+def problem_response(
+    status: int,
+    kind: str,
+    detail: str,
+    *,
+    instance: str | None = None,
+    field: str | None = None,
+    field_errors: list[FieldProblem] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    body: dict[str, Any] = {
+        "type": problem_type(kind),
+        "title": HTTPStatus(status).phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if instance is not None:
+        body["instance"] = instance
+    if field is not None:
+        body["field"] = field
+    if field_errors:
+        body["errors"] = [e.model_dump() for e in field_errors]
+    return JSONResponse(body, status_code=status, media_type=MEDIA_TYPE, headers=headers)
+
+
+def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
+    parts = [str(p) for p in loc]
+    if parts and parts[0] in ("body", "query", "path", "header"):
+        return ".".join(parts) if len(parts) == 1 else parts[0] + ":" + ".".join(parts[1:])
+    return ".".join(parts)
+
+
+# Responses every route may return; documented so OpenAPI clients (and schemathesis) know them.
+def common_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        s: {"model": Problem, "content": {MEDIA_TYPE: {}}, "description": HTTPStatus(s).phrase}
+        for s in statuses
+    }
+
+
+def install(app: FastAPI) -> None:
+    """Register the exception handlers that turn every error into problem+json."""
+
+    @app.exception_handler(errors.DomainError)
+    async def _domain(request: Request, exc: errors.DomainError) -> JSONResponse:
+        status = STATUS_BY_KIND.get(exc.kind, 400)
+        headers = {"Retry-After": "5"} if status == 503 else None
+        return problem_response(
+            status, exc.kind, exc.message, instance=request.url.path, field=exc.field, headers=headers
+        )
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        field_errors = [
+            FieldProblem(field=_loc_to_field(e.get("loc", ())), message=e.get("msg", ""))
+            for e in exc.errors()
+        ]
+        first = field_errors[0] if field_errors else None
+        detail = f"{first.field}: {first.message}" if first else "the request is not valid"
+        return problem_response(
+            422,
+            errors.InvalidRequest.kind,
+            detail,
+            instance=request.url.path,
+            field=first.field if first else None,
+            field_errors=field_errors,
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {
+            404: errors.NotFound.kind,
+            405: "method-not-allowed",
+            401: "unauthorized",
+            403: "forbidden",
+            406: "not-acceptable",
+            413: errors.PayloadTooLarge.kind,
+            415: errors.UnsupportedMediaType.kind,
+            400: errors.BadUpload.kind,
+        }.get(exc.status_code, "http-error")
+        detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no route matches {request.method} {request.url.path}"
+        if exc.status_code == 405:
+            detail = f"{request.method} is not allowed on {request.url.path}"
+        return problem_response(
+            exc.status_code, kind, detail, instance=request.url.path, headers=getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return problem_response(
+            500, "internal-error", "unexpected error; see the server log", instance=request.url.path
+        )

@@ -1,0 +1,40 @@
+"""``/v1/checkpoints``: manifests, digests, lineage and time-limited download URLs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from services.controlplane import problems
+from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.schemas import Checkpoint, CheckpointDownload, CheckpointList
+
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[Authed])
+
+
+@router.get("", response_model=CheckpointList, responses=problems.common_responses(401, 422))
+def list_checkpoints(
+    finetune_id: str | None = Query(None, max_length=63),
+    page_size: int = Query(50, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    items, token = c.checkpoints.list(finetune_id, page_size, page_token)
+    return {"items": items, "next_page_token": token}
+
+
+@router.get("/{checkpoint_id}", response_model=Checkpoint, responses=problems.common_responses(401, 404))
+def get_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.checkpoints.get(checkpoint_id)
+
+
+@router.get(
+    "/{checkpoint_id}/download",
+    response_model=CheckpointDownload,
+    responses=problems.common_responses(401, 404, 422),
+)
+def download_checkpoint(
+    checkpoint_id: str, expires_seconds: int = Query(3600, ge=60, le=7 * 24 * 3600), c: Context = Depends(ctx)
+) -> dict[str, Any]:
+    return c.checkpoints.download(checkpoint_id, expires_seconds)

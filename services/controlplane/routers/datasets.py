@@ -1,0 +1,280 @@
+"""``/v1/datasets``: datasets, uploads (streamed multipart or presigned), ratings, versions, pairs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query, Request, Response, status
+
+from services.controlplane import problems
+from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.domain.datasets import PairOptions
+from services.controlplane.domain.errors import InvalidRequest
+from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN, validate_name
+from services.controlplane.schemas import (
+    CommitRequest,
+    Dataset,
+    DatasetCreate,
+    DatasetList,
+    DatasetVersion,
+    DatasetVersionList,
+    DeriveRequest,
+    PairsReport,
+    PairsRequest,
+    PresignRequest,
+    PresignResponse,
+    RatingList,
+    RatingsCreate,
+    RatingsCreated,
+    UploadResult,
+    UploadSession,
+)
+from services.controlplane.uploads import MultipartStream, stream_multipart
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Authed])
+
+NamePath = Query  # (kept for symmetry; path params use the patterns below)
+_name = {"pattern": NAME_PATTERN, "min_length": 1, "max_length": 63}
+_digest = {"pattern": DIGEST_PATTERN}
+
+MULTIPART_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "files": {
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "one part per file; the part's filename is its path in the dataset",
+                        }
+                    },
+                    "required": ["files"],
+                }
+            }
+        },
+    }
+}
+UPLOAD_ERRORS = problems.common_responses(400, 401, 403, 404, 413, 415, 422, 503)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Dataset,
+    responses=problems.common_responses(401, 403, 409, 422),
+)
+def create_dataset(body: DatasetCreate, c: Context = Depends(ctx)) -> dict[str, Any]:
+    c.datasets.create(body.name, body.description)
+    return c.datasets.get(body.name)
+
+
+@router.get("", response_model=DatasetList, responses=problems.common_responses(401, 422))
+def list_datasets(
+    page_size: int = Query(50, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    items, token = c.datasets.list(page_size, page_token)
+    return {"items": items, "next_page_token": token}
+
+
+@router.get("/{name}", response_model=Dataset, responses=problems.common_responses(401, 404, 422))
+def get_dataset(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.datasets.get(name)
+
+
+@router.delete("/{name}", status_code=204, responses=problems.common_responses(401, 403, 404, 409, 422))
+def delete_dataset(name: str, c: Context = Depends(ctx)) -> Response:
+    c.datasets.delete(name)
+    return Response(status_code=204)
+
+
+# ------------------------------------------------------------------------------------------ uploads
+def _stager(c: Context, name: str, upload_id: str):  # type: ignore[no-untyped-def]
+    def consume(stream: MultipartStream) -> list[dict[str, Any]]:
+        files: list[dict[str, Any]] = []
+        seen: set[str] = set()
+        while (nxt := stream.next_part()) is not None:
+            part, reader = nxt
+            if part.filename is None:
+                reader.read_small()  # a plain form field: nothing we need
+                continue
+            if part.filename in seen:
+                raise InvalidRequest(f"file {part.filename!r} appears twice in the upload", field="files")
+            seen.add(part.filename)
+            info = c.datasets.stage_stream(name, upload_id, part.filename, reader, part.content_type)  # type: ignore[arg-type]
+            files.append({"path": part.filename, "size": info.size, "sha256": info.sha256})
+        if not files:
+            raise InvalidRequest("the upload holds no file parts (each file needs a filename)", field="files")
+        return files
+
+    return consume
+
+
+@router.post(
+    "/{name}/versions",
+    status_code=201,
+    response_model=DatasetVersion,
+    openapi_extra=MULTIPART_BODY,
+    responses=UPLOAD_ERRORS,
+    summary="Upload a dataset directory (streamed multipart) and commit it as a new version",
+)
+async def upload_version(
+    name: str,
+    request: Request,
+    include_ratings: bool = Query(True),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    from starlette.concurrency import run_in_threadpool
+
+    validate_name(name, "dataset")
+    session = await run_in_threadpool(c.datasets.start_upload, name)
+    await stream_multipart(
+        request,
+        _stager(c, name, session["id"]),
+        c.settings.max_upload_bytes,
+        c.metrics.upload_bytes.inc,
+    )
+    return await run_in_threadpool(c.datasets.commit_upload, name, session["id"], include_ratings)
+
+
+@router.post(
+    "/{name}/uploads",
+    status_code=201,
+    response_model=UploadSession,
+    responses=problems.common_responses(401, 403, 404, 422),
+)
+def start_upload(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return {**c.datasets.start_upload(name), "files": {}}
+
+
+@router.get(
+    "/{name}/uploads/{upload_id}",
+    response_model=UploadSession,
+    responses=problems.common_responses(401, 404, 422),
+)
+def get_upload(name: str, upload_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.datasets.get_upload(name, upload_id)
+
+
+@router.post(
+    "/{name}/uploads/{upload_id}/files",
+    response_model=UploadResult,
+    openapi_extra=MULTIPART_BODY,
+    responses=UPLOAD_ERRORS,
+    summary="Stream files into an upload session (multipart; memory bounded)",
+)
+async def upload_files(
+    name: str, upload_id: str, request: Request, c: Context = Depends(ctx)
+) -> dict[str, Any]:
+    from starlette.concurrency import run_in_threadpool
+
+    await run_in_threadpool(c.datasets.get_upload, name, upload_id)
+    files = await stream_multipart(
+        request, _stager(c, name, upload_id), c.settings.max_upload_bytes, c.metrics.upload_bytes.inc
+    )
+    return {"files": files}
+
+
+@router.post(
+    "/{name}/uploads/{upload_id}/presign",
+    response_model=PresignResponse,
+    responses=problems.common_responses(401, 403, 404, 415, 422),
+    summary="Presigned PUT URLs for large files, uploaded straight to the object store",
+)
+def presign(name: str, upload_id: str, body: PresignRequest, c: Context = Depends(ctx)) -> dict[str, Any]:
+    from datetime import timedelta
+
+    urls = c.datasets.presign_upload(name, upload_id, body.files, timedelta(seconds=body.expires_seconds))
+    return {"urls": urls, "expires_seconds": body.expires_seconds}
+
+
+@router.post(
+    "/{name}/uploads/{upload_id}/commit",
+    status_code=201,
+    response_model=DatasetVersion,
+    responses=problems.common_responses(401, 403, 404, 422),
+)
+def commit(
+    name: str, upload_id: str, body: CommitRequest | None = None, c: Context = Depends(ctx)
+) -> dict[str, Any]:
+    include = body.include_ratings if body is not None else True
+    return c.datasets.commit_upload(name, upload_id, include)
+
+
+# ----------------------------------------------------------------------------------------- versions
+@router.get(
+    "/{name}/versions", response_model=DatasetVersionList, responses=problems.common_responses(401, 404, 422)
+)
+def list_versions(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    c.datasets.get(name)
+    return {"items": c.datasets.list_versions(name)}
+
+
+@router.post(
+    "/{name}/derive",
+    status_code=201,
+    response_model=DatasetVersion,
+    responses=problems.common_responses(401, 403, 404, 422),
+)
+def derive(name: str, body: DeriveRequest, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.datasets.derive_version(name, body.base, body.include_ratings)
+
+
+@router.get(
+    "/{name}/versions/{version}",
+    response_model=DatasetVersion,
+    responses=problems.common_responses(401, 404, 422),
+)
+def get_version(name: str, version: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.datasets.get_version(name, version)
+
+
+@router.delete(
+    "/{name}/versions/{version}",
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 409, 422),
+)
+def delete_version(name: str, version: str, c: Context = Depends(ctx)) -> Response:
+    c.datasets.delete_version(name, version)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/{name}/versions/{version}/pairs",
+    response_model=PairsReport,
+    responses=problems.common_responses(401, 403, 404, 422),
+)
+def compile_pairs(
+    name: str, version: str, body: PairsRequest | None = None, c: Context = Depends(ctx)
+) -> dict[str, Any]:
+    body = body or PairsRequest()
+    return c.datasets.compile_pairs(
+        name, version, PairOptions(body.tie_policy, body.min_margin, body.margin_weighting)
+    )
+
+
+# ------------------------------------------------------------------------------------------ ratings
+@router.post(
+    "/{name}/ratings",
+    status_code=201,
+    response_model=RatingsCreated,
+    responses=problems.common_responses(401, 403, 404, 422),
+)
+def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> dict[str, Any]:
+    records = [r.model_dump(exclude_none=True) for r in body.records]
+    return {"ids": c.datasets.add_ratings(name, records)}
+
+
+@router.get("/{name}/ratings", response_model=RatingList, responses=problems.common_responses(401, 404, 422))
+def list_ratings(
+    name: str,
+    page_size: int = Query(100, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    items, token = c.datasets.list_ratings(name, page_size, page_token)
+    return {"items": items, "next_page_token": token}

@@ -1,0 +1,96 @@
+"""``/v1/fine-tunes``: create (idempotent), get with progress, list, cancel, streamed logs, checkpoints."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import StreamingResponse
+
+from services.controlplane import problems
+from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.domain.finetunes import FineTuneRequest
+from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
+
+router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"], dependencies=[Authed])
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=FineTune,
+    responses={
+        200: {
+            "model": FineTune,
+            "description": "A retry with the same Idempotency-Key: the existing fine-tune",
+        },
+        **problems.common_responses(401, 403, 422, 503),
+    },
+)
+def create_finetune(
+    body: FineTuneCreate,
+    response: Response,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    req = FineTuneRequest(body.dataset, body.version, body.base_model, body.stage, dict(body.hyperparameters))
+    view, created = c.finetunes.create(req, idempotency_key)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/fine-tunes/{view['id']}"
+    return view
+
+
+@router.get("", response_model=FineTuneList, responses=problems.common_responses(401, 422))
+def list_finetunes(
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None),
+    dataset: str | None = Query(None, max_length=63),
+    base_model: str | None = Query(None, max_length=63),
+    page_size: int = Query(50, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    items, token = c.finetunes.list(state, dataset, base_model, page_size, page_token)
+    return {"items": items, "next_page_token": token}
+
+
+@router.get("/{finetune_id}", response_model=FineTune, responses=problems.common_responses(401, 404))
+def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.finetunes.get(finetune_id)
+
+
+@router.post(
+    "/{finetune_id}/cancel", response_model=FineTune, responses=problems.common_responses(401, 403, 404, 409)
+)
+def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.finetunes.cancel(finetune_id)
+
+
+@router.get(
+    "/{finetune_id}/logs",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"text/plain": {}}, "description": "the trainer's output"},
+        **problems.common_responses(401, 404),
+    },
+)
+def finetune_logs(
+    finetune_id: str, follow: bool = Query(False), c: Context = Depends(ctx)
+) -> StreamingResponse:
+    chunks = c.finetunes.logs(finetune_id, follow=follow)
+    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
+
+
+@router.get(
+    "/{finetune_id}/checkpoints",
+    response_model=CheckpointList,
+    responses=problems.common_responses(401, 404, 422),
+)
+def finetune_checkpoints(
+    finetune_id: str,
+    page_size: int = Query(50, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    c.finetunes._load(finetune_id)
+    items, token = c.checkpoints.list(finetune_id, page_size, page_token)
+    return {"items": items, "next_page_token": token}

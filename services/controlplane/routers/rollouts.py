@@ -1,0 +1,70 @@
+"""``/v1/rollouts``: which checkpoint each inference deployment serves; canary, promote, roll back."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Query
+
+from services.controlplane import problems
+from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.schemas import (
+    Rollout,
+    RolloutAction,
+    RolloutHistoryEntry,
+    RolloutList,
+    SetCanary,
+    SetCurrent,
+)
+
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Authed])
+WRITE_ERRORS = problems.common_responses(401, 403, 404, 409, 422)
+
+
+@router.get("", response_model=RolloutList, responses=problems.common_responses(401, 422))
+def list_rollouts(
+    page_size: int = Query(50, ge=1, le=200),
+    page_token: str | None = Query(None, max_length=500),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    items, token = c.rollouts.list(page_size, page_token)
+    return {"items": items, "next_page_token": token}
+
+
+@router.get("/{deployment}", response_model=Rollout, responses=problems.common_responses(401, 404, 422))
+def get_rollout(deployment: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.rollouts.get(deployment)
+
+
+@router.put(
+    "/{deployment}",
+    response_model=Rollout,
+    responses=WRITE_ERRORS,
+    summary="Serve one checkpoint to all traffic",
+)
+def set_current(deployment: str, body: SetCurrent, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.rollouts.set_current(deployment, body.checkpoint, body.expected_revision)
+
+
+@router.post("/{deployment}/canary", response_model=Rollout, responses=WRITE_ERRORS)
+def set_canary(deployment: str, body: SetCanary, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.rollouts.set_canary(deployment, body.checkpoint, body.percent, body.expected_revision)
+
+
+@router.post("/{deployment}/promote", response_model=Rollout, responses=WRITE_ERRORS)
+def promote(deployment: str, body: RolloutAction | None = None, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.rollouts.promote(deployment, body.expected_revision if body else None)
+
+
+@router.post("/{deployment}/rollback", response_model=Rollout, responses=WRITE_ERRORS)
+def rollback(deployment: str, body: RolloutAction | None = None, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return c.rollouts.rollback(deployment, body.expected_revision if body else None)
+
+
+@router.get(
+    "/{deployment}/history",
+    response_model=list[RolloutHistoryEntry],
+    responses=problems.common_responses(401, 404, 422),
+)
+def history(deployment: str, c: Context = Depends(ctx)) -> list[dict[str, Any]]:
+    return c.rollouts.history(deployment)

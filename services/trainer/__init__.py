@@ -1,0 +1,1 @@
+"""The trainer Job's entrypoint: ``python -m services.trainer`` (see ``entry``)."""

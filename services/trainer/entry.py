@@ -1,0 +1,323 @@
+"""The trainer entrypoint a Kubernetes Job (or the local executor) runs for one fine-tune.
+
+1. Read the fine-tune record ``finetunes/{id}/record.json`` (dataset version, base model, stage,
+   hyperparameters).
+2. Fetch the dataset version and the base model from the store, verifying every digest.
+3. If the store already holds checkpoints of this fine-tune (a previous attempt was killed), restore
+   the newest one and resume from it.
+4. Run ``huvidpo.training``; each checkpoint is published to ``checkpoints/ckpt-{id}-{step}/`` with
+   its manifest written last (adapter/ for inference, state/ for resuming), and progress records go
+   to ``finetunes/{id}/progress.jsonl``.
+
+Exit codes (docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried: podFailurePolicy
+FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from services.common.publish import NotPublished, fetch_published, publish_dir
+from services.common.settings import StoreSettings, TrainerSettings
+from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
+
+log = logging.getLogger("huvidpo.trainer")
+
+EXIT_OK = 0
+EXIT_BAD_DATA = 2
+EXIT_TRANSIENT = 75
+EXIT_FAILED = 1
+
+
+class BadInput(Exception):
+    """The fine-tune cannot run as recorded (missing dataset or model, invalid config): exit 2."""
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def checkpoint_id(finetune_id: str, step: int) -> str:
+    return f"ckpt-{finetune_id}-{step}"
+
+
+class ProgressWriter:
+    """Keeps ``finetunes/{id}/progress.jsonl`` (rewritten whole: object stores have no append).
+
+    Step records are flushed at most every ``min_interval`` seconds; other events at once."""
+
+    def __init__(self, store: ObjectStore, finetune_id: str, min_interval: float = 1.0) -> None:
+        self.store = store
+        self.key = f"finetunes/{finetune_id}/progress.jsonl"
+        self.min_interval = min_interval
+        self._last_flush = 0.0
+        try:
+            text = store.get_bytes(self.key).decode("utf-8", "replace")
+            self.lines = [ln for ln in text.splitlines() if ln.strip()]
+        except ObjectNotFound:
+            self.lines = []
+        self._dirty = False
+
+    def add(self, record: dict[str, Any], flush: bool = True) -> None:
+        self.lines.append(json.dumps({"time": _now(), **record}, default=float))
+        self._dirty = True
+        if flush or time.monotonic() - self._last_flush >= self.min_interval:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._dirty:
+            return
+        self.store.put_bytes(
+            self.key, ("\n".join(self.lines) + "\n").encode(), content_type="application/jsonl"
+        )
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def attempts(self) -> int:
+        return sum(1 for ln in self.lines if '"event": "start"' in ln)
+
+
+def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
+    """Steps of this fine-tune's checkpoints that are fully published (manifest present), ascending."""
+    prefix = f"checkpoints/ckpt-{finetune_id}-"
+    steps = []
+    for d in store.list_dirs("checkpoints/"):
+        if d.startswith(prefix):
+            tail = d[len(prefix) : -1]
+            if tail.isdigit() and store.exists(d + "manifest.json"):
+                steps.append(int(tail))
+    return sorted(steps)
+
+
+def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoints_dir: Path) -> Path:
+    """Rebuild the training library's checkpoint directory from a published checkpoint."""
+    from huvidpo.training.checkpoint import checkpoint_name
+
+    with tempfile.TemporaryDirectory(dir=checkpoints_dir.parent) as tmp:
+        fetched = Path(tmp) / "fetched"
+        fetch_published(store, f"checkpoints/{checkpoint_id(finetune_id, step)}/", fetched)
+        target = checkpoints_dir / checkpoint_name(step)
+        staging = Path(tmp) / "ckpt"
+        shutil.copytree(fetched / "state", staging)
+        if (fetched / "adapter").exists():
+            shutil.copytree(fetched / "adapter", staging / "adapter")
+        checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        staging.rename(target)
+    return target
+
+
+class StoreCallback:
+    """Training callback: progress records and checkpoint publication to the store."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        progress: ProgressWriter,
+        finetune_id: str,
+        lineage: dict[str, Any],
+        total_steps: int | None,
+    ) -> None:
+        self.store = store
+        self.progress = progress
+        self.finetune_id = finetune_id
+        self.lineage = lineage
+        self.total_steps = total_steps
+        self.summary: dict[str, Any] = {}
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        keep = (
+            "step",
+            "epoch",
+            "loss",
+            "implicit_acc",
+            "reward_margin",
+            "step_seconds",
+            "samples_per_second",
+            "lr",
+        )
+        rec = {k: metrics[k] for k in keep if k in metrics}
+        self.progress.add({"event": "step", "total_steps": self.total_steps, **rec}, flush=False)
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        cid = checkpoint_id(self.finetune_id, step)
+        if self.store.exists(f"checkpoints/{cid}/manifest.json"):
+            return  # published by an earlier attempt (the resume point)
+        with tempfile.TemporaryDirectory(dir=path.parent.parent) as tmp:
+            stage = Path(tmp)
+            for item in path.iterdir():
+                dest = stage / ("adapter" if item.name == "adapter" else f"state/{item.name}")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if item.is_dir():
+                    shutil.copytree(item, dest)
+                else:
+                    shutil.copy2(item, dest)
+            publish_dir(
+                self.store,
+                stage,
+                f"checkpoints/{cid}/",
+                {"id": cid, "step": step, "lineage": self.lineage, "created_at": _now()},
+            )
+        self.progress.add({"event": "checkpoint", "step": step, "checkpoint_id": cid})
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        self.summary = summary
+        self.progress.flush()
+
+
+def run(store: ObjectStore, settings: TrainerSettings, stop: list[bool] | None = None) -> int:
+    """Run one fine-tune attempt; returns the exit code."""
+    finetune_id = settings.finetune_id
+    if not finetune_id:
+        log.error("HUVIDPO_TRAINER_FINETUNE_ID is not set")
+        return EXIT_BAD_DATA
+    stop = stop if stop is not None else [False]
+    try:
+        progress = ProgressWriter(store, finetune_id)
+    except StoreUnavailable as exc:
+        log.error("object store unavailable: %s", exc)
+        return EXIT_TRANSIENT
+    try:
+        code, reason, message = _run(store, settings, finetune_id, progress, stop)
+    except StoreUnavailable as exc:
+        code, reason, message = EXIT_TRANSIENT, "StoreUnavailable", str(exc)
+    except (ConnectionError, TimeoutError) as exc:
+        code, reason, message = EXIT_TRANSIENT, "Transient", str(exc)
+    except BadInput as exc:
+        code, reason, message = EXIT_BAD_DATA, "BadInput", str(exc)
+    except Exception as exc:
+        from huvidpo.data import DatasetError
+        from huvidpo.training import CheckpointError, ConfigError
+
+        if isinstance(exc, DatasetError | ConfigError | CheckpointError):
+            code, reason, message = EXIT_BAD_DATA, type(exc).__name__, str(exc)
+        else:
+            log.exception("trainer failed")
+            code, reason, message = EXIT_FAILED, type(exc).__name__, str(exc)
+    try:
+        if code == EXIT_OK:
+            progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
+        else:
+            log.error("trainer exits with %d (%s): %s", code, reason, message)
+            progress.add(
+                {
+                    "event": "end",
+                    "state": "failed",
+                    "exit_code": code,
+                    "reason": reason,
+                    "message": message[:2000],
+                }
+            )
+    except StoreUnavailable:
+        return EXIT_TRANSIENT
+    return code
+
+
+def _run(
+    store: ObjectStore,
+    settings: TrainerSettings,
+    finetune_id: str,
+    progress: ProgressWriter,
+    stop: list[bool],
+) -> tuple[int, str | None, str]:
+    from huvidpo.training import DPOConfig, Stage1Config, run_dpo, run_stage1
+
+    try:
+        record = store.get_json(f"finetunes/{finetune_id}/record.json")
+    except ObjectNotFound as exc:
+        raise BadInput(f"fine-tune {finetune_id} has no record in the store") from exc
+    req = record["request"]
+    work = Path(settings.work_dir) / finetune_id
+    work.mkdir(parents=True, exist_ok=True)
+    dataset_dir = work / "dataset"
+    model_dir = work / "model"
+    try:
+        if not (dataset_dir / ".complete").exists():
+            shutil.rmtree(dataset_dir, ignore_errors=True)
+            fetch_published(store, f"datasets/{req['dataset']}/{req['version']}/", dataset_dir)
+            (dataset_dir / ".complete").write_text("")
+        if not (model_dir / ".complete").exists():
+            shutil.rmtree(model_dir, ignore_errors=True)
+            fetch_published(store, f"models/{req['base_model']}/", model_dir)
+            (model_dir / ".complete").write_text("")
+    except NotPublished as exc:
+        raise BadInput(str(exc)) from exc
+    out = work / "out"
+    hp = dict(req.get("hyperparameters") or {})
+    if settings.checkpoint_every and "checkpoint_every" not in hp:
+        hp["checkpoint_every"] = settings.checkpoint_every
+    cls = DPOConfig if req["stage"] == "dpo" else Stage1Config
+    cfg = cls.from_mapping(
+        {
+            **hp,
+            "model": str(model_dir),
+            "dataset": str(dataset_dir / "data"),
+            "output_dir": str(out),
+            "device": settings.device,
+            "plot": False,
+        },
+        source="fine-tune hyperparameters",
+    )
+    cfg.validate()
+
+    # Resume from the newest *published* checkpoint only: a local one may never have reached the store.
+    ckpt_dir = out / "checkpoints"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    steps = published_steps(store, finetune_id)
+    resume_step = steps[-1] if steps else None
+    if resume_step is not None:
+        restore_checkpoint(store, finetune_id, resume_step, ckpt_dir)
+        log.info("resuming fine-tune %s from published checkpoint at step %d", finetune_id, resume_step)
+    lineage = {
+        **record.get("lineage", {}),
+        "finetune_id": finetune_id,
+        "config": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("model", "dataset", "output_dir", "cache_dir", "unet_dir")
+        },
+        "job": (record.get("job") or {}).get("name", finetune_id),
+    }
+    total = cfg.max_steps
+    progress.add(
+        {
+            "event": "start",
+            "total_steps": total,
+            "resumed_from_step": resume_step,
+            "attempt": progress.attempts() + 1,
+        }
+    )
+    callback = StoreCallback(store, progress, finetune_id, lineage, total)
+    should_stop = lambda: stop[0]  # noqa: E731
+    if isinstance(cfg, DPOConfig):
+        result = run_dpo(cfg, [callback], should_stop=should_stop, resume=resume_step is not None)
+    else:
+        result = run_stage1(cfg, [callback], should_stop=should_stop, resume=resume_step is not None)
+    progress.flush()
+    if result.stopped:
+        return EXIT_TRANSIENT, "Stopped", "stopped by SIGTERM after a checkpoint; the retry resumes from it"
+    return EXIT_OK, None, f"trained {result.steps} steps"
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
+    )
+    settings = TrainerSettings()
+    store = make_store(StoreSettings())
+    stop = [False]
+
+    def on_term(signum: int, frame: object) -> None:
+        log.warning("SIGTERM: checkpointing and stopping")
+        stop[0] = True
+
+    signal.signal(signal.SIGTERM, on_term)
+    return run(store, settings, stop)

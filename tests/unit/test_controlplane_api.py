@@ -1,0 +1,449 @@
+"""The control plane's REST API over a LocalStore, with a fake executor the test drives.
+
+Covers datasets (streamed multipart upload, digests, ratings, pairs, delete refused while referenced),
+fine-tunes (validation, idempotency, state derivation, restart, cancel, progress), checkpoints,
+rollouts, problem+json everywhere, auth and metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+
+from services.common.publish import publish_dir, read_rollout
+from services.common.settings import ControlPlaneSettings
+from services.common.store import LocalStore
+from services.controlplane.app import create_app
+from services.controlplane.domain.ports import ExecStatus, JobSpec
+from services.controlplane.problems import PROBLEM_BASE
+
+TOKEN = "s3cret-write"
+READ_TOKEN = "s3cret-read"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+class FakeExecutor:
+    """Records submits; the test sets each Job's phase like a Job controller would."""
+
+    kind = "fake"
+
+    def __init__(self) -> None:
+        self.submits: list[str] = []
+        self.phases: dict[str, ExecStatus] = {}
+        self.cancelled: list[str] = []
+
+    def submit(self, spec: JobSpec) -> dict[str, str]:
+        if spec.finetune_id not in self.phases:
+            self.submits.append(spec.finetune_id)
+            self.phases[spec.finetune_id] = ExecStatus("pending")
+        return {"kind": "fake", "name": f"job-{spec.finetune_id}"}
+
+    def status(self, finetune_id: str) -> ExecStatus:
+        return self.phases.get(finetune_id, ExecStatus("missing"))
+
+    def cancel(self, finetune_id: str) -> None:
+        self.cancelled.append(finetune_id)
+        self.phases.pop(finetune_id, None)
+
+    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
+        return iter([b"line 1\n", b"line 2\n"])
+
+    def ready(self) -> bool:
+        return True
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from huvidpo.data import make_synthetic_dataset
+
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("ds") / "d", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32
+    )
+
+
+@pytest.fixture
+def env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, Any]:
+    store = LocalStore(tmp_path / "store")
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    settings = ControlPlaneSettings(
+        tokens=[hashlib.sha256(TOKEN.encode()).hexdigest()],
+        read_tokens=[hashlib.sha256(READ_TOKEN.encode()).hexdigest()],
+        work_dir=tmp_path / "work",
+        max_upload_bytes=2_000_000,
+    )
+    executor = FakeExecutor()
+    app = create_app(settings, store, executor, background=False)
+    return {
+        "store": store,
+        "settings": settings,
+        "executor": executor,
+        "client": TestClient(app),
+        "tmp": tmp_path,
+    }
+
+
+def _files(d: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+    return [
+        ("files", (p.relative_to(d).as_posix(), p.read_bytes(), "application/octet-stream"))
+        for p in sorted(d.rglob("*"))
+        if p.is_file()
+    ]
+
+
+def _dataset(client: TestClient, synthetic_dir: Path, name: str = "cats") -> dict[str, Any]:
+    assert client.post("/v1/datasets", json={"name": name}, headers=AUTH).status_code == 201
+    r = client.post(f"/v1/datasets/{name}/versions", files=_files(synthetic_dir), headers=AUTH)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+def _is_problem(r: Any, status: int, kind: str) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body = dict(r.json())
+    assert body["type"] == PROBLEM_BASE + kind
+    assert body["status"] == status
+    return body
+
+
+def test_upload_makes_an_immutable_version_named_by_its_digest(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client = env["client"]
+    v1 = _dataset(client, synthetic_dir)
+    assert len(v1["id"]) == 64 and v1["videos"] == 2
+    assert set(v1["files"]) == {
+        "data/" + p.relative_to(synthetic_dir).as_posix() for p in synthetic_dir.rglob("*") if p.is_file()
+    }
+    # the same content again is the same version (no duplicate)
+    again = client.post("/v1/datasets/cats/versions", files=_files(synthetic_dir), headers=AUTH)
+    assert again.status_code == 201 and again.json()["id"] == v1["id"]
+    assert client.get("/v1/datasets/cats", headers=AUTH).json()["versions"] == [v1["id"]]
+    # stored bytes match what was sent
+    store: LocalStore = env["store"]
+    video = next(k for k in v1["files"] if k.endswith(".mp4"))
+    assert (
+        store.get_bytes(f"datasets/cats/{v1['id']}/{video}")
+        == (synthetic_dir / video[len("data/") :]).read_bytes()
+    )
+
+
+def test_ratings_make_a_new_version_and_pairs_compile_with_a_report(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client = env["client"]
+    v1 = _dataset(client, synthetic_dir)
+    manifest = [
+        json.loads(x) for x in (synthetic_dir / "manifest.jsonl").read_text().splitlines() if x.strip()
+    ]
+    vids = [m["id"] for m in manifest if m.get("type", "video") == "video" and "id" in m]
+    r = client.post(
+        "/v1/datasets/cats/ratings",
+        json={"records": [{"type": "rating", "video_id": vids[1], "rater_id": "zoe", "score": 10}]},
+        headers=AUTH,
+    )
+    assert r.status_code == 201 and len(r.json()["ids"]) == 1
+    v2 = client.post("/v1/datasets/cats/derive", json={"base": v1["id"]}, headers=AUTH)
+    assert v2.status_code == 201, v2.text
+    assert v2.json()["id"] != v1["id"] and v2.json()["rating_records"] == 1
+    report = client.post(
+        f"/v1/datasets/cats/versions/{v1['id']}/pairs", json={"tie_policy": "drop"}, headers=AUTH
+    )
+    assert report.status_code == 200, report.text
+    assert report.json()["pairs"] >= 1 and "pairs" in report.json()["text"].lower()
+    # a rating of an unknown video makes the derived version invalid: 422 naming the problem
+    client.post(
+        "/v1/datasets/cats/ratings",
+        json={"records": [{"type": "rating", "video_id": "nope", "rater_id": "x", "score": 1}]},
+        headers=AUTH,
+    )
+    bad = client.post("/v1/datasets/cats/derive", json={"base": v1["id"]}, headers=AUTH)
+    assert "nope" in _is_problem(bad, 422, "validation-error")["detail"]
+
+
+def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path) -> None:
+    client = env["client"]
+    client.post("/v1/datasets", json={"name": "d1"}, headers=AUTH)
+    too_big = client.post(
+        "/v1/datasets/d1/versions", files=[("files", ("v.mp4", b"x" * 2_100_000, "video/mp4"))], headers=AUTH
+    )
+    _is_problem(too_big, 413, "payload-too-large")
+    exe = client.post(
+        "/v1/datasets/d1/versions", files=[("files", ("run.sh", b"rm -rf /", "text/x-sh"))], headers=AUTH
+    )
+    _is_problem(exe, 415, "unsupported-media-type")
+    trav = client.post(
+        "/v1/datasets/d1/versions",
+        files=[("files", ("../../etc/x.json", b"{}", "application/json"))],
+        headers=AUTH,
+    )
+    _is_problem(trav, 422, "validation-error")
+    ctl = client.post(
+        "/v1/datasets/d1/versions",
+        files=[("files", ("a\x01b.json", b"{}", "application/json"))],
+        headers=AUTH,
+    )
+    assert ctl.status_code in (400, 422)
+    bad_name = client.post("/v1/datasets", json={"name": "../x"}, headers=AUTH)
+    body = _is_problem(bad_name, 422, "validation-error")
+    assert body["errors"][0]["field"].startswith("body")
+    not_multipart = client.post(
+        "/v1/datasets/d1/versions", content=b"{}", headers={**AUTH, "Content-Type": "application/json"}
+    )
+    _is_problem(not_multipart, 415, "unsupported-media-type")
+    # nothing half-written: no version exists
+    assert client.get("/v1/datasets/d1", headers=AUTH).json()["versions"] == []
+
+
+def test_presigned_upload_then_commit(env: dict[str, Any], synthetic_dir: Path) -> None:
+    client = env["client"]
+    client.post("/v1/datasets", json={"name": "big"}, headers=AUTH)
+    up = client.post("/v1/datasets/big/uploads", headers=AUTH).json()
+    paths = [p.relative_to(synthetic_dir).as_posix() for p in synthetic_dir.rglob("*") if p.is_file()]
+    urls = client.post(
+        f"/v1/datasets/big/uploads/{up['id']}/presign", json={"files": paths}, headers=AUTH
+    ).json()["urls"]
+    for path, url in urls.items():
+        # LocalStore presigned URLs are served by this app; the signature is the authorisation
+        r = client.put(url.replace("http://127.0.0.1:8080", ""), content=(synthetic_dir / path).read_bytes())
+        assert r.status_code == 200, r.text
+    tampered = client.put(
+        next(iter(urls.values())).replace("http://127.0.0.1:8080", "").replace("signature=", "signature=0"),
+        content=b"x",
+    )
+    _is_problem(tampered, 403, "forbidden")
+    v = client.post(f"/v1/datasets/big/uploads/{up['id']}/commit", json={}, headers=AUTH)
+    assert v.status_code == 201, v.text
+    assert v.json()["videos"] == 2
+
+
+def _create_ft(client: TestClient, version: str, key: str | None = None, **extra: Any) -> Any:
+    body = {
+        "dataset": "cats",
+        "version": version,
+        "base_model": "tiny",
+        "hyperparameters": {"max_steps": 3, "num_frames": 4, "height": 32, "width": 32},
+    }
+    body.update(extra)
+    headers = {**AUTH, **({"Idempotency-Key": key} if key else {})}
+    return client.post("/v1/fine-tunes", json=body, headers=headers)
+
+
+def test_finetune_is_validated_before_anything_is_scheduled(env: dict[str, Any], synthetic_dir: Path) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _dataset(client, synthetic_dir)
+    bad_hp = _create_ft(client, v["id"], hyperparameters={"lr": -1})
+    assert _is_problem(bad_hp, 422, "validation-error")["field"] == "hyperparameters.lr"
+    unknown = _create_ft(client, v["id"], hyperparameters={"lerning_rate": 1})
+    _is_problem(unknown, 422, "validation-error")
+    reserved = _create_ft(client, v["id"], hyperparameters={"output_dir": "/etc"})
+    _is_problem(reserved, 422, "validation-error")
+    no_model = _create_ft(client, v["id"], base_model="sd15")
+    assert _is_problem(no_model, 422, "validation-error")["field"] == "base_model"
+    no_version = _create_ft(client, "0" * 64)
+    assert _is_problem(no_version, 422, "validation-error")["field"] == "version"
+    assert executor.submits == []
+
+
+def test_retry_with_same_idempotency_key_creates_one_job(env: dict[str, Any], synthetic_dir: Path) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _dataset(client, synthetic_dir)
+    first = _create_ft(client, v["id"], key="req-1")
+    assert first.status_code == 201, first.text
+    again = _create_ft(client, v["id"], key="req-1")
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    # a new app instance (another replica, or after a restart) honours the key too: it lives in the store
+    app2 = create_app(env["settings"], env["store"], executor, background=False)
+    third = _create_ft(TestClient(app2), v["id"], key="req-1")
+    assert third.status_code == 200 and third.json()["id"] == first.json()["id"]
+    assert executor.submits == [first.json()["id"]]
+    reused = _create_ft(client, v["id"], key="req-1", stage="stage1")
+    _is_problem(reused, 422, "idempotency-key-reused")
+    other = _create_ft(client, v["id"], key="req-2")
+    assert other.status_code == 201 and executor.submits == [first.json()["id"], other.json()["id"]]
+
+
+def test_state_follows_the_job_and_progress_and_survives_a_restart(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor, store = env["client"], env["executor"], env["store"]
+    v = _dataset(client, synthetic_dir)
+    ft = _create_ft(client, v["id"]).json()
+    assert ft["state"] == "queued"
+    executor.phases[ft["id"]] = ExecStatus("running")
+    lines = [
+        {"event": "start", "time": "t0", "total_steps": 10},
+        {
+            "event": "step",
+            "time": "t1",
+            "step": 4,
+            "total_steps": 10,
+            "loss": 0.5,
+            "implicit_acc": 0.75,
+            "step_seconds": 2.0,
+        },
+    ]
+    store.put_bytes(
+        f"finetunes/{ft['id']}/progress.jsonl", "".join(json.dumps(x) + "\n" for x in lines).encode()
+    )
+    got = client.get(f"/v1/fine-tunes/{ft['id']}", headers=AUTH).json()
+    assert got["state"] == "running"
+    assert got["progress"]["step"] == 4 and got["progress"]["total_steps"] == 10
+    assert got["progress"]["reward_accuracy"] == 0.75 and got["progress"]["eta_seconds"] == pytest.approx(
+        12.0
+    )
+    # restart: a brand-new app over the same store and executor reports the same state
+    app2 = create_app(env["settings"], store, executor, background=False)
+    c2 = TestClient(app2)
+    assert c2.get(f"/v1/fine-tunes/{ft['id']}", headers=AUTH).json()["progress"]["step"] == 4
+    executor.phases[ft["id"]] = ExecStatus("failed", "PodFailurePolicy", "exit code 2")
+    store.put_bytes(
+        f"finetunes/{ft['id']}/progress.jsonl",
+        "".join(
+            json.dumps(x) + "\n"
+            for x in [
+                *lines,
+                {"event": "end", "state": "failed", "reason": "DatasetError", "message": "bad video"},
+            ]
+        ).encode(),
+    )
+    done = c2.get(f"/v1/fine-tunes/{ft['id']}", headers=AUTH).json()
+    assert (done["state"], done["reason"], done["message"]) == ("failed", "DatasetError", "bad video")
+    # terminal is final, even if the executor later says otherwise
+    executor.phases[ft["id"]] = ExecStatus("succeeded")
+    assert client.get(f"/v1/fine-tunes/{ft['id']}", headers=AUTH).json()["state"] == "failed"
+    listed = client.get("/v1/fine-tunes", params={"state": "failed"}, headers=AUTH).json()["items"]
+    assert [x["id"] for x in listed] == [ft["id"]]
+
+
+def test_cancel_list_filters_pagination_and_logs(env: dict[str, Any], synthetic_dir: Path) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _dataset(client, synthetic_dir)
+    ids = [_create_ft(client, v["id"], key=f"k{i}").json()["id"] for i in range(3)]
+    c = client.post(f"/v1/fine-tunes/{ids[0]}/cancel", headers=AUTH)
+    assert (
+        c.status_code == 200 and c.json()["state"] == "cancelled" and c.json()["reason"] == "CancelledByUser"
+    )
+    assert executor.cancelled == [ids[0]]
+    page1 = client.get("/v1/fine-tunes", params={"page_size": 2}, headers=AUTH).json()
+    page2 = client.get(
+        "/v1/fine-tunes", params={"page_size": 2, "page_token": page1["next_page_token"]}, headers=AUTH
+    ).json()
+    seen = [x["id"] for x in page1["items"] + page2["items"]]
+    assert sorted(seen) == sorted(ids) and page2["next_page_token"] is None
+    queued = client.get("/v1/fine-tunes", params={"state": "queued"}, headers=AUTH).json()["items"]
+    assert sorted(x["id"] for x in queued) == sorted(ids[1:])
+    assert client.get("/v1/fine-tunes", params={"dataset": "other"}, headers=AUTH).json()["items"] == []
+    assert client.get(f"/v1/fine-tunes/{ids[1]}/logs", headers=AUTH).text == "line 1\nline 2\n"
+    _is_problem(
+        client.get("/v1/fine-tunes", params={"page_token": "garbage!"}, headers=AUTH), 422, "validation-error"
+    )
+
+
+def test_dataset_delete_is_refused_while_a_finetune_references_it(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client = env["client"]
+    v = _dataset(client, synthetic_dir)
+    assert _create_ft(client, v["id"]).status_code == 201
+    _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")
+    _is_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
+    client.post("/v1/datasets", json={"name": "free"}, headers=AUTH)
+    assert client.delete("/v1/datasets/free", headers=AUTH).status_code == 204
+    _is_problem(client.get("/v1/datasets/free", headers=AUTH), 404, "not-found")
+
+
+def _publish_checkpoint(store: LocalStore, tmp: Path, ft: str, step: int) -> str:
+    cid = f"ckpt-{ft}-{step}"
+    d = tmp / cid / "adapter"
+    d.mkdir(parents=True)
+    (d / "adapter_config.json").write_text("{}")
+    (d / "adapter_model.safetensors").write_bytes(b"weights" * step)
+    publish_dir(
+        store,
+        tmp / cid,
+        f"checkpoints/{cid}/",
+        {"id": cid, "step": step, "lineage": {"finetune_id": ft, "dataset_digest": "abc"}},
+    )
+    return cid
+
+
+def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    a = _publish_checkpoint(store, tmp, "ft-x", 10)
+    b = _publish_checkpoint(store, tmp, "ft-x", 20)
+    ck = client.get(f"/v1/checkpoints/{a}", headers=AUTH).json()
+    assert (
+        ck["step"] == 10
+        and ck["lineage"]["dataset_digest"] == "abc"
+        and "adapter/adapter_model.safetensors" in ck["files"]
+    )
+    urls = client.get(f"/v1/checkpoints/{b}/download", headers=AUTH).json()["urls"]
+    got = client.get(urls["adapter/adapter_model.safetensors"].replace("http://127.0.0.1:8080", ""))
+    assert got.content == b"weights" * 20
+    assert [
+        c["id"]
+        for c in client.get("/v1/checkpoints", params={"finetune_id": "ft-x"}, headers=AUTH).json()["items"]
+    ] == [a, b]
+
+    _is_problem(
+        client.put("/v1/rollouts/default", json={"checkpoint": "ckpt-nope-1"}, headers=AUTH),
+        422,
+        "validation-error",
+    )
+    r = client.put("/v1/rollouts/default", json={"checkpoint": a}, headers=AUTH).json()
+    assert (r["revision"], r["current"], r["canary"]) == (1, a, None)
+    _is_problem(client.post("/v1/rollouts/default/promote", headers=AUTH), 409, "conflict")
+    r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 25}, headers=AUTH).json()
+    assert (r["current"], r["canary"], r["canary_percent"]) == (a, b, 25)
+    rec = read_rollout(store, "default")  # what the inference service reads
+    assert rec is not None and (rec.current, rec.canary, rec.canary_percent, rec.revision) == (a, b, 25, 2)
+    stale = client.post("/v1/rollouts/default/promote", json={"expected_revision": 1}, headers=AUTH)
+    _is_problem(stale, 409, "conflict")
+    r = client.post("/v1/rollouts/default/promote", json={"expected_revision": 2}, headers=AUTH).json()
+    assert (r["current"], r["canary"]) == (b, None)
+    r = client.post("/v1/rollouts/default/rollback", headers=AUTH).json()
+    assert r["current"] == a and r["revision"] == 4
+    hist = client.get("/v1/rollouts/default/history", headers=AUTH).json()
+    assert [h["action"] for h in hist] == ["set_current", "set_canary", "promote", "rollback"]
+
+
+def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
+    client = env["client"]
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").json()["checks"] == {"store": "ok", "executor": "ok"}
+    _is_problem(client.get("/v1/datasets"), 401, "unauthorized")
+    _is_problem(client.get("/v1/datasets", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    read = {"Authorization": f"Bearer {READ_TOKEN}"}
+    assert client.get("/v1/datasets", headers=read).status_code == 200
+    _is_problem(client.post("/v1/datasets", json={"name": "x"}, headers=read), 403, "forbidden")
+    _is_problem(client.get("/v1/nothing-here", headers=AUTH), 404, "not-found")
+    _is_problem(client.delete("/v1/fine-tunes", headers=AUTH), 405, "method-not-allowed")
+    _is_problem(client.get("/v1/fine-tunes/ft-missing", headers=AUTH), 404, "not-found")
+    _is_problem(
+        client.post(
+            "/v1/datasets", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
+        ),
+        422,
+        "validation-error",
+    )
+    client.post(
+        "/v1/datasets", files=[("files", ("a.json", io.BytesIO(b"{}"), "application/json"))], headers=AUTH
+    )
+    text = client.get("/metrics").text
+    assert (
+        'huvidpo_controlplane_requests_total{method="GET",route="/v1/fine-tunes/{finetune_id}",status="404"} 1.0'
+        in text
+    )
+    assert 'route="/v1/datasets",status="401"' in text
+    assert "huvidpo_controlplane_request_duration_seconds_bucket" in text
+    assert 'huvidpo_controlplane_finetunes{state="queued"}' in text
+    spec = client.get("/openapi.json").json()
+    assert "/v1/fine-tunes/{finetune_id}/cancel" in spec["paths"]
