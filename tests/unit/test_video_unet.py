@@ -175,3 +175,23 @@ def test_safetensors_only_directory_check_accepts_safetensors(tmp_path: Path) ->
     from huvidpo.models import ensure_safetensors
 
     ensure_safetensors(d)  # safetensors present: pickle files beside it are ignored, never read
+
+
+def test_real_size_inflation_matches_the_reference_architecture() -> None:
+    """SD-1.x UNet inflated on the meta device (no memory): parameter counts of the spec, section 2.5."""
+    from huvidpo.models.tiny import SD15_UNET_CONFIG
+
+    with torch.device("meta"):
+        video = VideoUNet(unet_config=SD15_UNET_CONFIG)
+
+    def millions(part: str) -> float:
+        return sum(p.numel() for n, p in video.named_parameters() if part in n) / 1e6
+
+    assert sum(p.numel() for p in video.parameters()) / 1e6 == pytest.approx(1101.1, abs=0.1)
+    assert millions(".conv1d.") == pytest.approx(191.4, abs=0.1)
+    assert millions(".conv_gate.") == pytest.approx(0.53, abs=0.01)
+    assert millions(".attn_temp.") + millions(".norm_temp.") == pytest.approx(49.6, abs=0.1)
+    stage1 = set(video.temporal_parameter_names())
+    assert sum(p.numel() for n, p in video.named_parameters() if n in stage1) / 1e6 == pytest.approx(
+        254, abs=0.5
+    )
