@@ -197,7 +197,7 @@ class MinioStore(ObjectStore):
             raise StoreUnavailable(f"S3 at {where} failed with HTTP {exc.status_code}") from exc
         if isinstance(exc, InvalidResponseError):
             raise StoreUnavailable(f"S3 at {where} sent a response that is not S3: {exc}") from exc
-        if isinstance(exc, urllib3.exceptions.HTTPError | ConnectionError | TimeoutError):
+        if isinstance(exc, urllib3.exceptions.HTTPError):
             raise StoreUnavailable(f"S3 endpoint {self.endpoint} unreachable: {exc}") from exc
         if isinstance(exc, MinioException):
             raise StoreError(f"S3 at {where}: {exc}") from exc
@@ -207,7 +207,9 @@ class MinioStore(ObjectStore):
     def _errors(self, key: str | None = None) -> Iterator[None]:
         try:
             yield
-        except (MinioException, urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
+        # Only the SDK's and urllib3's errors: an OSError raised by the caller's stream (a client
+        # that went away) is not the store's fault and propagates unchanged.
+        except (MinioException, urllib3.exceptions.HTTPError) as exc:
             self._raise(exc, key)
 
     def _ensure_bucket(self) -> None:
