@@ -69,7 +69,9 @@ def _draw(
     out = np.repeat(bg[None], len(corners), axis=0)
     for i, (x, y) in enumerate(corners):
         xi, yi = int(np.rint(x)), int(np.rint(y))
-        out[i, yi : yi + square, xi : xi + square] = color * brightness[i]
+        region = out[i, yi : yi + square, xi : xi + square]
+        # Brightness blends towards the background, so 0 means the square is not there at all.
+        region[:] = region * (1.0 - brightness[i]) + color * brightness[i]
     return np.clip(out, 0, 255).round().astype(np.uint8)
 
 
@@ -91,8 +93,8 @@ def moving_square(
 ) -> np.ndarray:
     """A square moving along ``direction`` at ``speed`` px/frame (default ``size / 16``): ``(num_frames,
     size, size, 3)`` uint8. ``smooth=False`` gives the same path (same ``seed``) with random jitter of up
-    to half the square's side, random brightness flicker and the square vanishing in about one frame
-    in five."""
+    to half the square's side, random brightness flicker (blending into the background) and the square
+    vanishing in about one frame in five."""
     rng, side, color = _square_params(seed, size, square)
     v = speed if speed is not None else size / 16
     corners = _path(num_frames, size, side, direction, v, rng)
