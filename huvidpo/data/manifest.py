@@ -187,7 +187,7 @@ def find_manifest(root: str | os.PathLike[str]) -> Path:
 def _read_records(manifest: Path) -> tuple[list[tuple[int, Any]], list[DatasetIssue]]:
     """``[(line, record)]`` from a JSONL file or a JSON list, plus syntax problems."""
     try:
-        text = manifest.read_text(encoding="utf-8")
+        text = manifest.read_text(encoding="utf-8-sig")  # tolerate a byte-order mark
     except UnicodeDecodeError as exc:
         return [], [DatasetIssue(str(manifest), None, "-", f"not UTF-8 text: {exc}")]
     records: list[tuple[int, Any]] = []
