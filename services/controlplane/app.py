@@ -36,7 +36,8 @@ from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
 from services.controlplane.domain.util import Clock, utcnow
 from services.controlplane.metrics import Metrics, MetricsMiddleware
-from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, rollouts
+from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
+from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def create_app(
         checkpoints.router,
         rollouts.router,
         objects.router,
+        ratings.router,
+        ui_router,
     ):
         app.include_router(r)
     app.add_middleware(MetricsMiddleware, metrics=metrics)

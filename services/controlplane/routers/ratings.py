@@ -1,0 +1,177 @@
+"""Rating endpoints of the rating UI: upserted scores and A/B choices, rating sessions with progress,
+authenticated video files, and compiling the ratings into a new dataset version with lineage.
+
+``GET``/``POST /v1/datasets/{name}/ratings`` (append records as given) live in ``routers/datasets.py``;
+the endpoints here are the ones a person rating in a browser needs: one judgment per rater and video
+(or pair), replaced when they change their mind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, Field
+
+from services.controlplane import problems
+from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.domain.datasets import PairOptions
+from services.controlplane.domain.names import DIGEST_PATTERN
+from services.controlplane.domain.ratings import RatingService
+from services.controlplane.schemas import DatasetVersion, PairsReport, Strict
+
+router = APIRouter(prefix="/v1/datasets", tags=["ratings"], dependencies=[Authed])
+
+RaterId = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+VideoId = Field(min_length=1, max_length=256)
+
+
+class ScorePut(Strict):
+    """A rater's absolute score of one video of a version (replaces their earlier score)."""
+
+    version: str = Field(pattern=DIGEST_PATTERN)
+    rater_id: str = RaterId
+    video_id: str = VideoId
+    score: float = Field(ge=0, le=10)
+
+
+class ChoicePut(Strict):
+    """A rater's A/B judgment of two videos of one prompt (replaces their earlier judgment)."""
+
+    version: str = Field(pattern=DIGEST_PATTERN)
+    rater_id: str = RaterId
+    left: str = VideoId
+    right: str = VideoId
+    winner: Literal["left", "right", "tie"]
+
+
+class StoredJudgment(BaseModel):
+    id: str
+    record: dict[str, Any] | None = None
+    tie: dict[str, Any] | None = None
+    version: str
+
+
+class CompileRequest(Strict):
+    base: str | None = Field(
+        default=None, pattern=DIGEST_PATTERN, description="version to add the ratings to (default: latest)"
+    )
+    tie_policy: Literal["drop", "keep"] = "drop"
+    min_margin: float = Field(default=0.0, ge=0, le=10)
+    margin_weighting: bool = False
+
+
+class CompileResult(BaseModel):
+    version: DatasetVersion
+    lineage: dict[str, Any]
+    pairs: PairsReport
+
+
+class Progress(BaseModel):
+    done: int
+    total: int
+
+
+class SessionVideo(BaseModel):
+    id: str
+    prompt: str
+    file: str
+    score: float | None
+    time: str | None
+
+
+class PairSide(BaseModel):
+    id: str
+    file: str
+
+
+class SessionPair(BaseModel):
+    key: str
+    prompt: str
+    first_frame: str | None
+    on_policy: bool
+    left: PairSide
+    right: PairSide
+    choice: Literal["left", "right", "tie"] | None
+    time: str | None
+
+
+class RatingSession(BaseModel):
+    dataset: str
+    version: str
+    rater_id: str
+    videos: list[SessionVideo]
+    pairs: list[SessionPair]
+    progress: dict[str, Progress]
+    resume: dict[str, int]
+
+
+def _svc(c: Context) -> RatingService:
+    return RatingService(c.datasets, c.datasets.clock)
+
+
+@router.get(
+    "/{name}/rating-session",
+    response_model=RatingSession,
+    responses=problems.common_responses(401, 404, 422),
+    summary="Videos, A/B pairs, this rater's judgments, progress and where to resume",
+)
+def rating_session(
+    name: str,
+    rater_id: str = Query(..., min_length=1, max_length=256),
+    version: str | None = Query(None, pattern=DIGEST_PATTERN),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    return _svc(c).session(name, version, rater_id)
+
+
+@router.put(
+    "/{name}/ratings/score",
+    response_model=StoredJudgment,
+    responses=problems.common_responses(401, 403, 404, 422),
+    summary="Set a rater's 0-10 score of a video (an update when they rated it before)",
+)
+def put_score(name: str, body: ScorePut, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return _svc(c).put_score(name, body.version, body.rater_id, body.video_id, body.score)
+
+
+@router.put(
+    "/{name}/ratings/choice",
+    response_model=StoredJudgment,
+    responses=problems.common_responses(401, 403, 404, 422),
+    summary="Set a rater's A/B judgment (left, right or tie) of two videos of one prompt",
+)
+def put_choice(name: str, body: ChoicePut, c: Context = Depends(ctx)) -> dict[str, Any]:
+    return _svc(c).put_choice(name, body.version, body.rater_id, body.left, body.right, body.winner)
+
+
+@router.post(
+    "/{name}/ratings/compile",
+    status_code=201,
+    response_model=CompileResult,
+    responses=problems.common_responses(401, 403, 404, 422),
+    summary="Compile the ratings into a new dataset version (with lineage) and its DPO pairs",
+)
+def compile_ratings(
+    name: str, body: CompileRequest | None = None, c: Context = Depends(ctx)
+) -> dict[str, Any]:
+    body = body or CompileRequest()
+    options = PairOptions(body.tie_policy, body.min_margin, body.margin_weighting)
+    return _svc(c).compile(name, body.base, options)
+
+
+@router.get(
+    "/{name}/versions/{version}/files/{path:path}",
+    response_class=FileResponse,
+    responses={200: {"content": {"video/mp4": {}}}, **problems.common_responses(401, 404, 422)},
+    summary="One video file of a version (for the rating page; supports Range requests)",
+)
+def get_video(name: str, version: str, path: str, c: Context = Depends(ctx)) -> FileResponse:
+    local = _svc(c).video_file(name, version, path)
+    media = {".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif", ".mov": "video/quicktime"}
+    return FileResponse(
+        local,
+        media_type=media.get(local.suffix.lower(), "application/octet-stream"),
+        headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
+    )

@@ -1,0 +1,458 @@
+// HuViDPO rating page. Plain JavaScript, no build step.
+// Every piece of data goes into the page through textContent (never innerHTML), and every request
+// carries the bearer token the rater typed in (sessionStorage), video downloads included.
+"use strict";
+
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const store = {
+    get: (k) => { try { return localStorage.getItem("huvidpo." + k) || ""; } catch (e) { return ""; } },
+    set: (k, v) => { try { localStorage.setItem("huvidpo." + k, v); } catch (e) { /* private mode */ } },
+  };
+  const state = {
+    token: sessionStorage.getItem("huvidpo.token") || "",
+    rater: store.get("rater"),
+    dataset: "",
+    version: "",
+    mode: store.get("mode") === "ab" ? "ab" : "absolute",
+    session: null,
+    absIndex: 0,
+    abIndex: 0,
+    blobs: new Map(), // version/file -> object URL (a small LRU)
+    pendingOne: null, // timer: "1" pressed, waiting for "0" (score 10)
+    busy: false,
+  };
+  const MAX_BLOBS = 24;
+
+  function setStatus(text, kind) {
+    const el = $("status");
+    el.textContent = text || "";
+    el.className = kind || "";
+  }
+
+  function seg(s) { return encodeURIComponent(s); }
+  function filePath(f) { return f.split("/").map(seg).join("/"); }
+
+  async function api(path, opts) {
+    opts = opts || {};
+    const headers = { Authorization: "Bearer " + state.token, Accept: "application/json" };
+    let body;
+    if (opts.json !== undefined) {
+      headers["Content-Type"] = "application/json";
+      body = JSON.stringify(opts.json);
+    }
+    const res = await fetch(path, { method: opts.method || "GET", headers, body, cache: "no-store" });
+    if (!res.ok) {
+      let detail = res.statusText;
+      try { const p = await res.json(); if (p && p.detail) detail = p.detail; } catch (e) { /* not JSON */ }
+      if (res.status === 401) signOut();
+      throw new Error(res.status + ": " + detail);
+    }
+    return opts.raw ? res : res.json();
+  }
+
+  // ------------------------------------------------------------------------------------ sign in
+  function showSignedIn(on) {
+    $("setup").hidden = !on;
+    $("signout-btn").hidden = !on;
+    $("signin-btn").hidden = on;
+    $("token").hidden = on;
+    $("token").parentElement.hidden = on;
+    if (!on) $("main").hidden = true;
+  }
+
+  function signOut() {
+    state.token = "";
+    sessionStorage.removeItem("huvidpo.token");
+    showSignedIn(false);
+    setStatus("Signed out: enter an API token to continue.", "error");
+  }
+
+  async function signIn() {
+    const t = $("token").value.trim();
+    if (!t) { setStatus("Enter the API token you were given.", "error"); return; }
+    state.token = t;
+    sessionStorage.setItem("huvidpo.token", t);
+    $("token").value = "";
+    await start();
+  }
+
+  async function start() {
+    try {
+      const list = await api("/v1/datasets?page_size=200");
+      showSignedIn(true);
+      fillDatasets(list.items);
+      if (!list.items.length) { setStatus("No dataset yet: upload one through the API first."); return; }
+      await chooseDataset(false);
+    } catch (e) {
+      setStatus("Could not sign in: " + e.message, "error");
+    }
+  }
+
+  function option(value, text) {
+    const o = document.createElement("option");
+    o.value = value;
+    o.textContent = text;
+    return o;
+  }
+
+  function fillDatasets(items) {
+    const sel = $("dataset");
+    sel.replaceChildren(...items.map((d) => option(d.name, d.name)));
+    const remembered = store.get("dataset");
+    if (items.some((d) => d.name === remembered)) sel.value = remembered;
+  }
+
+  async function chooseDataset(userPicked) {
+    state.dataset = $("dataset").value;
+    store.set("dataset", state.dataset);
+    const versions = (await api("/v1/datasets/" + seg(state.dataset) + "/versions")).items;
+    const sel = $("version");
+    sel.replaceChildren(...versions.slice().reverse().map((v) => {
+      const kind = v.source && v.source.ratings ? " · compiled from ratings" : "";
+      return option(v.id, v.id.slice(0, 12) + " · " + v.videos + " videos · " + v.created_at + kind);
+    }));
+    const remembered = store.get("version." + state.dataset);
+    if (!userPicked && versions.some((v) => v.id === remembered)) sel.value = remembered;
+    if (!versions.length) { setStatus("This dataset has no version yet."); $("main").hidden = true; return; }
+    await chooseVersion();
+  }
+
+  async function chooseVersion() {
+    state.version = $("version").value;
+    store.set("version." + state.dataset, state.version);
+    await loadSession();
+  }
+
+  // ------------------------------------------------------------------------------------ session
+  async function loadSession() {
+    const rater = $("rater").value.trim();
+    if (!rater) {
+      $("main").hidden = true;
+      setStatus("Enter your rater id (it is remembered on this computer).", "error");
+      $("rater").focus();
+      return;
+    }
+    state.rater = rater;
+    store.set("rater", rater);
+    const q = "?rater_id=" + seg(rater) + "&version=" + seg(state.version);
+    try {
+      state.session = await api("/v1/datasets/" + seg(state.dataset) + "/rating-session" + q);
+    } catch (e) {
+      setStatus("Could not load the ratings: " + e.message, "error");
+      return;
+    }
+    state.absIndex = state.session.resume.absolute;
+    state.abIndex = state.session.resume.ab;
+    $("main").hidden = false;
+    const done = state.session.progress[state.mode === "ab" ? "ab" : "absolute"].done;
+    setStatus(done ? "Welcome back, " + rater + ": resuming where you stopped." : "Ready, " + rater + ".");
+    render();
+  }
+
+  function setMode(mode) {
+    state.mode = mode;
+    store.set("mode", mode);
+    render();
+  }
+
+  function render() {
+    const s = state.session;
+    $("tab-absolute").setAttribute("aria-selected", String(state.mode === "absolute"));
+    $("tab-ab").setAttribute("aria-selected", String(state.mode === "ab"));
+    if (!s) return;
+    $("absolute").hidden = state.mode !== "absolute";
+    $("ab").hidden = state.mode !== "ab";
+    if (state.mode === "absolute") renderAbsolute(); else renderAB();
+    document.body.dataset.ready = "1";
+  }
+
+  function renderProgress(done, total, noun, position) {
+    $("progress").textContent = done + " of " + total + " " + noun;
+    $("progress-bar").max = Math.max(total, 1);
+    $("progress-bar").value = done;
+    $("position").textContent = position;
+  }
+
+  // ------------------------------------------------------------------------------------ videos
+  async function videoURL(file) {
+    const key = state.dataset + "/" + state.version + "/" + file;
+    if (state.blobs.has(key)) {
+      const url = state.blobs.get(key);
+      state.blobs.delete(key);
+      state.blobs.set(key, url); // most recently used last
+      return url;
+    }
+    const path = "/v1/datasets/" + seg(state.dataset) + "/versions/" + seg(state.version) + "/files/" + filePath(file);
+    const res = await api(path, { raw: true });
+    const url = URL.createObjectURL(await res.blob());
+    state.blobs.set(key, url);
+    while (state.blobs.size > MAX_BLOBS) {
+      const [oldKey, oldUrl] = state.blobs.entries().next().value;
+      state.blobs.delete(oldKey);
+      URL.revokeObjectURL(oldUrl);
+    }
+    return url;
+  }
+
+  async function showVideo(el, file, id) {
+    if (el.dataset.videoId === id && el.dataset.version === state.version) return;
+    el.dataset.videoId = "";
+    try {
+      el.src = await videoURL(file);
+      el.dataset.videoId = id;
+      el.dataset.version = state.version;
+    } catch (e) {
+      setStatus("Could not load video " + id + ": " + e.message, "error");
+    }
+  }
+
+  function prefetch(files) {
+    for (const f of files) videoURL(f).catch(() => { /* shown when it is needed */ });
+  }
+
+  // ------------------------------------------------------------------------------------ scores
+  function buildScoreButtons() {
+    const box = $("score-buttons");
+    for (let n = 0; n <= 10; n++) {
+      const b = document.createElement("button");
+      b.type = "button";
+      b.textContent = String(n);
+      b.dataset.score = String(n);
+      b.addEventListener("click", () => rate(n));
+      box.appendChild(b);
+    }
+  }
+
+  function renderAbsolute() {
+    const s = state.session;
+    const items = s.videos;
+    const p = s.progress.absolute;
+    if (!items.length) { renderProgress(0, 0, "rated", ""); return; }
+    state.absIndex = Math.min(Math.max(state.absIndex, 0), items.length - 1);
+    const it = items[state.absIndex];
+    renderProgress(p.done, p.total, "rated", "Video " + (state.absIndex + 1) + " of " + items.length);
+    $("abs-prompt").textContent = it.prompt;
+    $("abs-video-id").textContent = it.id;
+    $("abs-current").textContent = it.score === null ? "not rated" : formatScore(it.score);
+    for (const b of $("score-buttons").children) {
+      b.classList.toggle("chosen", it.score !== null && Number(b.dataset.score) === it.score);
+    }
+    const v = $("abs-video");
+    showVideo(v, it.file, it.id).then(() => v.play().catch(() => {}));
+    prefetch(items.slice(state.absIndex + 1, state.absIndex + 3).map((x) => x.file));
+  }
+
+  function formatScore(x) { return Number.isInteger(x) ? String(x) : x.toFixed(1); }
+
+  async function rate(score) {
+    const s = state.session;
+    if (!s || state.mode !== "absolute" || !s.videos.length) return;
+    const index = state.absIndex;
+    const it = s.videos[index];
+    try {
+      const stored = await api("/v1/datasets/" + seg(state.dataset) + "/ratings/score", {
+        method: "PUT",
+        json: { version: state.version, rater_id: state.rater, video_id: it.id, score },
+      });
+      if (it.score === null) s.progress.absolute.done += 1;
+      it.score = stored.record.score;
+      it.time = stored.record.time;
+      setStatus("Saved: " + it.id + " = " + formatScore(it.score) + ".");
+      if ($("auto-advance").checked && index === state.absIndex && index < s.videos.length - 1) state.absIndex += 1;
+      render();
+    } catch (e) {
+      setStatus("Not saved: " + e.message, "error");
+    }
+  }
+
+  // ------------------------------------------------------------------------------------ A/B
+  const L = () => $("ab-left");
+  const R = () => $("ab-right");
+
+  function renderAB() {
+    const s = state.session;
+    const pairs = s.pairs;
+    const p = s.progress.ab;
+    if (!pairs.length) {
+      renderProgress(0, 0, "pairs judged", "");
+      $("ab-prompt").textContent = "This version has no two videos of one prompt to compare.";
+      return;
+    }
+    state.abIndex = Math.min(Math.max(state.abIndex, 0), pairs.length - 1);
+    const pr = pairs[state.abIndex];
+    renderProgress(p.done, p.total, "pairs judged", "Pair " + (state.abIndex + 1) + " of " + pairs.length);
+    $("ab-prompt").textContent = pr.prompt;
+    $("ab-kind").textContent = pr.on_policy
+      ? "checkpoint vs previous checkpoint, same first frame" + (pr.first_frame ? " (" + pr.first_frame + ")" : "") + ", sides hidden"
+      : "two clips of the same prompt";
+    $("ab-current").textContent = pr.choice === null ? "none yet" : pr.choice === "tie" ? "tie" : pr.choice + " is better";
+    $("ab-choose-left").classList.toggle("chosen", pr.choice === "left");
+    $("ab-choose-right").classList.toggle("chosen", pr.choice === "right");
+    $("ab-choose-tie").classList.toggle("chosen", pr.choice === "tie");
+    Promise.all([showVideo(L(), pr.left.file, pr.left.id), showVideo(R(), pr.right.file, pr.right.id)]).then(() => {
+      restartBoth();
+    });
+    const next = pairs.slice(state.abIndex + 1, state.abIndex + 2);
+    prefetch(next.flatMap((x) => [x.left.file, x.right.file]));
+  }
+
+  async function choose(winner) {
+    const s = state.session;
+    if (!s || state.mode !== "ab" || !s.pairs.length) return;
+    const index = state.abIndex;
+    const pr = s.pairs[index];
+    try {
+      await api("/v1/datasets/" + seg(state.dataset) + "/ratings/choice", {
+        method: "PUT",
+        json: { version: state.version, rater_id: state.rater, left: pr.left.id, right: pr.right.id, winner },
+      });
+      if (pr.choice === null) s.progress.ab.done += 1;
+      pr.choice = winner;
+      pr.time = new Date().toISOString();
+      setStatus("Saved: " + (winner === "tie" ? "tie" : winner + " is better") + ".");
+      if (index === state.abIndex && index < s.pairs.length - 1) state.abIndex += 1;
+      render();
+    } catch (e) {
+      setStatus("Not saved: " + e.message, "error");
+    }
+  }
+
+  // Synced playback: one transport for both clips; drift is corrected on every time update.
+  function bothPlaying() { return !L().paused || !R().paused; }
+  function playBoth() {
+    L().play().catch(() => {});
+    R().play().catch(() => {});
+    $("ab-play").textContent = "Pause (space)";
+  }
+  function pauseBoth() {
+    L().pause();
+    R().pause();
+    $("ab-play").textContent = "Play (space)";
+  }
+  function seekBoth(t) {
+    for (const v of [L(), R()]) {
+      if (Number.isFinite(v.duration)) v.currentTime = Math.min(t, v.duration);
+    }
+  }
+  function longest() { return Math.max(L().duration || 0, R().duration || 0); }
+  function restartBoth() { seekBoth(0); playBoth(); }
+
+  function wireSync() {
+    for (const [a, b] of [[L(), R()], [R(), L()]]) {
+      a.addEventListener("ended", () => { if (b.ended || b.paused) restartBoth(); });
+      a.addEventListener("click", () => (bothPlaying() ? pauseBoth() : playBoth()));
+    }
+    L().addEventListener("timeupdate", () => {
+      const l = L();
+      const r = R();
+      if (!l.paused && !r.paused && !r.seeking && l.currentTime < (r.duration || 0) && Math.abs(l.currentTime - r.currentTime) > 0.1) {
+        r.currentTime = l.currentTime;
+      }
+      const d = longest();
+      if (d > 0) $("ab-seek").value = String(Math.round((1000 * Math.max(l.currentTime, r.currentTime)) / d));
+    });
+    $("ab-seek").addEventListener("input", () => {
+      pauseBoth();
+      seekBoth((Number($("ab-seek").value) / 1000) * longest());
+    });
+    $("ab-play").addEventListener("click", () => (bothPlaying() ? pauseBoth() : playBoth()));
+  }
+
+  // ------------------------------------------------------------------------------------ navigation
+  function move(delta) {
+    if (!state.session) return;
+    if (state.mode === "absolute") state.absIndex += delta; else state.abIndex += delta;
+    render();
+  }
+
+  function togglePlay() {
+    if (state.mode === "ab") { bothPlaying() ? pauseBoth() : playBoth(); return; }
+    const v = $("abs-video");
+    if (v.paused) v.play().catch(() => {}); else v.pause();
+  }
+
+  function restart() {
+    if (state.mode === "ab") { restartBoth(); return; }
+    const v = $("abs-video");
+    v.currentTime = 0;
+    v.play().catch(() => {});
+  }
+
+  function onKey(ev) {
+    const tag = ev.target && ev.target.tagName;
+    if (tag === "INPUT" && ev.target.type !== "range" || tag === "SELECT" || tag === "TEXTAREA") return;
+    if (ev.ctrlKey || ev.metaKey || ev.altKey || !state.session || $("main").hidden) return;
+    const k = ev.key;
+    let handled = true;
+    if (k === "n") move(1);
+    else if (k === "p") move(-1);
+    else if (k === " ") togglePlay();
+    else if (k === "r") restart();
+    else if (state.mode === "absolute" && /^[0-9]$/.test(k)) digit(Number(k));
+    else if (state.mode === "ab" && (k === "ArrowLeft" || k === "a")) choose("left");
+    else if (state.mode === "ab" && (k === "ArrowRight" || k === "l")) choose("right");
+    else if (state.mode === "ab" && (k === "ArrowDown" || k === "t")) choose("tie");
+    else handled = false;
+    if (handled) ev.preventDefault();
+  }
+
+  async function digit(n) {
+    if (state.pendingOne !== null) {
+      clearTimeout(state.pendingOne);
+      state.pendingOne = null;
+      if (n === 0) { await rate(10); return; }
+      await rate(1); // "1" then another digit: two scores, one after the other
+    }
+    if (n === 1) {
+      state.pendingOne = setTimeout(() => { state.pendingOne = null; rate(1); }, 500);
+      return;
+    }
+    rate(n);
+  }
+
+  // ------------------------------------------------------------------------------------ compile
+  async function compile() {
+    $("compile-result").textContent = "compiling…";
+    try {
+      const r = await api("/v1/datasets/" + seg(state.dataset) + "/ratings/compile", {
+        method: "POST",
+        json: { base: state.version },
+      });
+      $("compile-result").textContent =
+        "new version " + r.version.id.slice(0, 12) + ": " + r.lineage.records.length + " rating records, " +
+        r.pairs.pairs + " DPO pairs";
+    } catch (e) {
+      $("compile-result").textContent = "";
+      setStatus("Compile failed: " + e.message, "error");
+    }
+  }
+
+  // ------------------------------------------------------------------------------------ start
+  function init() {
+    buildScoreButtons();
+    wireSync();
+    $("rater").value = state.rater;
+    $("signin-btn").addEventListener("click", signIn);
+    $("token").addEventListener("keydown", (e) => { if (e.key === "Enter") signIn(); });
+    $("signout-btn").addEventListener("click", signOut);
+    $("dataset").addEventListener("change", () => chooseDataset(true).catch((e) => setStatus(e.message, "error")));
+    $("version").addEventListener("change", () => chooseVersion().catch((e) => setStatus(e.message, "error")));
+    $("rater").addEventListener("change", loadSession);
+    $("tab-absolute").addEventListener("click", () => setMode("absolute"));
+    $("tab-ab").addEventListener("click", () => setMode("ab"));
+    $("abs-prev").addEventListener("click", () => move(-1));
+    $("abs-next").addEventListener("click", () => move(1));
+    $("ab-prev").addEventListener("click", () => move(-1));
+    $("ab-next").addEventListener("click", () => move(1));
+    $("ab-choose-left").addEventListener("click", () => choose("left"));
+    $("ab-choose-right").addEventListener("click", () => choose("right"));
+    $("ab-choose-tie").addEventListener("click", () => choose("tie"));
+    $("compile-btn").addEventListener("click", compile);
+    document.addEventListener("keydown", onKey);
+    render();
+    if (state.token) start(); else { showSignedIn(false); setStatus("Enter the API token to start rating."); }
+  }
+
+  init();
+})();
