@@ -1,0 +1,123 @@
+"""The whole fine-tune path on the embedded default: REST API, LocalExecutor, the real trainer entrypoint.
+
+One run proves three promises at once: a trainer killed mid-run is retried and resumes from its last
+*uploaded* checkpoint; a control plane replaced mid fine-tune (a new app over the same store) loses
+nothing and reports the right state; the result has checkpoints with manifests and lineage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from fastapi.testclient import TestClient
+
+from services.common.publish import publish_dir
+from services.common.settings import ControlPlaneSettings
+from services.common.store import LocalStore
+from services.controlplane.app import create_app
+from services.controlplane.executors.local import LocalExecutor
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _app(store: LocalStore, settings: ControlPlaneSettings, store_root: Path) -> TestClient:
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HF_HUB_OFFLINE": "1",
+        "HUVIDPO_STORE_BACKEND": "local",
+        "HUVIDPO_STORE_ROOT": str(store_root),
+        "HUVIDPO_TRAINER_WORK_DIR": str(settings.work_dir / "trainer"),
+        "OMP_NUM_THREADS": "1",
+    }
+    executor = LocalExecutor(settings.work_dir, env, max_retries=2, python=sys.executable)
+    return TestClient(create_app(settings, store, executor, background=False))
+
+
+def _wait(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.5)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_killed_trainer_resumes_and_a_restarted_control_plane_loses_nothing(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from huvidpo.data import make_synthetic_dataset
+
+    store_root = tmp_path / "store"
+    store = LocalStore(store_root)
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    settings = ControlPlaneSettings(work_dir=tmp_path / "work")
+    c1 = _app(store, settings, store_root)
+
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    assert c1.post("/v1/datasets", json={"name": "cats"}).status_code == 201
+    files = [
+        ("files", (p.relative_to(ds).as_posix(), p.read_bytes(), "video/mp4"))
+        for p in sorted(ds.rglob("*"))
+        if p.is_file()
+    ]
+    version = c1.post("/v1/datasets/cats/versions", files=files).json()["id"]
+    hp = {"max_steps": 4, "checkpoint_every": 1, "num_frames": 4, "height": 32, "width": 32, "plot": False}
+    ft = c1.post(
+        "/v1/fine-tunes",
+        json={"dataset": "cats", "version": version, "base_model": "tiny", "hyperparameters": hp},
+    )
+    assert ft.status_code == 201, ft.text
+    ft_id = ft.json()["id"]
+
+    # Wait for the first uploaded checkpoint, then kill the trainer (not its supervisor) without warning.
+    _wait(lambda: store.exists(f"checkpoints/ckpt-{ft_id}-1/manifest.json"), 400, "the first checkpoint")
+    assert c1.get(f"/v1/fine-tunes/{ft_id}").json()["state"] == "running"
+    run = json.loads((settings.work_dir / "runs" / ft_id / "run.json").read_text())
+    trainer = _wait(lambda: psutil.Process(run["pid"]).children(), 30, "the trainer process")[0]
+    os.kill(trainer.pid, signal.SIGKILL)
+
+    # The control plane is replaced too: a new app and executor over the same store and work dir.
+    del c1
+    c2 = _app(store, settings, store_root)
+    view = _wait(
+        lambda: (
+            (v := c2.get(f"/v1/fine-tunes/{ft_id}").json())["state"] in ("succeeded", "failed", "cancelled")
+            and v
+        ),
+        600,
+        "the fine-tune to finish",
+    )
+    assert view["state"] == "succeeded", view
+    progress = view["progress"]
+    assert progress["attempts"] == 2 and progress["step"] == 4
+    resumed = progress["resumed_from_step"]
+    assert resumed is not None and resumed >= 1
+
+    # The retry resumed at the last uploaded checkpoint: no step at or before it was trained again.
+    records = [
+        json.loads(x) for x in store.get_bytes(f"finetunes/{ft_id}/progress.jsonl").decode().splitlines()
+    ]
+    second_start = [i for i, r in enumerate(records) if r["event"] == "start"][1]
+    assert all(r["step"] > resumed for r in records[second_start:] if r["event"] == "step")
+
+    # Checkpoints: manifest with digests and lineage; downloadable.
+    assert view["checkpoints"][-1] == f"ckpt-{ft_id}-4"
+    ck = c2.get(f"/v1/checkpoints/ckpt-{ft_id}-4").json()
+    lineage = ck["lineage"]
+    assert lineage["dataset_digest"] == version and lineage["finetune_id"] == ft_id
+    assert lineage["base_model_digest"] and lineage["config"]["max_steps"] == 4 and lineage["job"] == ft_id
+    assert all(len(f["sha256"]) == 64 for f in ck["files"].values())
+    assert "adapter/adapter_model.safetensors" in ck["files"]
+    logs = c2.get(f"/v1/fine-tunes/{ft_id}/logs").text
+    assert "--- attempt 2 ---" in logs and "resuming fine-tune" in logs

@@ -1,0 +1,85 @@
+"""The trainer entrypoint's exit codes and end records: 2 for bad input (never retried), 75 for transient."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from services.common.publish import publish_dir
+from services.common.settings import TrainerSettings
+from services.common.store import LocalStore, StoreUnavailable
+from services.controlplane.domain.datasets import DatasetService
+from services.trainer.entry import EXIT_BAD_DATA, EXIT_TRANSIENT, published_steps, run
+
+
+def _record(store: LocalStore, ft: str, **request: Any) -> None:
+    req = {
+        "dataset": "cats",
+        "version": "a" * 64,
+        "base_model": "tiny",
+        "stage": "dpo",
+        "hyperparameters": {},
+    }
+    req.update(request)
+    store.put_json(
+        f"finetunes/{ft}/record.json", {"id": ft, "request": req, "lineage": {}, "job": {"name": ft}}
+    )
+
+
+def _end(store: LocalStore, ft: str) -> dict[str, Any]:
+    lines = store.get_bytes(f"finetunes/{ft}/progress.jsonl").decode().splitlines()
+    end = json.loads(lines[-1])
+    assert end["event"] == "end"
+    return dict(end)
+
+
+def test_missing_record_or_dataset_is_bad_input_exit_2(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    settings = TrainerSettings(finetune_id="ft-a", work_dir=tmp_path / "w")
+    assert run(store, settings) == EXIT_BAD_DATA
+    assert _end(store, "ft-a")["reason"] == "BadInput"
+    _record(store, "ft-b")
+    assert run(store, TrainerSettings(finetune_id="ft-b", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+    end = _end(store, "ft-b")
+    assert end["state"] == "failed" and end["exit_code"] == 2 and "datasets/cats" in end["message"]
+    assert run(store, TrainerSettings(finetune_id="", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+
+
+def test_invalid_hyperparameters_are_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from huvidpo.data import make_synthetic_dataset
+
+    store = LocalStore(tmp_path / "s")
+    publish_dir(store, tiny_model_dir, "models/tiny/", {})
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    datasets = DatasetService(store, tmp_path / "cache")
+    datasets.create("cats")
+    upload = datasets.start_upload("cats")
+    for p in sorted(q for q in ds.rglob("*") if q.is_file()):
+        with p.open("rb") as fh:
+            datasets.stage_stream("cats", upload["id"], p.relative_to(ds).as_posix(), fh)
+    version = datasets.commit_upload("cats", upload["id"])["id"]
+    _record(store, "ft-c", version=version, hyperparameters={"height": 30})
+    assert run(store, TrainerSettings(finetune_id="ft-c", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+    end = _end(store, "ft-c")
+    assert end["reason"] == "ConfigError" and "height" in end["message"]
+
+
+class FlakyStore(LocalStore):
+    def get_bytes(self, key: str) -> bytes:
+        raise StoreUnavailable("connection refused")
+
+
+def test_unreachable_store_is_transient_exit_75(tmp_path: Path) -> None:
+    store = FlakyStore(tmp_path / "s")
+    assert run(store, TrainerSettings(finetune_id="ft-d", work_dir=tmp_path / "w")) == EXIT_TRANSIENT
+
+
+def test_only_checkpoints_with_a_manifest_count_for_resume(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    for step, complete in ((1, True), (2, True), (3, False)):
+        store.put_bytes(f"checkpoints/ckpt-ft-e-{step}/adapter/adapter_model.safetensors", b"w")
+        if complete:
+            store.put_json(f"checkpoints/ckpt-ft-e-{step}/manifest.json", {"files": {}})
+    store.put_json("checkpoints/ckpt-ft-e2-9/manifest.json", {"files": {}})  # another fine-tune
+    assert published_steps(store, "ft-e") == [1, 2]
