@@ -95,11 +95,28 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 "command": list(settings.trainer_command),
                 "env": env,
                 "resources": {"requests": requests, "limits": limits},
-                "volumeMounts": [{"name": "work", "mountPath": WORK_DIR}],
-                "securityContext": {"allowPrivilegeEscalation": False},
+                "volumeMounts": [
+                    {"name": "work", "mountPath": WORK_DIR},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                ],
+                # Pod Security "restricted" (enforced on the namespace by deploy/): the root
+                # filesystem stays read-only, /tmp (HOME and caches in the image) is an emptyDir.
+                "securityContext": {
+                    "allowPrivilegeEscalation": False,
+                    "readOnlyRootFilesystem": True,
+                    "capabilities": {"drop": ["ALL"]},
+                },
             }
         ],
-        "volumes": [{"name": "work", "emptyDir": {}}],
+        "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "automountServiceAccountToken": False,  # the trainer never talks to the Kubernetes API
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 10001,  # the image's user (Dockerfile)
+            "runAsGroup": 10001,
+            "fsGroup": 10001,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
     }
     if settings.node_selector:
         pod_spec["nodeSelector"] = dict(settings.node_selector)
