@@ -14,6 +14,8 @@
 # Ceph packages: radosgw ceph-mon ceph-osd (Debian; .ci/apt-packages.txt). Every `ms * mode` option is
 # `crc`: with cephx off, the default `secure`-capable modes make the mon client hang on auth for 300 s.
 # Keys: CEPH_S3_ACCESS_KEY / CEPH_S3_SECRET_KEY (defaults below) — test-only credentials.
+# Capacity: the OSD keeps objects in RAM, CEPH_S3_MEMSTORE_BYTES (default 2 GiB). When it is full,
+# radosgw does not fail writes, it blocks them: delete what a benchmark no longer needs.
 set -euo pipefail
 
 usage() { echo "usage: $0 start DIR PORT [MONPORT] | stop DIR" >&2; exit 64; }
@@ -82,7 +84,7 @@ osd pool default min size = 1
 mon allow pool size one = true
 osd pool default pg autoscale mode = off
 osd objectstore = memstore
-memstore device bytes = 2147483648
+memstore device bytes = ${CEPH_S3_MEMSTORE_BYTES:-2147483648}
 osd crush update on start = false
 run dir = $D
 log file = $D/log/\$name.log
@@ -95,6 +97,10 @@ mon data = $D/mon
 osd data = $D/osd0
 [client.rgw.a]
 rgw frontends = beast endpoint=127.0.0.1:$PORT
+# free deleted objects' data within seconds, not hours (the memstore OSD holds it in RAM)
+rgw gc obj min wait = 5
+rgw gc processor period = 5
+rgw gc processor max time = 5
 CONF
 C=(-c "$D/ceph.conf")
 

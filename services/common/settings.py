@@ -29,7 +29,7 @@ class StoreSettings(BaseSettings):
     region: str = "us-east-1"
     create_bucket: bool = True
     # Multipart part size for streamed uploads; S3 requires at least 5 MiB for every part but the last.
-    part_size: int = Field(default=16 * 1024 * 1024, ge=5 * 1024 * 1024)
+    part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
     # LocalStore presigned URLs: signed with this HMAC key and served by the control plane at this base.
     presign_secret: SecretStr = SecretStr("")
     public_base_url: str = "http://127.0.0.1:8080"

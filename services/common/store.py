@@ -182,19 +182,20 @@ class HashingReader:
         self.size = 0
 
     def read(self, n: int = -1) -> bytes:
-        if n is None or n < 0:
-            n = 1 << 62
-        buf = bytearray()
-        while len(buf) < n:
-            chunk = self._stream.read(min(n - len(buf), 8 * CHUNK_SIZE))
+        parts: list[bytes] = []
+        got = 0
+        while n is None or n < 0 or got < n:
+            chunk = self._stream.read(8 * CHUNK_SIZE if n is None or n < 0 else n - got)
             if not chunk:
                 break
-            buf += chunk
-        self.size += len(buf)
-        self.hasher.update(buf)
+            parts.append(chunk)
+            got += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)  # no copy in the common case
+        self.size += len(data)
+        self.hasher.update(data)
         if self._length is not None and self.size > self._length:
             raise IncompleteStream(f"stream is longer than the announced {self._length} bytes")
-        return bytes(buf)
+        return bytes(data)
 
     def check_complete(self) -> None:
         """Raise ``IncompleteStream`` if an announced length was not reached."""

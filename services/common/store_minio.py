@@ -141,7 +141,7 @@ class MinioStore(ObjectStore):
         region: str = "us-east-1",
         *,
         create_bucket: bool = True,
-        part_size: int = 16 * 1024 * 1024,
+        part_size: int = 8 * 1024 * 1024,
         timeout: float = 30.0,
         retries: int = 2,
         num_parallel_uploads: int = 3,
@@ -290,14 +290,15 @@ class MinioStore(ObjectStore):
         validate_key(key)
         meta = validate_metadata(metadata)
         self._ensure_bucket()
+        before = os.stat(path)
         sha, size = sha256_file(path)
         meta[SHA256_METADATA_KEY] = sha
         with open(path, "rb") as fh:
-            reader = HashingReader(fh, size)  # type: ignore[arg-type]
-            res = self._put_once(key, reader, size, content_type, meta)  # type: ignore[arg-type]
-        if reader.sha256 != sha:  # the file changed while we uploaded it
-            self.delete(key)
-            raise ChecksumMismatch(key, sha, reader.sha256)
+            res = self._put_once(key, fh, size, content_type, meta)  # type: ignore[arg-type]
+        after = os.stat(path)
+        if (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            self.delete(key)  # the file changed while it was hashed or sent: its digest may be wrong
+            raise ChecksumMismatch(key, sha, "a file modified during upload")
         return _info_from(key, size, res.etag, content_type or _OCTET, res.last_modified, meta)
 
     # --- reads
