@@ -247,6 +247,9 @@ class ModelManager:
         with self._model_lock:
             try:
                 load_lora(unet, adapter_dir, adapter=name)
+                # peft adds the new LoRA modules (with their dropout) in training mode: without this,
+                # every generation with the adapter would apply dropout and be non-deterministic.
+                unet.eval()
             except Exception as exc:
                 if name in getattr(unet, "peft_config", {}):
                     unet.delete_adapters(name)
@@ -439,7 +442,13 @@ class ModelManager:
         pipe = self.pipeline
         if pipe is None:
             raise ModelNotReady("no model is loaded yet; retry shortly")
-        return int(pipe.components.tokenizer.model_max_length)
+        # The text encoder's position table is the real limit; a saved tokenizer may not carry its
+        # model_max_length (the tiny model's comes back as 77 while its encoder holds 16 positions).
+        limits = [int(pipe.components.tokenizer.model_max_length)]
+        positions = getattr(pipe.components.text_encoder.config, "max_position_embeddings", None)
+        if positions:
+            limits.append(int(positions))
+        return min(limits)
 
     def run_batch(self, jobs: list[Job], progress: ProgressFn, should_stop: StopFn) -> list[GenerationResult]:
         """(model thread) Generate one batch of compatible jobs in one ``generate_batch`` call."""
