@@ -207,7 +207,8 @@ class ModelManager:
             except (ChecksumMismatch, InvalidKey) as exc:
                 raise CheckpointRefused(checkpoint_id, str(exc), "checksum") from exc
             files = set(manifest["files"])
-            unexpected = sorted(files - CHECKPOINT_FILES)
+            # state/ is the trainer's resume state (optimizer, RNG: JSON and safetensors); never loaded here.
+            unexpected = sorted(f for f in files - CHECKPOINT_FILES if not f.startswith("state/"))
             if unexpected:
                 raise CheckpointRefused(
                     checkpoint_id,
