@@ -113,7 +113,7 @@ class ChoiceRecord(Strict):
 
 
 class RatingsCreate(Strict):
-    records: list[RatingRecord | ChoiceRecord] = Field(min_length=1, max_length=10_000)
+    records: list[RatingRecord | ChoiceRecord] = Field(min_length=1, max_length=500)
 
 
 class RatingsCreated(BaseModel):

@@ -36,7 +36,9 @@ def _local(c: Context) -> LocalStore:
 def get_object(
     key: str,
     expires: int = Query(..., ge=0, le=2**40),
-    signature: str = Query(..., min_length=1, max_length=128),
+    signature: str = Query(
+        ..., pattern="^[0-9a-f]{64}$", description="hex HMAC-SHA256 from the presigned URL"
+    ),
     c: Context = Depends(ctx),
 ) -> StreamingResponse:
     store = _local(c)
@@ -68,7 +70,9 @@ async def put_object(
     key: str,
     request: Request,
     expires: int = Query(..., ge=0, le=2**40),
-    signature: str = Query(..., min_length=1, max_length=128),
+    signature: str = Query(
+        ..., pattern="^[0-9a-f]{64}$", description="hex HMAC-SHA256 from the presigned URL"
+    ),
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     store = _local(c)
