@@ -22,6 +22,8 @@ class StoreSettings(BaseSettings):
     backend: Literal["local", "s3"] = "local"
     root: Path = Path("./var/store")
     endpoint: str = "127.0.0.1:9000"
+    # Address presigned S3 URLs name, if clients reach the server elsewhere (empty: ``endpoint``).
+    public_endpoint: str = ""
     access_key: SecretStr = SecretStr("")
     secret_key: SecretStr = SecretStr("")
     bucket: str = "huvidpo"

@@ -761,5 +761,6 @@ def make_store(settings: StoreSettings) -> ObjectStore:
             create_bucket=settings.create_bucket,
             part_size=settings.part_size,
             timeout=settings.timeout_seconds,
+            public_endpoint=settings.public_endpoint or None,
         )
     raise ValueError(f"unknown store backend {settings.backend!r}")

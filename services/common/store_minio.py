@@ -122,13 +122,23 @@ def _info_from(
     )
 
 
+def _split_endpoint(endpoint: str, secure: bool) -> tuple[str, bool]:
+    """``host:port`` and ``secure`` from ``host:port`` or an ``http(s)://host:port`` URL."""
+    if endpoint.startswith(("http://", "https://")):
+        secure = endpoint.startswith("https://")
+        endpoint = endpoint.split("://", 1)[1]
+    return endpoint.rstrip("/"), secure
+
+
 class MinioStore(ObjectStore):
     """Objects in one S3 bucket through the ``minio`` SDK (MinIO, Ceph radosgw, AWS S3, moto).
 
     ``endpoint`` is ``host:port`` (an ``http://``/``https://`` prefix also sets ``secure``).
     ``create_bucket`` creates the bucket on the first write if missing. ``part_size`` (>= 5 MiB) is
     the multipart part size; ``timeout`` seconds per connect/read; ``retries`` for idempotent
-    requests on connection errors and 5xx.
+    requests on connection errors and 5xx. ``public_endpoint`` (``host:port`` or a URL) is the
+    address presigned URLs name, when clients reach the server elsewhere than this process does
+    (in-cluster service vs ingress); it must route to the same server.
     """
 
     def __init__(
@@ -145,11 +155,9 @@ class MinioStore(ObjectStore):
         timeout: float = 30.0,
         retries: int = 2,
         num_parallel_uploads: int = 3,
+        public_endpoint: str | None = None,
     ) -> None:
-        if endpoint.startswith(("http://", "https://")):
-            secure = endpoint.startswith("https://")
-            endpoint = endpoint.split("://", 1)[1]
-        endpoint = endpoint.rstrip("/")
+        endpoint, secure = _split_endpoint(endpoint, secure)
         if part_size < 5 * 1024 * 1024:
             raise ValueError("part_size must be at least 5 MiB (the S3 minimum)")
         self.endpoint = endpoint
@@ -172,6 +180,18 @@ class MinioStore(ObjectStore):
             region=region,
             http_client=http,
         )
+        # Presigned URLs are signed for the host a client will use (SigV4 signs the Host header). Signing
+        # is offline when the region is known, so this second client never opens a connection.
+        self._presigner = self.client
+        if public_endpoint:
+            pub, pub_secure = _split_endpoint(public_endpoint, secure)
+            self._presigner = Minio(
+                pub,
+                access_key=access_key or None,
+                secret_key=secret_key or None,
+                secure=pub_secure,
+                region=region,
+            )
         self._bucket_ready = False
         self._bucket_lock = threading.Lock()
 
@@ -389,13 +409,13 @@ class MinioStore(ObjectStore):
     def presigned_get_url(self, key: str, expires: timedelta) -> str:
         validate_key(key)
         with self._errors(key):
-            return self.client.presigned_get_object(self.bucket, key, expires=check_expiry(expires))
+            return self._presigner.presigned_get_object(self.bucket, key, expires=check_expiry(expires))
 
     def presigned_put_url(self, key: str, expires: timedelta) -> str:
         validate_key(key)
         self._ensure_bucket()
         with self._errors(key):
-            return self.client.presigned_put_object(self.bucket, key, expires=check_expiry(expires))
+            return self._presigner.presigned_put_object(self.bucket, key, expires=check_expiry(expires))
 
     def check(self) -> None:
         with self._errors():

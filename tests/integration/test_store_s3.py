@@ -173,6 +173,23 @@ def test_streamed_upload_memory_stays_bounded(s3_endpoint: dict[str, str], make_
     assert peak < 8 * part, f"peak {peak / 2**20:.1f} MiB for a {size / 2**20:.0f} MiB stream"
 
 
+def test_presigned_url_for_a_public_endpoint_names_it_and_still_verifies(
+    s3_endpoint: dict[str, str], make_s3_store: MakeStore
+) -> None:
+    port = s3_endpoint["endpoint"].rsplit(":", 1)[1]
+    store = make_s3_store(
+        s3_endpoint, public_endpoint=f"http://localhost:{port}"
+    )  # another name, same server
+    store.put_bytes("share/p.txt", b"public")
+    url = store.presigned_get_url("share/p.txt", timedelta(minutes=5))
+    assert url.startswith(f"http://localhost:{port}/{store.bucket}/share/p.txt?")
+    got = httpx.get(url, timeout=10)
+    assert got.status_code == 200 and got.content == b"public"
+    # signed for that host: presented under another Host header it is refused
+    other = httpx.get(url.replace("localhost", "127.0.0.1"), timeout=10)
+    assert other.status_code == 403
+
+
 def test_check_reports_a_missing_bucket_it_may_not_create(s3_endpoint: dict[str, str]) -> None:
     store = MinioStore(
         s3_endpoint["endpoint"],
