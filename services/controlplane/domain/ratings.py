@@ -340,7 +340,8 @@ class RatingService:
         base = self.root_version(name, base or self.latest_version(name))
         known = {v.id for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
-        used, skipped = [], []
+        used: list[Judgment] = []
+        skipped: list[Judgment] = []
         for j in resolved.effective:
             ids = [j.target] if j.kind == "score" else j.target.split("|")
             (used if all(i in known for i in ids) else skipped).append(j)

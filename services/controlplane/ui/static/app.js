@@ -245,25 +245,42 @@
 
   function formatScore(x) { return Number.isInteger(x) ? String(x) : x.toFixed(1); }
 
-  async function rate(score) {
+  // Judgments are shown at once and saved in the background, one request after another in the order
+  // they were given, so a rater can type ahead; a failed save is undone on the page and reported.
+  let saving = Promise.resolve();
+  let pending = 0;
+  function queueSave(request, onSaved, onFailed) {
+    pending += 1;
+    document.body.dataset.saving = String(pending);
+    saving = saving
+      .then(request)
+      .then(onSaved, (e) => { onFailed(); setStatus("Not saved: " + e.message, "error"); render(); })
+      .finally(() => { pending -= 1; document.body.dataset.saving = String(pending); });
+    return saving;
+  }
+
+  function rate(score) {
     const s = state.session;
-    if (!s || state.mode !== "absolute" || !s.videos.length) return;
+    if (!s || state.mode !== "absolute" || !s.videos.length) return Promise.resolve();
     const index = state.absIndex;
     const it = s.videos[index];
-    try {
-      const stored = await api("/v1/datasets/" + seg(state.dataset) + "/ratings/score", {
-        method: "PUT",
-        json: { version: state.version, rater_id: state.rater, video_id: it.id, score },
-      });
-      if (it.score === null) s.progress.absolute.done += 1;
-      it.score = stored.record.score;
-      it.time = stored.record.time;
-      setStatus("Saved: " + it.id + " = " + formatScore(it.score) + ".");
-      if ($("auto-advance").checked && index === state.absIndex && index < s.videos.length - 1) state.absIndex += 1;
-      render();
-    } catch (e) {
-      setStatus("Not saved: " + e.message, "error");
-    }
+    const before = { score: it.score, time: it.time };
+    if (it.score === null) s.progress.absolute.done += 1;
+    it.score = score;
+    it.time = new Date().toISOString();
+    if ($("auto-advance").checked && index < s.videos.length - 1) state.absIndex += 1;
+    render();
+    const body = { version: state.version, rater_id: state.rater, video_id: it.id, score };
+    const url = "/v1/datasets/" + seg(state.dataset) + "/ratings/score";
+    return queueSave(
+      () => api(url, { method: "PUT", json: body }),
+      (stored) => setStatus("Saved: " + it.id + " = " + formatScore(stored.record.score) + "."),
+      () => {
+        if (before.score === null) s.progress.absolute.done -= 1;
+        it.score = before.score;
+        it.time = before.time;
+      },
+    );
   }
 
   // ------------------------------------------------------------------------------------ A/B
@@ -297,25 +314,28 @@
     prefetch(next.flatMap((x) => [x.left.file, x.right.file]));
   }
 
-  async function choose(winner) {
+  function choose(winner) {
     const s = state.session;
-    if (!s || state.mode !== "ab" || !s.pairs.length) return;
+    if (!s || state.mode !== "ab" || !s.pairs.length) return Promise.resolve();
     const index = state.abIndex;
     const pr = s.pairs[index];
-    try {
-      await api("/v1/datasets/" + seg(state.dataset) + "/ratings/choice", {
-        method: "PUT",
-        json: { version: state.version, rater_id: state.rater, left: pr.left.id, right: pr.right.id, winner },
-      });
-      if (pr.choice === null) s.progress.ab.done += 1;
-      pr.choice = winner;
-      pr.time = new Date().toISOString();
-      setStatus("Saved: " + (winner === "tie" ? "tie" : winner + " is better") + ".");
-      if (index === state.abIndex && index < s.pairs.length - 1) state.abIndex += 1;
-      render();
-    } catch (e) {
-      setStatus("Not saved: " + e.message, "error");
-    }
+    const before = { choice: pr.choice, time: pr.time };
+    if (pr.choice === null) s.progress.ab.done += 1;
+    pr.choice = winner;
+    pr.time = new Date().toISOString();
+    if (index < s.pairs.length - 1) state.abIndex += 1;
+    render();
+    const body = { version: state.version, rater_id: state.rater, left: pr.left.id, right: pr.right.id, winner };
+    const url = "/v1/datasets/" + seg(state.dataset) + "/ratings/choice";
+    return queueSave(
+      () => api(url, { method: "PUT", json: body }),
+      () => setStatus("Saved: " + (winner === "tie" ? "tie" : winner + " is better") + "."),
+      () => {
+        if (before.choice === null) s.progress.ab.done -= 1;
+        pr.choice = before.choice;
+        pr.time = before.time;
+      },
+    );
   }
 
   // Synced playback: one transport for both clips; drift is corrected on every time update.
@@ -397,12 +417,12 @@
     if (handled) ev.preventDefault();
   }
 
-  async function digit(n) {
+  function digit(n) {
     if (state.pendingOne !== null) {
       clearTimeout(state.pendingOne);
       state.pendingOne = null;
-      if (n === 0) { await rate(10); return; }
-      await rate(1); // "1" then another digit: two scores, one after the other
+      if (n === 0) { rate(10); return; }
+      rate(1); // "1" then another digit: two scores, one after the other
     }
     if (n === 1) {
       state.pendingOne = setTimeout(() => { state.pendingOne = null; rate(1); }, 500);
@@ -415,6 +435,7 @@
   async function compile() {
     $("compile-result").textContent = "compiling…";
     try {
+      await saving; // every judgment given so far is stored first
       const r = await api("/v1/datasets/" + seg(state.dataset) + "/ratings/compile", {
         method: "POST",
         json: { base: state.version },
@@ -450,6 +471,7 @@
     $("ab-choose-tie").addEventListener("click", () => choose("tie"));
     $("compile-btn").addEventListener("click", compile);
     document.addEventListener("keydown", onKey);
+    window.addEventListener("beforeunload", (e) => { if (pending > 0) { e.preventDefault(); e.returnValue = ""; } });
     render();
     if (state.token) start(); else { showSignedIn(false); setStatus("Enter the API token to start rating."); }
   }
