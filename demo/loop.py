@@ -1,0 +1,318 @@
+"""The whole loop through the public interfaces, as one function the demo and the e2e tests share.
+
+rated videos -> REST upload (multipart) -> dataset version (digest) -> pairs -> DPO fine-tune (a Job)
+-> checkpoint (manifest with lineage) -> rollout -> gRPC Generate from a first frame -> video that
+reports the checkpoint that made it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from demo.client import ControlPlaneClient, channel, generate, stub, wait_serving_checkpoint
+from services.common.store import ObjectStore
+from services.inference.gen import inference_pb2 as pb
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class LoopOptions:
+    """Sizes of the loop; the defaults finish in a few minutes on 2 CPU cores with the tiny model."""
+
+    dataset: str = "demo"
+    base_model: str = "tiny"
+    deployment: str = "default"
+    # synthetic rated videos
+    prompts: int = 2
+    videos_per_prompt: int = 4
+    video_frames: int = 8
+    video_size: int = 64
+    # DPO fine-tune (hyperparameters of huvidpo.training.DPOConfig)
+    train_steps: int = 8
+    checkpoint_every: int = 4
+    train_frames: int = 4
+    train_size: int = 64
+    extra_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # generation
+    prompt: str = "a square slides to the right"
+    gen_frames: int = 8
+    gen_size: int = 64
+    gen_steps: int = 10
+    seed: int = 7
+    timeout: float = 900.0
+
+    def hyperparameters(self) -> dict[str, Any]:
+        hp: dict[str, Any] = {
+            "max_steps": self.train_steps,
+            "checkpoint_every": self.checkpoint_every,
+            "num_frames": self.train_frames,
+            "height": self.train_size,
+            "width": self.train_size,
+            "batch_size": 1,
+            "lora_rank": 4,
+            "lora_alpha": 4.0,
+            "lr": 1e-3,
+            "beta": 50.0,
+            "gradient_checkpointing": False,
+            "seed": 1,
+        }
+        hp.update(self.extra_hyperparameters)
+        return hp
+
+
+def make_rated_videos(directory: Path, opts: LoopOptions) -> Path:
+    """A small synthetic set of rated videos (MP4 + manifest.jsonl with per-rater scores)."""
+    from huvidpo.data.synthetic import make_synthetic_dataset
+
+    return make_synthetic_dataset(
+        directory,
+        n_prompts=opts.prompts,
+        videos_per_prompt=opts.videos_per_prompt,
+        num_frames=opts.video_frames,
+        size=opts.video_size,
+    )
+
+
+def first_frame_png(video: Path, size: int) -> bytes:
+    """Frame 0 of ``video`` resized to ``size`` x ``size``, PNG-encoded."""
+    from PIL import Image
+
+    from huvidpo.video_io import read_video
+
+    frame = np.asarray(read_video(video))[0]
+    buf = io.BytesIO()
+    Image.fromarray(frame).resize((size, size)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def publish_base_model(store: ObjectStore, model_dir: Path, model_id: str) -> str:
+    """Publish a local model directory as ``models/{id}/`` (manifest last); returns its digest.
+
+    Idempotent: the same directory (same digest) already published is left alone."""
+    from huvidpo.models import directory_digest
+    from services.common.publish import is_published, publish_dir, read_manifest
+
+    prefix = f"models/{model_id}"
+    digest = directory_digest(model_dir)
+    if not (is_published(store, prefix) and read_manifest(store, prefix).get("digest") == digest):
+        publish_dir(store, model_dir, prefix, extra_manifest={"id": model_id, "digest": digest})
+    return digest
+
+
+def progress_rows(store: ObjectStore, finetune_id: str) -> list[dict[str, Any]]:
+    """The trainer's step records (``finetunes/{id}/progress.jsonl``), last attempt's value per step."""
+    from services.controlplane.domain.progress import read_progress
+
+    by_step: dict[int, dict[str, Any]] = {}
+    for rec in read_progress(store, finetune_id):
+        if rec.get("event") == "step" and "loss" in rec:
+            by_step[int(rec["step"])] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _describe(view: dict[str, Any]) -> str:
+    p = view.get("progress") or {}
+    parts = [f"{view['state']:<9}", f"step {p.get('step', 0)}/{p.get('total_steps') or '?'}"]
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.4f}")
+    if p.get("reward_accuracy") is not None:
+        parts.append(f"reward acc {p['reward_accuracy']:.2f}")
+    if p.get("eta_seconds") is not None and view["state"] == "running":
+        parts.append(f"eta {p['eta_seconds']:.0f} s")
+    if p.get("attempts", 0) > 1:
+        parts.append(f"attempt {p['attempts']} (resumed from step {p.get('resumed_from_step')})")
+    return "  ".join(parts)
+
+
+def run_loop(
+    cp: ControlPlaneClient,
+    grpc_address: str,
+    store: ObjectStore,
+    work_dir: Path,
+    out_dir: Path,
+    opts: LoopOptions,
+    log: Log = print,
+    on_finetune: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the loop; writes ``video.mp4``, ``first_frame.png``, ``metrics.png`` and returns the summary.
+
+    ``on_finetune(id)`` is called as soon as the fine-tune exists (so a caller can cancel it on Ctrl-C).
+    Raises when a step fails or when the lineage does not hold together."""
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    # 1. rated videos -> REST (multipart) -> an immutable dataset version named by its digest
+    t = time.perf_counter()
+    data_dir = make_rated_videos(work_dir / "rated-videos", opts)
+    n_videos = len(list((data_dir / "videos").glob("*.mp4")))
+    log(f"[data] {n_videos} synthetic rated videos in {data_dir}")
+    cp.ensure_dataset(opts.dataset, "synthetic rated videos of the demo")
+    version = cp.upload_version(opts.dataset, data_dir)
+    log(
+        f"[data] uploaded through REST: dataset {opts.dataset!r} version {version['id'][:16]}… "
+        f"({version.get('videos')} videos, {version.get('prompts')} prompts, {version.get('raters')} raters)"
+    )
+    pairs = cp.compile_pairs(opts.dataset, version["id"])
+    log(f"[data] compiled {pairs['pairs']} preference pairs")
+    t = lap("upload_and_pairs_seconds", t)
+
+    # 2. DPO fine-tune as a Job, progress while it runs
+    ft = cp.create_finetune(opts.dataset, version["id"], opts.base_model, opts.hyperparameters())
+    if on_finetune is not None:
+        on_finetune(ft["id"])
+    log(
+        f"[fine-tune] {ft['id']} created ({ft['job'] and ft['job'].get('kind')} job {ft['job'] and ft['job'].get('name')})"
+    )
+    last = [""]
+
+    def show(view: dict[str, Any]) -> None:
+        line = _describe(view)
+        if line != last[0]:
+            log(f"[fine-tune] {line}")
+            last[0] = line
+
+    ft = cp.wait_finetune(ft["id"], show, timeout=opts.timeout)
+    if ft["state"] != "succeeded":
+        raise RuntimeError(f"fine-tune {ft['id']} {ft['state']}: {ft.get('reason')} {ft.get('message')}")
+    if not ft["checkpoints"]:
+        raise RuntimeError(f"fine-tune {ft['id']} succeeded without a checkpoint")
+    t = lap("finetune_seconds", t)
+    rows = progress_rows(store, ft["id"])
+    plot = None
+    if rows:
+        from huvidpo.training import plot_metrics
+
+        plot = plot_metrics(rows, out_dir / "metrics.png")
+        log(f"[fine-tune] loss and reward accuracy plot: {plot}")
+
+    # 3. the newest checkpoint, rolled out through REST; wait until the service applied it
+    ckpt_id = ft["checkpoints"][-1]
+    ckpt = cp.checkpoint(ckpt_id)
+    rollout = cp.set_rollout(opts.deployment, ckpt_id)
+    log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
+    with channel(grpc_address) as ch:
+        s = stub(ch)
+        wait_serving_checkpoint(s, ckpt_id, timeout=opts.timeout)
+        log(f"[rollout] the inference service serves {ckpt_id}")
+        t = lap("rollout_seconds", t)
+
+        # 4. a video from a first frame, streamed progress, the checkpoint the service reports
+        frame = first_frame_png(next(iter(sorted((data_dir / "videos").glob("*.mp4")))), opts.gen_size)
+        (out_dir / "first_frame.png").write_bytes(frame)
+        req = pb.GenerateRequest(
+            prompt=opts.prompt,
+            first_frame_image=frame,
+            frames=opts.gen_frames,
+            height=opts.gen_size,
+            width=opts.gen_size,
+            steps=opts.gen_steps,
+            guidance_scale=7.5,
+            seed=opts.seed,
+            output_format=pb.OUTPUT_FORMAT_MP4,
+            fps=8,
+        )
+
+        def on_progress(p: pb.Progress) -> None:
+            if p.total:
+                log(f"[generate] denoising step {p.step}/{p.total}")
+            else:
+                log(f"[generate] queued (position {p.queue_position})")
+
+        result = generate(s, req, on_progress)
+    if result.WhichOneof("video") != "video_bytes":
+        import httpx
+
+        video_bytes = httpx.get(result.download_url, timeout=60).content
+    else:
+        video_bytes = result.video_bytes
+    video = out_dir / "video.mp4"
+    video.write_bytes(video_bytes)
+    lap("generate_seconds", t)
+    log(f"[generate] {video} ({len(video_bytes)} bytes) from checkpoint {result.checkpoint_id}")
+
+    lineage = ckpt.get("lineage") or {}
+    summary: dict[str, Any] = {
+        "dataset": {
+            "name": opts.dataset,
+            "version_digest": version["id"],
+            "videos": version.get("videos"),
+            "pairs": pairs["pairs"],
+        },
+        "finetune": {
+            "id": ft["id"],
+            "state": ft["state"],
+            "job": ft.get("job"),
+            "lineage": ft.get("lineage"),
+            "hyperparameters": ft.get("hyperparameters"),
+            "progress": ft.get("progress"),
+            "checkpoints": ft["checkpoints"],
+        },
+        "checkpoint": {"id": ckpt_id, "lineage": lineage, "created_at": ckpt.get("created_at")},
+        "rollout": {
+            "deployment": opts.deployment,
+            "revision": rollout["revision"],
+            "current": rollout["current"],
+        },
+        "generation": {
+            "checkpoint_id": result.checkpoint_id,
+            "request_id": result.request_id,
+            "seed": result.seed,
+            "frames": result.frames,
+            "height": result.height,
+            "width": result.width,
+            "fps": round(result.fps, 3),
+            "video": str(video),
+            "video_sha256": hashlib.sha256(video_bytes).hexdigest(),
+            "timings": {
+                "queue_seconds": round(result.timings.queue_seconds, 3),
+                "denoise_seconds": round(result.timings.denoise_seconds, 3),
+                "total_seconds": round(result.timings.total_seconds, 3),
+            },
+        },
+        "artifacts": {
+            "video": str(video),
+            "first_frame": str(out_dir / "first_frame.png"),
+            "plot": str(plot) if plot else None,
+        },
+        "timings": {**timings, "loop_seconds": round(time.perf_counter() - t0, 2)},
+        "options": asdict(opts),
+    }
+    check_lineage(summary)
+    summary["lineage_chain"] = (
+        f"dataset {version['id'][:12]} -> fine-tune {ft['id']} -> checkpoint {ckpt_id} "
+        f"-> generation {result.request_id} (served by {result.checkpoint_id})"
+    )
+    return summary
+
+
+def check_lineage(summary: dict[str, Any]) -> None:
+    """The chain dataset digest -> fine-tune -> checkpoint -> generation must hold; raise if not."""
+    ds, ft, ck, gen = summary["dataset"], summary["finetune"], summary["checkpoint"], summary["generation"]
+    problems = []
+    if ck["lineage"].get("dataset_digest") != ds["version_digest"]:
+        problems.append(
+            f"checkpoint dataset_digest {ck['lineage'].get('dataset_digest')} != {ds['version_digest']}"
+        )
+    if ck["lineage"].get("finetune_id") != ft["id"]:
+        problems.append(f"checkpoint finetune_id {ck['lineage'].get('finetune_id')} != {ft['id']}")
+    if ck["id"] not in ft["checkpoints"]:
+        problems.append(f"checkpoint {ck['id']} is not one of the fine-tune's")
+    if gen["checkpoint_id"] != ck["id"]:
+        problems.append(f"the video was generated by {gen['checkpoint_id']}, not the rolled-out {ck['id']}")
+    if problems:
+        raise RuntimeError("lineage broken: " + "; ".join(problems))
