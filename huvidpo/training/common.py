@@ -1,0 +1,269 @@
+"""Pieces both trainers share: device and precision setup, seeding, clip latents, the optimizer and
+schedule, per-step randomness and the run result."""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.utils.checkpoint
+
+from huvidpo.models import ModelComponents
+from huvidpo.training.config import ConfigError, TrainConfig
+
+ShouldStop = Callable[[], bool]
+
+VIDEO_SUFFIXES = (".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif")
+
+
+@dataclass
+class TrainResult:
+    """What a finished (or stopped) run produced. Paths are under the run's ``output_dir``."""
+
+    output_dir: Path
+    steps: int
+    """Optimizer steps completed in total (including those before a resume)."""
+    total_steps: int
+    stopped: bool
+    """True when ``should_stop`` ended the run early (a checkpoint was written first)."""
+    weights_dir: Path | None
+    """The final LoRA adapter (DPO) or UNet (stage 1) directory; None when stopped early."""
+    last_checkpoint: Path | None
+    metrics_path: Path
+    plot_path: Path | None
+    resumed_from: Path | None = None
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+    eval_metrics: dict[str, Any] = field(default_factory=dict)
+    data_report: dict[str, Any] = field(default_factory=dict)
+
+
+def make_accelerator(cfg: TrainConfig) -> Any:
+    """An ``accelerate.Accelerator`` for ``cfg`` (data parallel under ``accelerate launch``).
+
+    fp16 needs CUDA (a GradScaler then guards the fp32 master weights); on CPU use bf16 or no."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    if cfg.mixed_precision == "fp16" and cpu:
+        raise ConfigError("mixed_precision fp16 needs a CUDA device; on CPU use bf16 or no")
+    if os.environ.get("WORLD_SIZE", "1") == "1":
+        # One process: a previous run in this interpreter may have fixed another precision.
+        AcceleratorState._reset_state()
+    if cfg.device and cfg.device.startswith("cuda:") and os.environ.get("WORLD_SIZE", "1") == "1":
+        torch.cuda.set_device(torch.device(cfg.device))  # accelerate uses the current CUDA device
+    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+
+
+def weight_dtype(cfg: TrainConfig) -> torch.dtype:
+    """dtype for frozen weights: the autocast dtype under mixed precision, else float32."""
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, rank, stream): the noise, timesteps, clip
+    starts and flips of a step are the same whether or not the run was resumed in between."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + step * 10_007 + rank * 101 + stream * 7_919) % (2**63 - 1))
+    return g
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffled order of ``n`` items in ``epoch`` (deterministic, no state to save)."""
+    g = torch.Generator()
+    g.manual_seed(seed * 7_777 + epoch)
+    return torch.randperm(n, generator=g).tolist()
+
+
+def items_for_step(n: int, step: int, global_batch: int, seed: int) -> tuple[int, list[int]]:
+    """(epoch, item indices) of one optimizer step; an epoch has ``ceil(n / global_batch)`` steps and
+    its last batch wraps around to the start of the same epoch's order."""
+    per_epoch = steps_per_epoch(n, global_batch)
+    epoch, pos = divmod(step, per_epoch)
+    order = epoch_order(n, seed, epoch)
+    return epoch, [order[(pos * global_batch + j) % n] for j in range(global_batch)]
+
+
+def steps_per_epoch(n: int, global_batch: int) -> int:
+    return max(1, math.ceil(n / global_batch))
+
+
+def non_reentrant_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
+    """Activation checkpointing that builds a graph even when no block input requires grad (the
+    reentrant variant does not, which is why the reference code's down-block LoRA never trained)."""
+    return torch.utils.checkpoint.checkpoint(module, *args, use_reentrant=False)
+
+
+def enable_checkpointing(unet: Any) -> None:
+    unet.enable_gradient_checkpointing(gradient_checkpointing_func=non_reentrant_checkpoint)
+
+
+def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        params,
+        lr=cfg.lr,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        weight_decay=cfg.weight_decay,
+        eps=cfg.adam_eps,
+    )
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int) -> Any:
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.lr_warmup_steps, num_training_steps=total_steps
+    )
+
+
+def count_frames(path: str | os.PathLike[str]) -> int:
+    """Number of frames of a video file (container metadata, or a decode when it has none)."""
+    import av
+
+    with av.open(os.fspath(path)) as container:
+        stream = container.streams.video[0]
+        if stream.frames:
+            return int(stream.frames)
+        return sum(1 for _ in container.decode(stream))
+
+
+class ClipSource:
+    """Latents ``(4, f, h, w)`` of dataset clips and text embeddings ``(seq, dim)`` of prompts.
+
+    With ``cache`` (a ``huvidpo.data.LatentCache``) every clip variant (start, flip) is VAE-encoded and
+    every prompt text-encoded once, on disk and in memory, so later epochs run neither encoder.
+    Without it every call encodes again (the reference behaviour). Encoders run under
+    ``fork_rng`` so whether a cache hit happens never changes the training RNG stream.
+    """
+
+    def __init__(
+        self,
+        components: ModelComponents,
+        cfg: TrainConfig,
+        device: torch.device,
+        cache: Any | None,
+        frame_counts: dict[str, int] | None = None,
+    ) -> None:
+        self.components = components
+        self.cfg = cfg
+        self.device = device
+        self.cache = cache
+        self._frames: dict[str, int] = dict(frame_counts or {})
+        self._clips: dict[tuple[str, int, bool], torch.Tensor] = {}
+        self._texts: dict[str, torch.Tensor] = {}
+
+    @contextmanager
+    def _no_rng_side_effects(self) -> Iterator[None]:
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            yield
+
+    def max_start(self, path: str) -> int:
+        """Largest first-frame index of a clip of ``num_frames`` at ``frame_stride`` in this video."""
+        if not self.cfg.random_start:
+            return 0
+        if path not in self._frames:
+            self._frames[path] = count_frames(path)
+        span = (self.cfg.num_frames - 1) * self.cfg.frame_stride + 1
+        return max(0, self._frames[path] - span)
+
+    def clip(self, path: str, start: int, hflip: bool) -> torch.Tensor:
+        key = (path, start, hflip)
+        if key in self._clips:
+            return self._clips[key]
+        c = self.cfg
+        with self._no_rng_side_effects():
+            if self.cache is not None:
+                z = self.cache.clip_latents(
+                    path, c.num_frames, c.height, c.width, stride=c.frame_stride, start=start, hflip=hflip
+                )
+            else:
+                z = self._encode_clip(path, start, hflip)
+        z = z.to(self.device, torch.float32)
+        if self.cache is not None:
+            self._clips[key] = z
+        return z
+
+    def _encode_clip(self, path: str, start: int, hflip: bool) -> torch.Tensor:
+        from huvidpo.data import load_clip
+
+        c = self.cfg
+        pixels = load_clip(
+            path, c.num_frames, c.height, c.width, stride=c.frame_stride, start=start, hflip=hflip
+        )
+        vae = self.components.vae
+        frames = pixels.permute(1, 0, 2, 3).to(self.device, vae.dtype)  # (f, 3, H, W)
+        latents = vae.encode(frames).latent_dist.mean * self.components.latent_scale
+        return latents.permute(1, 0, 2, 3)  # (4, f, h, w)
+
+    def text(self, prompt: str) -> torch.Tensor:
+        if prompt in self._texts:
+            return self._texts[prompt]
+        with self._no_rng_side_effects():
+            if self.cache is not None:
+                e = self.cache.text_embedding(prompt)
+            else:
+                tok = self.components.tokenizer
+                ids = tok(
+                    [prompt],
+                    padding="max_length",
+                    max_length=tok.model_max_length,
+                    truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
+                e = self.components.text_encoder(ids)[0][0]
+        e = e.to(self.device, torch.float32)
+        if self.cache is not None:
+            self._texts[prompt] = e
+        return e
+
+
+def make_clip_source(
+    components: ModelComponents,
+    cfg: TrainConfig,
+    device: torch.device,
+    model_digest: str,
+    frame_counts: dict[str, int] | None = None,
+) -> ClipSource:
+    cache = None
+    if cfg.cache_latents:
+        from huvidpo.data import LatentCache
+
+        cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
+        cache = LatentCache(cache_dir, components, model_digest)
+    return ClipSource(components, cfg, device, cache, frame_counts)
+
+
+def noisy_latents(scheduler: Any, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Forward-noise clips ``(b, 4, f, h, w)`` at timesteps ``t (b,)`` and put back the clean frame 0
+    (the first-frame condition of the video UNet)."""
+    zt = scheduler.add_noise(clean, noise, t)
+    zt[:, :, 0] = clean[:, :, 0]
+    return zt
+
+
+def sample_timesteps(cfg: TrainConfig, n: int, generator: torch.Generator) -> torch.Tensor:
+    return torch.randint(cfg.timestep_min, cfg.timestep_max, (n,), generator=generator)
+
+
+def resume_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Config keys whose change makes a resumed run a different run."""
+    free = {
+        "max_steps", "epochs", "checkpoint_every", "keep_last", "eval_every", "log_every", "plot",
+        "device", "output_dir", "cache_dir", "model", "dataset", "unet_dir", "cache_latents",
+    }  # fmt: skip
+    return sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
