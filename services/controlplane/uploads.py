@@ -177,28 +177,31 @@ def _describe(headers: dict[bytes, bytes]) -> Part:
 
 
 class _PartReader:
-    """File-like reader of one part's bytes (what ``ObjectStore.put_stream`` consumes)."""
+    """File-like reader of one part's bytes (what ``ObjectStore.put_stream`` consumes).
+
+    Reads may be short (whatever the parser has decoded), as with a socket: the store's reader fills
+    its own buffer, so no second copy of a part is held here."""
 
     def __init__(self, stream: MultipartStream) -> None:
         self._stream = stream
-        self._buf = bytearray()
+        self._buf = b""
         self._ended = False
 
     def read(self, n: int = -1) -> bytes:
-        while not self._ended and (n is None or n < 0 or len(self._buf) < n):
+        if n is None or n < 0:
+            parts = []
+            while chunk := self.read(1 << 20):
+                parts.append(chunk)
+            return b"".join(parts)
+        while not self._buf and not self._ended:
             kind, value = self._stream._next_event()
             if kind == "data":
-                self._buf += value
+                self._buf = value
             elif kind == "end":
                 self._ended = True
             else:
                 raise BadUpload("malformed multipart body: a part ended without its data")
-        if n is None or n < 0 or n >= len(self._buf):
-            out = bytes(self._buf)
-            self._buf.clear()
-        else:
-            out = bytes(self._buf[:n])
-            del self._buf[:n]
+        out, self._buf = self._buf[:n], self._buf[n:]
         return out
 
     def readable(self) -> bool:

@@ -229,7 +229,7 @@ class KubernetesExecutor:
 
         body = build_job(spec, self.settings, self.store_settings)
         try:
-            self.batch.create_namespaced_job(self.namespace, body)
+            self.batch.create_namespaced_job(self.namespace, body)  # type: ignore[arg-type]  # a dict body is accepted
         except ApiException as exc:
             if exc.status != 409:  # 409: the Job exists already (a retried submit): nothing to do
                 raise _unavailable(exc) from exc
@@ -261,14 +261,14 @@ class KubernetesExecutor:
                 raise _unavailable(exc) from exc
 
     def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
-        pods = self.core.list_namespaced_pod(
+        pods: Any = self.core.list_namespaced_pod(
             self.namespace, label_selector=f"job-name={job_name(finetune_id)}"
         )
-        items = sorted(pods.items or [], key=lambda p: str(p.metadata.creation_timestamp or ""))
+        items: list[Any] = sorted(pods.items or [], key=lambda p: str(p.metadata.creation_timestamp or ""))
         if not items:
             return iter([b""])
-        resp = self.core.read_namespaced_pod_log(
-            items[-1].metadata.name,
+        resp: Any = self.core.read_namespaced_pod_log(
+            str(items[-1].metadata.name),
             self.namespace,
             container=CONTAINER,
             follow=follow,

@@ -1,0 +1,237 @@
+"""Upload throughput through the control plane's API versus a direct SDK put, to the same S3 server.
+
+Both paths send the same bytes to the same Ceph radosgw (started here with scripts/ceph-s3.sh, or an
+endpoint you give): the API path is an HTTP multipart upload streamed into the control plane, which
+streams it on into a multipart S3 upload; the direct path is the minio SDK's ``put_object`` with the
+same part size. The control plane runs as its own process so its RSS can be watched: the benchmark
+reports the peak RSS growth during the upload (the streaming path must not hold the file).
+
+Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a 500 MB upload.
+
+    python bench/upload.py            # 500 MB, 3 rounds
+    python bench/upload.py --quick    # 100 MB, 1 round
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from services.common.store_minio import MinioStore  # noqa: E402
+
+ACCESS, SECRET = "BENCHACCESSKEY", "bench-secret-key-0123456789"
+PART = 8 * 1024 * 1024
+BOUNDARY = "huvidpo-bench-boundary"
+BLOCK = os.urandom(1 << 20)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def payload(size: int) -> Iterator[bytes]:
+    left = size
+    while left > 0:
+        chunk = BLOCK[: min(len(BLOCK), left)]
+        left -= len(chunk)
+        yield chunk
+
+
+class StreamFile:
+    """A file-like over the same repeating bytes as ``payload``, O(n) per read (no whole-file copy)."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+        self.offset = 0
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n is None or n < 0 else min(n, self.left)
+        parts = []
+        got = 0
+        while got < n:
+            take = min(len(BLOCK) - self.offset, n - got)
+            parts.append(BLOCK[self.offset : self.offset + take])
+            self.offset = (self.offset + take) % len(BLOCK)
+            got += take
+        self.left -= n
+        return b"".join(parts)
+
+
+class RssWatch:
+    """Samples a process's RSS every 20 ms; ``peak`` is the largest seen."""
+
+    def __init__(self, pid: int) -> None:
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            time.sleep(0.02)
+
+    def __enter__(self) -> RssWatch:
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._t.join()
+
+
+def start_radosgw(tmp: Path) -> tuple[str, Path]:
+    d = tmp / "ceph"
+    port = free_port()
+    env = {**os.environ, "CEPH_S3_ACCESS_KEY": ACCESS, "CEPH_S3_SECRET_KEY": SECRET}
+    proc = subprocess.run(
+        ["bash", str(REPO / "scripts" / "ceph-s3.sh"), "start", str(d), str(port)],
+        capture_output=True, text=True, timeout=300, env=env,
+    )  # fmt: skip
+    if proc.returncode != 0:
+        raise SystemExit(f"radosgw did not start:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+    return f"127.0.0.1:{port}", d
+
+
+def start_controlplane(endpoint: str, bucket: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "HUVIDPO_STORE_BACKEND": "s3",
+        "HUVIDPO_STORE_ENDPOINT": endpoint,
+        "HUVIDPO_STORE_ACCESS_KEY": ACCESS,
+        "HUVIDPO_STORE_SECRET_KEY": SECRET,
+        "HUVIDPO_STORE_BUCKET": bucket,
+        "HUVIDPO_STORE_PART_SIZE": str(PART),
+        "HUVIDPO_CONTROLPLANE_HOST": "127.0.0.1",
+        "HUVIDPO_CONTROLPLANE_PORT": str(port),
+        "HUVIDPO_CONTROLPLANE_WORK_DIR": str(tmp / "cp"),
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "services.controlplane"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(400):
+        try:
+            if httpx.get(url + "/healthz", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise SystemExit("the control plane did not start")
+
+
+def direct_put(store: MinioStore, size: int) -> float:
+    key = f"bench/direct-{uuid.uuid4().hex}"
+    t0 = time.perf_counter()
+    store.client.put_object(store.bucket, key, StreamFile(size), length=size, part_size=PART)  # type: ignore[arg-type]
+    seconds = time.perf_counter() - t0
+    store.delete(key)
+    return seconds
+
+
+def api_upload(url: str, size: int, cp_pid: int) -> tuple[float, int, int]:
+    with httpx.Client(base_url=url, timeout=600) as c:
+        up = c.post("/v1/datasets/bench/uploads").json()
+
+        def body() -> Iterator[bytes]:
+            yield (
+                f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="videos/big.mp4"\r\n'
+                "Content-Type: video/mp4\r\n\r\n"
+            ).encode()
+            yield from payload(size)
+            yield f"\r\n--{BOUNDARY}--\r\n".encode()
+
+        before = psutil.Process(cp_pid).memory_info().rss
+        with RssWatch(cp_pid) as watch:
+            t0 = time.perf_counter()
+            r = c.post(
+                f"/v1/datasets/bench/uploads/{up['id']}/files",
+                content=body(),
+                headers={"Content-Type": f"multipart/form-data; boundary={BOUNDARY}"},
+            )
+            seconds = time.perf_counter() - t0
+        r.raise_for_status()
+        assert r.json()["files"][0]["size"] == size
+    return seconds, before, watch.peak
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100 MB, one round")
+    ap.add_argument("--size-mb", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    args = ap.parse_args()
+    size = (args.size_mb or (100 if args.quick else 500)) * 1024 * 1024
+    rounds = args.rounds or (1 if args.quick else 3)
+    if shutil.which("radosgw") is None:
+        raise SystemExit("radosgw not installed (apt-get install radosgw ceph-mon ceph-osd)")
+    tmp = Path(tempfile.mkdtemp(prefix="huvidpo-bench-upload-"))
+    ceph_dir: Path | None = None
+    cp: subprocess.Popen[bytes] | None = None
+    try:
+        endpoint, ceph_dir = start_radosgw(tmp)
+        bucket = "bench-upload"
+        store = MinioStore(endpoint, ACCESS, SECRET, bucket=bucket, part_size=PART, timeout=120.0)
+        store.check()
+        direct_put(store, 8 * 1024 * 1024)  # warm-up: the first write into a fresh cluster creates its pools
+        cp, url = start_controlplane(endpoint, bucket, tmp)
+        httpx.post(url + "/v1/datasets", json={"name": "bench"}, timeout=30).raise_for_status()
+        api_upload(url, 8 * 1024 * 1024, cp.pid)  # warm-up of the API path
+        store.delete_prefix("datasets/bench/uploads/")
+        directs, apis, growths = [], [], []
+        for _ in range(rounds):
+            directs.append(direct_put(store, size))
+            seconds, before, peak = api_upload(url, size, cp.pid)
+            apis.append(seconds)
+            growths.append(peak - before)
+            store.delete_prefix("datasets/bench/uploads/")
+        mb = size / 1e6
+        d_best, a_best = min(directs), min(apis)
+        ratio = (mb / a_best) / (mb / d_best)
+        print(f"upload benchmark: {size / 2**20:.0f} MiB x {rounds} round(s), S3 = Ceph radosgw (memstore) on 127.0.0.1, "
+              f"part size {PART // 2**20} MiB, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
+        print(
+            f"  direct SDK put_object : {mb / d_best:7.1f} MB/s (best of {', '.join(f'{mb / s:.1f}' for s in directs)})"
+        )
+        print(
+            f"  through the API       : {mb / a_best:7.1f} MB/s (best of {', '.join(f'{mb / s:.1f}' for s in apis)})"
+        )
+        print(f"  ratio API / direct    : {ratio:7.2f}   (target >= 0.8)")
+        print(
+            f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)"
+        )
+    finally:
+        if cp is not None:
+            cp.terminate()
+            cp.wait(timeout=20)
+        if ceph_dir is not None:
+            subprocess.run(
+                ["bash", str(REPO / "scripts" / "ceph-s3.sh"), "stop", str(ceph_dir)],
+                capture_output=True,
+                timeout=120,
+            )
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
