@@ -2,7 +2,7 @@
 
 S3 fixtures (reusable by any integration test):
 - ``s3_endpoint``: a real Ceph radosgw (``scripts/ceph-s3.sh``), real SigV4 and multipart. A dict
-  ``{"endpoint": "127.0.0.1:PORT", "access_key", "secret_key", "region", "url"}``. Skips only when the
+  ``{"endpoint": "127.0.0.1:PORT", "access_key", "secret_key", "region", "url", "cluster_dir"}``. Skips only when the
   Ceph binaries are not installed (apt: radosgw ceph-mon ceph-osd); a cluster that fails to start fails.
 - ``moto_s3_endpoint``: moto's in-thread S3 double, same dict shape. Fast, but it accepts any
   signature: use it for behaviour, not for auth.
@@ -80,6 +80,7 @@ def s3_endpoint() -> Iterator[dict[str, str]]:
             "access_key": RADOSGW_ACCESS_KEY,
             "secret_key": RADOSGW_SECRET_KEY,
             "region": "us-east-1",
+            "cluster_dir": str(cluster),  # {rgw,osd,mon}.pid and log/ inside
         }
     finally:
         subprocess.run(

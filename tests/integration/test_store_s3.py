@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
+import signal
 import socket
 import threading
 import time
@@ -200,6 +202,37 @@ def test_check_reports_a_missing_bucket_it_may_not_create(s3_endpoint: dict[str,
     )
     with pytest.raises(StoreUnavailable, match="does not exist"):
         store.check()
+
+
+def test_frozen_radosgw_is_unavailable_and_the_store_recovers_when_it_returns(
+    s3_endpoint: dict[str, str], make_s3_store: MakeStore
+) -> None:
+    setup = make_s3_store(s3_endpoint)  # the first bucket of a fresh cluster takes seconds (pools)
+    setup.put_bytes("k", b"before")
+    store = MinioStore(
+        s3_endpoint["endpoint"],
+        s3_endpoint["access_key"],
+        s3_endpoint["secret_key"],
+        bucket=setup.bucket,
+        timeout=1.0,
+        retries=0,
+        create_bucket=False,  # so the PUT below is really sent, not stopped at the bucket probe
+    )
+    rgw_pid = int((Path(s3_endpoint["cluster_dir"]) / "rgw.pid").read_text())
+    os.kill(rgw_pid, signal.SIGSTOP)  # the server hangs: connections queue, nothing answers
+    try:
+        start = time.monotonic()
+        with pytest.raises(StoreUnavailable):
+            store.get_bytes("k")
+        with pytest.raises(StoreUnavailable):
+            store.put_bytes("k", b"during")
+        assert time.monotonic() - start < 15
+    finally:
+        os.kill(rgw_pid, signal.SIGCONT)
+    # a timed-out PUT has an unknown outcome (the frozen server may still process it), never a partial one
+    assert store.get_bytes("k") in (b"before", b"during")
+    store.put_bytes("k", b"after")
+    assert store.get_bytes("k") == b"after"
 
 
 # ---------------------------------------------------------------------- endpoints that fail
