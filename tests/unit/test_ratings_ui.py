@@ -314,3 +314,24 @@ def test_page_and_static_files_are_served_with_a_strict_policy(env: dict[str, An
     js = c.get("/ui/static/app.js").text
     for sink in (".innerHTML", ".outerHTML", "insertAdjacentHTML(", "document.write(", "eval("):
         assert sink not in js, sink
+
+
+def test_concurrent_raters_lose_nothing(env: dict[str, Any]) -> None:
+    """Eight raters scoring all six videos at once (and one rater racing with herself): one object per
+    judgment, so every rater's every score is stored and a rater's race leaves one record."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from services.controlplane.domain.ratings import RatingService
+
+    svc = RatingService(env["c"].app.state.ctx.datasets)
+    videos = [f"p{p}_v{k}" for p in range(2) for k in range(3)]
+    jobs = [(f"r{r}", v, float((r + i) % 11)) for r in range(8) for i, v in enumerate(videos)]
+    jobs += [("twin", "p0_v0", float(s)) for s in range(10)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda a: svc.put_score("d", env["v"], *a), jobs))
+    records = [i["record"] for i in stored(env)]
+    assert len(records) == 8 * 6 + 1
+    got = {(r["rater_id"], r["video_id"]): r["score"] for r in records}
+    assert all(got[(rater, v)] == s for rater, v, s in jobs if rater != "twin")
+    assert got[("twin", "p0_v0")] in {float(s) for s in range(10)}
+    assert session(env, "r3")["progress"]["absolute"] == {"done": 6, "total": 6}
