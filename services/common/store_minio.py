@@ -297,7 +297,7 @@ class MinioStore(ObjectStore):
                 )
         finally:
             with contextlib.suppress(StoreError, MinioException, urllib3.exceptions.HTTPError):
-                self.delete(tmp_key, _internal=True)
+                self._remove(tmp_key)
         return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
 
     def put_file(
@@ -386,9 +386,11 @@ class MinioStore(ObjectStore):
         return sorted(out)
 
     # --- deletes
-    def delete(self, key: str, _internal: bool = False) -> None:
-        if not _internal:
-            validate_key(key)
+    def delete(self, key: str) -> None:
+        self._remove(validate_key(key))
+
+    def _remove(self, key: str) -> None:
+        """Delete without key validation (also reaches the reserved temp prefix)."""
         try:
             with self._errors(key):
                 self.client.remove_object(self.bucket, key)
