@@ -117,7 +117,9 @@ class InferenceSettings(BaseSettings):
     poll_seconds: float = Field(default=5.0, gt=0)
     max_queue: int = Field(default=16, ge=1)
     max_batch: int = Field(default=4, ge=1)
-    inline_limit_bytes: int = Field(default=4 * 1024 * 1024, ge=0)
+    # Videos up to this size come back inline, larger ones as a download URL. Below gRPC's default
+    # 4 MiB receive limit so a client with default options can take any inline result.
+    inline_limit_bytes: int = Field(default=3 * 1024 * 1024, ge=0)
     # --- added with the inference service (services/inference) ---
     # Where the base model and checkpoints fetched from the store are kept; torch device of the model.
     cache_dir: Path = Path("./var/inference")

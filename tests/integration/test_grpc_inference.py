@@ -169,14 +169,26 @@ def test_several_adapters_are_served_side_by_side(stub) -> None:  # type: ignore
     assert "checkpoint 'ckpt-nope-1' is not loaded" in (err.value.details() or "")
 
 
-def test_compatible_concurrent_requests_are_batched(stub, server: ServerThread) -> None:  # type: ignore[no-untyped-def]
-    before = metric(server.metrics_url, "huvidpo_inference_batch_size_count")
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(lambda i: run(stub, request(seed=100 + i))[1], range(4)))
-    assert sorted(r.seed for r in results) == [100, 101, 102, 103]
-    assert max(r.batch_size for r in results) > 1
-    batches = metric(server.metrics_url, "huvidpo_inference_batch_size_count") - before
-    assert 1 <= batches < 4
+def test_compatible_queued_requests_run_as_one_batch(stub, server: ServerThread) -> None:  # type: ignore[no-untyped-def]
+    url = server.metrics_url
+    # Hold the model thread with a long request so the next ones queue up together.
+    blocker = stub.Generate(request(steps=500, seed=99), timeout=120)
+    _wait_first_step(blocker)
+    before = metric(url, "huvidpo_inference_batch_size_count")
+    with ThreadPoolExecutor(5) as pool:
+        same = [pool.submit(run, stub, request(seed=100 + i)) for i in range(3)]
+        other = pool.submit(run, stub, request(seed=200, steps=3))  # different steps: not compatible
+        _wait_metric(url, "huvidpo_inference_requests_queued", 4)
+        blocker.cancel()
+        results = [f.result()[1] for f in same]
+        other_result = other.result()[1]
+    assert sorted(r.seed for r in results) == [100, 101, 102]
+    assert [r.batch_size for r in results] == [3, 3, 3] and other_result.batch_size == 1
+    assert metric(url, "huvidpo_inference_batch_size_count") - before == 2
+    # batching changes nothing about a request's own result
+    alone = run(stub, request(seed=101))[1]
+    a, b = read_video(alone.video_bytes)[0], read_video(results[1].video_bytes)[0]
+    assert np.abs(a.astype(int) - b.astype(int)).mean() < 2.0
 
 
 def test_list_and_get_models_report_digests_and_lineage(stub) -> None:  # type: ignore[no-untyped-def]
