@@ -198,8 +198,9 @@ def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path)
         "/v1/datasets/d1/versions", content=b"{}", headers={**AUTH, "Content-Type": "application/json"}
     )
     _is_problem(not_multipart, 415, "unsupported-media-type")
-    # nothing half-written: no version exists
+    # nothing half-written: no version exists, and the failed uploads left no staged files
     assert client.get("/v1/datasets/d1", headers=AUTH).json()["versions"] == []
+    assert env["store"].list("datasets/d1/uploads/") == []
 
 
 def test_presigned_upload_then_commit(env: dict[str, Any], synthetic_dir: Path) -> None:

@@ -169,6 +169,10 @@ class DatasetService:
         }
         return {**session, "files": files}
 
+    def discard_upload(self, name: str, upload_id: str) -> None:
+        """Delete an upload session and its staged files (idempotent)."""
+        self.store.delete_prefix(self._upload_prefix(name, upload_id))
+
     def staged_key(self, name: str, upload_id: str, path: str) -> str:
         validate_relative_path(path)
         check_file_type(path)

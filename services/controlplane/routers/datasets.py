@@ -132,13 +132,18 @@ async def upload_version(
 
     validate_name(name, "dataset")
     session = await run_in_threadpool(c.datasets.start_upload, name)
-    await stream_multipart(
-        request,
-        _stager(c, name, session["id"]),
-        c.settings.max_upload_bytes,
-        c.metrics.upload_bytes.inc,
-    )
-    return await run_in_threadpool(c.datasets.commit_upload, name, session["id"], include_ratings)
+    try:
+        await stream_multipart(
+            request,
+            _stager(c, name, session["id"]),
+            c.settings.max_upload_bytes,
+            c.metrics.upload_bytes.inc,
+        )
+        return await run_in_threadpool(c.datasets.commit_upload, name, session["id"], include_ratings)
+    except BaseException:
+        # a one-shot upload that failed leaves nothing behind (the caller never saw the session)
+        await run_in_threadpool(c.datasets.discard_upload, name, session["id"])
+        raise
 
 
 @router.post(
