@@ -516,6 +516,7 @@ def test_on_policy_ab_of_current_vs_previous_checkpoint(
         ),
         "both samples",
     )
+    save_screenshot(browser, "ab-onpolicy")
     press(browser, Keys.ARROW_RIGHT)
     wait_text(browser, "progress", "1 of 2 pairs judged")
     wait_saved(browser)
