@@ -29,8 +29,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy huvidpo services
 
+# The whole loop on the embedded default (local store in out/demo/store, local executor); see demo/__main__.py
+# for --store s3 / --executor kubernetes. Writes out/demo/{video.mp4,metrics.png,summary.json}.
 demo: install
-	$(BIN)/python -m huvidpo.demo --out out/demo
+	$(BIN)/python -m demo --out out/demo
 
 bench: install
 	$(BIN)/python bench/run_all.py --out bench/RESULTS.md

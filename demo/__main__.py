@@ -166,8 +166,8 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(f"  dataset     {summary['dataset']['name']} @ {summary['dataset']['version_digest']}")
     print(f"              {summary['dataset']['videos']} videos, {summary['dataset']['pairs']} pairs")
     print(
-        f"  fine-tune   {ft['id']}: {ft['state']} after {p.get('step')} steps, loss {p.get('loss')}, "
-        f"reward accuracy {p.get('reward_accuracy')}"
+        f"  fine-tune   {ft['id']}: {ft['state']} after {p.get('step')} steps, loss {ft.get('first_loss'):.4f} -> {ft.get('last_loss'):.4f}, "
+        f"implicit reward accuracy {ft.get('mean_reward_accuracy')} (mean over steps)"
     )
     print(
         f"  checkpoint  {summary['checkpoint']['id']} (dataset_digest {summary['checkpoint']['lineage'].get('dataset_digest', '')[:12]}…)"

@@ -88,7 +88,8 @@ def first_frame_png(video: Path, size: int) -> bytes:
 
     from huvidpo.video_io import read_video
 
-    frame = np.asarray(read_video(video))[0]
+    frames, _fps = read_video(video)
+    frame = np.asarray(frames)[0]
     buf = io.BytesIO()
     Image.fromarray(frame).resize((size, size)).save(buf, format="PNG")
     return buf.getvalue()
@@ -227,7 +228,12 @@ def run_loop(
             fps=8,
         )
 
+        seen: set[tuple[int, int, int]] = set()
+
         def on_progress(p: pb.Progress) -> None:
+            if (p.step, p.total, p.queue_position) in seen:
+                return
+            seen.add((p.step, p.total, p.queue_position))
             if p.total:
                 log(f"[generate] denoising step {p.step}/{p.total}")
             else:
@@ -260,6 +266,11 @@ def run_loop(
             "lineage": ft.get("lineage"),
             "hyperparameters": ft.get("hyperparameters"),
             "progress": ft.get("progress"),
+            "mean_reward_accuracy": (
+                round(sum(float(r.get("implicit_acc", 0.0)) for r in rows) / len(rows), 3) if rows else None
+            ),
+            "first_loss": rows[0]["loss"] if rows else None,
+            "last_loss": rows[-1]["loss"] if rows else None,
             "checkpoints": ft["checkpoints"],
         },
         "checkpoint": {"id": ckpt_id, "lineage": lineage, "created_at": ckpt.get("created_at")},
