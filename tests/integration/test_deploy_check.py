@@ -171,6 +171,61 @@ def test_dockerfile_builds_one_non_root_image_without_weights() -> None:
     assert "*" in ignore and "!huvidpo" in ignore and "**/*.safetensors" in ignore
 
 
+def test_image_build_context_is_enough_to_build_the_package(tmp_path: Path) -> None:
+    """What the Dockerfile COPYs (through .dockerignore) builds the wheel with every service in it."""
+    allowed = [ln[1:] for ln in (ROOT / ".dockerignore").read_text().splitlines() if ln.startswith("!")]
+    copied = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY ") and "--from=" not in line:
+            copied += [src.rstrip("*") for src in line.split()[1:-1]]
+    assert set(copied) == set(allowed), (copied, allowed)
+    context = tmp_path / "context"
+    context.mkdir()
+    for name in copied:
+        src = ROOT / name
+        assert src.exists(), f"the Dockerfile copies {name}, which does not exist"
+        if src.is_dir():
+            shutil.copytree(src, context / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        else:
+            shutil.copy(src, context / name)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path / "wheel"),
+            ".",
+        ],
+        cwd=context,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    import zipfile
+
+    (wheel,) = (tmp_path / "wheel").glob("huvidpo-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for module in (
+        "services/controlplane/__main__.py",
+        "services/inference/__main__.py",
+        "services/trainer/__main__.py",
+        "huvidpo/cli.py",
+    ):
+        assert module in names, module
+    assert any(n.startswith("services/inference/gen/") and n.endswith("_pb2.py") for n in names)
+    entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+    assert (
+        "huvidpo = huvidpo.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    )  # `huvidpo init-tiny`
+
+
 @pytest.mark.slow
 def test_make_deploy_check_runs_every_check() -> None:
     for tool in ("kubernetes-validate", "hadolint", "promtool"):
