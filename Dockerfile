@@ -3,6 +3,7 @@
 #
 #   docker build -t huvidpo:0.1.0-cpu .                                   # CPU (default)
 #   docker build -t huvidpo:0.1.0-cuda --build-arg FLAVOR=cuda .          # CUDA (torch CUDA wheel)
+#   build args: TORCH_VERSION, TORCH_INDEX_URL (another CUDA build), PYTHON_IMAGE, CUDA_IMAGE
 #
 # No model weights are baked in: base models and adapters come from the object store at run time.
 # Runs as the non-root user 10001; every writable path (/tmp, caches, work dirs) is a mounted volume
@@ -16,7 +17,7 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-base-ubuntu24.04
 # CPU: the official slim Python image.
 FROM ${PYTHON_IMAGE} AS runtime-cpu
 ENV HUVIDPO_PYTHON=/usr/local/bin/python3 \
-    TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+    HUVIDPO_TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # CUDA: torch's CUDA wheels carry their own CUDA libraries; the base only has to match the driver
 # (the NVIDIA container toolkit mounts it) and supply a Python of at least 3.11.
@@ -26,7 +27,7 @@ RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv ca-certificates \
     && rm -rf /var/lib/apt/lists/*
 ENV HUVIDPO_PYTHON=/usr/bin/python3 \
-    TORCH_INDEX_URL=https://download.pytorch.org/whl/cu128
+    HUVIDPO_TORCH_INDEX=https://download.pytorch.org/whl/cu128
 
 # The FLAVOR build argument picks one of the two stages above.
 # hadolint ignore=DL3006
@@ -35,11 +36,13 @@ FROM runtime-${FLAVOR} AS runtime
 # ---------------------------------------------------------------------------------------- builder
 FROM runtime AS builder
 ARG TORCH_VERSION=2.13.0
+# Empty: the flavour's index (CPU wheels, or CUDA 12.8 wheels matching CUDA_IMAGE).
+ARG TORCH_INDEX_URL=""
 WORKDIR /src
 RUN "${HUVIDPO_PYTHON}" -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the index of this flavour; the project's own `torch>=` range then accepts it.
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL:-${HUVIDPO_TORCH_INDEX}}" "torch==${TORCH_VERSION}"
 COPY pyproject.toml README.md* ./
 COPY huvidpo ./huvidpo
 COPY services ./services
