@@ -13,6 +13,7 @@ deleted only once no request holds it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
 import re
@@ -96,6 +97,8 @@ class ModelManager:
         self.metrics = metrics
         self.router = router or CanaryRouter(settings.routing_seed)
         self.pipeline: HuViDPOPipeline | None = None
+        self._validation_tokenizer: Any = None
+        self._tokenizer_lock = threading.Lock()
         self.base_digest = ""
         self._model_lock = threading.Lock()
         self._state_lock = threading.Lock()
@@ -175,6 +178,7 @@ class ModelManager:
         digest = directory_digest(model_dir)
         with self._model_lock:
             self._smoke(pipe, None, BASE_ID)
+        self._validation_tokenizer = copy.deepcopy(pipe.components.tokenizer)
         self.pipeline = pipe
         self.base_digest = digest
         with self._state_lock:
@@ -433,10 +437,13 @@ class ModelManager:
                 model.refs = max(0, model.refs - 1)
 
     def count_tokens(self, text: str) -> int:
-        pipe = self.pipeline
-        if pipe is None:
+        """Tokens of ``text`` (with start/end) by a private copy of the tokenizer: a fast tokenizer
+        must not be used from two threads at once, and the model thread uses the pipeline's."""
+        tok = self._validation_tokenizer
+        if tok is None:
             raise ModelNotReady("no model is loaded yet; retry shortly")
-        return pipe.prompt_token_count(text)
+        with self._tokenizer_lock:
+            return len(tok(text).input_ids)
 
     @property
     def max_tokens(self) -> int:

@@ -498,3 +498,28 @@ def test_canary_split_with_real_requests(
             assert time.monotonic() < deadline
             time.sleep(0.05)
         assert {run(stub, request(seed=i))[1].checkpoint_id for i in range(3)} == {"ckpt-ft-b-20"}
+
+
+# --------------------------------------------------------------------------------------- S3 store
+def test_everything_from_s3_and_the_download_url_works(
+    tiny_model_dir: Path,
+    adapters: dict[str, Path],
+    tmp_path: Path,
+    moto_s3_endpoint: dict[str, str],
+    make_s3_store,  # type: ignore[no-untyped-def]
+) -> None:
+    """Base model, checkpoint, rollout and first frame all come from a real S3 server (moto); the
+    large result goes back to it and its presigned URL serves the video."""
+    store = make_s3_store(moto_s3_endpoint)
+    publish_dir(store, tiny_model_dir, "models/tiny/")
+    publish_checkpoint(store, "ckpt-ft-a-10", adapters["a"])
+    set_rollout(store, "default", "ckpt-ft-a-10")
+    store.put_bytes("frames/first.jpg", image_bytes(96, 64, "JPEG", seed=4), content_type="image/jpeg")
+    s = settings(tmp_path, tiny_model_dir, base_model="models/tiny", inline_limit_bytes=100)
+    with ServerThread(s, store, bucket=store.bucket).start() as srv, srv.channel() as channel:
+        _, result = run(srv.stub(channel), request(first_frame_uri=f"s3://{store.bucket}/frames/first.jpg"))
+    assert result.checkpoint_id == "ckpt-ft-a-10" and result.download_url
+    response = httpx.get(result.download_url, timeout=20)
+    assert response.status_code == 200
+    frames, _ = read_video(response.content)
+    assert frames.shape == (4, 64, 64, 3) and len(response.content) == result.size_bytes
