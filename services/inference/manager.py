@@ -142,11 +142,12 @@ class ModelManager:
                 if self.pipeline is None:
                     self.load_base()
                     self.load_pinned()
-                    self.sync_rollout()
+                # Ready only once the rollout record has been read (a store outage right after the
+                # base model loaded keeps the service NOT_SERVING until the next successful poll).
+                self.sync_rollout()
+                if not self._ready:
                     self._set_ready(True)
-                else:
-                    self.sync_rollout()
-                    self.retire_idle()
+                self.retire_idle()
             except (NotPublished, FileNotFoundError) as exc:
                 log.warning("model not available yet: %s; retrying in %.1fs", exc, self.settings.poll_seconds)
             except StoreError as exc:
