@@ -4,4 +4,11 @@ dynamic batching, several LoRA checkpoints over one base model, and rollouts fol
 Layers (KServe-style): ``servicer`` is the thin gRPC transport; ``batcher`` queues requests and runs
 compatible ones in one UNet batch on a single model thread; ``manager.ModelManager`` owns loading,
 verification, hot swap and canary routing; ``huvidpo.pipeline`` does the generation.
+
+Run: ``python -m services.inference`` with ``HUVIDPO_STORE_*`` and ``HUVIDPO_INFERENCE_*`` set (see
+``services.common.settings.InferenceSettings``). It answers health checks at once (NOT_SERVING, and
+UNAVAILABLE to Generate) and turns SERVING once the base model is loaded and the rollout record read.
+Try it with grpcurl: ``grpcurl -plaintext 127.0.0.1:50051 list`` (server reflection is on).
+Videos over ``inline_limit_bytes`` go to ``generations/{deployment}/{request_id}.{ext}`` in the store
+and come back as a presigned URL valid for ``url_ttl_seconds``.
 """
