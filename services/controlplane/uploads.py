@@ -14,6 +14,7 @@ import asyncio
 import collections
 import contextlib
 import queue
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -35,24 +36,29 @@ class _Aborted(Exception):
 
 
 class BodyPipe:
-    """Chunks from the event loop to one consumer thread, bounded."""
+    """Chunks from the event loop to one consumer thread, bounded.
+
+    The producer never parks a thread while it waits for room: the consumer wakes it through the
+    event loop (``call_soon_threadsafe``). Waiting in a shared thread pool instead deadlocks once
+    every pool thread is a consumer waiting for data that only a queued producer could deliver.
+    """
 
     def __init__(self, maxsize: int = QUEUE_CHUNKS) -> None:
         self._q: queue.Queue[object] = queue.Queue(maxsize)
+        self._loop = asyncio.get_running_loop()
+        self._space = asyncio.Event()
 
     async def put(self, item: object, worker: asyncio.Future[Any]) -> None:
         while True:
+            self._space.clear()
             try:
                 self._q.put_nowait(item)
                 return
             except queue.Full:
                 if worker.done():
                     return  # the consumer stopped; its result or error says why
-                try:
-                    await asyncio.to_thread(self._q.put, item, True, 0.25)
-                    return
-                except queue.Full:
-                    continue
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._space.wait(), 0.5)
 
     def abort(self, exc: BaseException) -> None:
         # Make room if needed: the consumer must see the abort, not block forever.
@@ -66,6 +72,7 @@ class BodyPipe:
 
     def get(self) -> bytes:
         item = self._q.get()
+        self._loop.call_soon_threadsafe(self._space.set)
         if item is _EOF:
             return b""
         if isinstance(item, BaseException):
@@ -219,6 +226,31 @@ class _PartReader:
         return data
 
 
+def run_in_own_thread(fn: Callable[[Any], T], arg: Any) -> asyncio.Future[T]:
+    """Run ``fn(arg)`` in a new thread (not a shared pool: it may block for the whole upload)."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if future.done():
+            return
+        if exc is not None:
+            future.set_exception(exc)
+        else:
+            future.set_result(value)
+
+    def target() -> None:
+        try:
+            value = fn(arg)
+        except BaseException as exc:
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, value, None)
+
+    threading.Thread(target=target, name="huvidpo-upload", daemon=True).start()
+    return future
+
+
 def multipart_boundary(request: Request) -> bytes:
     ctype, params = parse_options_header(request.headers.get("content-type", ""))
     if ctype != b"multipart/form-data":
@@ -248,8 +280,7 @@ async def stream_multipart(
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {max_bytes}")
     pipe = BodyPipe()
     stream = MultipartStream(boundary, pipe)
-    loop = asyncio.get_running_loop()
-    worker: asyncio.Future[T] = loop.run_in_executor(None, consume, stream)
+    worker = run_in_own_thread(consume, stream)
     total = 0
     try:
         async for chunk in request.stream():
@@ -314,8 +345,7 @@ async def stream_raw(
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {max_bytes}")
     pipe = BodyPipe()
-    loop = asyncio.get_running_loop()
-    worker: asyncio.Future[T] = loop.run_in_executor(None, consume, _RawReader(pipe))
+    worker = run_in_own_thread(consume, _RawReader(pipe))
     total = 0
     try:
         async for chunk in request.stream():
