@@ -48,6 +48,23 @@ class Outcome:
     rows: list[Row] = field(default_factory=list)
     conditions: str = ""
     error: str = ""
+    stdout: str = ""
+    json_mode: bool = False
+
+    def parse(self) -> None:
+        """Fill ``rows`` and ``conditions`` from the benchmark's output (JSON or printed lines)."""
+        if self.returncode != 0:
+            return
+        if self.json_mode:
+            try:
+                data = json.loads(self.stdout[self.stdout.index("{") :])
+                self.rows, self.conditions = rows_from_json(data)
+            except ValueError as exc:
+                self.error = f"could not read its JSON: {exc}"
+        else:
+            self.rows, self.conditions = rows_from_text(self.stdout)
+        if not self.rows and not self.error:
+            self.error = "printed no ratio: " + self.stdout[-300:].replace("\n", " ⏎ ")
 
 
 def discover() -> list[Path]:
@@ -64,7 +81,8 @@ def rows_from_json(data: dict[str, Any]) -> tuple[list[Row], str]:
     rows = [
         Row(k, float(v))
         for k, v in data.items()
-        if "ratio" in k and isinstance(v, int | float) and not isinstance(v, bool)
+        # "ratio" as a word of the key ("generation_seconds" holds the letters too)
+        if "ratio" in k.lower().split("_") and isinstance(v, int | float) and not isinstance(v, bool)
     ]
     cond = [f"{k}: {data[k]}" for k in CONDITION_KEYS if k in data and data[k] not in (None, "")]
     return rows, "; ".join(str(c) for c in cond)
@@ -117,20 +135,13 @@ def run_one(script: Path, quick: bool, timeout: float) -> Outcome:
             -1,
             error=f"timed out after {timeout:.0f} s: {str(exc.stdout)[-300:]}",
         )
-    out = Outcome(script.stem, cmd, time.perf_counter() - t0, proc.returncode)
+    out = Outcome(
+        script.stem, cmd, time.perf_counter() - t0, proc.returncode, stdout=proc.stdout, json_mode=json_mode
+    )
     if proc.returncode != 0:
         out.error = (proc.stderr or proc.stdout)[-600:].strip().replace("\n", " ⏎ ")
         return out
-    if json_mode:
-        try:
-            data = json.loads(proc.stdout[proc.stdout.index("{") :])
-            out.rows, out.conditions = rows_from_json(data)
-        except ValueError as exc:
-            out.error = f"could not read its JSON: {exc}"
-    else:
-        out.rows, out.conditions = rows_from_text(proc.stdout)
-    if not out.rows and not out.error:
-        out.error = "printed no ratio: " + proc.stdout[-300:].replace("\n", " ⏎ ")
+    out.parse()
     return out
 
 
@@ -181,7 +192,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full", action="store_true", help="full sizes instead of --quick")
     ap.add_argument("--only", default="", help="comma-separated benchmark names")
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per benchmark")
+    ap.add_argument(
+        "--render-only",
+        action="store_true",
+        help="re-read the outputs saved by the last run (no benchmark runs)",
+    )
     args = ap.parse_args(argv)
+    raw_path = args.out.with_suffix(".raw.json")
+    if args.render_only:
+        raw = json.loads(raw_path.read_text())
+        saved = [
+            Outcome(**{**o, "rows": [], "error": o["error"] if o["returncode"] else ""})
+            for o in raw["outcomes"]
+        ]
+        for o in saved:
+            o.parse()
+        args.out.write_text(
+            render(saved, raw["quick"], datetime.fromisoformat(raw["started"]), raw["machine"])
+        )
+        print(f"[bench] wrote {args.out} from {raw_path}")
+        return 0
     started = datetime.now(UTC)
     host = machine()
     scripts = discover()
@@ -198,6 +228,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[bench] {script.name}: {o.seconds:.0f} s; {status}", flush=True)
         outcomes.append(o)
     args.out.write_text(render(outcomes, not args.full, started, host))
+    raw = {
+        "started": started.isoformat(),
+        "machine": host,
+        "quick": not args.full,
+        "outcomes": [{k: v for k, v in vars(o).items() if k not in ("rows", "conditions")} for o in outcomes],
+    }
+    raw_path.write_text(json.dumps(raw, indent=1))
     print(f"[bench] wrote {args.out}")
     return 1 if any(o.error for o in outcomes) else 0
 
