@@ -113,7 +113,10 @@ def load_lora(
     check_adapter_name(adapter)
     if adapter in getattr(unet, "peft_config", {}):
         raise ValueError(f"an adapter named {adapter!r} is already loaded")
+    was_training = unet.training
     unet.add_adapter(config, adapter_name=adapter)
+    # peft creates the new LoRA modules in training mode (dropout on): follow the UNet's own mode.
+    unet.train(was_training)
     expected = set(get_peft_model_state_dict(unet, adapter_name=adapter))
     unexpected_in_file = set(state) - expected
     lacking = expected - set(state)

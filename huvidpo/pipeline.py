@@ -57,8 +57,9 @@ class GenerationConfig:
             v = getattr(self, name)
             if v <= 0 or v % vae_scale_factor:
                 raise GenerationError(f"{name} must be a positive multiple of {vae_scale_factor}, got {v}")
-        if self.steps < 1 or self.steps > 1000:
-            raise GenerationError(f"steps must be between 1 and 1000, got {self.steps}")
+        # DDIM with steps_offset 1 over 1000 training steps has at most 999 distinct timesteps.
+        if self.steps < 1 or self.steps > 999:
+            raise GenerationError(f"steps must be between 1 and 999, got {self.steps}")
         if not 0.0 <= self.shared_noise_ratio < 1.0:
             raise GenerationError(f"shared_noise_ratio must be in [0, 1), got {self.shared_noise_ratio}")
         if self.guidance_scale < 0 or not math.isfinite(self.guidance_scale):
@@ -233,7 +234,29 @@ class HuViDPOPipeline:
         seeds: list[int] | None = None,
         negative_prompts: list[str] | None = None,
     ) -> list[GenerationResult]:
-        """Generate several videos of the same shape and steps in one UNet batch (per-sample seeds)."""
+        """Generate several videos of the same shape and steps in one UNet batch (per-sample seeds).
+
+        The UNet runs in eval mode (no LoRA dropout) whatever mode it was in; the mode is restored after."""
+        unet = self.components.unet
+        was_training = unet.training
+        unet.eval()
+        try:
+            return self._generate_batch(
+                prompts, first_frames, config, progress, should_stop, seeds, negative_prompts
+            )
+        finally:
+            unet.train(was_training)
+
+    def _generate_batch(
+        self,
+        prompts: list[str],
+        first_frames: list[ImageInput | None],
+        config: GenerationConfig,
+        progress: ProgressCallback | None,
+        should_stop: Callable[[], bool] | None,
+        seeds: list[int] | None,
+        negative_prompts: list[str] | None,
+    ) -> list[GenerationResult]:
         cfg = config
         cfg.validate(self.components.vae_scale_factor)
         if len(prompts) != len(first_frames) or not prompts:

@@ -106,6 +106,7 @@ def test_progress_callback_and_stop(pipe: HuViDPOPipeline) -> None:
         (dict(width=100), "width must be a positive multiple of 8"),
         (dict(num_frames=0), "frames must be between 2"),
         (dict(steps=0), "steps must be between 1"),
+        (dict(steps=1000), "steps must be between 1 and 999"),
     ],
 )
 def test_bad_sizes_get_clear_errors(pipe: HuViDPOPipeline, kw: dict, message: str) -> None:
@@ -147,6 +148,22 @@ def test_lora_scale_zero_is_exactly_the_base_model(tiny_model_dir: Path, tmp_pat
     assert not np.array_equal(with_lora.frames, base.frames)
     set_lora_scale(comps2.unet, "a1", 0.0)
     torch.testing.assert_close(pipe2("a", image(), small()).latents, base.latents, rtol=0, atol=0)
+
+
+def test_loaded_lora_generates_deterministically_even_from_train_mode(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    comps = load_components(tiny_model_dir)
+    comps.unet.add_adapter(lora_config(rank=4, dropout=0.5), adapter_name="d")
+    save_lora(comps.unet, tmp_path / "ad", adapter="d")
+    other = load_components(tiny_model_dir)
+    load_lora(other.unet, tmp_path / "ad", adapter="d", scale=1.0)
+    assert not any(m.training for m in other.unet.modules())
+    other.unet.train()  # e.g. validation during training: sampling must still run without dropout
+    pipe = HuViDPOPipeline(other)
+    a, b = pipe("a", image(), small()), pipe("a", image(), small())
+    assert np.array_equal(a.frames, b.frames)
+    assert other.unet.training
 
 
 def test_lora_with_foreign_keys_is_refused(tiny_model_dir: Path, tmp_path: Path) -> None:
