@@ -290,7 +290,9 @@ def run_dpo(
         unet_dir=cfg.unet_dir,
     )
     model_digest = directory_digest(cfg.model)
-    source = make_clip_source(components, cfg, device, model_digest, data.frame_counts)
+    source = make_clip_source(
+        components, cfg, device, f"{model_digest}:{components.vae.dtype}", data.frame_counts
+    )
     noise_sched = components.ddpm()
 
     unet = components.unet

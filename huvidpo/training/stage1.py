@@ -131,7 +131,7 @@ def run_stage1(
         unet_dir=cfg.unet_dir,
     )
     model_digest = directory_digest(cfg.model)
-    source = make_clip_source(components, cfg, device, model_digest, frame_counts)
+    source = make_clip_source(components, cfg, device, f"{model_digest}:{components.vae.dtype}", frame_counts)
     noise_sched = components.ddpm()
     unet = components.unet
     names = set(unet.temporal_parameter_names(tuple(cfg.trainable_patterns)))
