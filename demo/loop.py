@@ -234,10 +234,12 @@ def run_loop(
             if (p.step, p.total, p.queue_position) in seen:
                 return
             seen.add((p.step, p.total, p.queue_position))
-            if p.total:
+            if p.queue_position > 0:
+                log(f"[generate] queued (position {p.queue_position})")
+            elif p.total:
                 log(f"[generate] denoising step {p.step}/{p.total}")
             else:
-                log(f"[generate] queued (position {p.queue_position})")
+                log("[generate] started")
 
         result = generate(s, req, on_progress)
     if result.WhichOneof("video") != "video_bytes":
