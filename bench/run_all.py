@@ -50,6 +50,8 @@ class Outcome:
     error: str = ""
     stdout: str = ""
     json_mode: bool = False
+    # 1-minute load average when it finished: other work on the machine skews every timing ratio
+    load_after: float | None = None
 
     def parse(self) -> None:
         """Fill ``rows`` and ``conditions`` from the benchmark's output (JSON or printed lines)."""
@@ -136,7 +138,13 @@ def run_one(script: Path, quick: bool, timeout: float) -> Outcome:
             error=f"timed out after {timeout:.0f} s: {str(exc.stdout)[-300:]}",
         )
     out = Outcome(
-        script.stem, cmd, time.perf_counter() - t0, proc.returncode, stdout=proc.stdout, json_mode=json_mode
+        script.stem,
+        cmd,
+        time.perf_counter() - t0,
+        proc.returncode,
+        stdout=proc.stdout,
+        json_mode=json_mode,
+        load_after=round(os.getloadavg()[0], 1),
     )
     if proc.returncode != 0:
         out.error = (proc.stderr or proc.stdout)[-600:].strip().replace("\n", " ⏎ ")
@@ -171,7 +179,8 @@ def render(outcomes: list[Outcome], quick: bool, started: datetime, host: str) -
         "|---|---|---:|---|---|",
     ]
     for o in outcomes:
-        run = f"{o.seconds:.0f} s, `{' '.join(o.command[1:])}`"
+        load = f", load {o.load_after}" if o.load_after is not None else ""
+        run = f"{o.seconds:.0f} s{load}, `{' '.join(o.command[1:])}`"
         if o.error:
             lines.append(
                 f"| {o.name} | **failed** (exit {o.returncode}) | – | {esc(o.error[:300])} | {run} |"
