@@ -108,7 +108,7 @@ def rows_from_text(text: str) -> tuple[list[Row], str]:
             for part in rest.split(","):
                 x = _ANY_X.search(part)
                 if x:
-                    words = re.sub(r"\(.*?\)", "", part[: x.start()] + "N" + part[x.end() :]).strip(" ;")
+                    words = re.sub(r"\(.*?\)", "", part[: x.start()] + "×" + part[x.end() :]).strip(" ;")
                     rows.append(Row(f"{m.group(1)}: {words}", float(x.group(1)), ln.strip()))
             continue
         m2 = _RATIO_LINE.search(ln)
@@ -187,7 +187,8 @@ def render(outcomes: list[Outcome], quick: bool, started: datetime, host: str) -
             )
             continue
         for r in o.rows:
-            lines.append(f"| {o.name} | {esc(r.ratio)} | {r.value:.3g} | {esc(o.conditions)} | {run} |")
+            value = f"{r.value:.2f}" if abs(r.value) < 100 else f"{r.value:.0f}"
+            lines.append(f"| {o.name} | {esc(r.ratio)} | {value} | {esc(o.conditions)} | {run} |")
     lines += ["", "Printed lines the text-parsed ratios came from:", ""]
     for o in outcomes:
         for note in dict.fromkeys(r.note for r in o.rows if r.note):

@@ -50,8 +50,8 @@ def test_printed_ratio_lines_are_read_with_their_labels() -> None:
     assert cond == "UNet block_out_channels=(32, 64) on cpu"
     assert [(r.ratio, r.value) for r in rows] == [
         ("ours speed-up", 2.73),
-        ("ours: peak memory N of reference", 0.98),
-        ("ours: N above the imports", 0.41),
+        ("ours: peak memory × of reference", 0.98),
+        ("ours: × above the imports", 0.41),
         ("ratio API / direct", 0.95),
     ]
 
