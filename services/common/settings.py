@@ -171,3 +171,6 @@ class TrainerSettings(BaseSettings):
     device: str = "cpu"
     # Upload a checkpoint every this many optimizer steps (0: only at the end).
     checkpoint_every: int = Field(default=0, ge=0)
+    # Serve /metrics (step, loss, implicit reward accuracy...) here while training; 0: no server.
+    metrics_port: int = Field(default=0, ge=0, le=65535)
+    metrics_host: str = "127.0.0.1"

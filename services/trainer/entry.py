@@ -173,8 +173,13 @@ class StoreCallback:
         self.progress.flush()
 
 
-def run(store: ObjectStore, settings: TrainerSettings, stop: list[bool] | None = None) -> int:
-    """Run one fine-tune attempt; returns the exit code."""
+def run(
+    store: ObjectStore,
+    settings: TrainerSettings,
+    stop: list[bool] | None = None,
+    callbacks: tuple[Any, ...] = (),
+) -> int:
+    """Run one fine-tune attempt (``callbacks`` see every step too); returns the exit code."""
     finetune_id = settings.finetune_id
     if not finetune_id:
         log.error("HUVIDPO_TRAINER_FINETUNE_ID is not set")
@@ -186,7 +191,7 @@ def run(store: ObjectStore, settings: TrainerSettings, stop: list[bool] | None =
         log.error("object store unavailable: %s", exc)
         return EXIT_TRANSIENT
     try:
-        code, reason, message = _run(store, settings, finetune_id, progress, stop)
+        code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks)
     except StoreUnavailable as exc:
         code, reason, message = EXIT_TRANSIENT, "StoreUnavailable", str(exc)
     except (ConnectionError, TimeoutError) as exc:
@@ -227,6 +232,7 @@ def _run(
     finetune_id: str,
     progress: ProgressWriter,
     stop: list[bool],
+    callbacks: tuple[Any, ...] = (),
 ) -> tuple[int, str | None, str]:
     from huvidpo.training import DPOConfig, Stage1Config, run_dpo, run_stage1
 
@@ -298,9 +304,11 @@ def _run(
     callback = StoreCallback(store, progress, finetune_id, lineage, total)
     should_stop = lambda: stop[0]  # noqa: E731
     if isinstance(cfg, DPOConfig):
-        result = run_dpo(cfg, [callback], should_stop=should_stop, resume=resume_step is not None)
+        result = run_dpo(cfg, [callback, *callbacks], should_stop=should_stop, resume=resume_step is not None)
     else:
-        result = run_stage1(cfg, [callback], should_stop=should_stop, resume=resume_step is not None)
+        result = run_stage1(
+            cfg, [callback, *callbacks], should_stop=should_stop, resume=resume_step is not None
+        )
     progress.flush()
     if result.stopped:
         return EXIT_TRANSIENT, "Stopped", "stopped by SIGTERM after a checkpoint; the retry resumes from it"
@@ -320,4 +328,14 @@ def main(argv: list[str] | None = None) -> int:
         stop[0] = True
 
     signal.signal(signal.SIGTERM, on_term)
-    return run(store, settings, stop)
+    if not settings.metrics_port:
+        return run(store, settings, stop)
+    from services.trainer.metrics import TrainerMetrics
+
+    metrics = TrainerMetrics()
+    port = metrics.serve(settings.metrics_port, settings.metrics_host)
+    log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
+    try:
+        return run(store, settings, stop, (metrics,))
+    finally:
+        metrics.stop()
