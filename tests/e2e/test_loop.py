@@ -1,5 +1,6 @@
 """The whole loop end to end, as ``make demo`` runs it: on the embedded default watched by a real
-Prometheus, and on the real S3 server (Ceph radosgw) instead of the local store."""
+Prometheus (scraping the control plane, the inference service and the trainer at 1 s), and on the real
+S3 server (Ceph radosgw) instead of the local store."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 from demo.loop import LoopOptions, run_loop
+from demo.stack import free_port
 from huvidpo.video_io import read_video
 from tests.e2e.harness import fresh_bucket_env
 
@@ -50,12 +52,15 @@ def _check_outputs(summary: dict[str, Any], out: Path, opts: LoopOptions) -> Non
 def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metrics(
     make_stack: Any, prometheus: Any, tmp_path: Path
 ) -> None:
-    running = make_stack()
+    # every trainer the local executor starts serves its metrics on this port while it trains
+    trainer_port = free_port()
+    running = make_stack(extra_env={"HUVIDPO_TRAINER_METRICS_PORT": str(trainer_port)})
     stack = running.stack
     prom = prometheus(
         {
             "controlplane": stack.controlplane_url + "/metrics",
             "inference": stack.inference_metrics_url,
+            "trainer": f"http://127.0.0.1:{trainer_port}/metrics",
         }
     )
     # Prometheus applies new targets on a 5 s tick: wait until both are up before the loop starts.
@@ -68,7 +73,10 @@ def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metr
     summary = run_loop(running.cp, stack.grpc_address, running.store, tmp_path / "work", out, opts, print)
     _check_outputs(summary, out, opts)
 
-    # fine-tune: the control plane saw it go to succeeded, and counts it by state
+    # fine-tune: the trainer's own metrics were scraped while it ran...
+    assert prom.value('max_over_time(huvidpo_trainer_steps_total{job="trainer"}[30m])') >= 1  # type: ignore[operator]
+    assert prom.value('count_over_time(huvidpo_trainer_loss{job="trainer"}[30m])') >= 1  # type: ignore[operator]
+    # ...and the control plane saw it go to succeeded, and counts it by state
     prom.wait_value(
         'sum(huvidpo_controlplane_finetune_transitions_total{to_state="succeeded"})', lambda v: v >= 1
     )
