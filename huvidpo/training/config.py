@@ -222,7 +222,11 @@ class DPOConfig(TrainConfig):
     min_margin: float = 0.0
     margin_weighting: bool = False
     holdout_fraction: float = 0.0
-    """Fraction of prompts whose pairs are held out for evaluation (implicit reward accuracy)."""
+    """Fraction held out for evaluation (implicit reward accuracy): of the prompts, or of each
+    prompt's videos (spread over its score range), see ``holdout_by``."""
+    holdout_by: str = "prompt"
+    """``prompt``: held-out pairs come from unseen prompts; ``video``: from unseen videos of the same
+    prompts (pairs mixing a held-out and a training video are dropped)."""
     eval_draws: int = 4
     """(t, noise) draws averaged per held-out pair."""
     lr: float = 1e-4
@@ -246,6 +250,8 @@ class DPOConfig(TrainConfig):
             raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
         if self.tie_policy not in ("drop", "keep"):
             raise ConfigError(f"tie_policy must be 'drop' or 'keep', got {self.tie_policy!r}")
+        if self.holdout_by not in ("prompt", "video"):
+            raise ConfigError(f"holdout_by must be 'prompt' or 'video', got {self.holdout_by!r}")
         if not 0.0 <= self.holdout_fraction < 1.0:
             raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
         if self.eval_draws < 1:

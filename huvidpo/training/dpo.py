@@ -148,20 +148,48 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         )
     prompts = sorted({p.prompt for p in pairs})
     heldout_prompts: set[str] = set()
-    if cfg.holdout_fraction > 0:
+    heldout_videos: set[str] = set()
+    rng = random.Random(cfg.seed)
+    if cfg.holdout_fraction > 0 and cfg.holdout_by == "prompt":
         n_hold = max(1, round(len(prompts) * cfg.holdout_fraction))
         if n_hold >= len(prompts):
             raise ConfigError(
                 f"holdout_fraction {cfg.holdout_fraction} leaves no training prompts "
                 f"({len(prompts)} prompts in the dataset)"
             )
-        heldout_prompts = set(random.Random(cfg.seed).sample(prompts, n_hold))
-    train = [p for p in pairs if p.prompt not in heldout_prompts]
-    heldout = [p for p in pairs if p.prompt in heldout_prompts]
+        heldout_prompts = set(rng.sample(prompts, n_hold))
+    elif cfg.holdout_fraction > 0:
+        for prompt in prompts:
+            # Systematic sampling along the score order keeps good and bad clips in both splits.
+            vids = sorted(
+                (v for v in ds.videos.values() if v.prompt == prompt),
+                key=lambda v: (v.mean_score or 0.0, v.id),
+            )
+            n_hold = round(len(vids) * cfg.holdout_fraction)
+            if n_hold:
+                gap = len(vids) / n_hold
+                offset = rng.random() * gap
+                heldout_videos |= {vids[int(offset + k * gap)].id for k in range(n_hold)}
+
+    def split(p: Any) -> str:
+        if p.prompt in heldout_prompts:
+            return "heldout"
+        held = (p.chosen_id in heldout_videos) + (p.rejected_id in heldout_videos)
+        return {0: "train", 1: "dropped", 2: "heldout"}[held]
+
+    train = [p for p in pairs if split(p) == "train"]
+    heldout = [p for p in pairs if split(p) == "heldout"]
+    if not train:
+        raise ConfigError(f"holdout_fraction {cfg.holdout_fraction} leaves no training pairs")
     paths = {vid: str(v.path) for vid, v in ds.videos.items()}
     frames = {str(v.path): int(v.num_frames) for v in ds.videos.values() if v.num_frames}
     report = _report_dict(getattr(pairset, "report", None))
-    report.update(train_pairs=len(train), heldout_pairs=len(heldout), heldout_prompts=sorted(heldout_prompts))
+    report.update(
+        train_pairs=len(train),
+        heldout_pairs=len(heldout),
+        heldout_prompts=sorted(heldout_prompts),
+        heldout_videos=sorted(heldout_videos),
+    )
     return PreparedPairs(train, heldout, paths, frames, report)
 
 

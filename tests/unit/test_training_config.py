@@ -76,6 +76,7 @@ def test_bad_files_name_the_key(tmp_path: Path, content: str, message: str) -> N
         ({"num_frames": 1}, "num_frames"),
         ({"model": ""}, "model is required"),
         ({"first_frame_mode": "concat"}, "first_frame_mode"),
+        ({"holdout_by": "rater"}, "holdout_by"),
     ],
 )
 def test_validate_rejects_bad_values(change: dict, message: str) -> None:
