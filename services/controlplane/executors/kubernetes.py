@@ -29,6 +29,8 @@ SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 EXIT_BAD_DATA = 2
 EXIT_TRANSIENT = 75
 WORK_DIR = "/work"
+# The trainer serves /metrics here while it trains; the pod annotations tell Prometheus (deploy/).
+TRAINER_METRICS_PORT = 9091
 
 
 def job_name(finetune_id: str) -> str:
@@ -82,6 +84,8 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
         {"name": "HUVIDPO_TRAINER_FINETUNE_ID", "value": spec.finetune_id},
         {"name": "HUVIDPO_TRAINER_WORK_DIR", "value": WORK_DIR},
         {"name": "HUVIDPO_TRAINER_DEVICE", "value": "cuda" if settings.gpu_count > 0 else "cpu"},
+        {"name": "HUVIDPO_TRAINER_METRICS_HOST", "value": "0.0.0.0"},
+        {"name": "HUVIDPO_TRAINER_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
         *store_env(store, settings.store_secret),
     ]
     pod_spec: dict[str, Any] = {
@@ -94,6 +98,7 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 "imagePullPolicy": settings.image_pull_policy,
                 "command": list(settings.trainer_command),
                 "env": env,
+                "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
                 "resources": {"requests": requests, "limits": limits},
                 "volumeMounts": [
                     {"name": "work", "mountPath": WORK_DIR},
@@ -162,7 +167,15 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 ]
             },
             "template": {
-                "metadata": {"labels": dict(labels), "annotations": dict(annotations)},
+                "metadata": {
+                    "labels": dict(labels),
+                    "annotations": {
+                        **annotations,
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": str(TRAINER_METRICS_PORT),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
                 "spec": pod_spec,
             },
         },
