@@ -719,7 +719,7 @@ def test_scrape_configs_cover_every_component_that_serves_metrics(rendered: dict
         for _, labels, meta, _ in pods(objs)
         if meta.get("annotations", {}).get("prometheus.io/scrape") == "true"
     }
-    assert serving == {"controlplane", "inference"}
+    assert serving == {"controlplane", "inference", "trainer"}
     assert set(jobs) == {f"huvidpo-{c}" for c in serving}
     for component in serving:
         (sd,) = jobs[f"huvidpo-{component}"]["kubernetes_sd_configs"]
