@@ -13,7 +13,7 @@ from huvidpo.data import make_synthetic_dataset
 from huvidpo.models import DEFAULT_STAGE1_PATTERNS, VideoUNet, load_components
 from huvidpo.training import ConfigError, Stage1Config, run_stage1
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
 
 @pytest.fixture(scope="module")
