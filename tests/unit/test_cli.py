@@ -24,10 +24,9 @@ def test_generate_writes_an_mp4_from_a_first_frame(tiny_model_dir: Path, tmp_pat
     img = tmp_path / "frame.png"
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(img)
     out = tmp_path / "v.mp4"
-    rc = main(
-        ["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--first-frame", str(img)]
-        + ["--frames", "3", "--height", "64", "--width", "80", "--steps", "2", "--quiet", "--out", str(out)]
-    )
+    args = ["generate", "--model", str(tiny_model_dir), "--prompt", "a cat", "--first-frame", str(img)]
+    args += ["--frames", "3", "--height", "64", "--width", "80", "--steps", "2", "--quiet", "--out", str(out)]
+    rc = main(args)
     assert rc == 0
     frames, _ = read_video(out)
     assert frames.shape == (3, 64, 80, 3)
