@@ -23,3 +23,7 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from huvidpo.models.tiny import write_tiny_model
 
     return write_tiny_model(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+# One radosgw (and one moto server) per session, shared by the integration and e2e tests.
+from tests.s3_fixtures import make_s3_store, moto_s3_endpoint, s3_endpoint  # noqa: E402, F401

@@ -18,7 +18,6 @@ from demo.stack import Stack, local_store_env
 from tests.e2e.harness import Prometheus, Running, TcpProxy, store_from_env
 
 # The real S3 server fixture of the integration tests (a session-scoped Ceph radosgw).
-from tests.integration.conftest import s3_endpoint  # noqa: F401
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.remote.webdriver import WebDriver  # noqa: E402
 from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
 
-from tests.integration.conftest import free_port  # noqa: E402
+from tests.s3_fixtures import free_port  # noqa: E402
 
 
 # --------------------------------------------------------------------------------------------- server

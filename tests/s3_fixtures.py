@@ -1,4 +1,4 @@
-"""Real servers on 127.0.0.1 for integration tests, started once per session and stopped by PID.
+"""S3 servers for tests, shared by the integration and e2e tests through tests/conftest.py.
 
 S3 fixtures (reusable by any integration test):
 - ``s3_endpoint``: a real Ceph radosgw (``scripts/ceph-s3.sh``), real SigV4 and multipart. A dict
