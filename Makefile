@@ -7,6 +7,8 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
 export DIFFUSERS_VERBOSITY := error
 
+STAMP := $(VENV)/.installed
+
 .PHONY: install test test-fast lint demo bench proto deploy-check clean
 
 $(BIN)/python:
@@ -14,35 +16,39 @@ $(BIN)/python:
 	$(BIN)/pip install --quiet --upgrade pip
 
 # torch first (a CPU wheel here; a CUDA wheel on a GPU host), then the project, which accepts it.
-install: $(BIN)/python
+# Re-run only when pyproject.toml changes (or with `make -B install`).
+$(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
 	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $(STAMP)
 
-test: install
+install: $(STAMP)
+
+test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
-test-fast: install
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-lint: install
+lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy huvidpo services
 
 # The whole loop on the embedded default (local store in out/demo/store, local executor); see demo/__main__.py
 # for --store s3 / --executor kubernetes. Writes out/demo/{video.mp4,metrics.png,summary.json}.
-demo: install
+demo: $(STAMP)
 	$(BIN)/python -m demo --out out/demo
 
-bench: install
+bench: $(STAMP)
 	$(BIN)/python bench/run_all.py --out bench/RESULTS.md
 
-proto: install
+proto: $(STAMP)
 	$(BIN)/python -m services.inference.protogen
 
 # Render every kustomization (kubectl v1.35), validate it (kubernetes-validate --strict), promtool
 # check/test the monitoring files, hadolint the Dockerfile. Needs Debian's prometheus (promtool).
-deploy-check: install
+deploy-check: $(STAMP)
 	$(BIN)/python deploy/tools/check.py
 
 clean:
