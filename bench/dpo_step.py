@@ -58,9 +58,7 @@ def peak_rss_bytes() -> int:
     return hwm if hwm is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-BASELINE_RSS = _proc_status_bytes("VmRSS") or 0  # after importing torch, before diffusers/huvidpo
-
-from diffusers import UNet2DConditionModel  # noqa: E402
+from diffusers import AutoencoderKL, UNet2DConditionModel  # noqa: E402
 
 from huvidpo.data import LatentCache, load_clip, make_synthetic_dataset  # noqa: E402
 from huvidpo.lora import lora_config, lora_parameters  # noqa: E402
@@ -70,23 +68,43 @@ from huvidpo.models.tiny import TINY_TEXT_DIM, tiny_components  # noqa: E402
 from huvidpo.training.common import enable_checkpointing, noisy_latents  # noqa: E402
 from huvidpo.training.dpo import PairBatch, dpo_step  # noqa: E402
 
+# Library code is not step memory: the baseline is taken once every library is imported.
+BASELINE_RSS = _proc_status_bytes("VmRSS") or 0
+
 VARIANTS = ("reference", "ours", "ours+ckpt")
 
 
 def mid_unet_config(quick: bool) -> dict[str, Any]:
-    """Bigger than the test model so the UNet, not Python overhead, dominates a step."""
+    """Bigger than the test model so the UNet, not Python overhead, dominates a step. The proportions
+    follow SD 1.x: most parameters sit in the UNet, and the VAE (below) works at pixel resolution."""
     return {
         "sample_size": 8,
         "in_channels": 4,
         "out_channels": 4,
-        "block_out_channels": (32, 64) if quick else (64, 128),
-        "layers_per_block": 1 if quick else 2,
+        "block_out_channels": (96, 192) if quick else (128, 256),
+        "layers_per_block": 2,
         "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
         "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
         "cross_attention_dim": TINY_TEXT_DIM,
         "attention_head_dim": 2 if quick else 4,
         "norm_num_groups": 32,
     }
+
+
+def sd_like_vae() -> AutoencoderKL:
+    """SD's VAE layout (four blocks, 8x downsampling, two layers per block) at a quarter of its widths
+    (SD: 128, 256, 512, 512), so encoding clips costs what it costs relative to the UNet in SD 1.x."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 64, 128, 128),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        scaling_factor=0.18215,
+    )
 
 
 class Setup:
@@ -99,6 +117,7 @@ class Setup:
         self.frames, self.size = (4, 64) if quick else (8, 64)
         comps = tiny_components(seed=0)
         comps.unet = VideoUNet.from_unet2d(UNet2DConditionModel(**mid_unet_config(quick)))
+        comps.vae = sd_like_vae().eval().requires_grad_(False)
         comps.to(self.device)
         self.comps = comps
         self.sched = comps.ddpm()
