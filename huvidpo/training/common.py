@@ -267,3 +267,58 @@ def resume_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         "device", "output_dir", "cache_dir", "model", "dataset", "unet_dir", "cache_latents",
     }  # fmt: skip
     return sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
+
+
+def run_callbacks(
+    out: Path,
+    cfg: Any,
+    accelerator: Any,
+    resumed_at: int | None,
+    callbacks: Sequence[Any],
+) -> Any:
+    """The callbacks of a run: the JSONL metrics file and the PNG plot (main process only) plus the
+    caller's. Also writes ``out/config.json``. ``resumed_at`` trims a resumed run's metrics file."""
+    from huvidpo.training.callbacks import CallbackList, JsonlMetrics, PlotMetrics
+
+    own: list[Any] = []
+    if accelerator.is_main_process:
+        cfg.save(out / "config.json")
+        metrics_path = out / "metrics.jsonl"  # the runs report this path in their TrainResult
+        own.append(JsonlMetrics(metrics_path, resume_step=resumed_at))
+        if cfg.plot:
+            own.append(PlotMetrics(metrics_path, out / "metrics.png"))
+        return CallbackList([*own, *callbacks])
+    return CallbackList(list(callbacks))
+
+
+def checkpoint_saver(
+    ckpt_dir: Path,
+    cfg: Any,
+    accelerator: Any,
+    optimizer: Any,
+    lr_sched: Any,
+    per_epoch: int,
+    lineage: dict[str, Any],
+    callbacks: Any,
+    write_weights: Callable[[Path], None],
+) -> Callable[[int], Path | None]:
+    """``save(step)``: an atomic checkpoint (weights by ``write_weights(dir)``, optimizer, LR schedule,
+    RNG) on the main process, the oldest pruned beyond ``cfg.keep_last``; every process waits for it."""
+    from huvidpo.training.checkpoint import prune_checkpoints, write_checkpoint
+
+    def save(step: int) -> Path | None:
+        path = None
+        if accelerator.is_main_process:
+            state = {
+                "step": step,
+                "epoch": step // per_epoch,
+                "scheduler": lr_sched.state_dict(),
+                "config": cfg.to_dict(),
+            }
+            path = write_checkpoint(ckpt_dir, step, write_weights, optimizer, state, lineage)
+            prune_checkpoints(ckpt_dir, cfg.keep_last)
+            callbacks.on_checkpoint(path, step)
+        accelerator.wait_for_everyone()
+        return path
+
+    return save

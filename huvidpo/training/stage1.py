@@ -20,19 +20,14 @@ from huvidpo.losses import masked_diffusion_error
 from huvidpo.models import directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
 from huvidpo.training.callbacks import (
-    CallbackList,
-    JsonlMetrics,
-    PlotMetrics,
     TrainingCallback,
     peak_memory_bytes,
 )
 from huvidpo.training.checkpoint import (
     CheckpointError,
     latest_checkpoint,
-    prune_checkpoints,
     read_checkpoint,
     restore_rng,
-    write_checkpoint,
 )
 from huvidpo.training.common import (
     VIDEO_SUFFIXES,
@@ -41,12 +36,14 @@ from huvidpo.training.common import (
     TrainResult,
     build_optimizer,
     build_scheduler,
+    checkpoint_saver,
     enable_checkpointing,
     items_for_step,
     make_accelerator,
     make_clip_source,
     noisy_latents,
     resume_compatible,
+    run_callbacks,
     sample_timesteps,
     seed_everything,
     step_generator,
@@ -177,33 +174,15 @@ def run_stage1(
     lineage = {"base_model_digest": model_digest, "dataset_digest": directory_digest(cfg.dataset),
                "config": cfg.to_dict(), "stage": "stage1"}  # fmt: skip
     metrics_path = out / "metrics.jsonl"
-    cbs: list[TrainingCallback] = []
-    if accelerator.is_main_process:
-        cfg.save(out / "config.json")
-        cbs.append(JsonlMetrics(metrics_path, resume_step=start_step if resume_from else None))
-        if cfg.plot:
-            cbs.append(PlotMetrics(metrics_path, out / "metrics.png"))
-    cb = CallbackList([*cbs, *callbacks] if accelerator.is_main_process else list(callbacks))
+    cb = run_callbacks(out, cfg, accelerator, start_step if resume_from else None, callbacks)
 
-    def save(step: int) -> Path | None:
-        path = None
-        if accelerator.is_main_process:
-            state = {
-                "step": step,
-                "epoch": step // per_epoch,
-                "scheduler": lr_sched.state_dict(),
-                "config": cfg.to_dict(),
-            }
+    def write_weights(d: Path) -> None:
+        tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable.items()}
+        save_file(tensors, str(d / TRAINABLE_FILE), metadata={"format": "pt"})
 
-            def write_weights(d: Path) -> None:
-                tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in trainable.items()}
-                save_file(tensors, str(d / TRAINABLE_FILE), metadata={"format": "pt"})
-
-            path = write_checkpoint(ckpt_dir, step, write_weights, optimizer, state, lineage)
-            prune_checkpoints(ckpt_dir, cfg.keep_last)
-            cb.on_checkpoint(path, step)
-        accelerator.wait_for_everyone()
-        return path
+    save = checkpoint_saver(
+        ckpt_dir, cfg, accelerator, optimizer, lr_sched, per_epoch, lineage, cb, write_weights
+    )
 
     last_ckpt: Path | None = resume_from
     last_metrics: dict[str, Any] = {}
