@@ -27,7 +27,7 @@ import pytest
 
 from services.common.store_minio import MinioStore
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 CEPH_SCRIPT = REPO / "scripts" / "ceph-s3.sh"
 CEPH_BINARIES = ("radosgw", "ceph-mon", "ceph-osd", "radosgw-admin", "monmaptool", "ceph")
 RADOSGW_ACCESS_KEY = "HUVIDPOTESTACCESS"

@@ -174,3 +174,6 @@ class TrainerSettings(BaseSettings):
     # Serve /metrics (step, loss, implicit reward accuracy...) here while training; 0: no server.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
+    # Keep serving /metrics this long after training ends, so a scraper sees the final values of a
+    # run shorter than its scrape interval (skipped on SIGTERM).
+    metrics_linger_seconds: float = Field(default=0.0, ge=0, le=600)

@@ -338,4 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(store, settings, stop, (metrics,))
     finally:
+        deadline = time.monotonic() + settings.metrics_linger_seconds
+        while not stop[0] and time.monotonic() < deadline:
+            time.sleep(0.1)
         metrics.stop()

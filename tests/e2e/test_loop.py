@@ -54,7 +54,14 @@ def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metr
 ) -> None:
     # every trainer the local executor starts serves its metrics on this port while it trains
     trainer_port = free_port()
-    running = make_stack(extra_env={"HUVIDPO_TRAINER_METRICS_PORT": str(trainer_port)})
+    # The trainer lingers 5 s after its last step so the 1 s scrape sees its final values even when the
+    # run is shorter than Prometheus' 5 s target-refresh tick.
+    running = make_stack(
+        extra_env={
+            "HUVIDPO_TRAINER_METRICS_PORT": str(trainer_port),
+            "HUVIDPO_TRAINER_METRICS_LINGER_SECONDS": "5",
+        }
+    )
     stack = running.stack
     prom = prometheus(
         {
