@@ -168,6 +168,24 @@ def test_ratings_make_a_new_version_and_pairs_compile_with_a_report(
     assert "nope" in _is_problem(bad, 422, "validation-error")["detail"]
 
 
+def test_upload_without_a_manifest_to_a_dataset_with_ratings_is_a_422_not_a_500(env: dict[str, Any]) -> None:
+    # Found by schemathesis: appending stored ratings to an upload that has no manifest raised past
+    # the validation error mapping.
+    client = env["client"]
+    client.post("/v1/datasets", json={"name": "rated"}, headers=AUTH)
+    r = client.post(
+        "/v1/datasets/rated/ratings",
+        json={"records": [{"type": "rating", "video_id": "v1", "rater_id": "zoe", "score": 7}]},
+        headers=AUTH,
+    )
+    assert r.status_code == 201, r.text
+    bad = client.post(
+        "/v1/datasets/rated/versions", files=[("files", ("v.mp4", b"not a video", "video/mp4"))], headers=AUTH
+    )
+    assert "no manifest" in _is_problem(bad, 422, "validation-error")["detail"]
+    assert client.get("/v1/datasets/rated/versions", headers=AUTH).json()["items"] == []
+
+
 def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path) -> None:
     client = env["client"]
     client.post("/v1/datasets", json={"name": "d1"}, headers=AUTH)

@@ -217,9 +217,10 @@ class DatasetService:
         from huvidpo.data import DatasetError, load_dataset
 
         ratings = self._rating_records(name) if include_ratings else []
-        if ratings:
-            _append_records(data, ratings)
         try:
+            # Appending ratings needs the uploaded manifest: a missing one is the caller's error too.
+            if ratings:
+                _append_records(data, ratings)
             ds = load_dataset(data)
         except DatasetError as exc:
             # Paths in the message are our temporary directory's; strip them so the caller sees theirs.
