@@ -281,29 +281,7 @@ async def stream_multipart(
     pipe = BodyPipe()
     stream = MultipartStream(boundary, pipe)
     worker = run_in_own_thread(consume, stream)
-    total = 0
-    try:
-        async for chunk in request.stream():
-            if worker.done():
-                break
-            if not chunk:
-                continue
-            total += len(chunk)
-            if total > max_bytes:
-                raise PayloadTooLarge(f"the upload is larger than the limit of {max_bytes} bytes")
-            if on_bytes is not None:
-                on_bytes(len(chunk))
-            await pipe.put(chunk, worker)
-        else:
-            await pipe.put(pipe.eof(), worker)
-    except ClientDisconnect as exc:
-        pipe.abort(exc)
-        await asyncio.gather(worker, return_exceptions=True)
-        raise BadUpload("the client disconnected before the upload finished") from exc
-    except BaseException as exc:
-        pipe.abort(exc)
-        await asyncio.gather(worker, return_exceptions=True)
-        raise
+    await _pump(request, pipe, worker, max_bytes, on_bytes)
     try:
         return await worker
     except _Aborted as exc:  # pragma: no cover - only when the producer aborted, handled above
@@ -346,6 +324,15 @@ async def stream_raw(
         raise PayloadTooLarge(f"the upload is {declared} bytes; the limit is {max_bytes}")
     pipe = BodyPipe()
     worker = run_in_own_thread(consume, _RawReader(pipe))
+    await _pump(request, pipe, worker, max_bytes, on_bytes)
+    return await worker
+
+
+async def _pump(
+    request: Any, pipe: Any, worker: Any, max_bytes: int, on_bytes: Callable[[int], Any] | None
+) -> None:
+    """Feed the request body into ``pipe`` for ``worker``, enforcing ``max_bytes``; on any failure
+    abort the pipe and wait for the worker before raising."""
     total = 0
     try:
         async for chunk in request.stream():
@@ -369,4 +356,3 @@ async def stream_raw(
         pipe.abort(exc)
         await asyncio.gather(worker, return_exceptions=True)
         raise
-    return await worker
