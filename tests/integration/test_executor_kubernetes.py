@@ -7,19 +7,22 @@ the executor builds is validated with kubernetes-validate (strict) against curre
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
+import threading
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import kubernetes_validate
 import pytest
 from fastapi.testclient import TestClient
+from kmock import method as kmock_method
 from kubernetes import client
 
 from services.common.publish import publish_dir
 from services.common.settings import ControlPlaneSettings, StoreSettings
 from services.common.store import LocalStore
 from services.controlplane.app import create_app
+from services.controlplane.domain.errors import Unavailable
 from services.controlplane.domain.ports import JobSpec
 from services.controlplane.executors.kubernetes import KubernetesExecutor, build_job, job_name
 
@@ -41,6 +44,7 @@ def _settings(tmp: Path, **kw: Any) -> ControlPlaneSettings:
 @pytest.fixture
 def k8s(kmock: Any) -> Any:
     kmock.resources["batch/v1/jobs"].kind = "Job"
+    kmock.resources["v1/pods"].kind = "Pod"
     cfg = client.Configuration()
     cfg.host = str(kmock.url).rstrip("/")
     return client.ApiClient(cfg)
@@ -161,7 +165,8 @@ async def test_retried_create_with_the_same_key_makes_one_job(
     assert second.status_code == 200 and second.json()["id"] == first.json()["id"]
     batch = client.BatchV1Api(k8s)
     jobs = await asyncio.to_thread(batch.list_namespaced_job, NS)
-    assert [j.metadata.name for j in jobs.items] == [job_name(first.json()["id"])]
+    assert [j.metadata.name for j in jobs.items if j.metadata] == [job_name(first.json()["id"])]
+    assert len(jobs.items) == 1
     submitted = _job_in_server(kmock, job_name(first.json()["id"]))
     kubernetes_validate.validate(submitted, K8S_VERSION, strict=True)
     assert submitted["metadata"]["labels"]["huvidpo.dev/finetune-id"] == first.json()["id"]
@@ -226,3 +231,268 @@ async def test_state_follows_the_job_by_watch_and_cancel_deletes_it(
         with pytest.raises(client.exceptions.ApiException) as err:
             await asyncio.to_thread(batch.read_namespaced_job, job_name(ft2["id"]), NS)
         assert err.value.status == 404
+
+
+# ------------------------------------------------------------------------------------------ logs
+# kmock stores pods like any object but does not serve their logs: each test serves
+# /api/v1/namespaces/{ns}/pods/{pod}/log itself (a stream of chunks, or an error), and checks from
+# kmock's record of requests which pods were listed and read, with which query parameters.
+
+
+def _serve_log(kmock: Any, pod: str, *payload: Any) -> None:
+    """Serve ``pod``'s log: chunks of a stream, or a status code and a body."""
+    reaction = kmock[f"get /api/v1/namespaces/{NS}/pods/{pod}/log"]
+    for item in payload:
+        reaction = reaction << item
+
+
+def _gets(kmock: Any, path: str) -> list[Any]:
+    """The GET requests kmock has had for ``path``, in order (with their query parameters)."""
+    return [r for r in list(kmock) if r.method == kmock_method.GET and r.url.path == path]
+
+
+def _log_reads(kmock: Any, pod: str) -> list[dict[str, str]]:
+    return [dict(r.params) for r in _gets(kmock, f"/api/v1/namespaces/{NS}/pods/{pod}/log")]
+
+
+def _pod_lists(kmock: Any) -> list[dict[str, str]]:
+    return [dict(r.params) for r in _gets(kmock, f"/api/v1/namespaces/{NS}/pods")]
+
+
+def _status_body(code: int, message: str) -> dict[str, Any]:
+    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "message": message, "code": code}
+
+
+async def _add_pod(core: Any, name: str, job: str, created: str, phase: str | None = "Running") -> None:
+    """Play the Job controller: a pod of ``job`` (its labels), then the kubelet's phase."""
+    labels = {"job-name": job, "batch.kubernetes.io/job-name": job, "huvidpo.dev/finetune-id": job[8:]}
+    body = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": NS, "labels": labels, "creationTimestamp": created},
+        "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "trainer:1"}]},
+    }
+    await asyncio.to_thread(core.create_namespaced_pod, NS, body)
+    if phase is not None:
+        await asyncio.to_thread(core.patch_namespaced_pod_status, name, NS, {"status": {"phase": phase}})
+
+
+def _read_logs(
+    executor: KubernetesExecutor,
+    finetune_id: str,
+    follow: bool = False,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> list[bytes]:
+    """Every chunk ``logs`` yields (call it in a thread: kmock serves on the test's event loop)."""
+    out: list[bytes] = []
+    for chunk in executor.logs(finetune_id, follow=follow):
+        out.append(chunk)
+        if on_chunk is not None:
+            on_chunk(chunk)
+    return out
+
+
+@pytest.fixture
+def executor(k8s: Any, tmp_path: Path) -> KubernetesExecutor:
+    ex = KubernetesExecutor(k8s, _settings(tmp_path), StoreSettings(backend="s3"))
+    ex.log_poll_seconds = 0.05
+    return ex
+
+
+@pytest.mark.asyncio
+async def test_follow_streams_the_retry_pods_log_chunk_by_chunk(
+    k8s: Any, kmock: Any, executor: KubernetesExecutor
+) -> None:
+    core = client.CoreV1Api(k8s)
+    ft = "ft-logs-follow"
+    job = job_name(ft)
+    await asyncio.to_thread(executor.submit, JobSpec(ft))
+    # the first attempt exited 75 (transient) and the Job controller made a second pod
+    await _add_pod(core, f"{job}-aaaaa", job, "2026-11-25T10:00:00Z", "Failed")
+    await _add_pod(core, f"{job}-bbbbb", job, "2026-11-25T10:03:00Z", "Running")
+    # a newer pod of another Job in the namespace (kmock ignores label selectors; the executor must not)
+    await _add_pod(core, "huvidpo-ft-other-ccccc", "huvidpo-ft-other", "2026-11-25T10:09:00Z")
+
+    first_seen = threading.Event()
+    waited: list[bool] = []
+
+    async def trainer_output() -> AsyncIterator[bytes]:
+        yield b"step 1/3 loss=0.693\n"
+        # the next line only once the caller holds the first one: nothing may be buffered to the end
+        for _ in range(500):
+            if first_seen.is_set():
+                break
+            await asyncio.sleep(0.01)
+        waited.append(first_seen.is_set())
+        yield b"step 2/3 loss=0.512\n"
+        await asyncio.sleep(0.05)
+        yield b"step 3/3 loss=0.401\ndone\n"
+
+    _serve_log(kmock, f"{job}-aaaaa", b"step 1/3 loss=0.693\nexit 75\n")
+    _serve_log(kmock, "huvidpo-ft-other-ccccc", b"someone else's trainer\n")
+    _serve_log(kmock, f"{job}-bbbbb", lambda: trainer_output())
+
+    chunks = await asyncio.to_thread(
+        _read_logs, executor, ft, True, lambda c: first_seen.set() if c else None
+    )
+
+    data = [c for c in chunks if c]
+    assert data[0] == b"step 1/3 loss=0.693\n"
+    assert b"".join(data) == b"step 1/3 loss=0.693\nstep 2/3 loss=0.512\nstep 3/3 loss=0.401\ndone\n"
+    assert waited == [True]
+    assert _log_reads(kmock, f"{job}-aaaaa") == _log_reads(kmock, "huvidpo-ft-other-ccccc") == []
+    assert _log_reads(kmock, f"{job}-bbbbb") == [{"container": "trainer", "follow": "true"}]
+    assert _pod_lists(kmock) == [{"labelSelector": f"job-name={job}"}]
+
+
+@pytest.mark.asyncio
+async def test_without_follow_the_log_so_far_of_the_live_pod_is_returned(
+    k8s: Any, kmock: Any, executor: KubernetesExecutor
+) -> None:
+    core = client.CoreV1Api(k8s)
+    ft = "ft-logs-now"
+    job = job_name(ft)
+    # the retry's pod was made within the same second as the failed one (timestamps have 1 s
+    # resolution); an API server lists pods by name, not age (kmock: in the order they were added),
+    # so the failed one comes last: the live pod is still the one to read
+    await _add_pod(core, f"{job}-aaaaa", job, "2026-11-25T10:00:00Z", "Running")
+    await _add_pod(core, f"{job}-zzzzz", job, "2026-11-25T10:00:00Z", "Failed")
+    _serve_log(kmock, f"{job}-zzzzz", b"first attempt\n")
+    _serve_log(kmock, f"{job}-aaaaa", (b"loading base model\n", b"step 1/2\n"))
+
+    chunks = await asyncio.to_thread(_read_logs, executor, ft)
+
+    assert b"".join(chunks) == b"loading base model\nstep 1/2\n"
+    assert _log_reads(kmock, f"{job}-zzzzz") == []
+    assert _log_reads(kmock, f"{job}-aaaaa") == [{"container": "trainer", "follow": "false"}]
+
+
+@pytest.mark.asyncio
+async def test_no_pod_or_a_pending_pod_has_an_empty_log_and_follow_waits_for_it_to_run(
+    k8s: Any, kmock: Any, executor: KubernetesExecutor
+) -> None:
+    core = client.CoreV1Api(k8s)
+    ft = "ft-logs-wait"
+    job = job_name(ft)
+    await asyncio.to_thread(executor.submit, JobSpec(ft))
+    pod = f"{job}-qwert"
+    _serve_log(kmock, pod, b"started\n", b"step 1/1\n")
+
+    # queued: the Job has no pod yet
+    assert await asyncio.to_thread(_read_logs, executor, ft) == []
+    # scheduled, image still pulling: no container to read yet, and no log request is made
+    await _add_pod(core, pod, job, "2026-11-25T10:00:00Z", "Pending")
+    assert await asyncio.to_thread(_read_logs, executor, ft) == []
+    assert _log_reads(kmock, pod) == []
+
+    # follow waits (heartbeats only) while the pod is Pending, then streams once it runs
+    lists_before = len(_pod_lists(kmock))
+    follower = asyncio.create_task(asyncio.to_thread(_read_logs, executor, ft, True))
+    for _ in range(200):
+        if len(_pod_lists(kmock)) >= lists_before + 3:
+            break
+        await asyncio.sleep(0.02)
+    assert len(_pod_lists(kmock)) >= lists_before + 3  # it looked again, and again
+    assert not follower.done() and _log_reads(kmock, pod) == []
+    await asyncio.to_thread(core.patch_namespaced_pod_status, pod, NS, {"status": {"phase": "Running"}})
+    chunks = await asyncio.wait_for(follower, timeout=10)
+
+    assert b"".join(chunks) == b"started\nstep 1/1\n"
+    assert set(chunks[:-2]) <= {b""}  # only heartbeats before the pod ran
+    assert _log_reads(kmock, pod) == [{"container": "trainer", "follow": "true"}]
+
+
+@pytest.mark.asyncio
+async def test_follow_ends_when_the_job_finished_without_a_pod_that_ran(
+    k8s: Any, executor: KubernetesExecutor
+) -> None:
+    batch = client.BatchV1Api(k8s)
+    # no Job at all (deleted by its TTL, or never made): nothing to wait for
+    assert await asyncio.wait_for(asyncio.to_thread(_read_logs, executor, "ft-gone", True), 10) == []
+    # the Job failed before any pod ran (e.g. activeDeadlineSeconds while unschedulable)
+    await asyncio.to_thread(executor.submit, JobSpec("ft-never-ran"))
+    failed = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "too long"}
+    await asyncio.to_thread(
+        batch.patch_namespaced_job_status, job_name("ft-never-ran"), NS, {"status": {"conditions": [failed]}}
+    )
+    chunks = await asyncio.wait_for(asyncio.to_thread(_read_logs, executor, "ft-never-ran", True), 10)
+    assert b"".join(chunks) == b""
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("code", "message"),
+    [
+        (400, 'container "trainer" in pod "{pod}" is waiting to start: ContainerCreating'),
+        (404, 'pods "{pod}" not found'),
+    ],
+)
+async def test_a_pod_without_a_log_to_read_gives_an_empty_log(
+    k8s: Any, kmock: Any, executor: KubernetesExecutor, code: int, message: str
+) -> None:
+    """The pod list said Running, but by the read the API answers 400 (not started) or 404 (gone)."""
+    core = client.CoreV1Api(k8s)
+    job = job_name("ft-logs-race")
+    pod = f"{job}-abcde"
+    await _add_pod(core, pod, job, "2026-11-25T10:00:00Z", "Running")
+    _serve_log(kmock, pod, code, _status_body(code, message.format(pod=pod)))
+
+    assert await asyncio.to_thread(_read_logs, executor, "ft-logs-race") == []
+    assert len(_log_reads(kmock, pod)) == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("failing", ["list", "read"])
+async def test_a_failing_kubernetes_api_is_unavailable_before_any_byte(
+    k8s: Any, kmock: Any, executor: KubernetesExecutor, failing: str
+) -> None:
+    core = client.CoreV1Api(k8s)
+    job = job_name("ft-logs-500")
+    pod = f"{job}-abcde"
+    await _add_pod(core, pod, job, "2026-11-25T10:00:00Z", "Running")
+    if failing == "list":
+        kmock[f"get /api/v1/namespaces/{NS}/pods"] << 403 << _status_body(403, "pods is forbidden")
+    else:
+        _serve_log(kmock, pod, 500, _status_body(500, "etcdserver: request timed out"))
+    for follow in (False, True):
+        with pytest.raises(Unavailable, match=r"Kubernetes API failed: (403|500)"):
+            # raised by the call itself, before any chunk: the REST route answers 503, not a cut 200
+            await asyncio.to_thread(executor.logs, "ft-logs-500", follow)
+
+
+@pytest.mark.asyncio
+async def test_the_logs_route_serves_the_trainer_output_from_kubernetes(
+    k8s: Any, kmock: Any, world: dict[str, Any]
+) -> None:
+    settings = _settings(world["tmp"])
+    executor = KubernetesExecutor(k8s, settings, StoreSettings(backend="s3"))
+    executor.log_poll_seconds = 0.05
+    c = TestClient(create_app(settings, world["store"], executor, background=False))
+    version = await asyncio.to_thread(_upload, c, world["dataset_dir"])
+    ft = (await asyncio.to_thread(c.post, "/v1/fine-tunes", json=_ft_body(version))).json()
+    url = f"/v1/fine-tunes/{ft['id']}/logs"
+
+    # queued, the Job has no pod yet: an empty log, not an error
+    r = await asyncio.to_thread(c.get, url)
+    assert (r.status_code, r.content) == (200, b"")
+    assert r.headers["content-type"].startswith("text/plain")
+
+    job = job_name(ft["id"])
+    pod = f"{job}-x1y2z"
+    await _add_pod(client.CoreV1Api(k8s), pod, job, "2026-11-25T10:00:00Z", "Running")
+    _serve_log(kmock, pod, b"loading tiny\n", b"step 1/2 loss=0.69\n", b"step 2/2 loss=0.55\n")
+    expected = b"loading tiny\nstep 1/2 loss=0.69\nstep 2/2 loss=0.55\n"
+    for query in ("", "?follow=true"):
+        r = await asyncio.to_thread(c.get, url + query)
+        assert (r.status_code, r.content) == (200, expected)
+    assert [p["follow"] for p in _log_reads(kmock, pod)] == ["false", "true"]
+
+    r = await asyncio.to_thread(c.get, "/v1/fine-tunes/ft-00000000000000000000/logs")
+    assert r.status_code == 404
+
+    # the Kubernetes API fails: a 503 problem the client can retry, not a 500 or a cut 200
+    kmock[f"get /api/v1/namespaces/{NS}/pods"] << 503 << _status_body(503, "apiserver is shutting down")
+    r = await asyncio.to_thread(c.get, url)
+    assert r.status_code == 503
+    assert r.headers["content-type"].startswith("application/problem+json")
+    assert r.json()["type"].endswith("/service-unavailable")

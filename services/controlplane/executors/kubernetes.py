@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeGuard
 
 from services.common.settings import ControlPlaneSettings, StoreSettings
 from services.controlplane.domain.ports import ExecStatus, JobSpec
@@ -273,22 +273,6 @@ class KubernetesExecutor:
             if exc.status != 404:
                 raise _unavailable(exc) from exc
 
-    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
-        pods: Any = self.core.list_namespaced_pod(
-            self.namespace, label_selector=f"job-name={job_name(finetune_id)}"
-        )
-        items: list[Any] = sorted(pods.items or [], key=lambda p: str(p.metadata.creation_timestamp or ""))
-        if not items:
-            return iter([b""])
-        resp: Any = self.core.read_namespaced_pod_log(
-            str(items[-1].metadata.name),
-            self.namespace,
-            container=CONTAINER,
-            follow=follow,
-            _preload_content=False,
-        )
-        return iter(resp.stream(64 * 1024))
-
     def ready(self) -> bool:
         from kubernetes.client.exceptions import ApiException
 
@@ -297,6 +281,81 @@ class KubernetesExecutor:
             return True
         except (ApiException, OSError):
             return False
+
+    # -------------------------------------------------------------------------------------- logs
+    # How often ``logs(follow=True)`` looks again for the Job's pod while none has started.
+    log_poll_seconds = 1.0
+
+    def _job_pods(self, name: str) -> list[dict[str, Any]]:
+        """The Job's pods, oldest first (as plain camelCase dicts)."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            pods: Any = self.core.list_namespaced_pod(
+                self.namespace, label_selector=f"job-name={name}", _request_timeout=30
+            )
+        except ApiException as exc:
+            raise _unavailable(exc) from exc
+        items = [self.api.sanitize_for_serialization(p) for p in pods.items or []]
+        # Filter here too: the label selector is advisory for some API servers (and for test doubles).
+        mine = [p for p in items if _pod_job(p) == name]
+        return sorted(mine, key=_pod_age_key)
+
+    def _open_log(self, pod: str, follow: bool) -> Any | None:
+        """The pod's log as an unread HTTP response, or ``None`` when there is none (yet, or any more)."""
+        from kubernetes.client.exceptions import ApiException
+
+        # (connect, read) in seconds; none when following: a quiet trainer is not a dead stream (and
+        # the client rejects a read timeout of None)
+        timeout = None if follow else (10, 60)
+        try:
+            return self.core.read_namespaced_pod_log(
+                pod,
+                self.namespace,
+                container=CONTAINER,
+                follow=follow,
+                _preload_content=False,
+                _request_timeout=timeout,
+            )
+        except ApiException as exc:
+            # 400: the container is waiting to start (ContainerCreating, image pull...);
+            # 404: the pod is gone (a retry replaced it, or the TTL collected the Job).
+            if exc.status in (400, 404):
+                return None
+            raise _unavailable(exc) from exc
+
+    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
+        """The trainer's output from the Job's newest pod (a retry's pod, not its failed predecessor).
+
+        Without ``follow``: what the pod has written so far; nothing when no pod has started yet.
+        With ``follow``: streams until the container exits; while the Job has no pod or a Pending
+        one, waits (yielding empty heartbeats), and ends at once if the Job finishes without a pod
+        that ran. The pod list and the log request are made before this returns, so a failing
+        API raises ``Unavailable`` here, before any byte (a REST client gets a 503, not a cut 200).
+        """
+        name = job_name(finetune_id)
+        pod = _newest(self._job_pods(name))
+        resp = self._open_log(str(pod["metadata"]["name"]), follow) if _started(pod) else None
+        if resp is not None:
+            return _chunks(resp)
+        return self._wait_and_follow(finetune_id, name) if follow else iter(())
+
+    def _wait_and_follow(self, finetune_id: str, name: str) -> Iterator[bytes]:
+        while True:
+            if self.status(finetune_id).phase in ("succeeded", "failed", "missing"):
+                # Finished before we saw its pod run: show whatever the newest pod left, then end.
+                last = _newest(self._job_pods(name))
+                resp = self._open_log(str(last["metadata"]["name"]), False) if _started(last) else None
+                if resp is not None:
+                    yield from _chunks(resp)
+                return
+            yield b""  # a heartbeat: lets a consumer that went away stop us between polls
+            time.sleep(self.log_poll_seconds)
+            pod = _newest(self._job_pods(name))
+            resp = self._open_log(str(pod["metadata"]["name"]), True) if _started(pod) else None
+            if resp is not None:
+                yield from _chunks(resp)
+                return
 
     # ------------------------------------------------------------------------------------- watch
     def _deliver(self, job: Mapping[str, Any], on_event: Callable[[str, ExecStatus], None]) -> None:
@@ -359,6 +418,38 @@ class KubernetesExecutor:
         thread = threading.Thread(target=loop, name="huvidpo-job-watch", daemon=True)
         thread.start()
         return thread
+
+
+def _pod_job(pod: Mapping[str, Any]) -> str | None:
+    labels = (pod.get("metadata") or {}).get("labels") or {}
+    value = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    return str(value) if value else None
+
+
+def _pod_age_key(pod: Mapping[str, Any]) -> tuple[str, int, str]:
+    meta = pod.get("metadata") or {}
+    ended = (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed")
+    # creationTimestamp has a one-second resolution: within one second, the pod still live is the
+    # retry of the one that ended.
+    return (str(meta.get("creationTimestamp") or ""), 0 if ended else 1, str(meta.get("name", "")))
+
+
+def _newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return pods[-1] if pods else None
+
+
+def _started(pod: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
+    """Whether the pod's container has started, so it has a log (a Pending pod has none yet)."""
+    return pod is not None and (pod.get("status") or {}).get("phase") not in (None, "", "Pending")
+
+
+def _chunks(resp: Any) -> Iterator[bytes]:
+    """The body of an unread log response as it arrives; the connection is closed when done or dropped."""
+    try:
+        yield from resp.stream(64 * 1024)
+    finally:
+        resp.close()
+        resp.release_conn()
 
 
 def _is_timeout(exc: BaseException) -> bool:
