@@ -52,13 +52,23 @@ def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainC
 
 
 class TqdmProgress:
-    """A tqdm bar over optimizer steps showing loss (and implicit accuracy for DPO)."""
+    """A tqdm bar over optimizer steps showing loss (and implicit accuracy for DPO).
+
+    The bar appears at the first callback, so the other processes of a data-parallel run (which get
+    no callbacks) show none."""
 
     def __init__(self, total: int, initial: int = 0, disable: bool = False) -> None:
-        from tqdm import tqdm
-
-        self.bar = tqdm(total=total, initial=initial, unit="step", disable=disable, dynamic_ncols=True)
+        self._args = {"total": total, "initial": initial, "disable": disable}
+        self._bar: Any = None
         self._acc: list[float] = []
+
+    @property
+    def bar(self) -> Any:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(unit="step", dynamic_ncols=True, **self._args)
+        return self._bar
 
     def on_step(self, metrics: dict[str, Any]) -> None:
         if metrics.get("total_steps"):
@@ -77,7 +87,8 @@ class TqdmProgress:
         self.bar.write(f"checkpoint {path} (step {step})")
 
     def on_end(self, summary: dict[str, Any]) -> None:
-        self.bar.close()
+        if self._bar is not None:
+            self._bar.close()
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -97,6 +108,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     progress = TqdmProgress(total=cfg.max_steps or 0, initial=initial, disable=args.quiet)
     runner = run_dpo if isinstance(cfg, DPOConfig) else run_stage1
     result = runner(cfg, callbacks=[progress], resume=args.resume)  # type: ignore[arg-type]
+    if not result.main_process:
+        return 0  # one summary per run, from the main process of a data-parallel launch
     summary = {
         "steps": result.steps,
         "stopped": result.stopped,

@@ -43,6 +43,8 @@ class TrainResult:
     final_metrics: dict[str, Any] = field(default_factory=dict)
     eval_metrics: dict[str, Any] = field(default_factory=dict)
     data_report: dict[str, Any] = field(default_factory=dict)
+    main_process: bool = True
+    """False in the other processes of a data-parallel run (they write no files and call no callbacks)."""
 
 
 def make_accelerator(cfg: TrainConfig) -> Any:
@@ -76,7 +78,11 @@ def seed_everything(seed: int) -> None:
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
     """A CPU generator that depends only on (seed, step, rank, stream): the noise, timesteps, clip
-    starts and flips of a step are the same whether or not the run was resumed in between."""
+    starts and flips of a step are the same whether or not the run was resumed in between.
+
+    The trainers draw a step's randomness for the whole global batch from ``rank`` 0's generator and
+    give each process its slice (:func:`rank_slice`), so a run's draws do not depend on how many
+    processes share the global batch."""
     g = torch.Generator()
     g.manual_seed((seed * 1_000_003 + step * 10_007 + rank * 101 + stream * 7_919) % (2**63 - 1))
     return g
@@ -100,6 +106,45 @@ def items_for_step(n: int, step: int, global_batch: int, seed: int) -> tuple[int
 
 def steps_per_epoch(n: int, global_batch: int) -> int:
     return max(1, math.ceil(n / global_batch))
+
+
+def rank_slice(rank: int, batch_size: int) -> slice:
+    """The positions of process ``rank``'s ``batch_size`` items in a step's global batch."""
+    return slice(rank * batch_size, (rank + 1) * batch_size)
+
+
+def clip_views(gen: torch.Generator, start_limits: Sequence[int], hflip_p: float) -> list[tuple[int, bool]]:
+    """(start frame, horizontal flip) of every item of a global batch, drawn in item order from
+    ``gen``: a start in ``[0, limit]`` (no draw when the limit is 0), then a flip with probability
+    ``hflip_p``. Every process draws the whole batch, so item ``j`` gets the same view whichever
+    process trains on it."""
+    views = []
+    for limit in start_limits:
+        start = int(torch.randint(0, limit + 1, (1,), generator=gen)) if limit > 0 else 0
+        views.append((start, bool(torch.rand((), generator=gen) < hflip_p)))
+    return views
+
+
+def any_process(accelerator: Any, flag: bool) -> bool:
+    """True on every process when ``flag`` is True on any of them (a collective: all must call it).
+
+    A stop request seen by one process only would otherwise leave the others waiting forever in the
+    next gradient all-reduce or checkpoint barrier."""
+    if accelerator.num_processes == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
+    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+
+
+def mean_over_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
+    """``values`` averaged over the processes (a collective): per-process batch means become
+    global-batch means, since every process trains on the same number of items."""
+    if accelerator.num_processes == 1:
+        return dict(values)
+    keys = sorted(values)
+    t = torch.tensor([float(values[k]) for k in keys], dtype=torch.float64, device=accelerator.device)
+    t = accelerator.reduce(t, reduction="mean")
+    return {k: float(v) for k, v in zip(keys, t.tolist(), strict=True)}
 
 
 def non_reentrant_checkpoint(module: Callable[..., Any], *args: Any) -> Any:
@@ -276,19 +321,19 @@ def run_callbacks(
     resumed_at: int | None,
     callbacks: Sequence[Any],
 ) -> Any:
-    """The callbacks of a run: the JSONL metrics file and the PNG plot (main process only) plus the
-    caller's. Also writes ``out/config.json``. ``resumed_at`` trims a resumed run's metrics file."""
+    """The callbacks of a run: the JSONL metrics file, the PNG plot and the caller's, on the main
+    process only (other processes get none: the logged metrics are already averaged over all
+    processes, and one writer per file). Also writes ``out/config.json``. ``resumed_at`` trims a
+    resumed run's metrics file."""
     from huvidpo.training.callbacks import CallbackList, JsonlMetrics, PlotMetrics
 
-    own: list[Any] = []
-    if accelerator.is_main_process:
-        cfg.save(out / "config.json")
-        metrics_path = out / "metrics.jsonl"  # the runs report this path in their TrainResult
-        own.append(JsonlMetrics(metrics_path, resume_step=resumed_at))
-        if cfg.plot:
-            own.append(PlotMetrics(metrics_path, out / "metrics.png"))
-        return CallbackList([*own, *callbacks])
-    return CallbackList(list(callbacks))
+    if not accelerator.is_main_process:
+        return CallbackList([])
+    cfg.save(out / "config.json")
+    own: list[Any] = [JsonlMetrics(out / "metrics.jsonl", resume_step=resumed_at)]
+    if cfg.plot:
+        own.append(PlotMetrics(out / "metrics.jsonl", out / "metrics.png"))
+    return CallbackList([*own, *callbacks])
 
 
 def checkpoint_saver(

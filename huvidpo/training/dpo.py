@@ -39,14 +39,18 @@ from huvidpo.training.common import (
     ClipSource,
     ShouldStop,
     TrainResult,
+    any_process,
     build_optimizer,
     build_scheduler,
     checkpoint_saver,
+    clip_views,
     enable_checkpointing,
     items_for_step,
     make_accelerator,
     make_clip_source,
+    mean_over_processes,
     noisy_latents,
+    rank_slice,
     resume_compatible,
     run_callbacks,
     sample_timesteps,
@@ -204,16 +208,19 @@ def _report_dict(report: Any) -> dict[str, Any]:
     return {"report": str(report)}
 
 
+def pair_start_limit(pair: Any, paths: dict[str, str], source: ClipSource) -> int:
+    """Largest start frame both clips of ``pair`` allow (they share one start)."""
+    return min(source.max_start(paths[pair.chosen_id]), source.max_start(paths[pair.rejected_id]))
+
+
 def load_pair_batch(
-    pairs: Sequence[Any], paths: dict[str, str], source: ClipSource, cfg: DPOConfig, gen: torch.Generator
+    pairs: Sequence[Any], paths: dict[str, str], source: ClipSource, views: Sequence[tuple[int, bool]]
 ) -> PairBatch:
-    """Latents of a list of pairs; a pair's two clips share the random start offset and flip."""
+    """Latents of a list of pairs; ``views[i]`` (start frame, flip) is shared by pair i's two clips
+    (see :func:`huvidpo.training.common.clip_views`)."""
     chosen, rejected, texts, weights = [], [], [], []
-    for p in pairs:
+    for p, (start, flip) in zip(pairs, views, strict=True):
         pw, pl = paths[p.chosen_id], paths[p.rejected_id]
-        limit = min(source.max_start(pw), source.max_start(pl))
-        start = int(torch.randint(0, limit + 1, (1,), generator=gen)) if limit > 0 else 0
-        flip = bool(torch.rand((), generator=gen) < cfg.hflip_p)
         chosen.append(source.clip(pw, start, flip))
         rejected.append(source.clip(pl, start, flip))
         texts.append(source.text(p.prompt))
@@ -234,18 +241,24 @@ def evaluate_pairs(
     cfg: DPOConfig,
     autocast: Any = nullcontext,
     pairs_per_forward: int = 4,
+    accelerator: Any = None,
 ) -> dict[str, float]:
     """Implicit reward accuracy on ``pairs``: the DPO inside term averaged over ``eval_draws``
     (t, noise) draws per pair, counted as correct when > 0. The draws are fixed (same for every call),
     with timesteps stratified over ``[timestep_min, timestep_max)``; clips are unflipped and start at
-    0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``."""
+    0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
+
+    With an ``accelerator`` of several processes (all must call this) each process evaluates every
+    ``num_processes``-th chunk of ``pairs_per_forward`` pairs and the margins are gathered; the draws
+    depend on the pair's index only, so the result is the same for any number of processes."""
     was_training = unet.training
     unet.eval()
     k = cfg.eval_draws
     span = (cfg.timestep_max - cfg.timestep_min) / k
     t_draws = torch.tensor([int(cfg.timestep_min + (j + 0.5) * span) for j in range(k)])
-    margins: list[float] = []
-    for lo in range(0, len(pairs), pairs_per_forward):
+    rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)
+    margins: list[tuple[int, float]] = []
+    for lo in list(range(0, len(pairs), pairs_per_forward))[rank::world]:
         chunk = pairs[lo : lo + pairs_per_forward]
         zw = torch.stack([source.clip(paths[p.chosen_id], 0, False) for p in chunk]).repeat_interleave(k, 0)
         zl = torch.stack([source.clip(paths[p.rejected_id], 0, False) for p in chunk]).repeat_interleave(k, 0)
@@ -269,12 +282,17 @@ def evaluate_pairs(
         inside = (
             dpo_inside_term(model_w, model_l, ref_w, ref_l, beta=cfg.beta).view(len(chunk), k).mean(dim=1)
         )
-        margins.extend(float(x) for x in inside)
+        margins.extend((lo + i, float(x)) for i, x in enumerate(inside))
     unet.train(was_training)
+    if world > 1:
+        from accelerate.utils import gather_object
+
+        margins = list(gather_object(margins))
+    values = [m for _, m in sorted(margins)]
     n = max(1, len(pairs))
     return {
-        "eval_implicit_acc": sum(m > 0 for m in margins) / n,
-        "eval_reward_margin": sum(margins) / n,
+        "eval_implicit_acc": sum(m > 0 for m in values) / n,
+        "eval_reward_margin": sum(values) / n,
         "eval_pairs": float(len(pairs)),
     }
 
@@ -369,23 +387,27 @@ def run_dpo(
     )
 
     last_ckpt: Path | None = resume_from
+    saved_step = start_step if resume_from is not None else None  # known on every process
     last_metrics: dict[str, Any] = {}
     eval_metrics: dict[str, Any] = {}
     stopped = False
     step = start_step
+    mine = rank_slice(rank, cfg.batch_size)
     while step < total_steps:
-        if should_stop is not None and should_stop():
+        if any_process(accelerator, should_stop is not None and should_stop()):
             stopped = True
-            if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
+            if saved_step != step:
                 last_ckpt = save(step) or last_ckpt
             break
         t0 = time.perf_counter()
+        # The step's draws are made for the whole global batch; this process takes its slice.
         epoch, idx = items_for_step(len(data.train), step, cfg.batch_size * world, cfg.seed)
-        mine = idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]
-        gen = step_generator(cfg.seed, step, rank)
-        batch = load_pair_batch([data.train[i] for i in mine], data.paths, source, cfg, gen)
-        noise = torch.randn(batch.chosen.shape, generator=gen).to(device)
-        t = sample_timesteps(cfg, len(mine), gen).to(device)
+        step_pairs = [data.train[i] for i in idx]
+        gen = step_generator(cfg.seed, step)
+        views = clip_views(gen, [pair_start_limit(p, data.paths, source) for p in step_pairs], cfg.hflip_p)
+        batch = load_pair_batch(step_pairs[mine], data.paths, source, views[mine])
+        noise = torch.randn((len(idx), *batch.chosen.shape[1:]), generator=gen)[mine].to(device)
+        t = sample_timesteps(cfg, len(idx), gen)[mine].to(device)
         loss, stats = dpo_step(
             policy, reference, unet, noise_sched, batch, t, noise, cfg.beta, cfg.sft_weight,
             accelerator.autocast, cfg.loss_skip_first_frame,
@@ -403,31 +425,35 @@ def run_dpo(
             "step": step,
             "total_steps": total_steps,
             "epoch": epoch,
-            **stats.as_dict(),
+            **mean_over_processes(accelerator, stats.as_dict()),
             "lr": float(lr_sched.get_last_lr()[0]),
             "grad_norm": float(grad_norm),
             "step_seconds": seconds,
-            "samples_per_second": len(mine) * world / seconds,
+            "samples_per_second": len(idx) / seconds,
             "peak_memory_bytes": peak_memory_bytes(device),
         }
         if data.heldout and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             eval_metrics = evaluate_pairs(
-                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast
-            )
+                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast,
+                accelerator=accelerator,
+            )  # fmt: skip
             last_metrics.update(eval_metrics)
         if step % cfg.log_every == 0 or step == total_steps:
             cb.on_step(last_metrics)
         if step % ckpt_every == 0 or step == total_steps:
             last_ckpt = save(step) or last_ckpt
+            saved_step = step
 
     adapter_dir: Path | None = None
     if not stopped:
         if data.heldout:
             eval_metrics = evaluate_pairs(
-                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast
-            )
+                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast,
+                accelerator=accelerator,
+            )  # fmt: skip
         if accelerator.is_main_process:
             adapter_dir = save_lora(unet, out / "adapter", adapter=cfg.adapter_name)
+        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
     summary = {"steps": step, "total_steps": total_steps, "stopped": stopped, **eval_metrics,
                "final": last_metrics, "data": data.report}  # fmt: skip
     cb.on_end(summary)
@@ -445,6 +471,7 @@ def run_dpo(
         final_metrics=last_metrics,
         eval_metrics=eval_metrics,
         data_report=data.report,
+        main_process=bool(accelerator.is_main_process),
     )
 
 

@@ -34,14 +34,18 @@ from huvidpo.training.common import (
     ClipSource,
     ShouldStop,
     TrainResult,
+    any_process,
     build_optimizer,
     build_scheduler,
     checkpoint_saver,
+    clip_views,
     enable_checkpointing,
     items_for_step,
     make_accelerator,
     make_clip_source,
+    mean_over_processes,
     noisy_latents,
+    rank_slice,
     resume_compatible,
     run_callbacks,
     sample_timesteps,
@@ -185,29 +189,31 @@ def run_stage1(
     )
 
     last_ckpt: Path | None = resume_from
+    saved_step = start_step if resume_from is not None else None  # known on every process
     last_metrics: dict[str, Any] = {}
     stopped = False
     step = start_step
+    mine = rank_slice(rank, cfg.batch_size)
     while step < total_steps:
-        if should_stop is not None and should_stop():
+        if any_process(accelerator, should_stop is not None and should_stop()):
             stopped = True
-            if last_ckpt is None or not last_ckpt.name.endswith(f"{step:06d}"):
+            if saved_step != step:
                 last_ckpt = save(step) or last_ckpt
             break
         t0 = time.perf_counter()
+        # The step's draws are made for the whole global batch; this process takes its slice.
         epoch, idx = items_for_step(len(items), step, cfg.batch_size * world, cfg.seed)
-        mine = [items[i] for i in idx[rank * cfg.batch_size : (rank + 1) * cfg.batch_size]]
-        gen = step_generator(cfg.seed, step, rank)
-        latents, texts = [], []
-        for path, prompt in mine:
-            limit = source.max_start(path)
-            start = int(torch.randint(0, limit + 1, (1,), generator=gen)) if limit > 0 else 0
-            flip = bool(torch.rand((), generator=gen) < cfg.hflip_p)
-            latents.append(source.clip(path, start, flip))
-            texts.append(source.text(prompt))
+        step_items = [items[i] for i in idx]
+        gen = step_generator(cfg.seed, step)
+        views = clip_views(gen, [source.max_start(path) for path, _ in step_items], cfg.hflip_p)
+        latents = [
+            source.clip(path, start, flip)
+            for (path, _), (start, flip) in zip(step_items[mine], views[mine], strict=True)
+        ]
+        texts = [source.text(prompt) for _, prompt in step_items[mine]]
         z, text = torch.stack(latents), torch.stack(texts)
-        noise = torch.randn(z.shape, generator=gen).to(device)
-        t = sample_timesteps(cfg, len(mine), gen).to(device)
+        noise = torch.randn((len(idx), *z.shape[1:]), generator=gen)[mine].to(device)
+        t = sample_timesteps(cfg, len(idx), gen)[mine].to(device)
         loss, _ = stage1_step(
             model, noise_sched, z, text, t, noise, accelerator.autocast, cfg.loss_skip_first_frame
         )
@@ -224,22 +230,25 @@ def run_stage1(
             "step": step,
             "total_steps": total_steps,
             "epoch": epoch,
-            "loss": float(loss.detach()),
+            **mean_over_processes(accelerator, {"loss": float(loss.detach())}),
             "lr": float(lr_sched.get_last_lr()[0]),
             "grad_norm": float(grad_norm),
             "step_seconds": seconds,
-            "samples_per_second": len(mine) * world / seconds,
+            "samples_per_second": len(idx) / seconds,
             "peak_memory_bytes": peak_memory_bytes(device),
         }
         if step % cfg.log_every == 0 or step == total_steps:
             cb.on_step(last_metrics)
         if step % ckpt_every == 0 or step == total_steps:
             last_ckpt = save(step) or last_ckpt
+            saved_step = step
 
     unet_dir: Path | None = None
-    if not stopped and accelerator.is_main_process:
-        unet_dir = out / "unet"
-        accelerator.unwrap_model(model).save_pretrained(unet_dir, safe_serialization=True)
+    if not stopped:
+        if accelerator.is_main_process:
+            unet_dir = out / "unet"
+            accelerator.unwrap_model(model).save_pretrained(unet_dir, safe_serialization=True)
+        accelerator.wait_for_everyone()  # every process returns once the UNet is on disk
     cb.on_end({"steps": step, "total_steps": total_steps, "stopped": stopped, "final": last_metrics})
     plot = out / "metrics.png"
     return TrainResult(
@@ -254,6 +263,7 @@ def run_stage1(
         resumed_from=resume_from,
         final_metrics=last_metrics,
         data_report={"clips": len(items)},
+        main_process=bool(accelerator.is_main_process),
     )
 
 
