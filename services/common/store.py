@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import fcntl
 import hashlib
 import hmac
 import io
@@ -483,6 +484,8 @@ class ObjectStore(ABC):
 # ------------------------------------------------------------------------------------- local adapter
 _TMP_DIR = RESERVED_PREFIX + "tmp"
 _META_DIR = RESERVED_PREFIX + "meta"
+_LOCK_DIR = RESERVED_PREFIX + "locks"
+_LOCK_STRIPES = 256
 _PRESIGN_KEY_FILE = RESERVED_PREFIX + "presign.key"
 
 
@@ -517,6 +520,7 @@ class LocalStore(ObjectStore):
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / _TMP_DIR).mkdir(exist_ok=True)
         (self.root / _META_DIR).mkdir(exist_ok=True)
+        (self.root / _LOCK_DIR).mkdir(exist_ok=True)
         self.public_base_url = public_base_url.rstrip("/")
         if presign_secret:
             self._secret = presign_secret.encode() if isinstance(presign_secret, str) else presign_secret
@@ -553,9 +557,23 @@ class LocalStore(ObjectStore):
         return path.read_bytes()
 
     # --- metadata
-    def _write_meta(self, key: str, data_path: Path, info: dict[str, Any]) -> None:
-        st = data_path.stat()
-        record = {**info, "key": key, "ino": st.st_ino, "size": st.st_size}
+    @contextlib.contextmanager
+    def _key_lock(self, key: str) -> Iterator[None]:
+        """Exclusive lock (threads and processes sharing the root) over a key's data and sidecar, so
+        that the last writer of the bytes is also the last writer of the digest. Keys share one of
+        ``_LOCK_STRIPES`` lock files."""
+        stripe = int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % _LOCK_STRIPES
+        fd = os.open(self.root / _LOCK_DIR / f"{stripe:03d}", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the lock
+
+    def _write_meta(self, key: str, ino: int, size: int, info: dict[str, Any]) -> None:
+        """Write the sidecar of the data file with inode ``ino`` (taken from the written temp file,
+        not from the path, which a concurrent writer may already have replaced)."""
+        record = {**info, "key": key, "ino": ino, "size": size}
         meta_path = self._meta_path(key)
         meta_path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, suffix=".json")
@@ -604,23 +622,33 @@ class LocalStore(ObjectStore):
                 reader.check_complete()
                 out.flush()
                 os.fsync(out.fileno())
-            try:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(tmp, dest)
-            except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
-                raise InvalidKey(f"key {key!r} conflicts with an existing object or prefix") from exc
+                written = os.fstat(out.fileno())  # rename keeps the inode
+            meta = {
+                "sha256": reader.sha256,
+                "content_type": content_type or "application/octet-stream",
+                "metadata": user_meta,
+            }
+            with self._key_lock(key):
+                try:
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    os.replace(tmp, dest)
+                except (NotADirectoryError, FileExistsError, IsADirectoryError) as exc:
+                    raise InvalidKey(f"key {key!r} conflicts with an existing object or prefix") from exc
+                self._write_meta(key, written.st_ino, written.st_size, meta)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
-        meta = {
-            "sha256": reader.sha256,
-            "content_type": content_type or "application/octet-stream",
-            "metadata": user_meta,
-        }
-        self._write_meta(key, dest, meta)
-        st = dest.stat()
-        return self._info(key, st)
+        # What this call wrote (a concurrent writer may already have replaced it, as with S3).
+        return ObjectInfo(
+            key=key,
+            size=written.st_size,
+            etag=reader.sha256,
+            sha256=reader.sha256,
+            content_type=content_type or "application/octet-stream",
+            modified=datetime.fromtimestamp(written.st_mtime, tz=UTC),
+            metadata=dict(user_meta),
+        )
 
     def open_read(self, key: str) -> ObjectReader:
         path = self._path(key)
@@ -684,10 +712,11 @@ class LocalStore(ObjectStore):
 
     def delete(self, key: str) -> None:
         path = self._path(key)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
-            path.unlink()
-        with contextlib.suppress(FileNotFoundError):
-            self._meta_path(key).unlink()
+        with self._key_lock(key):
+            with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                path.unlink()
+            with contextlib.suppress(FileNotFoundError):
+                self._meta_path(key).unlink()
         # prune now-empty parent directories (S3 has no directories to leave behind)
         parent = path.parent
         while parent != self.root:

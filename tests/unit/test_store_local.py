@@ -252,3 +252,35 @@ def test_make_store_builds_the_configured_adapter_without_network(tmp_path: Path
         )
     )
     assert isinstance(s3, MinioStore) and s3.endpoint == "127.0.0.1:1" and s3.bucket == "huvidpo"
+
+
+def test_concurrent_writers_of_one_key_leave_a_digest_that_matches_the_bytes(local_store: LocalStore) -> None:
+    """Many threads rewrite the same key (the control plane's watch thread and request threads do
+    this with fine-tune records). Whoever wins, the stored digest is the digest of the stored bytes:
+    a read never fails its checksum, and every put reports the digest of what it wrote."""
+    key = "finetunes/ft-1/record.json"
+    errors: list[BaseException] = []
+    reported: list[tuple[str, str | None]] = []
+
+    def writer(i: int) -> None:
+        try:
+            for j in range(40):
+                body = f'{{"writer": {i}, "n": {j}}}'.encode() * (1 + (i + j) % 7)
+                info = local_store.put_bytes(key, body)
+                reported.append((hashlib.sha256(body).hexdigest(), info.sha256))
+                got = local_store.get_bytes(key)  # verifies the digest; raises on a mismatch
+                assert local_store.stat(key) is not None
+                assert got.startswith(b'{"writer": ')
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+    assert all(expected == got for expected, got in reported)
+    final = local_store.get_bytes(key)
+    info = local_store.stat(key)
+    assert info is not None and info.sha256 == hashlib.sha256(final).hexdigest()
