@@ -1,8 +1,8 @@
-"""Data-parallel DPO training through ``accelerate launch``, for real: two CPU processes talking gloo.
+"""Data-parallel training through ``accelerate launch``, for real: two CPU processes talking gloo.
 
 One launch of 2 processes with batch 1 each runs ``huvidpo train dpo`` for 2 steps and then, in the
-same processes, ``huvidpo train dpo --resume`` for 2 more (restored from the step-2 checkpoint). It is
-compared with one in-process run with batch 2:
+same processes, ``huvidpo train dpo --resume`` for 2 more (restored from the step-2 checkpoint), then
+2 steps of ``huvidpo train stage1``. They are compared with in-process runs with batch 2:
 
 - both processes run, the launch exits 0, and the run's files (adapter, checkpoints, metrics.jsonl,
   config.json, the printed summary) come from the main process alone, each exactly once;
@@ -10,13 +10,14 @@ compared with one in-process run with batch 2:
   the 1-process run, with the same clip views, timesteps and noise (the step's draws are made for
   the global batch and sliced per process, so they do not depend on the number of processes);
 - gradients are all-reduced: both processes end with identical LoRA weights, and these equal the
-  1-process batch-2 weights to float tolerance (as do the logged losses, averaged over processes).
+  1-process batch-2 weights to float tolerance (as do the logged losses, averaged over processes);
+  the same holds for the stage-1 parameters.
 
 This file is also the worker: ``accelerate launch tests/unit/test_training_ddp.py --probe DIR ARGS
 [--then ARGS...]`` runs ``huvidpo ARGS`` (then the next ``ARGS``) in each process with the trainer's
 data loading and loss step wrapped to record what that process did, then writes ``DIR/rank<r>.json``
 and the process's own final LoRA weights to ``DIR/rank<r>.safetensors``. (Imports dominate a launch
-on a small CPU machine, hence one launch for both runs.)
+on a small CPU machine, hence one launch for all three runs.)
 """
 
 from __future__ import annotations
@@ -39,8 +40,9 @@ STEPS = 4
 
 # -- the worker (runs inside each launched process) -----------------------------------------------
 class Recorder:
-    """Wraps ``load_pair_batch`` and ``dpo_step`` of ``huvidpo.training.dpo`` (restored by ``undo``) to
-    record, per training step, the pairs and views loaded, the timesteps and a noise checksum."""
+    """Replaces ``load_pair_batch`` and ``dpo_step`` of ``huvidpo.training.dpo`` through ``setattr_``
+    (``monkeypatch.setattr`` in the test) with wrappers that record, per training step, the pairs and
+    views loaded, the timesteps and a noise checksum, and keep the UNet."""
 
     def __init__(self, setattr_: Callable[[Any, str, Any], None]) -> None:
         import huvidpo.training.dpo as dpo
@@ -152,6 +154,14 @@ OPTIONS = dict(
 The clips have 6 frames for 4 sampled, so random start frames are drawn too."""
 
 
+STAGE1 = dict(
+    num_frames=4, height=64, width=64, lr=1e-3, adam_eps=1e-4, hflip_p=0.5, seed=5, device="cpu", plot=False,
+)  # fmt: skip
+"""Stage 1 trains whole temporal layers, whose zero-initialised gates get gradients that cancel to
+~1e-8, pure float noise: with Adam's eps 1e-8 their g/(|g|+eps) step is +-lr by the noise's sign,
+whatever the data split. eps 1e-4 keeps such steps ~1e-4 lr; real gradients still take full steps."""
+
+
 def _flags(options: dict[str, Any]) -> list[str]:
     out = []
     for k, v in options.items():
@@ -167,15 +177,24 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
 ) -> None:
     from safetensors.torch import load_file
 
-    from huvidpo.training import DPOConfig, latest_checkpoint, list_checkpoints, run_dpo
+    from huvidpo.training import (
+        DPOConfig,
+        Stage1Config,
+        latest_checkpoint,
+        list_checkpoints,
+        run_dpo,
+        run_stage1,
+    )
 
     out = tmp_path / "ddp"
     common = ["train", "dpo", "--model", str(tiny_model_dir), "--dataset", str(pref_data), "--out", str(out),
               "--batch-size", "1", "--quiet", *_flags(OPTIONS)]  # fmt: skip
+    s1_out = tmp_path / "s1"
+    stage1 = ["train", "stage1", "--model", str(tiny_model_dir), "--dataset", str(pref_data), "--out", str(s1_out),
+              "--batch-size", "1", "--max-steps", "2", "--quiet", *_flags(STAGE1)]  # fmt: skip
     probe = tmp_path / "probe"
-    launch = _launch(
-        probe, [*common, "--max-steps", "2", "--then", *common, "--max-steps", str(STEPS), "--resume"]
-    )
+    launch = _launch(probe, [*common, "--max-steps", "2", "--then", *common, "--max-steps", str(STEPS), "--resume",
+                             "--then", *stage1])  # fmt: skip
 
     # One process: the same global batch of 2, uninterrupted, recorded the same way (the latents come
     # from the 2-process run's cache: the same VAE means, without encoding them again).
@@ -188,7 +207,7 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
 
     # Both processes ran every step once (the resumed run went on from step 2), in a 2-process group.
     records, weights = _probe(probe)
-    assert [(r["world"], r["rc"]) for r in records] == [(2, [0, 0])] * 2
+    assert [(r["world"], r["rc"]) for r in records] == [(2, [0, 0, 0])] * 2
     ranks = [r["steps"] for r in records]
     assert [len(s) for s in ranks] == [STEPS, STEPS]
 
@@ -212,7 +231,7 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
         assert torch.equal(weights[0][name], saved[name]), name  # the file holds the final weights
     # Float noise differs between one batch-2 backward and two batch-1 backwards plus an all-reduce,
     # and Adam's g/sqrt(v) enlarges it where gradients are near 0: measured ~1e-6 per element. A step
-    # without the all-reduce would move elements by up to lr (1e-3), and B (zero at init) by ~50%.
+    # on other data moves elements by up to lr (1e-3); B (zero at init) changes ~50% from step 2 to 4.
     for name, ref in reference.items():
         assert torch.allclose(saved[name], ref, atol=2e-5, rtol=1e-4), name
     b_names = [k for k in reference if "lora_B" in k]
@@ -222,8 +241,8 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
 
     # Written once, by the main process: one summary per run, 4 metric rows, complete checkpoints.
     summaries = _summaries(launch.stdout)
-    assert [s["steps"] for s in summaries] == [2, STEPS], launch.stdout
-    summary = summaries[-1]
+    assert [s["steps"] for s in summaries] == [2, STEPS, 2], launch.stdout  # dpo, dpo --resume, stage1
+    summary = summaries[1]
     assert summary["weights"] == str(out / "adapter") and summary["steps"] == STEPS
     # The held-out evaluation, sharded over the processes and gathered, matches the 1-process one.
     assert summary["eval_pairs"] == single.eval_metrics["eval_pairs"] == 8
@@ -242,6 +261,21 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     ckpt = load_file(str(out / "checkpoints" / "ckpt-000004" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(ckpt[k], saved[k]) for k in saved)
     assert json.loads((out / "config.json").read_text())["max_steps"] == STEPS
+
+    # Stage 1 goes the same way: its trained parameters and losses equal those of a batch-2 run.
+    assert summaries[2]["weights"] == str(s1_out / "unet")
+    s1 = run_stage1(Stage1Config(model=str(tiny_model_dir), dataset=str(pref_data), batch_size=2, max_steps=2,
+                                 output_dir=str(tmp_path / "s1-single"), cache_dir=str(s1_out / "cache"),
+                                 **STAGE1))  # type: ignore[arg-type]  # fmt: skip
+    trained = [load_file(str(d / "checkpoints" / "ckpt-000002" / "trainable.safetensors"))
+               for d in (s1_out, s1.output_dir)]  # fmt: skip
+    assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
+    for name, ref in trained[1].items():
+        assert torch.allclose(trained[0][name], ref, atol=2e-6, rtol=1e-5), name  # measured ~1e-7
+    s1_rows = [[json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+               for d in (s1_out, s1.output_dir)]  # fmt: skip
+    assert [r["step"] for r in s1_rows[0]] == [1, 2]
+    assert [r["loss"] for r in s1_rows[0]] == pytest.approx([r["loss"] for r in s1_rows[1]], rel=1e-4)
 
 
 if __name__ == "__main__":
