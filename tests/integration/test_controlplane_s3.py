@@ -22,29 +22,10 @@ import uvicorn
 from services.common.settings import ControlPlaneSettings
 from services.common.store_minio import MinioStore
 from services.controlplane.app import create_app
-from services.controlplane.domain.ports import ExecStatus, JobSpec
+from tests.doubles import IdleExecutor
 
 MakeStore = Callable[..., MinioStore]
 BOUNDARY = "huvidpo-test-boundary-7f3a"
-
-
-class NoExecutor:
-    kind = "none"
-
-    def submit(self, spec: JobSpec) -> dict[str, str]:
-        return {"name": spec.finetune_id}
-
-    def status(self, finetune_id: str) -> ExecStatus:
-        return ExecStatus("pending")
-
-    def cancel(self, finetune_id: str) -> None:
-        return None
-
-    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
-        return iter([])
-
-    def ready(self) -> bool:
-        return True
 
 
 def _free_port() -> int:
@@ -57,7 +38,7 @@ def _free_port() -> int:
 def served(s3_endpoint: dict[str, str], make_s3_store: MakeStore, tmp_path: Path) -> Iterator[dict[str, Any]]:
     store = make_s3_store(s3_endpoint)
     settings = ControlPlaneSettings(work_dir=tmp_path / "work", max_upload_bytes=200 * 1024 * 1024)
-    app = create_app(settings, store, NoExecutor(), background=False)
+    app = create_app(settings, store, IdleExecutor(), background=False)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,28 +21,9 @@ import uvicorn
 from services.common.settings import ControlPlaneSettings
 from services.common.store import LocalStore
 from services.controlplane.app import create_app
-from services.controlplane.domain.ports import ExecStatus, JobSpec
+from tests.doubles import IdleExecutor
 
 MAX_SECONDS = 60
-
-
-class FakeExecutor:
-    kind = "fake"
-
-    def submit(self, spec: JobSpec) -> dict[str, str]:
-        return {"name": spec.finetune_id}
-
-    def status(self, finetune_id: str) -> ExecStatus:
-        return ExecStatus("pending")
-
-    def cancel(self, finetune_id: str) -> None:
-        return None
-
-    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
-        return iter([b"log\n"])
-
-    def ready(self) -> bool:
-        return True
 
 
 @pytest.mark.slow
@@ -57,7 +37,7 @@ def test_no_generated_request_gets_a_server_error(tmp_path: Path, tiny_model_dir
         work_dir=tmp_path / "work",
         max_upload_bytes=1_000_000,
     )
-    app = create_app(settings, store, FakeExecutor(), background=False)
+    app = create_app(settings, store, IdleExecutor((b"log\n",)), background=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

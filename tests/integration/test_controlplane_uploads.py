@@ -22,28 +22,9 @@ import uvicorn
 from services.common.settings import ControlPlaneSettings
 from services.common.store import LocalStore
 from services.controlplane.app import create_app
-from services.controlplane.domain.ports import ExecStatus, JobSpec
+from tests.doubles import IdleExecutor
 
 BOUNDARY = "concurrent-upload-boundary"
-
-
-class NoExecutor:
-    kind = "none"
-
-    def submit(self, spec: JobSpec) -> dict[str, str]:
-        return {"name": spec.finetune_id}
-
-    def status(self, finetune_id: str) -> ExecStatus:
-        return ExecStatus("pending")
-
-    def cancel(self, finetune_id: str) -> None:
-        return None
-
-    def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
-        return iter([])
-
-    def ready(self) -> bool:
-        return True
 
 
 class SlowStore(LocalStore):
@@ -60,7 +41,7 @@ class SlowStore(LocalStore):
 
 def test_many_concurrent_streamed_uploads_all_complete(tmp_path: Path) -> None:
     store = SlowStore(tmp_path / "store")
-    app = create_app(ControlPlaneSettings(work_dir=tmp_path / "w"), store, NoExecutor(), background=False)
+    app = create_app(ControlPlaneSettings(work_dir=tmp_path / "w"), store, IdleExecutor(), background=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
