@@ -7,6 +7,7 @@ the executor builds is validated with kubernetes-validate (strict) against curre
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
@@ -106,6 +107,23 @@ def test_every_built_job_is_valid_against_current_kubernetes_schemas(
             == settings.store_secret
         )
         assert job["metadata"]["annotations"]["huvidpo.dev/dataset-digest"] == "a" * 64
+        # The trainer outlives its last step by two scrape intervals of the shipped Prometheus
+        # configs, so a short run's final metrics are scraped.
+        plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        linger = float(plain["HUVIDPO_TRAINER_METRICS_LINGER_SECONDS"])
+        assert linger >= 2 * _scrape_interval_seconds()
+        assert int(plain["HUVIDPO_TRAINER_METRICS_PORT"]) == container["ports"][0]["containerPort"]
+
+
+def _scrape_interval_seconds() -> float:
+    repo = Path(__file__).resolve().parents[2]
+    texts = [
+        (repo / "deploy/monitoring/prometheus.yml").read_text(),
+        (repo / "deploy/components/prometheus-operator/monitors.yaml").read_text(),
+    ]
+    found = [float(v) for t in texts for v in re.findall(r"(?:scrape_)?interval:\s*(\d+)s", t)]
+    assert found, "no scrape interval in the shipped Prometheus configs"
+    return max(found)
 
 
 def test_a_job_with_a_bad_field_fails_strict_validation(tmp_path: Path) -> None:

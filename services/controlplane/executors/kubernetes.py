@@ -31,6 +31,9 @@ EXIT_TRANSIENT = 75
 WORK_DIR = "/work"
 # The trainer serves /metrics here while it trains; the pod annotations tell Prometheus (deploy/).
 TRAINER_METRICS_PORT = 9091
+# The trainer keeps serving /metrics this long after its last step so that Prometheus scrapes a short
+# run's final values: two scrape intervals of the shipped configs (15 s, deploy/monitoring).
+TRAINER_METRICS_LINGER_SECONDS = 30
 
 
 def job_name(finetune_id: str) -> str:
@@ -86,6 +89,7 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
         {"name": "HUVIDPO_TRAINER_DEVICE", "value": "cuda" if settings.gpu_count > 0 else "cpu"},
         {"name": "HUVIDPO_TRAINER_METRICS_HOST", "value": "0.0.0.0"},
         {"name": "HUVIDPO_TRAINER_METRICS_PORT", "value": str(TRAINER_METRICS_PORT)},
+        {"name": "HUVIDPO_TRAINER_METRICS_LINGER_SECONDS", "value": str(TRAINER_METRICS_LINGER_SECONDS)},
         *store_env(store, settings.store_secret),
     ]
     pod_spec: dict[str, Any] = {
