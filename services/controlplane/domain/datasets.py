@@ -199,7 +199,7 @@ class DatasetService:
         with tempfile.TemporaryDirectory(prefix="huvidpo-commit-") as tmp:
             data = Path(tmp) / "data"
             self.store.download_prefix(self._upload_prefix(name, upload_id) + "files/", data)
-            version = self._publish_version(name, data, {"upload_id": upload_id}, include_ratings)
+            version = self.publish_version(name, data, {"upload_id": upload_id}, include_ratings)
         self.store.delete_prefix(self._upload_prefix(name, upload_id))
         return version
 
@@ -209,11 +209,15 @@ class DatasetService:
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"
             shutil.copytree(self.fetch_version(name, base), data)
-            return self._publish_version(name, data, {"base": base}, include_ratings)
+            return self.publish_version(name, data, {"base": base}, include_ratings)
 
-    def _publish_version(
+    def publish_version(
         self, name: str, data: Path, source: dict[str, Any], include_ratings: bool
     ) -> dict[str, Any]:
+        """Validate the dataset directory ``data`` (plus the dataset's rating records when
+        ``include_ratings``) and publish it as an immutable version named by its content digest,
+        manifest last; the same content returns the existing version. ``source`` is recorded as the
+        version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
         from huvidpo.data import DatasetError, load_dataset
 
         ratings = self._rating_records(name) if include_ratings else []

@@ -374,7 +374,7 @@ class RatingService:
                     "lineage": "data/" + LINEAGE_FILE,
                 },
             }
-            version = self.datasets._publish_version(name, data, source, include_ratings=False)
+            version = self.datasets.publish_version(name, data, source, include_ratings=False)
         pairs = self.datasets.compile_pairs(name, version["id"], options)
         return {"version": version, "lineage": lineage, "pairs": pairs}
 
