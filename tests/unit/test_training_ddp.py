@@ -11,10 +11,13 @@ same processes, ``huvidpo train dpo --resume`` for 2 more (restored from the ste
   the global batch and sliced per process, so they do not depend on the number of processes);
 - gradients are all-reduced: both processes end with identical LoRA weights, and these equal the
   1-process batch-2 weights to float tolerance (as do the logged losses, averaged over processes);
-  the same holds for the stage-1 parameters.
+  the same holds for the stage-1 parameters;
+- a stop requested in one process only stops all of them at the same step, with one checkpoint
+  (otherwise one would wait in a checkpoint barrier while the other waits in a gradient all-reduce).
 
 This file is also the worker: ``accelerate launch tests/unit/test_training_ddp.py --probe DIR ARGS
-[--then ARGS...]`` runs ``huvidpo ARGS`` (then the next ``ARGS``) in each process with the trainer's
+[--then ARGS...]`` runs ``huvidpo ARGS`` (then the next ``ARGS``; ``ARGS`` starting with
+``--stop-rank1-after N`` stop in process 1 alone after N steps) in each process with the trainer's
 data loading and loss step wrapped to record what that process did, then writes ``DIR/rank<r>.json``
 and the process's own final LoRA weights to ``DIR/rank<r>.safetensors``. (Imports dominate a launch
 on a small CPU machine, hence one launch for all three runs.)
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -67,6 +71,29 @@ class Recorder:
         setattr_(dpo, "dpo_step", step)
 
 
+def _run_stopping_rank1(main: Callable[[list[str]], int], args: list[str], after: int) -> int:
+    """``main(args)`` with a ``should_stop`` on the DPO run that turns True in process 1 only, once
+    ``after`` steps are done (as when a stop signal reaches one process first)."""
+    from accelerate import PartialState
+
+    import huvidpo.training.dpo as dpo
+
+    real_run, polls = dpo.run_dpo, [0]
+
+    def should_stop() -> bool:
+        polls[0] += 1
+        return PartialState().process_index == 1 and polls[0] > after
+
+    def run(config: Any, callbacks: Any = (), should_stop_: Any = None, resume: bool = False) -> Any:
+        return real_run(config, callbacks, should_stop=should_stop, resume=resume)
+
+    dpo.run_dpo = run  # type: ignore[assignment]
+    try:
+        return main(args)
+    finally:
+        dpo.run_dpo = real_run
+
+
 def _worker(argv: list[str]) -> int:
     from accelerate import PartialState
     from peft.utils import get_peft_model_state_dict
@@ -80,7 +107,12 @@ def _worker(argv: list[str]) -> int:
     for a in args:
         runs.append([]) if a == "--then" else runs[-1].append(a)
     rec = Recorder(setattr)
-    rcs = [main(run) for run in runs]
+    rcs = []
+    for run in runs:
+        if run[0] == "--stop-rank1-after":
+            rcs.append(_run_stopping_rank1(main, run[2:], int(run[1])))
+        else:
+            rcs.append(main(run))
     group = PartialState()
     rank = group.process_index
     probe.mkdir(parents=True, exist_ok=True)
@@ -99,7 +131,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _launch(probe: Path, args: list[str], timeout: float = 240) -> subprocess.CompletedProcess[str]:
+def _launch(probe: Path, args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run the 2-process launch; on a timeout (a hang in a collective) stop it and fail with its output.
+
+    SIGTERM goes to the launcher (torchrun's agent), which stops its workers (each in a session of
+    its own, out of reach of a group kill); SIGKILL follows if it does not exit in time."""
     cmd = [
         sys.executable, "-m", "accelerate.commands.launch",
         # --multi_gpu picks torchrun's launcher; with --device cpu the trainer's Accelerator(cpu=True)
@@ -109,9 +145,20 @@ def _launch(probe: Path, args: list[str], timeout: float = 240) -> subprocess.Co
         __file__, "--probe", str(probe), *args,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    return proc
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as popen:  # fmt: skip
+        try:
+            out, err = popen.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(popen.pid, signal.SIGTERM)
+            try:
+                out, err = popen.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(popen.pid, signal.SIGKILL)
+                out, err = popen.communicate()
+            pytest.fail(f"the 2-process launch hung for {timeout} s:\n{out[-3000:]}{err[-6000:]}")
+    assert popen.returncode == 0, out[-3000:] + err[-6000:]
+    return subprocess.CompletedProcess(cmd, popen.returncode, out, err)
 
 
 def _summaries(stdout: str) -> list[dict[str, Any]]:
@@ -192,9 +239,11 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     s1_out = tmp_path / "s1"
     stage1 = ["train", "stage1", "--model", str(tiny_model_dir), "--dataset", str(pref_data), "--out", str(s1_out),
               "--batch-size", "1", "--max-steps", "2", "--quiet", *_flags(STAGE1)]  # fmt: skip
+    stopped_out = tmp_path / "stopped"
+    stopping = ["--stop-rank1-after", "1", *common[:7], str(stopped_out), *common[8:], "--max-steps", "3"]
     probe = tmp_path / "probe"
-    launch = _launch(probe, [*common, "--max-steps", "2", "--then", *common, "--max-steps", str(STEPS), "--resume",
-                             "--then", *stage1])  # fmt: skip
+    launch = _launch(probe, [*stopping, "--then", *common, "--max-steps", "2", "--then", *common, "--max-steps",
+                             str(STEPS), "--resume", "--then", *stage1])  # fmt: skip
 
     # One process: the same global batch of 2, uninterrupted, recorded the same way (the latents come
     # from the 2-process run's cache: the same VAE means, without encoding them again).
@@ -205,11 +254,12 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     assert single.weights_dir is not None and len(rec.steps) == STEPS
     reference = load_file(str(single.weights_dir / "adapter_model.safetensors"))
 
-    # Both processes ran every step once (the resumed run went on from step 2), in a 2-process group.
+    # Both processes ran every step once (the resumed run went on from step 2), in a 2-process group;
+    # the run stopped by process 1 alone ran 1 step in both.
     records, weights = _probe(probe)
-    assert [(r["world"], r["rc"]) for r in records] == [(2, [0, 0, 0])] * 2
-    ranks = [r["steps"] for r in records]
-    assert [len(s) for s in ranks] == [STEPS, STEPS]
+    assert [(r["world"], r["rc"]) for r in records] == [(2, [0, 0, 0, 0])] * 2
+    assert [len(r["steps"]) for r in records] == [1 + STEPS, 1 + STEPS]
+    ranks = [r["steps"][1:] for r in records]
 
     # Disjoint shards that together are the 1-process global batch, with the same draws per item.
     for k, whole in enumerate(rec.steps):
@@ -241,7 +291,12 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
 
     # Written once, by the main process: one summary per run, 4 metric rows, complete checkpoints.
     summaries = _summaries(launch.stdout)
-    assert [s["steps"] for s in summaries] == [2, STEPS, 2], launch.stdout  # dpo, dpo --resume, stage1
+    # stopped dpo, dpo, dpo --resume, stage1
+    assert [s["steps"] for s in summaries] == [1, 2, STEPS, 2], launch.stdout
+    assert summaries[0]["stopped"] is True and summaries[0]["weights"] is None
+    assert summaries[0]["last_checkpoint"] == str(stopped_out / "checkpoints" / "ckpt-000001")
+    assert [p.name for p in list_checkpoints(stopped_out / "checkpoints")] == ["ckpt-000001"]
+    summaries = summaries[1:]
     summary = summaries[1]
     assert summary["weights"] == str(out / "adapter") and summary["steps"] == STEPS
     # The held-out evaluation, sharded over the processes and gathered, matches the 1-process one.
