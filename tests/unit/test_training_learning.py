@@ -12,14 +12,21 @@ import pytest
 from huvidpo.data import make_synthetic_dataset
 from huvidpo.training import DPOConfig, run_dpo
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-# Seed-sensitive (measured with this exact config, held-out accuracy at seeds 0/1/2: 0.625/0.69/0.875;
-# the held-out reward margin was positive at all three): the training seed is pinned to 2 below.
+# LoRA on the attention projections plus the causal temporal convolutions (frame t sees t-2, t-1): the
+# preference is temporal (smooth vs flickering), and with attention-only LoRA the held-out accuracy was
+# seed-dependent (0.44-0.94). 60 steps of 4 pairs; one checkpoint (at the end); no plot.
+# Measured with this config (the same at 1 and 2 torch threads), training seeds 0/1/2 (the seed also
+# picks the held-out videos): held-out implicit accuracy 0.8125/0.875/0.75, reward margin 1.55/1.61/1.61,
+# mean loss of the first/last 20 steps 0.68->0.26, 0.68->0.10, 0.69->0.22. Seed 1 is pinned below.
+# run_dpo wall time (2 threads, 2-core machine shared with other jobs): 32-66 s, once 305 s (CPU contention).
 LEARNING = dict(
-    num_frames=4, height=64, width=64, batch_size=2, max_steps=150, lr=2e-3, beta=50.0,
-    lora_rank=4, lora_alpha=4, lora_dropout=0.0, gradient_checkpointing=False,
-    holdout_by="video", holdout_fraction=0.4, eval_draws=16, hflip_p=0.5,
+    num_frames=4, height=64, width=64, batch_size=4, max_steps=60, lr=5e-3, beta=50.0,
+    lora_rank=4, lora_alpha=4, lora_dropout=0.0,
+    lora_targets=r".*\.(attn1|attn2|attn_temp)\.(to_q|to_k|to_v|to_out\.0)|.*\.conv1d",
+    gradient_checkpointing=False, holdout_by="video", holdout_fraction=0.4, eval_draws=8, hflip_p=0.5,
+    checkpoint_every=60, plot=False,
 )  # fmt: skip
 
 
@@ -28,7 +35,7 @@ def test_dpo_prefers_smooth_motion_on_heldout_pairs(tiny_model_dir: Path, tmp_pa
         tmp_path / "data", n_prompts=4, videos_per_prompt=10, num_frames=4, size=64, raters=2, seed=0
     )
     cfg = DPOConfig(
-        model=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "run"), seed=2, device="cpu",
+        model=str(tiny_model_dir), dataset=str(data), output_dir=str(tmp_path / "run"), seed=1, device="cpu",
         **LEARNING,  # type: ignore[arg-type]
     )  # fmt: skip
     result = run_dpo(cfg)
@@ -37,7 +44,10 @@ def test_dpo_prefers_smooth_motion_on_heldout_pairs(tiny_model_dir: Path, tmp_pa
     # 4 x 3 x 3 training pairs; pairs mixing the two splits and tied pairs are dropped.
     assert report["ties_dropped"] > 0
     assert (report["heldout_pairs"], report["train_pairs"]) == (16, 36)
+    held = report["heldout_videos"]
+    assert sorted(v.split("_")[0] for v in held) == [f"p{p}" for p in range(4) for _ in range(4)]
     rows = [json.loads(x) for x in result.metrics_path.read_text().splitlines()]
+    assert len(rows) == 60
     first, last = rows[:20], rows[-20:]
     assert sum(r["loss"] for r in last) / len(last) < sum(r["loss"] for r in first) / len(first)
     assert result.eval_metrics["eval_pairs"] == 16
