@@ -4,6 +4,7 @@ reference forward, and a gradient on every LoRA weight with (non-reentrant) grad
 from __future__ import annotations
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ def _setup(perturb_b: bool) -> tuple:
         p.requires_grad_(True)
         if perturb_b and "lora_B" in name:
             with torch.no_grad():
-                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(hash(name) % 2**31))
+                p.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(zlib.crc32(name.encode())))
     unet.train()
     g = torch.Generator().manual_seed(3)
     b = 2
@@ -103,4 +104,7 @@ def test_frozen_copy_reference_gives_the_same_loss() -> None:
     loss_b, stats_b = dpo_step(unet, frozen, unet, comps.ddpm(), batch, t, noise, beta=50.0)
     assert float(loss_a.detach()) == pytest.approx(float(loss_b.detach()), abs=1e-6)
     assert stats_a.err_ref_chosen == pytest.approx(stats_b.err_ref_chosen, abs=1e-7)
-    assert float(loss_a.detach()) != pytest.approx(math.log(2), abs=1e-4)
+    # The perturbed adapters make the policy differ from the reference, so the comparison is not
+    # between two identical models.
+    assert abs(stats_a.err_model_chosen - stats_a.err_ref_chosen) > 1e-4
+    assert abs(stats_a.err_model_rejected - stats_a.err_ref_rejected) > 1e-4
