@@ -98,10 +98,14 @@ class RssWatch:
         self._t.join()
 
 
-def start_radosgw(tmp: Path) -> tuple[str, Path]:
+def start_radosgw(tmp: Path, size: int) -> tuple[str, Path]:
     d = tmp / "ceph"
     port = free_port()
-    env = {**os.environ, "CEPH_S3_ACCESS_KEY": ACCESS, "CEPH_S3_SECRET_KEY": SECRET}
+    # The memstore OSD keeps objects in RAM and frees deleted ones only when radosgw's GC runs (every
+    # few seconds): room for several uploads in flight to GC, or a fast machine fills it (503s).
+    memstore = max(2 << 30, 8 * size)
+    env = {**os.environ, "CEPH_S3_ACCESS_KEY": ACCESS, "CEPH_S3_SECRET_KEY": SECRET,
+           "CEPH_S3_MEMSTORE_BYTES": str(memstore)}  # fmt: skip
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "ceph-s3.sh"), "start", str(d), str(port)],
         capture_output=True, text=True, timeout=300, env=env,
@@ -189,7 +193,7 @@ def main() -> None:
     ceph_dir: Path | None = None
     cp: subprocess.Popen[bytes] | None = None
     try:
-        endpoint, ceph_dir = start_radosgw(tmp)
+        endpoint, ceph_dir = start_radosgw(tmp, size)
         bucket = "bench-upload"
         store = MinioStore(endpoint, ACCESS, SECRET, bucket=bucket, part_size=PART, timeout=120.0)
         store.check()
