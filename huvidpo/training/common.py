@@ -76,15 +76,15 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
-    """A CPU generator that depends only on (seed, step, rank, stream): the noise, timesteps, clip
-    starts and flips of a step are the same whether or not the run was resumed in between.
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU generator that depends only on (seed, step, stream): the noise, timesteps, clip starts and
+    flips of a step are the same whether or not the run was resumed in between.
 
-    The trainers draw a step's randomness for the whole global batch from ``rank`` 0's generator and
-    give each process its slice (:func:`rank_slice`), so a run's draws do not depend on how many
-    processes share the global batch."""
+    The trainers draw a step's randomness for the whole global batch from it and give each process
+    its slice (:func:`rank_slice`), so a run's draws do not depend on how many processes share the
+    global batch."""
     g = torch.Generator()
-    g.manual_seed((seed * 1_000_003 + step * 10_007 + rank * 101 + stream * 7_919) % (2**63 - 1))
+    g.manual_seed((seed * 1_000_003 + step * 10_007 + stream * 7_919) % (2**63 - 1))
     return g
 
 

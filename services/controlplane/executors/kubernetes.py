@@ -338,25 +338,28 @@ class KubernetesExecutor:
         API raises ``Unavailable`` here, before any byte (a REST client gets a 503, not a cut 200).
         """
         name = job_name(finetune_id)
-        pod = _newest(self._job_pods(name))
-        resp = self._open_log(str(pod["metadata"]["name"]), follow) if _started(pod) else None
+        resp = self._open_newest_log(name, follow)
         if resp is not None:
             return _chunks(resp)
         return self._wait_and_follow(finetune_id, name) if follow else iter(())
+
+    def _open_newest_log(self, name: str, follow: bool) -> Any | None:
+        """The unread log response of Job ``name``'s newest pod; None while it has no started pod."""
+        pods = self._job_pods(name)
+        pod = pods[-1] if pods else None
+        return self._open_log(str(pod["metadata"]["name"]), follow) if _started(pod) else None
 
     def _wait_and_follow(self, finetune_id: str, name: str) -> Iterator[bytes]:
         while True:
             if self.status(finetune_id).phase in ("succeeded", "failed", "missing"):
                 # Finished before we saw its pod run: show whatever the newest pod left, then end.
-                last = _newest(self._job_pods(name))
-                resp = self._open_log(str(last["metadata"]["name"]), False) if _started(last) else None
+                resp = self._open_newest_log(name, False)
                 if resp is not None:
                     yield from _chunks(resp)
                 return
             yield b""  # a heartbeat: lets a consumer that went away stop us between polls
             time.sleep(self.log_poll_seconds)
-            pod = _newest(self._job_pods(name))
-            resp = self._open_log(str(pod["metadata"]["name"]), True) if _started(pod) else None
+            resp = self._open_newest_log(name, True)
             if resp is not None:
                 yield from _chunks(resp)
                 return
@@ -436,10 +439,6 @@ def _pod_age_key(pod: Mapping[str, Any]) -> tuple[str, int, str]:
     # creationTimestamp has a one-second resolution: within one second, the pod still live is the
     # retry of the one that ended.
     return (str(meta.get("creationTimestamp") or ""), 0 if ended else 1, str(meta.get("name", "")))
-
-
-def _newest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
-    return pods[-1] if pods else None
 
 
 def _started(pod: Mapping[str, Any] | None) -> TypeGuard[Mapping[str, Any]]:
