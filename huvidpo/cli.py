@@ -11,6 +11,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from huvidpo.pipeline import GenerationConfig
 
 
 def _quiet_libraries() -> None:
@@ -29,6 +33,48 @@ def _quiet_libraries() -> None:
         pass
 
 
+def add_generation_options(p: argparse.ArgumentParser, *, steps: int = 50) -> None:
+    """Add the sampling options of :class:`huvidpo.pipeline.GenerationConfig` (all but the seed) to ``p``.
+
+    Shared by ``huvidpo generate`` and the scripts that sample (``scripts/ab_samples.py``), so every
+    sampler takes the same options with the same defaults (the dataclass's; a unit test keeps them
+    equal). ``steps`` overrides the default number of denoising steps. Read back with
+    :func:`generation_config`."""
+    p.add_argument("--negative-prompt", default="")
+    p.add_argument("--frames", type=int, default=16, help="frames per video, frame 0 included")
+    p.add_argument("--height", type=int, default=320, help="pixels, a multiple of 8")
+    p.add_argument("--width", type=int, default=512, help="pixels, a multiple of 8")
+    p.add_argument("--steps", type=int, default=steps, help="DDIM denoising steps")
+    p.add_argument("--guidance", type=float, default=12.5, help="classifier-free guidance scale")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0: deterministic)")
+    p.add_argument("--shared-noise-ratio", type=float, default=0.2)
+    p.add_argument("--no-adain", action="store_true", help="switch latent AdaIN off")
+    p.add_argument("--no-hist-match", action="store_true", help="switch histogram matching off")
+
+
+def generation_config(args: argparse.Namespace, seed: int | None = None) -> GenerationConfig:
+    """The :class:`GenerationConfig` that :func:`add_generation_options` options describe (validated).
+
+    ``seed`` defaults to ``args.seed``."""
+    from huvidpo.pipeline import GenerationConfig
+
+    cfg = GenerationConfig(
+        num_frames=args.frames,
+        height=args.height,
+        width=args.width,
+        steps=args.steps,
+        guidance_scale=args.guidance,
+        eta=args.eta,
+        negative_prompt=args.negative_prompt,
+        seed=args.seed if seed is None else seed,
+        shared_noise_ratio=args.shared_noise_ratio,
+        latent_adain=not args.no_adain,
+        hist_match=not args.no_hist_match,
+    )
+    cfg.validate()
+    return cfg
+
+
 def _cmd_init_tiny(args: argparse.Namespace) -> int:
     from huvidpo.models.tiny import write_tiny_model
 
@@ -42,27 +88,14 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from huvidpo.lora import load_lora
-    from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
+    from huvidpo.pipeline import HuViDPOPipeline
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     pipe = HuViDPOPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     if args.lora:
         load_lora(pipe.components.unet, args.lora, adapter="cli", scale=args.lora_scale)
-    cfg = GenerationConfig(
-        num_frames=args.frames,
-        height=args.height,
-        width=args.width,
-        steps=args.steps,
-        guidance_scale=args.guidance,
-        eta=args.eta,
-        negative_prompt=args.negative_prompt,
-        seed=args.seed,
-        shared_noise_ratio=args.shared_noise_ratio,
-        latent_adain=not args.no_adain,
-        hist_match=not args.no_hist_match,
-    )
-    cfg.validate()
+    cfg = generation_config(args)
     bar = tqdm(total=args.steps, desc="denoising", unit="step", disable=args.quiet)
 
     def progress(step: int, total: int) -> None:
@@ -92,20 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate a video from a first frame (or from the prompt alone)")
     p.add_argument("--model", required=True, type=Path, help="model directory (diffusers layout)")
     p.add_argument("--prompt", required=True)
-    p.add_argument("--negative-prompt", default="")
     p.add_argument("--first-frame", type=Path, default=None, help="image for frame 0; omitted: text-to-image")
     p.add_argument("--lora", type=Path, default=None, help="LoRA adapter directory")
     p.add_argument("--lora-scale", type=float, default=1.0)
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=50)
-    p.add_argument("--guidance", type=float, default=12.5)
-    p.add_argument("--eta", type=float, default=0.0)
+    add_generation_options(p)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shared-noise-ratio", type=float, default=0.2)
-    p.add_argument("--no-adain", action="store_true", help="switch latent AdaIN off")
-    p.add_argument("--no-hist-match", action="store_true", help="switch histogram matching off")
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default=None)
     p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")

@@ -31,11 +31,16 @@ import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+
+from huvidpo.cli import add_generation_options, generation_config  # noqa: E402
+
+if TYPE_CHECKING:
+    from huvidpo.pipeline import GenerationConfig
 
 
 @dataclass(frozen=True)
@@ -58,17 +63,16 @@ def generate_comparison(
     out: Path,
     *,
     samples: int = 1,
-    num_frames: int = 16,
-    height: int = 320,
-    width: int = 512,
-    steps: int = 25,
-    seed: int = 0,
+    config: GenerationConfig | None = None,
     device: str = "cpu",
 ) -> Path:
     """Sample every checkpoint on every (prompt, first frame, sample) with the same seeds and write a
     dataset directory (``videos/{checkpoint}/{n}.mp4`` and ``manifest.jsonl``, validated). Returns ``out``.
 
-    Video ``n`` of every checkpoint has the same prompt, first frame and seed ``seed + n``."""
+    ``config`` holds the sampling options (``GenerationConfig()``'s defaults when None); video ``n``
+    of every checkpoint has the same prompt, first frame and seed ``config.seed + n``."""
+    import dataclasses
+
     import torch
 
     from huvidpo.data import write_manifest
@@ -76,6 +80,8 @@ def generate_comparison(
     from huvidpo.models import load_components
     from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
 
+    base_cfg = config or GenerationConfig()
+    base_cfg.validate()
     if len(checkpoints) != 2 or checkpoints[0].name == checkpoints[1].name:
         raise ValueError("an A/B set compares exactly two checkpoints with different names")
     if not prompts:
@@ -101,9 +107,7 @@ def generate_comparison(
         elif adapters:
             unet.disable_adapters()
         for n, (prompt, ff, k) in enumerate(jobs):
-            cfg = GenerationConfig(
-                num_frames=num_frames, height=height, width=width, steps=steps, seed=seed + n
-            )
+            cfg = dataclasses.replace(base_cfg, seed=base_cfg.seed + n)
             result = pipe(prompt, str(ff) if ff is not None else None, cfg)
             rel = f"videos/{slug}/{n:04d}.mp4"
             result.save(out / rel)
@@ -116,7 +120,7 @@ def generate_comparison(
                     "checkpoint": c.name,
                     "first_frame": ff.stem if ff is not None else None,
                     "sample": k,
-                    "seed": seed + n,
+                    "seed": cfg.seed,
                 }
             )
     write_manifest(out, records, min_frames=2)
@@ -197,11 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--first-frame", action="append", type=Path, default=[], help="first-frame image (repeatable)"
     )
     p.add_argument("--samples", type=int, default=1, help="samples per prompt and first frame")
-    p.add_argument("--frames", type=int, default=16)
-    p.add_argument("--height", type=int, default=320)
-    p.add_argument("--width", type=int, default=512)
-    p.add_argument("--steps", type=int, default=25)
-    p.add_argument("--seed", type=int, default=0)
+    # The same sampling options and defaults as `huvidpo generate` (fewer steps: a rating round needs many).
+    add_generation_options(p, steps=25)
+    p.add_argument("--seed", type=int, default=0, help="seed of video 0; video n gets seed + n")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, required=True, help="dataset directory to write")
     p.add_argument("--url", help="control plane base URL; upload the set there (token in HUVIDPO_TOKEN)")
@@ -230,11 +232,7 @@ def main(argv: list[str] | None = None) -> int:
             list(args.first_frame) or [None],
             args.out,
             samples=args.samples,
-            num_frames=args.frames,
-            height=args.height,
-            width=args.width,
-            steps=args.steps,
-            seed=args.seed,
+            config=generation_config(args),
             device=args.device,
         )
     except (ValueError, FileNotFoundError) as exc:

@@ -462,6 +462,7 @@ def test_on_policy_ab_of_current_vs_previous_checkpoint(
 
     from huvidpo.lora import lora_config, lora_parameters, save_lora
     from huvidpo.models import load_components
+    from huvidpo.pipeline import GenerationConfig
     from huvidpo.video_io import read_video
 
     # "current" = a LoRA adapter with non-zero weights; "previous" = the base model.
@@ -482,10 +483,7 @@ def test_on_policy_ab_of_current_vs_previous_checkpoint(
         ["a cat turns to smile", "a dog jumps"],
         [frame],
         tmp_path / "abset",
-        num_frames=4,
-        height=64,
-        width=64,
-        steps=2,
+        config=GenerationConfig(num_frames=4, height=64, width=64, steps=2),
     )
     new, old = (
         read_video(out / "videos/ckpt-ft1-200/0000.mp4")[0],

@@ -53,3 +53,31 @@ def test_generate_reports_bad_input_without_a_traceback(tiny_model_dir: Path, tm
     )
     assert rc == 2
     assert "model directory not found" in capsys.readouterr().err
+
+
+def test_generation_options_default_to_the_generation_config_defaults() -> None:
+    """`huvidpo generate` and scripts/ab_samples.py share one set of sampling options; with no flags
+    they give GenerationConfig()'s defaults, and each flag reaches its field."""
+    import argparse
+    import dataclasses
+
+    from huvidpo.cli import add_generation_options, generation_config
+    from huvidpo.pipeline import GenerationConfig
+
+    p = argparse.ArgumentParser()
+    add_generation_options(p)
+    p.add_argument("--seed", type=int, default=0)
+    assert generation_config(p.parse_args([])) == GenerationConfig()
+    flags = "--frames 4 --height 64 --width 72 --steps 3 --guidance 2.5 --eta 0.5 --negative-prompt blur"
+    flags += " --shared-noise-ratio 0.1 --no-adain --no-hist-match --seed 9"
+    got = generation_config(p.parse_args(flags.split()))
+    want = GenerationConfig(
+        num_frames=4, height=64, width=72, steps=3, guidance_scale=2.5, eta=0.5, negative_prompt="blur",
+        shared_noise_ratio=0.1, latent_adain=False, hist_match=False, seed=9,
+    )  # fmt: skip
+    assert got == want
+    assert dataclasses.replace(got, seed=0) == generation_config(p.parse_args(flags.split()), seed=0)
+    q = argparse.ArgumentParser()
+    add_generation_options(q, steps=25)
+    q.add_argument("--seed", type=int, default=0)
+    assert generation_config(q.parse_args([])).steps == 25
