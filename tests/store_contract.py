@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from services.common.store import (
     InvalidKey,
     ObjectNotFound,
     ObjectStore,
+    PreconditionFailed,
 )
 
 Corrupt = Callable[[str, bytes, bool], None]
@@ -100,6 +102,93 @@ class RecordingStore:
 
             return record
         return attr
+
+
+class RacingReaders:
+    """Proxy making ``n`` threads' rollout writes race deterministically, without timing.
+
+    The first read a thread makes through it returns only once all ``n`` threads have read (so they
+    all hold the same revision and etag); then thread ``i`` proceeds only after thread ``i - 1``
+    called ``done(i - 1)``. Writes therefore happen strictly one after the other, in thread order,
+    each from the same stale read. Later reads of a thread (a re-check after a refused write) pass.
+    With ``ordered=False`` all threads write at once after the common read (a real race, for
+    servers whose own concurrency is under test).
+    """
+
+    _READS = ("get_bytes", "get_json", "get_bytes_with_etag", "get_json_with_etag", "open_read")
+
+    def __init__(self, inner: ObjectStore, n: int, ordered: bool = True) -> None:
+        self.inner = inner
+        self._ordered = ordered
+        self._barrier = threading.Barrier(n, timeout=30)
+        self._finished = [threading.Event() for _ in range(n)]
+        self._local = threading.local()
+
+    def sharing(self, inner: ObjectStore) -> RacingReaders:
+        """A proxy of another store (another client) in the same race: same barrier and order."""
+        other = RacingReaders.__new__(RacingReaders)
+        other.__dict__.update(self.__dict__)
+        other.inner = inner
+        return other
+
+    def done(self, index: int) -> None:
+        self._finished[index].set()
+
+    def bind(self, index: int) -> None:
+        self._local.index = index
+        self._local.waited = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in self._READS:
+            return attr
+
+        def read(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return attr(*args, **kwargs)
+            finally:  # also when the read raises (ObjectNotFound: no record yet)
+                if not self._local.waited:
+                    self._local.waited = True
+                    self._barrier.wait()
+                    index = self._local.index
+                    if self._ordered and index > 0 and not self._finished[index - 1].wait(timeout=30):
+                        raise TimeoutError(f"writer {index - 1} never finished")
+
+        return read
+
+
+def race_rollout_writes(
+    store: ObjectStore | Sequence[ObjectStore], records: list[RolloutRecord], ordered: bool = True
+) -> list[str]:
+    """Write each record from its own thread through ``RacingReaders``: every writer reads the same
+    stored revision first, then they write one after the other in list order (all at once when not
+    ``ordered``). ``store`` may be one store per writer (separate clients, like separate replicas).
+    Returns each writer's outcome: ``"ok"``, ``"conflict"`` (``RevisionConflict``) or the repr of
+    another error."""
+    stores = list(store) if isinstance(store, Sequence) else [store] * len(records)
+    gates = [RacingReaders(stores[0], len(records), ordered)]
+    gates += [gates[0].sharing(s) for s in stores[1:]]
+    outcomes = ["not run"] * len(records)
+
+    def write(index: int) -> None:
+        racing = gates[index]
+        racing.bind(index)
+        try:
+            write_rollout(racing, records[index])  # type: ignore[arg-type]
+            outcomes[index] = "ok"
+        except RevisionConflict:
+            outcomes[index] = "conflict"
+        except Exception as exc:
+            outcomes[index] = repr(exc)
+        finally:
+            racing.done(index)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(len(records))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    return outcomes
 
 
 class StoreContract:
@@ -376,3 +465,83 @@ class StoreContract:
             write_rollout(store, r1.next("promote", current="ckpt-b-20"))  # revision 2 again: stale writer
         stored = read_rollout(store, "default")
         assert stored is not None and stored.canary == "ckpt-b-20"
+
+    def test_rollout_writers_racing_from_the_same_revision_exactly_one_wins(self, store: ObjectStore) -> None:
+        # Three control-plane replicas read revision 1, then each writes its own revision 2.
+        base = RolloutRecord(deployment="race").next("set-current", current="ckpt-a-1")
+        write_rollout(store, base)
+        writers = [base.next("set-current", current=f"ckpt-w{i}-2") for i in range(3)]
+        outcomes = race_rollout_writes(store, writers)
+        assert outcomes == ["ok", "conflict", "conflict"], outcomes  # the first writer wins
+        stored = read_rollout(store, "race")
+        assert stored is not None and stored == writers[0], stored  # the winner's record, whole
+        assert [e.current for e in stored.history] == ["ckpt-a-1", "ckpt-w0-2"]
+
+    def test_first_rollout_writers_racing_on_a_missing_record_exactly_one_wins(
+        self, store: ObjectStore
+    ) -> None:
+        fresh = RolloutRecord(deployment="fresh")
+        writers = [fresh.next("set-current", current=f"ckpt-w{i}-1") for i in range(2)]
+        outcomes = race_rollout_writes(store, writers)
+        assert outcomes == ["ok", "conflict"], outcomes
+        stored = read_rollout(store, "fresh")
+        assert stored == writers[0], stored
+
+    # ------------------------------------------------------------------ conditional writes
+    def test_if_match_with_the_current_etag_writes(self, store: ObjectStore) -> None:
+        first = store.put_bytes("rec/a.json", b"v1")
+        data, etag = store.get_bytes_with_etag("rec/a.json")
+        assert data == b"v1" and etag is not None and etag == first.etag
+        second = store.put_bytes("rec/a.json", b"v2", content_type="application/json", if_match=etag)
+        assert store.get_bytes("rec/a.json") == b"v2"
+        assert second.etag is not None and second.etag != etag
+        assert second.sha256 == hashlib.sha256(b"v2").hexdigest()
+        st = store.stat("rec/a.json")
+        assert st is not None and (st.etag, st.sha256, st.content_type) == (
+            second.etag,
+            second.sha256,
+            "application/json",
+        )
+        store.put_bytes("rec/a.json", b"v3", if_match=second.etag)  # the returned etag chains
+        assert store.get_bytes("rec/a.json") == b"v3"
+
+    def test_if_match_with_a_stale_etag_is_refused_and_changes_nothing(self, store: ObjectStore) -> None:
+        store.put_bytes("rec/b.json", b"old", metadata={"who": "first"})
+        _, stale = store.get_bytes_with_etag("rec/b.json")
+        assert stale is not None
+        store.put_bytes("rec/b.json", b"newer", metadata={"who": "second"})  # someone else wrote
+        with pytest.raises(PreconditionFailed) as err:
+            store.put_bytes("rec/b.json", b"lost update", if_match=stale)
+        assert err.value.key == "rec/b.json"
+        assert store.get_bytes("rec/b.json") == b"newer"
+        st = store.stat("rec/b.json")
+        assert st is not None and st.sha256 == hashlib.sha256(b"newer").hexdigest()
+        assert st.metadata == {"who": "second"}
+
+    def test_if_match_on_a_missing_key_is_refused(self, store: ObjectStore) -> None:
+        store.put_bytes("rec/c.json", b"x")
+        _, etag = store.get_bytes_with_etag("rec/c.json")
+        assert etag is not None
+        store.delete("rec/c.json")
+        with pytest.raises(PreconditionFailed):
+            store.put_bytes("rec/c.json", b"resurrected", if_match=etag)
+        assert store.stat("rec/c.json") is None
+
+    def test_if_none_match_writes_a_missing_key_and_refuses_an_existing_one(self, store: ObjectStore) -> None:
+        info = store.put_json("rec/d.json", {"n": 1}, if_none_match=True)
+        assert store.get_json_with_etag("rec/d.json") == ({"n": 1}, info.etag)
+        with pytest.raises(PreconditionFailed):
+            store.put_json("rec/d.json", {"n": 2}, if_none_match=True)
+        assert store.get_json("rec/d.json") == {"n": 1}
+        with pytest.raises(PreconditionFailed):
+            store.put_bytes("rec/d.json", b"same", if_none_match=True)
+        assert store.get_json("rec/d.json") == {"n": 1}
+
+    def test_conditions_must_make_sense(self, store: ObjectStore) -> None:
+        with pytest.raises(ValueError):
+            store.put_bytes("rec/e.json", b"x", if_match="")
+        with pytest.raises(ValueError):
+            store.put_bytes("rec/e.json", b"x", if_match="abc", if_none_match=True)
+        assert store.stat("rec/e.json") is None
+        with pytest.raises(ObjectNotFound):
+            store.get_bytes_with_etag("rec/e.json")

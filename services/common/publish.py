@@ -6,18 +6,17 @@ prefix as not existing (``NotPublished``), so it never sees half of a checkpoint
 one verifies every file against it (``ChecksumMismatch`` naming the file).
 
 The rollout record ``rollouts/{deployment}.json`` (docs/CONTRACTS.md) is what the inference service
-follows. Its ``revision`` must increase with every write (``RevisionConflict`` otherwise), which
-catches two writers racing from the same revision; on a ``LocalStore`` the read-check-write is also
-serialized by a file lock, on S3 it relies on one control plane writing (it is the only writer).
+follows. Its ``revision`` must increase with every write (``RevisionConflict`` otherwise). Several
+control-plane replicas may write it at once, so ``write_rollout`` is a compare-and-swap on every
+backend: it reads the record with its etag, checks the revision, and writes with ``if_match=etag``
+(``if_none_match`` when there was no record). Of writers that read the same revision exactly one
+wins; the others get ``RevisionConflict`` and their change is not stored (no lost update).
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import re
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from services.common.store import (
     ChecksumMismatch,
-    LocalStore,
     ObjectNotFound,
     ObjectStore,
+    PreconditionFailed,
     StoreError,
     join_key,
     validate_key,
@@ -215,41 +214,62 @@ def rollout_key(deployment: str) -> str:
     return f"rollouts/{validate_deployment(deployment)}.json"
 
 
-@contextlib.contextmanager
-def _rollout_lock(store: ObjectStore, deployment: str) -> Iterator[None]:
-    if not isinstance(store, LocalStore):
-        yield
-        return
-    lock_path = store.root / ".huvidpo-tmp" / f"rollout-{deployment}.lock"
-    with open(lock_path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+def _read_rollout_with_etag(store: ObjectStore, deployment: str) -> tuple[RolloutRecord | None, str | None]:
+    try:
+        data, etag = store.get_json_with_etag(rollout_key(deployment))
+    except ObjectNotFound:
+        return None, None
+    return RolloutRecord.model_validate(data), etag
 
 
 def read_rollout(store: ObjectStore, deployment: str) -> RolloutRecord | None:
     """The deployment's rollout record, or None if none was ever written."""
-    try:
-        data = store.get_json(rollout_key(deployment))
-    except ObjectNotFound:
-        return None
-    return RolloutRecord.model_validate(data)
+    return _read_rollout_with_etag(store, deployment)[0]
+
+
+def _landed(stored: RolloutRecord | None, record: RolloutRecord) -> bool:
+    """Whether ``record`` was written after all: ``stored`` is it, or a later record built on it."""
+    if stored is None or stored.revision < record.revision:
+        return False
+    if stored == record:
+        return True
+    mine = record.history[-1] if record.history else None
+    return mine is not None and any(e == mine for e in stored.history)
 
 
 def write_rollout(store: ObjectStore, record: RolloutRecord) -> RolloutRecord:
-    """Write ``record`` if its revision is above the stored one (``RevisionConflict`` otherwise)."""
+    """Write ``record`` if its revision is above the stored one (``RevisionConflict`` otherwise).
+
+    Safe with several writers on any backend: the record is read with its etag and written only if
+    it still has that etag (``if_none_match`` when there is none yet), so of several writers that
+    read the same revision exactly one succeeds and the others get ``RevisionConflict``.
+    """
     if record.revision < 1:
         raise RevisionConflict("a written rollout record needs revision >= 1 (use RolloutRecord.next)")
-    with _rollout_lock(store, record.deployment):
-        stored = read_rollout(store, record.deployment)
-        if stored is not None and record.revision <= stored.revision:
-            raise RevisionConflict(
-                f"rollout {record.deployment}: revision {record.revision} is not above the stored "
-                f"revision {stored.revision}; re-read and retry"
-            )
-        store.put_json(rollout_key(record.deployment), record.model_dump(mode="json"))
+    key = rollout_key(record.deployment)
+    stored, etag = _read_rollout_with_etag(store, record.deployment)
+    if stored is not None and record.revision <= stored.revision:
+        raise RevisionConflict(
+            f"rollout {record.deployment}: revision {record.revision} is not above the stored "
+            f"revision {stored.revision}; re-read and retry"
+        )
+    if stored is not None and etag is None:
+        raise StoreError(f"{key} has no etag: {store!r} cannot compare-and-swap it")
+    try:
+        if stored is None:
+            store.put_json(key, record.model_dump(mode="json"), if_none_match=True)
+        else:
+            store.put_json(key, record.model_dump(mode="json"), if_match=etag)
+    except PreconditionFailed as exc:
+        # Someone wrote between the read and the write. Unless the stored record is ours after all
+        # (a retried request whose first attempt landed, or a store that cannot tell), we lost.
+        now = read_rollout(store, record.deployment)
+        if _landed(now, record):
+            return record
+        raise RevisionConflict(
+            f"rollout {record.deployment}: changed by another writer while revision {record.revision} "
+            f"was being written (now at revision {now.revision if now else 'none'}); re-read and retry"
+        ) from exc
     return record
 
 

@@ -16,9 +16,17 @@ Guarantees shared by both (tested by the same suite, ``tests/*/test_store*.py``)
 - Keys are validated (``InvalidKey``): no leading ``/``, no empty, ``.`` or ``..`` segment, no control
   characters or backslashes, at most 1024 UTF-8 bytes, and the first segment must not start with
   ``.huvidpo-`` (reserved for the adapters' own bookkeeping).
+- Conditional writes (compare-and-swap, for records several processes update: rollouts):
+  ``put_bytes``/``put_json`` with ``if_match=etag`` write only if the stored object still has that
+  etag, with ``if_none_match=True`` only if the key does not exist; otherwise they raise
+  ``PreconditionFailed`` and leave the stored object unchanged. ``get_bytes_with_etag`` /
+  ``get_json_with_etag`` return the etag of the very bytes they read, so read-check-write is
+  ``read + etag -> check -> put(if_match=etag)``. The etag is opaque: on S3 the server's ETag (the
+  MD5 of a single PUT, so it changes whenever the bytes change), on ``LocalStore`` a random tag that
+  changes on every write. Conditional writes are single requests: meant for small objects.
 - Errors are few and meaningful: ``ObjectNotFound``; ``StoreUnavailable`` (retryable: connection
   refused, timeouts, 5xx); ``StoreAccessDenied`` (bad credentials or signature, not retryable);
-  ``ChecksumMismatch``; ``InvalidKey``; ``PresignedUrlInvalid``.
+  ``ChecksumMismatch``; ``InvalidKey``; ``PresignedUrlInvalid``; ``PreconditionFailed``.
 """
 
 from __future__ import annotations
@@ -104,13 +112,23 @@ class PresignedUrlInvalid(StoreError):
     """A presigned request carries a bad signature or has expired."""
 
 
+class PreconditionFailed(StoreError):
+    """A conditional write was refused: the object's etag is not ``if_match`` (or the object is gone),
+    or ``if_none_match`` and the object exists. Nothing was written; re-read and decide again."""
+
+    def __init__(self, key: str, detail: str) -> None:
+        super().__init__(f"conditional write of {key} refused: {detail}")
+        self.key = key
+
+
 # ---------------------------------------------------------------------------------------------- types
 @dataclass(frozen=True)
 class ObjectInfo:
     """What the store knows about one object.
 
     ``size`` in bytes; ``sha256`` is the hex digest recorded at write time (None when the object was
-    written by something else); ``modified`` is timezone-aware UTC.
+    written by something else); ``modified`` is timezone-aware UTC. ``etag`` is an opaque version
+    tag of the stored bytes, the value conditional writes compare (``put_bytes(if_match=...)``).
     """
 
     key: str
@@ -276,6 +294,14 @@ def join_key(prefix: str, rel: str) -> str:
     return validate_key(prefix + rel)
 
 
+def check_conditions(if_match: str | None, if_none_match: bool) -> None:
+    """Refuse a meaningless condition: an empty ``if_match``, or both conditions at once."""
+    if if_match is not None and (not isinstance(if_match, str) or not if_match.strip('"')):
+        raise ValueError(f"if_match must be a non-empty etag string, got {if_match!r}")
+    if if_match is not None and if_none_match:
+        raise ValueError("give if_match or if_none_match, not both")
+
+
 def check_expiry(expires: timedelta) -> timedelta:
     if not isinstance(expires, timedelta) or expires <= timedelta(0) or expires > MAX_PRESIGN_EXPIRY:
         raise ValueError(f"expires must be a timedelta in (0, {MAX_PRESIGN_EXPIRY}], got {expires!r}")
@@ -360,8 +386,21 @@ class ObjectStore(ABC):
         data: bytes,
         content_type: str | None = None,
         metadata: dict[str, str] | None = None,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
     ) -> ObjectInfo:
-        """Write ``data`` as ``key`` atomically; returns its ``ObjectInfo`` with sha256."""
+        """Write ``data`` as ``key`` atomically; returns its ``ObjectInfo`` with sha256 and etag.
+
+        Conditional (compare-and-swap) when asked: with ``if_match`` the write happens only if the
+        stored object's etag is ``if_match``, with ``if_none_match`` only if ``key`` does not exist;
+        otherwise ``PreconditionFailed`` is raised and the stored object is left as it was. The test
+        and the write are one atomic step against every other writer of the key. Adapters implement
+        the conditions (this base version only writes unconditionally).
+        """
+        check_conditions(if_match, if_none_match)
+        if if_match is not None or if_none_match:
+            raise NotImplementedError(f"{type(self).__name__} does not implement conditional writes")
         return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
 
     def put_file(
@@ -378,14 +417,7 @@ class ObjectStore(ABC):
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object in memory (for small objects: records, manifests). Verifies sha256."""
-        with self.open_read(key) as reader:
-            data = reader.read()
-        recorded = reader.info.sha256
-        if recorded is not None:
-            actual = hashlib.sha256(data).hexdigest()
-            if actual != recorded:
-                raise ChecksumMismatch(key, recorded, actual)
-        return data
+        return self.get_bytes_with_etag(key)[0]
 
     def get_file(
         self, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
@@ -446,14 +478,38 @@ class ObjectStore(ABC):
             self.delete(obj.key)
         return len(objs)
 
-    def put_json(self, key: str, value: Any) -> ObjectInfo:
-        """Write ``value`` as UTF-8 JSON (``application/json``)."""
+    def put_json(
+        self, key: str, value: Any, *, if_match: str | None = None, if_none_match: bool = False
+    ) -> ObjectInfo:
+        """Write ``value`` as UTF-8 JSON (``application/json``); conditions as for ``put_bytes``."""
         data = json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8")
-        return self.put_bytes(key, data, content_type="application/json")
+        if if_match is None and not if_none_match:  # keeps overrides of the older signature working
+            return self.put_bytes(key, data, content_type="application/json")
+        return self.put_bytes(
+            key, data, content_type="application/json", if_match=if_match, if_none_match=if_none_match
+        )
 
     def get_json(self, key: str) -> Any:
         """Read a JSON object written by ``put_json`` (``ObjectNotFound`` if absent)."""
         return json.loads(self.get_bytes(key))
+
+    def get_bytes_with_etag(self, key: str) -> tuple[bytes, str | None]:
+        """The whole object (sha256 verified) and the etag of exactly these bytes, for a later
+        ``put_bytes(..., if_match=etag)``. The etag comes with the read, never from a separate
+        ``stat`` (which could describe a newer version). ``ObjectNotFound`` if absent."""
+        with self.open_read(key) as reader:
+            data = reader.read()
+        recorded = reader.info.sha256
+        if recorded is not None:
+            actual = hashlib.sha256(data).hexdigest()
+            if actual != recorded:
+                raise ChecksumMismatch(key, recorded, actual)
+        return data, reader.info.etag
+
+    def get_json_with_etag(self, key: str) -> tuple[Any, str | None]:
+        """``get_json`` plus the etag of the bytes read (see ``get_bytes_with_etag``)."""
+        data, etag = self.get_bytes_with_etag(key)
+        return json.loads(data), etag
 
     def upload_dir(self, local_dir: str | os.PathLike[str], prefix: str) -> builtins.list[ObjectInfo]:
         """Upload every file under ``local_dir`` to ``prefix/relpath`` (sorted, symlinks followed)."""
@@ -501,6 +557,10 @@ class LocalStore(ObjectStore):
     caught by the digest (``ChecksumMismatch``).
     Limitation (unlike S3): a key cannot be both an object and a "directory" (``a`` and ``a/b``);
     such a write raises ``InvalidKey``.
+    The etag is a random tag recorded in the sidecar by every write (so it changes even when the
+    bytes do not); a file without a valid sidecar gets one derived from its inode, mtime and size.
+    Conditional writes test the etag under the same per-key lock (``.huvidpo-locks``, flock) that
+    orders the data and sidecar renames, so test-and-write is atomic across threads and processes.
 
     Presigned URLs: a ``file://`` URL is useless to an HTTP client, so LocalStore signs
     ``METHOD\\nkey\\nexpires`` with HMAC-SHA256 and returns
@@ -592,10 +652,13 @@ class LocalStore(ObjectStore):
             meta = json.loads(self._meta_path(key).read_text())
         if meta.get("ino") != st.st_ino:
             meta = {}  # stale sidecar (crash between renames) or none: report no digest
+        etag = meta.get("etag") or meta.get("sha256")  # sidecars from before etags: the digest
+        if not etag:  # no valid sidecar: a tag that still changes whenever the file is replaced
+            etag = f"st-{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"
         return ObjectInfo(
             key=key,
             size=st.st_size,
-            etag=meta.get("sha256"),
+            etag=etag,
             sha256=meta.get("sha256"),
             content_type=meta.get("content_type"),
             modified=datetime.fromtimestamp(st.st_mtime, tz=UTC),
@@ -611,6 +674,51 @@ class LocalStore(ObjectStore):
         content_type: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> ObjectInfo:
+        return self._put(key, stream, length, content_type, metadata, None, False)
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        check_conditions(if_match, if_none_match)
+        if if_match is None and not if_none_match:  # through put_stream, which subclasses may wrap
+            return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
+        return self._put(key, io.BytesIO(data), len(data), content_type, metadata, if_match, if_none_match)
+
+    def _check_condition(self, key: str, dest: Path, if_match: str | None, if_none_match: bool) -> None:
+        """Raise ``PreconditionFailed`` unless ``key``'s current state meets the condition. Call with
+        the key lock held."""
+        if if_match is None and not if_none_match:
+            return
+        try:
+            st = dest.stat()
+        except (FileNotFoundError, NotADirectoryError):
+            st = None
+        current = self._info(key, st).etag if st is not None and dest.is_file() else None
+        if if_none_match and current is not None:
+            raise PreconditionFailed(key, "if_none_match: the object exists")
+        if if_match is not None and current != if_match.strip('"'):
+            raise PreconditionFailed(
+                key,
+                f"if_match {if_match!r}: the object " + (f"has etag {current!r}" if current else "is gone"),
+            )
+
+    def _put(
+        self,
+        key: str,
+        stream: BinaryIO,
+        length: int | None,
+        content_type: str | None,
+        metadata: dict[str, str] | None,
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> ObjectInfo:
         dest = self._path(key)
         user_meta = validate_metadata(metadata)
         reader = HashingReader(stream, length)
@@ -623,12 +731,15 @@ class LocalStore(ObjectStore):
                 out.flush()
                 os.fsync(out.fileno())
                 written = os.fstat(out.fileno())  # rename keeps the inode
+            etag = secrets.token_hex(16)
             meta = {
                 "sha256": reader.sha256,
+                "etag": etag,
                 "content_type": content_type or "application/octet-stream",
                 "metadata": user_meta,
             }
             with self._key_lock(key):
+                self._check_condition(key, dest, if_match, if_none_match)
                 try:
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     os.replace(tmp, dest)
@@ -643,12 +754,20 @@ class LocalStore(ObjectStore):
         return ObjectInfo(
             key=key,
             size=written.st_size,
-            etag=reader.sha256,
+            etag=etag,
             sha256=reader.sha256,
             content_type=content_type or "application/octet-stream",
             modified=datetime.fromtimestamp(written.st_mtime, tz=UTC),
             metadata=dict(user_meta),
         )
+
+    def get_bytes_with_etag(self, key: str) -> tuple[bytes, str | None]:
+        # Under the key lock: the bytes and the sidecar's etag are then of the same write (without
+        # it, a read between a writer's two renames would get a stand-in etag and a needless
+        # PreconditionFailed later).
+        validate_key(key)
+        with self._key_lock(key):
+            return super().get_bytes_with_etag(key)
 
     def open_read(self, key: str) -> ObjectReader:
         path = self._path(key)

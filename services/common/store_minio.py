@@ -16,12 +16,21 @@ Tested against Ceph radosgw (real SigV4, real multipart) and moto. How the port'
   retries for idempotent requests); bad credentials or signatures become ``StoreAccessDenied``.
 - ``list`` returns size, etag and modified time only (S3 listings carry no user metadata): call
   ``stat`` for the sha256.
+- Conditional writes (``put_bytes(if_match=..., if_none_match=...)``) are one PUT carrying
+  ``If-Match: <etag>`` (unquoted: radosgw 16.2 compares the header byte for byte with its unquoted
+  ETag and answers 412 to a quoted one) or ``If-None-Match: *``; the server tests and writes in one
+  step. A refusal (412 ``PreconditionFailed``, 409 ``ConditionalRequestConflict``, or the 404 that
+  AWS and moto answer to ``If-Match`` on a missing key) becomes ``PreconditionFailed``. The etag is
+  the server's (the MD5 of the bytes for a single PUT): rewriting identical bytes keeps it. A PUT
+  retried after a lost response may find its own first attempt and be refused: ``PreconditionFailed``
+  means "re-read and decide", not "nothing of mine was written" (``write_rollout`` re-reads).
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
+import hashlib
 import io
 import os
 import threading
@@ -37,6 +46,7 @@ from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
+from minio.helpers import DictType
 from urllib3.util import Retry, Timeout
 
 from services.common.store import (
@@ -49,9 +59,11 @@ from services.common.store import (
     ObjectNotFound,
     ObjectReader,
     ObjectStore,
+    PreconditionFailed,
     StoreAccessDenied,
     StoreError,
     StoreUnavailable,
+    check_conditions,
     check_expiry,
     sha256_file,
     validate_key,
@@ -69,6 +81,7 @@ _DENIED = {
     "AuthorizationHeaderMalformed",
     "RequestTimeTooSkewed",
 }
+_PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict"}
 _TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "ServiceUnavailableError"}
 _META_PREFIX = "x-amz-meta-"
 _TMP_PREFIX = RESERVED_PREFIX + "tmp/"
@@ -205,6 +218,8 @@ class MinioStore(ObjectStore):
             code = exc.code or ""
             if code in _NOT_FOUND:
                 raise ObjectNotFound(key or self.bucket) from exc
+            if code in _PRECONDITION:
+                raise PreconditionFailed(key or self.bucket, f"{code}: {exc.message}") from exc
             if code in _DENIED:
                 raise StoreAccessDenied(
                     f"S3 refused the request to {where}: {code}: {exc.message} "
@@ -299,6 +314,39 @@ class MinioStore(ObjectStore):
             with contextlib.suppress(StoreError, MinioException, urllib3.exceptions.HTTPError):
                 self._remove(tmp_key)
         return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
+
+    def put_bytes(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+        *,
+        if_match: str | None = None,
+        if_none_match: bool = False,
+    ) -> ObjectInfo:
+        check_conditions(if_match, if_none_match)
+        if if_match is None and not if_none_match:
+            return super().put_bytes(key, data, content_type, metadata)
+        validate_key(key)
+        meta = validate_metadata(metadata)
+        meta[SHA256_METADATA_KEY] = hashlib.sha256(data).hexdigest()
+        self._ensure_bucket()
+        headers: DictType = {"Content-Type": content_type or _OCTET}
+        headers.update({_META_PREFIX + name: value for name, value in meta.items()})
+        if if_match is not None:
+            headers["If-Match"] = if_match.strip('"')
+        else:
+            headers["If-None-Match"] = "*"
+        try:
+            with self._errors(key):
+                # The SDK's put_object has no way to pass request headers; _put_object is its one-PUT call.
+                res = self.client._put_object(self.bucket, key, data, headers)
+        except ObjectNotFound as exc:  # AWS and moto: If-Match on a missing key is a 404
+            if if_match is None or getattr(exc.__cause__, "code", None) != "NoSuchKey":
+                raise
+            raise PreconditionFailed(key, f"if_match {if_match!r}: the object is gone") from exc
+        return _info_from(key, len(data), res.etag, content_type or _OCTET, res.last_modified, meta)
 
     def put_file(
         self,

@@ -21,9 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
-from services.common.store import ObjectStore, StoreAccessDenied, StoreUnavailable
+from services.common.publish import RolloutRecord, read_rollout, write_rollout
+from services.common.store import ObjectStore, PreconditionFailed, StoreAccessDenied, StoreUnavailable
 from services.common.store_minio import MinioStore
-from tests.store_contract import ChunkedStream, StoreContract
+from tests.store_contract import ChunkedStream, StoreContract, race_rollout_writes
 
 MakeStore = Callable[..., MinioStore]
 
@@ -107,6 +108,76 @@ def test_put_file_uploads_once_by_multipart_with_its_digest(
     st = store.stat("files/f.bin")
     assert st is not None and st.etag is not None and st.etag.endswith("-3")
     assert st.sha256 == info.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _replica_stores(s3_endpoint: dict[str, str], bucket: str, n: int) -> list[MinioStore]:
+    """``n`` stores on one bucket, each with its own client and connections (like ``n`` replicas)."""
+    return [
+        MinioStore(
+            s3_endpoint["endpoint"],
+            s3_endpoint["access_key"],
+            s3_endpoint["secret_key"],
+            bucket=bucket,
+            create_bucket=False,
+            timeout=20.0,
+        )
+        for _ in range(n)
+    ]
+
+
+def _put_all_at_once(writers: list[MinioStore], key: str, etag: str, rnd: int) -> list[str]:
+    """Every writer PUTs ``round {rnd} writer {i}`` with ``if_match=etag`` at the same moment."""
+    barrier = threading.Barrier(len(writers), timeout=30)
+    outcomes = [""] * len(writers)
+
+    def put(i: int) -> None:
+        barrier.wait()
+        try:
+            writers[i].put_bytes(key, f"round {rnd} writer {i}".encode(), if_match=etag)
+            outcomes[i] = "ok"
+        except PreconditionFailed:
+            outcomes[i] = "refused"
+
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(len(writers))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    return outcomes
+
+
+def test_concurrent_if_match_writes_have_exactly_one_winner_on_radosgw(
+    s3_endpoint: dict[str, str], make_s3_store: MakeStore
+) -> None:
+    # Separate clients PUT with the same If-Match at once: the server must test and write in one
+    # step, so exactly one succeeds whatever the interleaving (no timing is asserted; running them
+    # at once only gives a server that checks before it locks the chance to let two through).
+    setup = make_s3_store(s3_endpoint)
+    writers = _replica_stores(s3_endpoint, setup.bucket, 6)
+    setup.put_bytes("rec/cas.json", b"round -1")
+    for rnd in range(8):
+        _, etag = setup.get_bytes_with_etag("rec/cas.json")
+        assert etag is not None
+        outcomes = _put_all_at_once(writers, "rec/cas.json", etag, rnd)
+        assert sorted(outcomes) == ["ok"] + ["refused"] * (len(writers) - 1), (rnd, outcomes)
+        winner = outcomes.index("ok")
+        assert setup.get_bytes("rec/cas.json") == f"round {rnd} writer {winner}".encode()
+
+
+def test_concurrent_rollout_writers_on_separate_clients_lose_no_update_on_radosgw(
+    s3_endpoint: dict[str, str], make_s3_store: MakeStore
+) -> None:
+    setup = make_s3_store(s3_endpoint)
+    replicas = _replica_stores(s3_endpoint, setup.bucket, 4)
+    base = RolloutRecord(deployment="edge").next("set-current", current="ckpt-a-1")
+    write_rollout(setup, base)
+    for rnd in range(6):
+        records = [base.next("promote", current=f"ckpt-r{rnd}w{i}-2") for i in range(len(replicas))]
+        outcomes = race_rollout_writes(replicas, records, ordered=False)  # all write at once
+        assert sorted(outcomes) == ["conflict"] * (len(records) - 1) + ["ok"], (rnd, outcomes)
+        stored = read_rollout(setup, "edge")
+        assert stored == records[outcomes.index("ok")], (rnd, stored)
+        base = stored
 
 
 def test_wrong_secret_is_refused_with_a_clear_error(

@@ -3,7 +3,9 @@
 The record is ``services.common.publish.RolloutRecord`` at ``rollouts/{deployment}.json``, the
 one the inference service follows. Every change increments ``revision`` and appends to ``history``;
 a caller may pass the revision it read (``expected_revision``) and gets a conflict if someone
-changed the rollout meanwhile.
+changed the rollout meanwhile. Several control-plane replicas may serve these calls at once: the
+write is a compare-and-swap on the stored record's etag (``write_rollout``), so of two changes made
+from the same revision one is stored and the other is answered ``Conflict``, never silently lost.
 """
 
 from __future__ import annotations
