@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import threading
 import time
@@ -13,19 +14,20 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from pydantic import SecretStr
 
-from services.common.publish import RolloutRecord, write_rollout
+from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.settings import ControlPlaneSettings, InferenceSettings, StoreSettings
 from services.common.store import (
     InvalidKey,
     LocalStore,
     ObjectStore,
+    PreconditionFailed,
     PresignedUrlInvalid,
     make_store,
     validate_key,
     validate_prefix,
 )
 from services.common.store_minio import MinioStore
-from tests.store_contract import StoreContract
+from tests.store_contract import StoreContract, race_rollout_writes
 
 
 @pytest.fixture
@@ -284,3 +286,51 @@ def test_concurrent_writers_of_one_key_leave_a_digest_that_matches_the_bytes(loc
     final = local_store.get_bytes(key)
     info = local_store.stat(key)
     assert info is not None and info.sha256 == hashlib.sha256(final).hexdigest()
+
+
+# ------------------------------------------------------------------------------- conditional writes
+def test_etag_changes_on_every_write_even_with_the_same_bytes(local_store: LocalStore) -> None:
+    first = local_store.put_bytes("rec/x.json", b"same")
+    second = local_store.put_bytes("rec/x.json", b"same")
+    assert first.etag and second.etag and first.etag != second.etag
+    assert local_store.get_bytes_with_etag("rec/x.json") == (b"same", second.etag)
+    with pytest.raises(PreconditionFailed):  # an identical rewrite still counts as a change
+        local_store.put_bytes("rec/x.json", b"mine", if_match=first.etag)
+    assert local_store.get_bytes("rec/x.json") == b"same"
+
+
+def test_conditional_writes_work_on_files_without_an_etag_in_their_sidecar(local_store: LocalStore) -> None:
+    # A sidecar written before etags existed: the digest stands in for the etag.
+    local_store.put_bytes("rec/legacy.json", b"v1")
+    meta_path = local_store._meta_path("rec/legacy.json")
+    meta = json.loads(meta_path.read_text())
+    del meta["etag"]
+    meta_path.write_text(json.dumps(meta))
+    data, etag = local_store.get_bytes_with_etag("rec/legacy.json")
+    assert (data, etag) == (b"v1", hashlib.sha256(b"v1").hexdigest())
+    local_store.put_bytes("rec/legacy.json", b"v2", if_match=etag)
+    assert local_store.get_bytes("rec/legacy.json") == b"v2"
+    # No sidecar at all (a crash between the renames): a tag from the file's inode, mtime and size.
+    meta_path.unlink()
+    _, etag = local_store.get_bytes_with_etag("rec/legacy.json")
+    assert etag is not None and etag.startswith("st-")
+    assert local_store.get_bytes_with_etag("rec/legacy.json")[1] == etag  # stable while unchanged
+    local_store.put_bytes("rec/legacy.json", b"v3", if_match=etag)
+    with pytest.raises(PreconditionFailed):
+        local_store.put_bytes("rec/legacy.json", b"v4", if_match=etag)
+    assert local_store.get_bytes("rec/legacy.json") == b"v3"
+
+
+def test_rollout_writers_in_separate_store_instances_race_with_one_winner(tmp_path: Path) -> None:
+    # Two LocalStores on one root stand for two processes: the per-key flock is per open file, so
+    # it orders them as it orders processes. Writers run at once after a common read.
+    stores: list[ObjectStore] = [LocalStore(tmp_path / "shared") for _ in range(4)]
+    base = RolloutRecord(deployment="edge").next("set-current", current="ckpt-a-1")
+    write_rollout(stores[0], base)
+    for rnd in range(5):
+        records = [base.next("promote", current=f"ckpt-r{rnd}w{i}-2") for i in range(len(stores))]
+        outcomes = race_rollout_writes(stores, records, ordered=False)
+        assert sorted(outcomes) == ["conflict"] * (len(stores) - 1) + ["ok"], (rnd, outcomes)
+        stored = read_rollout(stores[1], "edge")
+        assert stored == records[outcomes.index("ok")]
+        base = stored
