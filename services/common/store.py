@@ -417,7 +417,7 @@ class ObjectStore(ABC):
 
     def get_bytes(self, key: str) -> bytes:
         """The whole object in memory (for small objects: records, manifests). Verifies sha256."""
-        return self.get_bytes_with_etag(key)[0]
+        return self._read_verified(key)[0]
 
     def get_file(
         self, key: str, path: str | os.PathLike[str], expected_sha256: str | None = None
@@ -497,6 +497,10 @@ class ObjectStore(ABC):
         """The whole object (sha256 verified) and the etag of exactly these bytes, for a later
         ``put_bytes(..., if_match=etag)``. The etag comes with the read, never from a separate
         ``stat`` (which could describe a newer version). ``ObjectNotFound`` if absent."""
+        return self._read_verified(key)
+
+    def _read_verified(self, key: str) -> tuple[bytes, str | None]:
+        """(whole object, etag from the same read); raises ``ChecksumMismatch`` on a bad digest."""
         with self.open_read(key) as reader:
             data = reader.read()
         recorded = reader.info.sha256
@@ -767,7 +771,7 @@ class LocalStore(ObjectStore):
         # PreconditionFailed later).
         validate_key(key)
         with self._key_lock(key):
-            return super().get_bytes_with_etag(key)
+            return self._read_verified(key)
 
     def open_read(self, key: str) -> ObjectReader:
         path = self._path(key)
