@@ -139,6 +139,7 @@ def make_synthetic_dataset(
     raters: int = 2,
     seed: int = 0,
     preferred: Literal["smooth", "static"] = "smooth",
+    speed: float | None = None,
 ) -> Path:
     """Write a small preference dataset: MP4 videos under ``videos/`` and ``manifest.jsonl`` (written
     last, atomically, after validation). Returns ``directory``.
@@ -146,6 +147,7 @@ def make_synthetic_dataset(
     Per prompt, half the videos (rounded up) are the preferred kind and score 8 on average (each rater
     within +-1), the others score 2. ``preferred="smooth"``: smooth squares beat flickering ones.
     ``preferred="static"``: static squares beat smoothly moving ones (a motion-biased rating).
+    ``speed``: the squares' speed in px/frame (default ``size / 16``, see :func:`moving_square`).
     Deterministic for a given ``seed``; takes well under a second at the defaults.
     """
     from huvidpo.video_io import write_video
@@ -167,12 +169,16 @@ def make_synthetic_dataset(
             clip_seed = seed * 100_003 + p * 1_009 + k
             good = k < n_good
             if preferred == "smooth":
-                frames = moving_square(num_frames, size, smooth=good, seed=clip_seed, direction=direction)
+                frames = moving_square(
+                    num_frames, size, smooth=good, seed=clip_seed, direction=direction, speed=speed
+                )
             else:
                 frames = (
                     static_square(num_frames, size, seed=clip_seed)
                     if good
-                    else moving_square(num_frames, size, smooth=True, seed=clip_seed, direction=direction)
+                    else moving_square(
+                        num_frames, size, smooth=True, seed=clip_seed, direction=direction, speed=speed
+                    )
                 )
             rel = f"videos/{vid}.mp4"
             write_video(frames, d / rel)
