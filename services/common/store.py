@@ -399,9 +399,21 @@ class ObjectStore(ABC):
         the conditions (this base version only writes unconditionally).
         """
         check_conditions(if_match, if_none_match)
-        if if_match is not None or if_none_match:
-            raise NotImplementedError(f"{type(self).__name__} does not implement conditional writes")
-        return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
+        if if_match is None and not if_none_match:  # through put_stream, which subclasses may wrap
+            return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
+        return self._put_conditional(key, data, content_type, metadata, if_match, if_none_match)
+
+    def _put_conditional(
+        self,
+        key: str,
+        data: bytes,
+        content_type: str | None,
+        metadata: dict[str, str] | None,
+        if_match: str | None,
+        if_none_match: bool,
+    ) -> ObjectInfo:
+        """``put_bytes`` with exactly one condition set (already checked by ``check_conditions``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement conditional writes")
 
     def put_file(
         self,
@@ -680,19 +692,15 @@ class LocalStore(ObjectStore):
     ) -> ObjectInfo:
         return self._put(key, stream, length, content_type, metadata, None, False)
 
-    def put_bytes(
+    def _put_conditional(
         self,
         key: str,
         data: bytes,
-        content_type: str | None = None,
-        metadata: dict[str, str] | None = None,
-        *,
-        if_match: str | None = None,
-        if_none_match: bool = False,
+        content_type: str | None,
+        metadata: dict[str, str] | None,
+        if_match: str | None,
+        if_none_match: bool,
     ) -> ObjectInfo:
-        check_conditions(if_match, if_none_match)
-        if if_match is None and not if_none_match:  # through put_stream, which subclasses may wrap
-            return self.put_stream(key, io.BytesIO(data), len(data), content_type, metadata)
         return self._put(key, io.BytesIO(data), len(data), content_type, metadata, if_match, if_none_match)
 
     def _check_condition(self, key: str, dest: Path, if_match: str | None, if_none_match: bool) -> None:

@@ -63,7 +63,6 @@ from services.common.store import (
     StoreAccessDenied,
     StoreError,
     StoreUnavailable,
-    check_conditions,
     check_expiry,
     sha256_file,
     validate_key,
@@ -315,19 +314,15 @@ class MinioStore(ObjectStore):
                 self._remove(tmp_key)
         return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
 
-    def put_bytes(
+    def _put_conditional(
         self,
         key: str,
         data: bytes,
-        content_type: str | None = None,
-        metadata: dict[str, str] | None = None,
-        *,
-        if_match: str | None = None,
-        if_none_match: bool = False,
+        content_type: str | None,
+        metadata: dict[str, str] | None,
+        if_match: str | None,
+        if_none_match: bool,
     ) -> ObjectInfo:
-        check_conditions(if_match, if_none_match)
-        if if_match is None and not if_none_match:
-            return super().put_bytes(key, data, content_type, metadata)
         validate_key(key)
         meta = validate_metadata(metadata)
         meta[SHA256_METADATA_KEY] = hashlib.sha256(data).hexdigest()
