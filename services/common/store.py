@@ -495,8 +495,6 @@ class ObjectStore(ABC):
     ) -> ObjectInfo:
         """Write ``value`` as UTF-8 JSON (``application/json``); conditions as for ``put_bytes``."""
         data = json.dumps(value, indent=2, sort_keys=True, default=str).encode("utf-8")
-        if if_match is None and not if_none_match:  # keeps overrides of the older signature working
-            return self.put_bytes(key, data, content_type="application/json")
         return self.put_bytes(
             key, data, content_type="application/json", if_match=if_match, if_none_match=if_none_match
         )
