@@ -4,8 +4,9 @@ Tested against Ceph radosgw (real SigV4, real multipart) and moto. How the port'
 
 - Atomic writes: S3 makes an object visible only when its PUT (or multipart completion) succeeds.
 - sha256 in user metadata (``x-amz-meta-sha256``). S3 sends metadata *before* the bytes, so for a
-  stream of unknown digest the adapter reads the first ``part_size + 1`` bytes: a short stream is
-  one PUT with its digest; a longer one is uploaded by multipart to a temporary key
+  stream of unknown digest the adapter reads up to two parts first: a stream of one part is one PUT
+  with its digest; a longer one is uploaded by multipart (its own part loop: each part is sent as
+  read, without the SDK's re-slicing of streams of unknown length) to a temporary key
   (``.huvidpo-tmp/<uuid>``), then server-side copied to its key with the digest in its metadata and
   the temporary object deleted. The key therefore never holds an object without its digest, and a
   stream that fails or ends early leaves nothing at the key. (Radosgw shares the data between the
@@ -29,6 +30,7 @@ Tested against Ceph radosgw (real SigV4, real multipart) and moto. How the port'
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import hashlib
 import io
@@ -36,6 +38,7 @@ import os
 import threading
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from email.utils import parsedate_to_datetime
 from typing import Any, BinaryIO, NoReturn
@@ -44,6 +47,7 @@ import certifi
 import urllib3
 from minio import Minio
 from minio.commonconfig import REPLACE, CopySource
+from minio.datatypes import Part
 from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, MinioException, S3Error, ServerError
 from minio.helpers import DictType
@@ -85,27 +89,6 @@ _TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout
 _META_PREFIX = "x-amz-meta-"
 _TMP_PREFIX = RESERVED_PREFIX + "tmp/"
 _OCTET = "application/octet-stream"
-
-
-class _Prefixed:
-    """A stream that yields ``head`` then the rest of ``tail`` (so a peeked part is not lost)."""
-
-    def __init__(self, head: bytes, tail: HashingReader) -> None:
-        self._head: memoryview | None = memoryview(head)
-        self._tail = tail
-
-    def read(self, n: int = -1) -> bytes:
-        if self._head is None:
-            return self._tail.read(n)
-        if n is None or n < 0:
-            data = bytes(self._head) + self._tail.read()
-            self._head = None
-            return data
-        out = bytes(self._head[:n])
-        self._head = self._head[n:] if len(self._head) > n else None
-        if len(out) < n:
-            out += self._tail.read(n - len(out))
-        return out
 
 
 def _user_metadata(headers: Any) -> dict[str, str]:
@@ -288,16 +271,17 @@ class MinioStore(ObjectStore):
         meta = validate_metadata(metadata)
         self._ensure_bucket()
         reader = HashingReader(stream, length)
-        head = reader.read(self.part_size + 1)
-        if len(head) <= self.part_size:  # one PUT, digest known before sending
+        head = reader.read(self.part_size)
+        second = reader.read(self.part_size) if len(head) == self.part_size else b""
+        if not second:  # one PUT, digest known before sending
             reader.check_complete()
             meta[SHA256_METADATA_KEY] = reader.sha256
             res = self._put_once(key, io.BytesIO(head), len(head), content_type, meta)
             return _info_from(key, len(head), res.etag, content_type or _OCTET, res.last_modified, meta)
         tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            self._put_once(tmp_key, _Prefixed(head, reader), -1, content_type, {})  # type: ignore[arg-type]
-            del head
+            self._put_parts(tmp_key, [head, second], reader, content_type)
+            del head, second
             reader.check_complete()
             meta[SHA256_METADATA_KEY] = reader.sha256
             headers = {**meta, "Content-Type": content_type or _OCTET}
@@ -313,6 +297,52 @@ class MinioStore(ObjectStore):
             with contextlib.suppress(StoreError, MinioException, urllib3.exceptions.HTTPError):
                 self._remove(tmp_key)
         return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
+
+    def _put_parts(
+        self, key: str, first: builtins.list[bytes], reader: HashingReader, content_type: str | None
+    ) -> None:
+        """Multipart upload of the ``first`` parts, then of ``reader`` in reads of exactly ``part_size``.
+
+        The SDK's ``put_object`` of a stream of unknown length reads ``part_size + 1`` bytes per part and
+        re-slices them (two extra copies of every byte); here each part is the bytes the reader returned,
+        sent as they are. At most ``num_parallel_uploads`` parts are in flight and one more is being read.
+        """
+        client, bucket = self.client, self.bucket
+        with self._errors(key):
+            upload_id = client._create_multipart_upload(bucket, key, {"Content-Type": content_type or _OCTET})
+        slots = threading.BoundedSemaphore(max(1, self.num_parallel_uploads))
+        failed = threading.Event()
+
+        def upload(number: int, data: bytes) -> Part:
+            try:
+                with self._errors(key):
+                    return Part(number, client._upload_part(bucket, key, data, None, upload_id, number))
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                slots.release()
+
+        try:
+            with ThreadPoolExecutor(max(1, self.num_parallel_uploads), "huvidpo-s3-part") as pool:
+                futures = []
+                pending = collections.deque(first)
+                number = 0
+                while not failed.is_set():
+                    data = pending.popleft() if pending else reader.read(self.part_size)
+                    if not data:
+                        break
+                    slots.acquire()
+                    number += 1
+                    futures.append(pool.submit(upload, number, data))
+                    del data
+                parts = [f.result() for f in futures]  # the first failure, if any, is raised here
+            with self._errors(key):
+                client._complete_multipart_upload(bucket, key, upload_id, parts)
+        except BaseException:
+            with contextlib.suppress(MinioException, urllib3.exceptions.HTTPError):
+                client._abort_multipart_upload(bucket, key, upload_id)
+            raise
 
     def _put_conditional(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import pytest
+from minio.error import ServerError
 
 from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.store import ObjectStore, PreconditionFailed, StoreAccessDenied, StoreUnavailable
@@ -95,6 +96,63 @@ def test_failed_multipart_upload_is_aborted(s3_endpoint: dict[str, str], make_s3
     with pytest.raises(ConnectionResetError):
         store.put_stream("ckpt/broken.bin", stream)  # type: ignore[arg-type]
     assert store.stat("ckpt/broken.bin") is None
+    assert not store.client._list_multipart_uploads(store.bucket).uploads
+
+
+@pytest.mark.parametrize(
+    ("parts_of_size", "extra", "etag_suffix"),
+    [(1, 0, None), (1, 1, "-2"), (2, 0, "-2"), (2, 1, "-3"), (3, 0, "-3")],
+)
+def test_stream_sizes_at_part_boundaries(
+    s3_endpoint: dict[str, str],
+    make_s3_store: MakeStore,
+    parts_of_size: int,
+    extra: int,
+    etag_suffix: str | None,
+) -> None:
+    """Exactly one part is one PUT; one byte more starts a multipart upload; whole parts add no empty
+    part at the end (S3 would refuse a 0-byte part that is not the only one)."""
+    part = 5 * 1024 * 1024
+    store = make_s3_store(s3_endpoint, part_size=part, num_parallel_uploads=2)
+    data = hashlib.sha256(b"edge").digest() * ((parts_of_size * part + extra) // 32 + 1)
+    data = data[: parts_of_size * part + extra]
+    info = store.put_stream("edge/blob.bin", ChunkedStream(data, chunk=300_007))  # type: ignore[arg-type]
+    st = store.stat("edge/blob.bin")
+    assert st is not None and st.etag is not None
+    if etag_suffix is None:
+        assert "-" not in st.etag, st.etag
+    else:
+        assert st.etag.endswith(etag_suffix), st.etag
+    assert info.size == st.size == len(data)
+    assert st.sha256 == info.sha256 == hashlib.sha256(data).hexdigest()
+    assert store.get_bytes("edge/blob.bin") == data
+    assert [o.key for o in store.list("")] == ["edge/blob.bin"]
+    assert not store.client._list_multipart_uploads(store.bucket).uploads
+
+
+def test_failed_part_upload_is_aborted_and_raised_as_a_store_error(
+    s3_endpoint: dict[str, str], make_s3_store: MakeStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    part = 5 * 1024 * 1024
+    store = make_s3_store(s3_endpoint, part_size=part, num_parallel_uploads=2)
+    real = store.client._upload_part
+    sent: list[int] = []
+
+    def flaky(bucket: str, key: str, data: bytes, headers: Any, upload_id: str, number: int) -> str:
+        if number == 3:
+            # what the SDK raises for a 503 it could not retry away
+            raise ServerError("server failed with HTTP 503", 503)
+        sent.append(number)
+        return real(bucket, key, data, headers, upload_id, number)
+
+    monkeypatch.setattr(store.client, "_upload_part", flaky)
+    stream = ChunkedStream(b"q" * (6 * part))
+    with pytest.raises(StoreUnavailable, match="503"):
+        store.put_stream("ckpt/flaky.bin", stream)  # type: ignore[arg-type]
+    assert sorted(sent)[:2] == [1, 2]
+    assert stream.consumed < 6 * part  # it stopped reading once a part had failed
+    assert store.stat("ckpt/flaky.bin") is None
+    assert [o.key for o in store.list("")] == []
     assert not store.client._list_multipart_uploads(store.bucket).uploads
 
 
