@@ -8,6 +8,11 @@ reports the peak RSS growth during the upload (the streaming path must not hold 
 
 Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a 500 MB upload.
 
+The benchmark also reports the CPU time each path costs, per process (the client, the control plane,
+the S3 server's ceph daemons). When the S3 server shares the cores with the rest and both uploads
+keep every core busy, the throughput ratio comes to the CPU ratio (direct CPU-seconds / API
+CPU-seconds); those lines say how much of a low throughput ratio is the control plane's own work.
+
     python bench/upload.py            # 500 MB, 3 rounds
     python bench/upload.py --quick    # 100 MB, 1 round
 """
@@ -15,6 +20,7 @@ Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import socket
@@ -144,6 +150,41 @@ def start_controlplane(endpoint: str, bucket: str, tmp: Path) -> tuple[subproces
     raise SystemExit("the control plane did not start")
 
 
+class CpuMeter:
+    """CPU seconds (user + system) spent by groups of processes between ``start`` and ``stop``."""
+
+    def __init__(self, groups: dict[str, list[psutil.Process]]) -> None:
+        self.groups = groups
+        self._t0: dict[str, float] = {}
+
+    def _now(self) -> dict[str, float]:
+        out = {}
+        for name, procs in self.groups.items():
+            total = 0.0
+            for p in procs:
+                with contextlib.suppress(psutil.Error):
+                    t = p.cpu_times()
+                    total += t.user + t.system
+            out[name] = total
+        return out
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def stop(self) -> dict[str, float]:
+        now = self._now()
+        return {name: now[name] - self._t0[name] for name in now}
+
+
+def ceph_processes(ceph_dir: Path) -> list[psutil.Process]:
+    """The S3 server's daemons (ceph-mon, ceph-osd, radosgw), found by the config path they run with."""
+    out = []
+    for p in psutil.process_iter(["cmdline"]):
+        if any(str(ceph_dir) in part for part in p.info["cmdline"] or []):
+            out.append(p)
+    return out
+
+
 def direct_put(store: MinioStore, size: int) -> float:
     key = f"bench/direct-{uuid.uuid4().hex}"
     t0 = time.perf_counter()
@@ -202,14 +243,24 @@ def main() -> None:
         httpx.post(url + "/v1/datasets", json={"name": "bench"}, timeout=30).raise_for_status()
         api_upload(url, 8 * 1024 * 1024, cp.pid)  # warm-up of the API path
         store.delete_prefix("datasets/bench/uploads/")
+        servers = ceph_processes(ceph_dir)
+        if not servers:
+            raise SystemExit(f"no ceph daemon found running with {ceph_dir}")
+        meter = CpuMeter(
+            {"client": [psutil.Process()], "control plane": [psutil.Process(cp.pid)], "S3 server": servers}
+        )
         directs, apis, growths = [], [], []
+        cpu: dict[str, list[dict[str, float]]] = {"direct": [], "api": []}
         for r in range(rounds):
             # alternate the order (ABBA...) so a drift in machine load hits both paths alike
             for path in ("direct", "api") if r % 2 == 0 else ("api", "direct"):
+                meter.start()
                 if path == "direct":
                     directs.append(direct_put(store, size))
+                    cpu[path].append(meter.stop())
                 else:
                     seconds, before, peak = api_upload(url, size, cp.pid)
+                    cpu[path].append(meter.stop())
                     apis.append(seconds)
                     growths.append(peak - before)
                     store.delete_prefix("datasets/bench/uploads/")
@@ -230,6 +281,21 @@ def main() -> None:
         )
         print(
             f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)"
+        )
+        # CPU seconds per upload, the median over rounds of each process group
+        med = {
+            path: {g: sorted(c[g] for c in runs)[len(runs) // 2] for g in runs[0]}
+            for path, runs in cpu.items()
+        }
+        totals = {path: sorted(sum(c.values()) for c in runs)[len(runs) // 2] for path, runs in cpu.items()}
+        for path, label in (("direct", "direct SDK put_object"), ("api", "through the API")):
+            parts = ", ".join(
+                f"{g} {v:.2f}" for g, v in med[path].items() if path == "api" or g != "control plane"
+            )
+            print(f"  CPU-s per upload, {label:21s}: {totals[path]:.2f} ({parts}; median of rounds)")
+        print(
+            f"  CPU ratio direct / API : {totals['direct'] / totals['api']:7.2f} "
+            "(what the throughput ratio comes to when both paths keep the CPUs busy)"
         )
     finally:
         if cp is not None:
