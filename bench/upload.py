@@ -1,20 +1,27 @@
 """Upload throughput through the control plane's API versus a direct SDK put, to the same S3 server.
 
-Both paths send the same bytes to the same Ceph radosgw (started here with scripts/ceph-s3.sh, or an
-endpoint you give): the API path is an HTTP multipart upload streamed into the control plane, which
+Both paths send the same bytes to the same Ceph radosgw (started here with scripts/ceph-s3.sh): the API path is an HTTP multipart upload streamed into the control plane, which
 streams it on into a multipart S3 upload; the direct path is the minio SDK's ``put_object`` with the
 same part size. The control plane runs as its own process so its RSS can be watched: the benchmark
 reports the peak RSS growth during the upload (the streaming path must not hold the file).
 
 Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a 500 MB upload.
 
-The benchmark also reports the CPU time each path costs, per process (the client, the control plane,
-the S3 server's ceph daemons). When the S3 server shares the cores with the rest and both uploads
-keep every core busy, the throughput ratio comes to the CPU ratio (direct CPU-seconds / API
-CPU-seconds); those lines say how much of a low throughput ratio is the control plane's own work.
+It runs in two CPU layouts, each with a fresh server and control plane, and prints both:
 
-    python bench/upload.py            # 500 MB, 3 rounds
-    python bench/upload.py --quick    # 100 MB, 1 round
+- ``S3 server on its own CPUs``: the ceph daemons pinned to half of the CPUs, the client and the
+  control plane to the other half. In a deployment the S3 server has its own machines; this asks
+  whether the API path keeps the server as busy as a direct put does.
+- ``all on shared CPUs``: everything on every CPU. On a small machine the control plane's CPU is
+  then taken from the S3 server's, so the ratio also prices the control plane's CPU per byte.
+
+For each it reports the CPU time each path costs, per process (the client, the control plane, the
+S3 server's ceph daemons); with shared CPUs that both uploads keep busy, the throughput ratio comes
+to the CPU ratio (direct CPU-seconds / API CPU-seconds).
+
+    python bench/upload.py                   # 500 MB, 3 rounds, both layouts
+    python bench/upload.py --quick           # 100 MB, 1 round
+    python bench/upload.py --layout shared   # one layout: own | shared | both
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -104,7 +112,7 @@ class RssWatch:
         self._t.join()
 
 
-def start_radosgw(tmp: Path, size: int) -> tuple[str, Path]:
+def start_radosgw(tmp: Path, size: int, cpus: set[int]) -> tuple[str, Path]:
     d = tmp / "ceph"
     port = free_port()
     # The memstore OSD keeps objects in RAM and frees deleted ones only when radosgw's GC runs (every
@@ -115,13 +123,16 @@ def start_radosgw(tmp: Path, size: int) -> tuple[str, Path]:
     proc = subprocess.run(
         ["bash", str(REPO / "scripts" / "ceph-s3.sh"), "start", str(d), str(port)],
         capture_output=True, text=True, timeout=300, env=env,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # the daemons it starts inherit it
     )  # fmt: skip
     if proc.returncode != 0:
         raise SystemExit(f"radosgw did not start:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
     return f"127.0.0.1:{port}", d
 
 
-def start_controlplane(endpoint: str, bucket: str, tmp: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_controlplane(
+    endpoint: str, bucket: str, tmp: Path, cpus: set[int]
+) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
     env = {
         **os.environ,
@@ -137,7 +148,8 @@ def start_controlplane(endpoint: str, bucket: str, tmp: Path) -> tuple[subproces
         "HUVIDPO_CONTROLPLANE_WORK_DIR": str(tmp / "cp"),
     }
     proc = subprocess.Popen([sys.executable, "-m", "services.controlplane"], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=lambda: os.sched_setaffinity(0, cpus))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     for _ in range(400):
         try:
@@ -220,26 +232,44 @@ def api_upload(url: str, size: int, cp_pid: int) -> tuple[float, int, int]:
     return seconds, before, watch.peak
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="100 MB, one round")
-    ap.add_argument("--size-mb", type=int, default=None)
-    ap.add_argument("--rounds", type=int, default=None)
-    args = ap.parse_args()
-    size = (args.size_mb or (100 if args.quick else 500)) * 1024 * 1024
-    rounds = args.rounds or (1 if args.quick else 3)
-    if shutil.which("radosgw") is None:
-        raise SystemExit("radosgw not installed (apt-get install radosgw ceph-mon ceph-osd)")
+@dataclass
+class Layout:
+    """Which CPUs the S3 server's daemons run on, and which the client and the control plane run on."""
+
+    name: str
+    server_cpus: set[int]
+    client_cpus: set[int]
+
+
+def layouts(which: str) -> list[Layout]:
+    cpus = sorted(os.sched_getaffinity(0))
+    out = []
+    if which in ("own", "both") and len(cpus) >= 2:
+        half = len(cpus) // 2
+        out.append(Layout("S3 server on its own CPUs", set(cpus[:half]), set(cpus[half:])))
+    if which in ("shared", "both") or not out:
+        out.append(Layout("all on shared CPUs", set(cpus), set(cpus)))
+    return out
+
+
+def _cpus(cpus: set[int]) -> str:
+    return ",".join(map(str, sorted(cpus)))
+
+
+def run_layout(layout: Layout, size: int, rounds: int) -> None:
+    """Start a fresh radosgw and control plane pinned as ``layout`` says, time both paths, print."""
+    # This thread's affinity is inherited by the threads it starts (SDK part uploads, RSS watch).
+    os.sched_setaffinity(0, layout.client_cpus)
     tmp = Path(tempfile.mkdtemp(prefix="huvidpo-bench-upload-"))
     ceph_dir: Path | None = None
     cp: subprocess.Popen[bytes] | None = None
     try:
-        endpoint, ceph_dir = start_radosgw(tmp, size)
+        endpoint, ceph_dir = start_radosgw(tmp, size, layout.server_cpus)
         bucket = "bench-upload"
         store = MinioStore(endpoint, ACCESS, SECRET, bucket=bucket, part_size=PART, timeout=120.0)
         store.check()
         direct_put(store, 8 * 1024 * 1024)  # warm-up: the first write into a fresh cluster creates its pools
-        cp, url = start_controlplane(endpoint, bucket, tmp)
+        cp, url = start_controlplane(endpoint, bucket, tmp, layout.client_cpus)
         httpx.post(url + "/v1/datasets", json={"name": "bench"}, timeout=30).raise_for_status()
         api_upload(url, 8 * 1024 * 1024, cp.pid)  # warm-up of the API path
         store.delete_prefix("datasets/bench/uploads/")
@@ -264,39 +294,6 @@ def main() -> None:
                     apis.append(seconds)
                     growths.append(peak - before)
                     store.delete_prefix("datasets/bench/uploads/")
-        mb = size / 1e6
-        d_best, a_best = min(directs), min(apis)
-        per_round = sorted(d / a for d, a in zip(directs, apis, strict=True))
-        median = per_round[len(per_round) // 2]
-        print(f"upload benchmark: {size / 2**20:.0f} MiB x {rounds} round(s), S3 = Ceph radosgw (memstore) on 127.0.0.1, "
-              f"part size {PART // 2**20} MiB, {os.cpu_count()} CPUs, load avg {os.getloadavg()[0]:.1f}")  # fmt: skip
-        print(
-            f"  direct SDK put_object : {mb / d_best:7.1f} MB/s (runs: {', '.join(f'{mb / s:.1f}' for s in directs)})"
-        )
-        print(
-            f"  through the API       : {mb / a_best:7.1f} MB/s (runs: {', '.join(f'{mb / s:.1f}' for s in apis)})"
-        )
-        print(
-            f"  ratio API / direct    : {(mb / a_best) / (mb / d_best):7.2f} best vs best, {median:.2f} median of rounds (target >= 0.8)"
-        )
-        print(
-            f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)"
-        )
-        # CPU seconds per upload, the median over rounds of each process group
-        med = {
-            path: {g: sorted(c[g] for c in runs)[len(runs) // 2] for g in runs[0]}
-            for path, runs in cpu.items()
-        }
-        totals = {path: sorted(sum(c.values()) for c in runs)[len(runs) // 2] for path, runs in cpu.items()}
-        for path, label in (("direct", "direct SDK put_object"), ("api", "through the API")):
-            parts = ", ".join(
-                f"{g} {v:.2f}" for g, v in med[path].items() if path == "api" or g != "control plane"
-            )
-            print(f"  CPU-s per upload, {label:21s}: {totals[path]:.2f} ({parts}; median of rounds)")
-        print(
-            f"  CPU ratio direct / API : {totals['direct'] / totals['api']:7.2f} "
-            "(what the throughput ratio comes to when both paths keep the CPUs busy)"
-        )
     finally:
         if cp is not None:
             cp.terminate()
@@ -308,6 +305,64 @@ def main() -> None:
                 timeout=120,
             )
         shutil.rmtree(tmp, ignore_errors=True)
+    mb = size / 1e6
+    d_best, a_best = min(directs), min(apis)
+    per_round = sorted(d / a for d, a in zip(directs, apis, strict=True))
+    median = per_round[len(per_round) // 2]
+    tag = f"[{layout.name}]"
+    print(f"{tag} S3 server on CPUs {_cpus(layout.server_cpus)}, client and control plane on CPUs "
+          f"{_cpus(layout.client_cpus)}, load avg {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
+    print(
+        f"  direct SDK put_object : {mb / d_best:7.1f} MB/s (runs: {', '.join(f'{mb / s:.1f}' for s in directs)})"
+    )
+    print(
+        f"  through the API       : {mb / a_best:7.1f} MB/s (runs: {', '.join(f'{mb / s:.1f}' for s in apis)})"
+    )
+    print(f"  ratio API / direct, {layout.name} : {(mb / a_best) / (mb / d_best):5.2f} best vs best, "
+          f"{median:.2f} median of rounds (target >= 0.8)")  # fmt: skip
+    print(f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)")
+    # CPU seconds per upload, the median over rounds of each process group
+    med = {
+        path: {g: sorted(c[g] for c in runs)[len(runs) // 2] for g in runs[0]} for path, runs in cpu.items()
+    }
+    totals = {path: sorted(sum(c.values()) for c in runs)[len(runs) // 2] for path, runs in cpu.items()}
+    for path, label in (("direct", "direct SDK put_object"), ("api", "through the API")):
+        parts = ", ".join(
+            f"{g} {v:.2f}" for g, v in med[path].items() if path == "api" or g != "control plane"
+        )
+        print(f"  CPU-s per upload, {label:21s}: {totals[path]:.2f} ({parts}; median of rounds)")
+    if layout.server_cpus == layout.client_cpus:
+        print(
+            f"  CPU ratio direct / API, {layout.name} : {totals['direct'] / totals['api']:5.2f} "
+            "(what the throughput ratio comes to when both paths keep the shared CPUs busy)"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="100 MB, one round")
+    ap.add_argument("--size-mb", type=int, default=None)
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument(
+        "--layout",
+        choices=["own", "shared", "both"],
+        default="both",
+        help="own: the S3 server on half of the CPUs, the client and control plane on the other half "
+        "(as in a deployment, where the server has its own machines); shared: everything on every CPU",
+    )
+    args = ap.parse_args()
+    size = (args.size_mb or (100 if args.quick else 500)) * 1024 * 1024
+    rounds = args.rounds or (1 if args.quick else 3)
+    if shutil.which("radosgw") is None:
+        raise SystemExit("radosgw not installed (apt-get install radosgw ceph-mon ceph-osd)")
+    print(f"upload benchmark: {size / 2**20:.0f} MiB x {rounds} round(s), S3 = Ceph radosgw (memstore) on 127.0.0.1, "
+          f"part size {PART // 2**20} MiB, {os.cpu_count()} CPUs")  # fmt: skip
+    everything = os.sched_getaffinity(0)
+    try:
+        for layout in layouts(args.layout):
+            run_layout(layout, size, rounds)
+    finally:
+        os.sched_setaffinity(0, everything)
 
 
 if __name__ == "__main__":
