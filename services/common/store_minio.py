@@ -280,8 +280,9 @@ class MinioStore(ObjectStore):
             return _info_from(key, len(head), res.etag, content_type or _OCTET, res.last_modified, meta)
         tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            self._put_parts(tmp_key, [head, second], reader, content_type)
-            del head, second
+            first = [head, second]
+            del head, second  # held by ``first`` only, which _put_parts empties as it sends them
+            self._put_parts(tmp_key, first, reader, content_type)
             reader.check_complete()
             meta[SHA256_METADATA_KEY] = reader.sha256
             headers = {**meta, "Content-Type": content_type or _OCTET}
@@ -327,6 +328,7 @@ class MinioStore(ObjectStore):
             with ThreadPoolExecutor(max(1, self.num_parallel_uploads), "huvidpo-s3-part") as pool:
                 futures = []
                 pending = collections.deque(first)
+                first.clear()  # each part is then referenced only until its upload ends
                 number = 0
                 while not failed.is_set():
                     data = pending.popleft() if pending else reader.read(self.part_size)
