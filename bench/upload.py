@@ -1,9 +1,10 @@
 """Upload throughput through the control plane's API versus a direct SDK put, to the same S3 server.
 
-Both paths send the same bytes to the same Ceph radosgw (started here with scripts/ceph-s3.sh): the API path is an HTTP multipart upload streamed into the control plane, which
-streams it on into a multipart S3 upload; the direct path is the minio SDK's ``put_object`` with the
-same part size. The control plane runs as its own process so its RSS can be watched: the benchmark
-reports the peak RSS growth during the upload (the streaming path must not hold the file).
+Both paths send the same bytes to the same Ceph radosgw (started here with scripts/ceph-s3.sh): the
+API path is an HTTP multipart upload streamed into the control plane, which streams it on into a
+multipart S3 upload; the direct path is the minio SDK's ``put_object`` with the same part size. The
+control plane runs as its own process so its RSS can be watched: the benchmark reports the peak RSS
+growth during the upload (the streaming path must not hold the file).
 
 Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a 500 MB upload.
 
