@@ -32,6 +32,7 @@ import contextlib
 import os
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -312,8 +313,7 @@ def run_layout(layout: Layout, size: int, rounds: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
     mb = size / 1e6
     d_best, a_best = min(directs), min(apis)
-    per_round = sorted(d / a for d, a in zip(directs, apis, strict=True))
-    median = per_round[len(per_round) // 2]
+    median = statistics.median_high(d / a for d, a in zip(directs, apis, strict=True))
     tag = f"[{layout.name}]"
     print(f"{tag} S3 server on CPUs {_cpus(layout.server_cpus)}, client and control plane on CPUs "
           f"{_cpus(layout.client_cpus)}, load avg {os.getloadavg()[0]:.1f} at the end")  # fmt: skip
@@ -328,9 +328,9 @@ def run_layout(layout: Layout, size: int, rounds: int) -> None:
     print(f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)")
     # CPU seconds per upload, the median over rounds of each process group
     med = {
-        path: {g: sorted(c[g] for c in runs)[len(runs) // 2] for g in runs[0]} for path, runs in cpu.items()
+        path: {g: statistics.median_high(c[g] for c in runs) for g in runs[0]} for path, runs in cpu.items()
     }
-    totals = {path: sorted(sum(c.values()) for c in runs)[len(runs) // 2] for path, runs in cpu.items()}
+    totals = {path: statistics.median_high(sum(c.values()) for c in runs) for path, runs in cpu.items()}
     for path, label in (("direct", "direct SDK put_object"), ("api", "through the API")):
         parts = ", ".join(
             f"{g} {v:.2f}" for g, v in med[path].items() if path == "api" or g != "control plane"

@@ -280,9 +280,9 @@ class MinioStore(ObjectStore):
             return _info_from(key, len(head), res.etag, content_type or _OCTET, res.last_modified, meta)
         tmp_key = f"{_TMP_PREFIX}{uuid.uuid4().hex}"
         try:
-            first = [head, second]
-            del head, second  # held by ``first`` only, which _put_parts empties as it sends them
-            self._put_parts(tmp_key, first, reader, content_type)
+            pending = collections.deque((head, second))
+            del head, second  # held by ``pending`` only, which _put_parts empties as it sends them
+            self._put_parts(tmp_key, pending, reader, content_type)
             reader.check_complete()
             meta[SHA256_METADATA_KEY] = reader.sha256
             headers = {**meta, "Content-Type": content_type or _OCTET}
@@ -300,9 +300,9 @@ class MinioStore(ObjectStore):
         return _info_from(key, reader.size, res.etag, content_type or _OCTET, res.last_modified, meta)
 
     def _put_parts(
-        self, key: str, first: builtins.list[bytes], reader: HashingReader, content_type: str | None
+        self, key: str, pending: collections.deque[bytes], reader: HashingReader, content_type: str | None
     ) -> None:
-        """Multipart upload of the ``first`` parts, then of ``reader`` in reads of exactly ``part_size``.
+        """Multipart upload of the ``pending`` parts, then of ``reader`` in reads of exactly ``part_size``.
 
         The SDK's ``put_object`` of a stream of unknown length reads ``part_size + 1`` bytes per part and
         re-slices them (two extra copies of every byte); here each part is the bytes the reader returned,
@@ -311,7 +311,8 @@ class MinioStore(ObjectStore):
         client, bucket = self.client, self.bucket
         with self._errors(key):
             upload_id = client._create_multipart_upload(bucket, key, {"Content-Type": content_type or _OCTET})
-        slots = threading.BoundedSemaphore(max(1, self.num_parallel_uploads))
+        workers = max(1, self.num_parallel_uploads)
+        slots = threading.BoundedSemaphore(workers)
         failed = threading.Event()
 
         def upload(number: int, data: bytes) -> Part:
@@ -325,10 +326,8 @@ class MinioStore(ObjectStore):
                 slots.release()
 
         try:
-            with ThreadPoolExecutor(max(1, self.num_parallel_uploads), "huvidpo-s3-part") as pool:
+            with ThreadPoolExecutor(workers, "huvidpo-s3-part") as pool:
                 futures = []
-                pending = collections.deque(first)
-                first.clear()  # each part is then referenced only until its upload ends
                 number = 0
                 while not failed.is_set():
                     data = pending.popleft() if pending else reader.read(self.part_size)
