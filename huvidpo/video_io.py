@@ -5,6 +5,7 @@ Frames are ``uint8`` arrays of shape ``(f, h, w, 3)``.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 from fractions import Fraction
@@ -34,21 +35,91 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+# libx264's CPU flags mapped to the names in /proc/cpuinfo. AVX-512 is left out on purpose: with its
+# AVX-512 kernels x264 reads memory it did not initialise, so the same frames gave a different H.264
+# stream whenever the process had reused its heap (after torch had run: 14 distinct outputs in 25
+# encodes, measured). With the flags below (or none) every encode of the same frames is identical.
+_X264_FLAGS = (
+    ("MMX2", "mmx"),
+    ("SSE", "sse"),
+    ("SSE2", "sse2"),
+    ("SSE3", "pni"),
+    ("SSSE3", "ssse3"),
+    ("SSE4.1", "sse4_1"),
+    ("SSE4.2", "sse4_2"),
+    ("AVX", "avx"),
+    ("FMA3", "fma"),
+    ("BMI1", "bmi1"),
+    ("BMI2", "bmi2"),
+    ("AVX2", "avx2"),
+    ("LZCNT", "abm"),
+)
+
+
+@functools.cache
+def _x264_asm() -> str:
+    """The ``asm`` value for libx264: this CPU's x86 SIMD up to AVX2 on Linux, else ``0`` (plain C, about
+    3x slower and deterministic everywhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            line = next((ln for ln in f if ln.startswith("flags")), "")
+    except OSError:
+        return "0"
+    have = set(line.partition(":")[2].split())
+    flags = [x264 for x264, linux in _X264_FLAGS if linux in have]
+    # x264 needs at least SSE2 for any of its x86 kernels; fall back to C on anything else (e.g. ARM).
+    return ",".join(flags) if {"sse", "sse2"} <= have else "0"
+
+
+def rgb_to_yuv420p(frames: np.ndarray) -> np.ndarray:
+    """BT.601 limited-range ("tv") YUV 4:2:0 planes of ``(f, h, w, 3)`` uint8 RGB frames with even ``h`` and
+    ``w``, in integer arithmetic. Returns ``(f, h * 3 // 2, w)`` uint8: the Y plane, then U and V (each
+    ``(h/2, w/2)``) laid row after row, as FFmpeg's ``yuv420p``. Chroma is the rounded mean of each 2x2 block."""
+    frames = _check_frames(frames)
+    f, h, w, _ = frames.shape
+    rgb = frames.astype(np.int32)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    u = -38 * r - 74 * g + 112 * b
+    v = 112 * r - 94 * g - 18 * b
+
+    def down(c: np.ndarray) -> np.ndarray:
+        # mean of each 2x2 block in 1/256 units, rounded once: (sum / 4 + 128) / 256 + 128
+        s = c.reshape(f, h // 2, 2, w // 2, 2).sum(axis=(2, 4))
+        return np.clip(((s + 512) >> 10) + 128, 16, 240)
+
+    planes = np.empty((f, h * 3 // 2, w), np.uint8)
+    planes[:, :h] = np.clip(y, 16, 235)
+    planes[:, h:].reshape(f, 2, h // 2, w // 2)[:, 0] = down(u)
+    planes[:, h:].reshape(f, 2, h // 2, w // 2)[:, 1] = down(v)
+    return planes
+
+
 def encode_mp4(frames: np.ndarray, fps: float = 8.0, crf: int = 18) -> bytes:
-    """H.264 (yuv420p) MP4 bytes. Width and height must be even."""
+    """H.264 (yuv420p, BT.601 limited range) MP4 bytes. Width and height must be even.
+
+    The same frames give the same bytes in every process: the RGB to YUV conversion is done here in
+    integer arithmetic (not by swscale, whose threaded path gave different pixels from one process to
+    the next), libx264 runs on one thread, so no scheduling decides its output, and without its AVX-512
+    kernels (see ``_X264_FLAGS``). Machines of one kind give the same bytes; another CPU or FFmpeg
+    build may give other bytes of the same quality."""
     frames = _check_frames(frames)
     _, h, w, _ = frames.shape
     if h % 2 or w % 2:
         raise ValueError(f"H.264 needs even width and height, got {w}x{h}")
+    yuv = rgb_to_yuv420p(frames)
     buf = io.BytesIO()
     with av.open(buf, mode="w", format="mp4") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps).limit_denominator(1000))
         stream.width, stream.height, stream.pix_fmt = w, h, "yuv420p"
-        stream.options = {"crf": str(crf)}
-        for frame in frames:
-            for packet in stream.encode(
-                av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")
-            ):
+        stream.thread_count, stream.thread_type = 1, "NONE"
+        stream.codec_context.colorspace = av.video.reformatter.Colorspace.ITU601
+        stream.codec_context.color_range = av.video.reformatter.ColorRange.MPEG
+        stream.options = {"crf": str(crf), "threads": "1", "x264-params": f"asm={_x264_asm()}"}
+        for i, planes in enumerate(yuv):
+            frame = av.VideoFrame.from_ndarray(planes, format="yuv420p")
+            frame.pts = i
+            for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
