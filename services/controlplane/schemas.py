@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN
+from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
+VersionRef = Annotated[
+    str,
+    Field(
+        pattern=VERSION_PATTERN,
+        description="a dataset version: its `id` (64 hex) or its `digest` (`sha256:<id>`)",
+    ),
+    AfterValidator(validate_digest),
+]
+"""A dataset version in a request body; either form is accepted and becomes the ``id`` form."""
 
 
 class Strict(BaseModel):
@@ -88,7 +97,7 @@ class CommitRequest(Strict):
 
 
 class DeriveRequest(Strict):
-    base: str = Field(pattern=DIGEST_PATTERN, description="the version to start from")
+    base: VersionRef = Field(description="the version to start from (id or digest)")
     include_ratings: bool = True
 
 
@@ -149,7 +158,7 @@ class PairsReport(BaseModel):
 # --------------------------------------------------------------------------------------- fine-tunes
 class FineTuneCreate(Strict):
     dataset: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
-    version: str = Field(pattern=DIGEST_PATTERN, description="dataset version (digest)")
+    version: VersionRef = Field(description="dataset version (id or digest)")
     base_model: str = Field(
         pattern=NAME_PATTERN, min_length=1, max_length=63, description="models/{id} in the store"
     )

@@ -205,7 +205,7 @@ class DatasetService:
 
     def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
         """A new version: the files of ``base`` plus the dataset's rating records."""
-        self.get_version(name, base)
+        base = self.get_version(name, base)["id"]
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"
             shutil.copytree(self.fetch_version(name, base), data)
@@ -269,14 +269,14 @@ class DatasetService:
 
     def get_version(self, name: str, digest: str) -> dict[str, Any]:
         validate_name(name, "dataset")
-        validate_digest(digest)
+        digest = validate_digest(digest)
         manifest: dict[str, Any] = read_json(
             self.store, version_prefix(name, digest) + MANIFEST, f"version {digest} of dataset {name!r}"
         )
         return manifest
 
     def delete_version(self, name: str, digest: str) -> None:
-        self.get_version(name, digest)
+        digest = self.get_version(name, digest)["id"]
         refs = self.references(name, digest)
         if refs:
             raise Conflict(f"version {digest} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}")
@@ -289,6 +289,7 @@ class DatasetService:
     def fetch_version(self, name: str, digest: str) -> Path:
         """A verified local copy of a version's dataset directory (cached by digest)."""
         manifest = self.get_version(name, digest)
+        digest = manifest["id"]
         dest = self.cache_dir / "datasets" / name / digest
         if (dest / ".complete").exists():
             return dest / "data"
@@ -338,8 +339,8 @@ class DatasetService:
         """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
+        digest = self.get_version(name, digest)["id"]
         prefix = dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
-        self.get_version(name, digest)
         cached = read_json_or_none(self.store, prefix + "report.json")
         if cached is not None:
             return dict(cached)

@@ -174,7 +174,13 @@ class FineTuneService:
     def validate(self, req: FineTuneRequest) -> tuple[FineTuneRequest, dict[str, Any]]:
         """Check every input exists and every hyperparameter is valid; returns (normalised request, lineage)."""
         validate_name(req.dataset, "dataset")
-        validate_digest(req.version, "version")
+        req = FineTuneRequest(
+            req.dataset,
+            validate_digest(req.version, "version"),
+            req.base_model,
+            req.stage,
+            req.hyperparameters,
+        )
         validate_name(req.base_model, "base_model")
         hp = validate_hyperparameters(req.stage, dict(req.hyperparameters))
         try:

@@ -197,7 +197,7 @@ class RatingService:
     def video_file(self, name: str, version: str, path: str) -> Path:
         """The local path of one video file of a version (verified against the version's digests)."""
         validate_name(name, "dataset")
-        validate_digest(version)
+        version = validate_digest(version)
         validate_relative_path(path, "path")
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
             raise NotFound(f"{path!r} is not a video of version {version}")
@@ -211,7 +211,7 @@ class RatingService:
         """What a rater needs to rate a version: its videos with this rater's scores, the A/B pairs
         with this rater's choices, progress in both modes and where to resume."""
         self.datasets.get(name)
-        version = version or self.latest_version(name)
+        version = validate_digest(version) if version else self.latest_version(name)
         videos = self.videos(name, version)
         mine = resolve(j for j in self.judgments(name) if j.rater_id == rater_id).effective
         scores = {j.target: j for j in mine if j.kind == "score"}
@@ -272,6 +272,7 @@ class RatingService:
     ) -> dict[str, Any]:
         """Store (or replace) ``rater_id``'s score (0..10) of ``video_id``; returns the stored object."""
         self.datasets.get(name)
+        version = validate_digest(version)
         self._check_video(name, version, video_id)
         rid = score_id(rater_id, video_id)
         record = {
@@ -293,6 +294,7 @@ class RatingService:
         self.datasets.get(name)
         if left == right:
             raise InvalidRequest("left and right are the same video", field="right")
+        version = validate_digest(version)
         videos = {v.id: v for v in self.videos(name, version)}
         self._check_video(name, version, left, right)
         if videos[left].prompt != videos[right].prompt:
@@ -337,7 +339,7 @@ class RatingService:
         the version it was made from, so records are never appended twice. The same ratings compile to
         the same version (its digest covers the files and the lineage, not the time)."""
         self.datasets.get(name)
-        base = self.root_version(name, base or self.latest_version(name))
+        base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
         known = {v.id for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []
