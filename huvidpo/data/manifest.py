@@ -524,6 +524,41 @@ class _Parser:
         self.resolve_references()
 
 
+def reference_problems(record: Mapping[str, Any], prompts: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Why a ``rating`` or ``choice`` record cannot join a dataset whose videos are ``prompts`` (video
+    id -> prompt text): ``[(field, message)]`` in the words :func:`load_dataset` uses, empty when it
+    fits. A rating service checks a record with this before storing it, and again before appending a
+    stored record to a new version."""
+    kind = _record_type(record)
+    if kind == "rating":
+        vid = record.get("video_id")
+        if isinstance(vid, str) and vid in prompts:
+            return []
+        return [("video_id", f"rating of unknown video id {vid!r}")]
+    if kind != "choice":
+        return [("type", f"not a rating or choice record (type {record.get('type')!r})")]
+    ids = {k: record.get(k) for k in ("chosen", "rejected")}
+    missing = [
+        (k, f"choice names unknown video id {v!r}")
+        for k, v in ids.items()
+        if not isinstance(v, str) or v not in prompts
+    ]
+    if missing:
+        return missing
+    chosen, rejected = str(ids["chosen"]), str(ids["rejected"])
+    if chosen == rejected:
+        return [("rejected", f"chosen and rejected are the same video {chosen!r}")]
+    if prompts[chosen] != prompts[rejected]:
+        return [
+            (
+                "rejected",
+                f"a choice must compare videos of one prompt: {chosen!r} has {prompts[chosen]!r}, "
+                f"{rejected!r} has {prompts[rejected]!r}",
+            )
+        ]
+    return []
+
+
 def _inspect_video(entry: VideoEntry) -> tuple[int, float, float]:
     """Decode the whole video: ``(frames, fps, motion)``. Raises ``VideoDecodeError``."""
     from huvidpo.video_io import read_video

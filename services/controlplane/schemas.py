@@ -47,6 +47,13 @@ class FileDigest(BaseModel):
     size: int
 
 
+class SkippedRating(BaseModel):
+    """A stored rating record left out of a version, and why (delete it to stop seeing it)."""
+
+    id: str
+    reason: str
+
+
 class DatasetVersion(BaseModel):
     id: str = Field(description="sha256 of the version's file listing; the version's immutable name")
     dataset: str
@@ -56,6 +63,11 @@ class DatasetVersion(BaseModel):
     prompts: int
     raters: int
     rating_records: int
+    skipped_ratings: list[SkippedRating] = Field(
+        default_factory=list,
+        description="in the answer to the request that built the version: the stored rating records "
+        "left out because they name videos this version lacks (empty when read later)",
+    )
     size: int
     source: dict[str, Any]
     created_at: str

@@ -97,3 +97,127 @@ def test_a_version_is_named_by_its_id_or_its_digest_everywhere(
     # a malformed version is still a 422 naming the field
     bad = client.get("/v1/datasets/cats/versions/sha256:xyz", headers=AUTH)
     assert _is_problem(bad, 422, "validation-error")["field"] == "version"
+
+
+# --------------------------------------------------------------------------- ratings of unknown videos
+def _ratings(client: TestClient, records: list[dict[str, Any]], name: str = "cats") -> Any:
+    return client.post(f"/v1/datasets/{name}/ratings", json={"records": records}, headers=AUTH)
+
+
+def test_a_rating_of_an_unknown_video_is_refused_naming_the_id(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client = env["client"]
+    assert client.post("/v1/datasets", json={"name": "empty"}, headers=AUTH).status_code == 201
+    none_yet = _ratings(client, [{"video_id": "p0_v0", "rater_id": "ann", "score": 5}], "empty")
+    assert "p0_v0" in _is_problem(none_yet, 422, "validation-error")["detail"]
+    _upload(client, synthetic_dir)
+    bad = _ratings(
+        client,
+        [
+            {"video_id": "p0_v0", "rater_id": "ann", "score": 5},
+            {"video_id": "does-not-exist", "rater_id": "ann", "score": 5},
+        ],
+    )
+    body = _is_problem(bad, 422, "validation-error")
+    assert body["field"] == "records[1].video_id" and "'does-not-exist'" in body["detail"]
+    choice = _ratings(client, [{"type": "choice", "chosen": "p0_v0", "rejected": "nope", "rater_id": "ann"}])
+    assert _is_problem(choice, 422, "validation-error")["field"] == "records[0].rejected"
+    assert client.get("/v1/datasets/cats/ratings", headers=AUTH).json()["items"] == []  # nothing stored
+    ok = _ratings(client, [{"video_id": "p0_v0", "rater_id": "ann", "score": 5}])
+    assert ok.status_code == 201, ok.text
+
+
+def test_stored_ratings_of_unknown_videos_are_reported_not_fatal_and_can_be_deleted(
+    env: dict[str, Any], synthetic_dir: Path, tmp_path: Path
+) -> None:
+    client, store = env["client"], env["store"]
+    v1 = _upload(client, synthetic_dir)
+    # a rating stored before ratings were checked, naming a video no version has
+    legacy = {"type": "rating", "video_id": "does-not-exist", "rater_id": "old", "score": 3}
+    store.put_json("datasets/cats/ratings/r-legacy.json", {"id": "r-legacy", "record": legacy})
+    good = _ratings(client, [{"video_id": "p0_v1", "rater_id": "ann", "score": 9, "time": "2026-01-02"}])
+    assert good.status_code == 201
+    [good_id] = good.json()["ids"]
+    later = _ratings(client, [{"video_id": "p0_v1", "rater_id": "ann", "score": 2, "time": "2026-01-03"}])
+    [later_id] = later.json()["ids"]
+
+    # a new upload (its manifest differs) still commits; the bad record is reported, the good ones kept
+    changed = tmp_path / "changed"
+    changed.mkdir()
+    for p in synthetic_dir.rglob("*"):
+        if p.is_file():
+            (changed / p.relative_to(synthetic_dir)).parent.mkdir(parents=True, exist_ok=True)
+            (changed / p.relative_to(synthetic_dir)).write_bytes(p.read_bytes())
+    (changed / "manifest.jsonl").write_text((synthetic_dir / "manifest.jsonl").read_text() + "\n")
+    v2 = _upload(client, changed, create=False)
+    assert v2["rating_records"] == 2
+    assert v2["skipped_ratings"] == [
+        {"id": "r-legacy", "reason": "rating of unknown video id 'does-not-exist'"}
+    ]
+    derived = client.post("/v1/datasets/cats/derive", json={"base": v1["id"]}, headers=AUTH)
+    assert derived.status_code == 201, derived.text
+    assert [s["id"] for s in derived.json()["skipped_ratings"]] == ["r-legacy"]
+
+    # compiling reports every rating it dropped, and why
+    out = client.post("/v1/datasets/cats/ratings/compile", json={"base": v1["id"]}, headers=AUTH)
+    assert out.status_code == 201, out.text
+    dropped = {d["id"]: d["reason"] for d in out.json()["dropped"]}
+    assert dropped.keys() == {"r-legacy", good_id}
+    assert "unknown video id 'does-not-exist'" in dropped["r-legacy"]
+    assert later_id in dropped[good_id] and "superseded" in dropped[good_id]
+
+    # and the bad record can be deleted
+    assert client.delete("/v1/datasets/cats/ratings/r-legacy", headers=AUTH).status_code == 204
+    ids = [i["id"] for i in client.get("/v1/datasets/cats/ratings", headers=AUTH).json()["items"]]
+    assert "r-legacy" not in ids and len(ids) == 2
+    _is_problem(client.delete("/v1/datasets/cats/ratings/r-legacy", headers=AUTH), 404, "not-found")
+    again = client.post("/v1/datasets/cats/derive", json={"base": v1["id"]}, headers=AUTH)
+    assert again.json()["skipped_ratings"] == []
+
+
+# ----------------------------------------------------------------------------- upload error messages
+def _assert_no_server_path(detail: str) -> None:
+    assert "/tmp" not in detail and "huvidpo-" not in detail and "0x" not in detail, detail
+
+
+def test_upload_errors_name_the_users_files_not_server_paths(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client = env["client"]
+    assert client.post("/v1/datasets", json={"name": "cats"}, headers=AUTH).status_code == 201
+    no_manifest = client.post(
+        "/v1/datasets/cats/versions", files=[("files", ("videos/a.mp4", b"x", "video/mp4"))], headers=AUTH
+    )
+    detail = _is_problem(no_manifest, 422, "validation-error")["detail"]
+    assert "no manifest" in detail
+    _assert_no_server_path(detail)
+
+    record = {"id": "a", "file": "videos/a.mp4", "prompt": "p"}
+    broken = client.post(
+        "/v1/datasets/cats/versions",
+        files=[
+            ("files", ("manifest.jsonl", json.dumps(record).encode() + b"\n", "application/jsonl")),
+            ("files", ("videos/a.mp4", b"not a video", "video/mp4")),
+        ],
+        headers=AUTH,
+    )
+    detail = _is_problem(broken, 422, "validation-error")["detail"]
+    assert "manifest.jsonl: line 1: field 'file'" in detail and "'videos/a.mp4'" in detail
+    _assert_no_server_path(detail)
+
+    # with stored ratings, a JSON-list manifest's problem still names that file and its own line
+    _upload(client, synthetic_dir, create=False)
+    assert _ratings(client, [{"video_id": "p0_v0", "rater_id": "ann", "score": 5}]).status_code == 201
+    listed = json.dumps([record, {**record, "id": "b", "prompt": 7}], indent=1).encode()
+    as_list = client.post(
+        "/v1/datasets/cats/versions",
+        files=[
+            ("files", ("manifest.json", listed, "application/json")),
+            ("files", ("videos/a.mp4", (synthetic_dir / "videos" / "p0_v0.mp4").read_bytes(), "video/mp4")),
+        ],
+        headers=AUTH,
+    )
+    detail = _is_problem(as_list, 422, "validation-error")["detail"]
+    assert "manifest.json: line 7: field 'prompt'" in detail and "manifest.jsonl" not in detail
+    _assert_no_server_path(detail)

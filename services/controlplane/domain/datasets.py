@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Mapping
@@ -42,6 +43,7 @@ from services.controlplane.domain.util import (
     utcnow,
 )
 
+RATING_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,80}$")
 ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".json", ".jsonl"})
 MANIFEST = "manifest.json"
 
@@ -218,17 +220,33 @@ class DatasetService:
         ``include_ratings``) and publish it as an immutable version named by its content digest,
         manifest last; the same content returns the existing version. ``source`` is recorded as the
         version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
-        from huvidpo.data import DatasetError, load_dataset
+        from huvidpo.data import DatasetError, load_dataset, reference_problems
 
-        ratings = self._rating_records(name) if include_ratings else []
         try:
-            # Appending ratings needs the uploaded manifest: a missing one is the caller's error too.
-            if ratings:
-                _append_records(data, ratings)
+            # The files as sent first, so a problem names the caller's own file and line.
             ds = load_dataset(data)
         except DatasetError as exc:
-            # Paths in the message are our temporary directory's; strip them so the caller sees theirs.
-            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="files") from exc
+            raise InvalidRequest(user_message(exc, data), field="files") from exc
+        prompts = {vid: v.prompt for vid, v in ds.videos.items()}
+        ratings: builtins.list[dict[str, Any]] = []
+        skipped: builtins.list[dict[str, str]] = []
+        for rid, record in self._rating_records(name) if include_ratings else []:
+            # A stored record that does not fit these videos (one stored before records were checked,
+            # or one of a video this upload dropped) is reported, never fatal: delete it to silence it.
+            problems = reference_problems(record, prompts)
+            if problems:
+                skipped.append({"id": rid, "reason": "; ".join(msg for _, msg in problems)})
+            else:
+                ratings.append(record)
+        if ratings:
+            _append_records(data, ratings)
+            try:
+                ds = load_dataset(data, check_videos=False)
+            except DatasetError as exc:
+                raise InvalidRequest(
+                    "the dataset's stored ratings do not fit this version: " + user_message(exc, data),
+                    field="ratings",
+                ) from exc
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(q for q in data.rglob("*") if q.is_file()):
             digest, size = sha256_file(p)
@@ -237,7 +255,7 @@ class DatasetService:
         prefix = version_prefix(name, digest)
         existing = read_json_or_none(self.store, prefix + MANIFEST)
         if existing is not None:
-            return existing  # same content: the same immutable version
+            return {**existing, "skipped_ratings": skipped}  # same content: the same immutable version
         for rel in files:
             self.store.put_file(prefix + rel, data / rel[len("data/") :])
         manifest = {
@@ -254,7 +272,8 @@ class DatasetService:
             "created_at": iso(self.clock()),
         }
         self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
-        return manifest
+        # What was left out is an answer to this build, not part of the immutable version.
+        return {**manifest, "skipped_ratings": skipped}
 
     # ------------------------------------------------------------------------------- versions
     def list_versions(self, name: str) -> builtins.list[dict[str, Any]]:
@@ -312,8 +331,29 @@ class DatasetService:
 
     # ------------------------------------------------------------------------------- ratings
     def add_ratings(self, name: str, records: builtins.list[dict[str, Any]]) -> builtins.list[str]:
-        """Store rating/choice records, one object each; the id is the record's digest (idempotent)."""
+        """Store rating/choice records, one object each; the id is the record's digest (idempotent).
+
+        Every record must name videos of the dataset's current version (a choice: two of one prompt);
+        otherwise nothing is stored and ``InvalidRequest`` names the first bad field (``records[i].video_id``)."""
+        from huvidpo.data import reference_problems
+
         self.get(name)
+        version, prompts = self.current_prompts(name)
+        bad = [
+            (f"records[{i}].{fld}", msg)
+            for i, rec in enumerate(records)
+            for fld, msg in reference_problems(rec, prompts)
+        ]
+        if bad:
+            where = (
+                f"the current version {version} of dataset {name!r}"
+                if version
+                else f"dataset {name!r}: it has no version yet; upload one first"
+            )
+            lines = "\n  ".join(f"{fld}: {msg}" for fld, msg in bad)
+            raise InvalidRequest(
+                f"no rating stored: every record must name videos of {where}:\n  {lines}", field=bad[0][0]
+            )
         ids = []
         for rec in records:
             blob = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
@@ -330,9 +370,37 @@ class DatasetService:
         page, token = paginate(objs, lambda o: o.key, page_size, page_token)
         return [self.store.get_json(o.key) for o in page], token
 
-    def _rating_records(self, name: str) -> builtins.list[dict[str, Any]]:
-        objs = self.store.list(dataset_prefix(name) + "ratings/", recursive=False)
-        return [self.store.get_json(o.key)["record"] for o in objs]
+    def _rating_records(self, name: str) -> builtins.list[tuple[str, dict[str, Any]]]:
+        """``[(rating_id, record)]`` of the dataset's stored rating and choice records."""
+        out = []
+        for o in self.store.list(dataset_prefix(name) + "ratings/", recursive=False):
+            obj = self.store.get_json(o.key)
+            out.append((str(obj.get("id", o.key.rsplit("/", 1)[-1].removesuffix(".json"))), obj["record"]))
+        return out
+
+    def current_prompts(self, name: str) -> tuple[str | None, dict[str, str]]:
+        """``(version, {video_id: prompt})`` of the dataset's current (latest) version; ``(None, {})``
+        while it has none."""
+        from huvidpo.data import load_dataset
+
+        versions = self.list_versions(name)
+        if not versions:
+            return None, {}
+        version = str(versions[-1]["id"])
+        ds = load_dataset(self.fetch_version(name, version), check_videos=False)
+        return version, {vid: v.prompt for vid, v in ds.videos.items()}
+
+    def delete_rating(self, name: str, rating_id: str) -> None:
+        """Delete one stored rating, choice or tie record; ``NotFound`` when there is none."""
+        self.get(name)
+        if not RATING_ID_RE.match(rating_id or ""):
+            raise NotFound(f"rating {rating_id!r} not found in dataset {name!r}")
+        keys = [dataset_prefix(name) + f"{sub}/{rating_id}.json" for sub in ("ratings", "ties")]
+        found = [k for k in keys if self.store.exists(k)]
+        if not found:
+            raise NotFound(f"rating {rating_id!r} not found in dataset {name!r}")
+        for k in found:
+            self.store.delete(k)
 
     # ------------------------------------------------------------------------------- pairs
     def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
@@ -349,7 +417,7 @@ class DatasetService:
             ds = load_dataset(data)
             pairset = compile_pairs(ds, options.tie_policy, options.min_margin, options.margin_weighting)
         except DatasetError as exc:
-            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="version") from exc
+            raise InvalidRequest(user_message(exc, data), field="version") from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc), field="options") from exc
         with tempfile.TemporaryDirectory() as tmp:
@@ -366,6 +434,15 @@ class DatasetService:
         }
         self.store.put_json(prefix + "report.json", report)
         return report
+
+
+def user_message(exc: Exception, root: Path) -> str:
+    """``exc``'s message with the server's copy of the dataset (a temporary or cache directory) taken
+    out, so file names read as the caller sent them (``manifest.jsonl: line 3``, ``videos/a.mp4``)."""
+    text = str(exc)
+    for r in sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(r + "/", "").replace(r, "the upload")
+    return text
 
 
 def _mkdir(p: Path) -> Path:

@@ -340,13 +340,36 @@ class RatingService:
         the same version (its digest covers the files and the lineage, not the time)."""
         self.datasets.get(name)
         base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
-        known = {v.id for v in self.videos(name, base)}
+        from huvidpo.data import reference_problems
+
+        prompts = {v.id: v.prompt for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []
         skipped: list[Judgment] = []
+        dropped: list[dict[str, str]] = []  # every judgment not compiled, with the reason
         for j in resolved.effective:
-            ids = [j.target] if j.kind == "score" else j.target.split("|")
-            (used if all(i in known for i in ids) else skipped).append(j)
+            if j.kind == "tie":
+                problems = [
+                    ("videos", f"tie names unknown video id {i!r}")
+                    for i in j.target.split("|")
+                    if i not in prompts
+                ]
+            else:
+                problems = reference_problems(j.record, prompts)
+            if problems:
+                skipped.append(j)
+                dropped.append({"id": j.id, "reason": "; ".join(msg for _, msg in problems)})
+            else:
+                used.append(j)
+        latest = {j.slot: j for j in resolved.effective}
+        for j in resolved.superseded:
+            what = "video" if j.kind == "score" else "pair"
+            dropped.append(
+                {
+                    "id": j.id,
+                    "reason": f"superseded by {latest[j.slot].id}, a later judgment of the same rater and {what}",
+                }
+            )
         records = [j for j in used if j.kind != "tie"]
         ids_text = "".join(
             f"{j.id}\0{json.dumps(j.record, sort_keys=True, separators=(',', ':'))}\n"
@@ -378,7 +401,12 @@ class RatingService:
             }
             version = self.datasets.publish_version(name, data, source, include_ratings=False)
         pairs = self.datasets.compile_pairs(name, version["id"], options)
-        return {"version": version, "lineage": lineage, "pairs": pairs}
+        return {
+            "version": version,
+            "lineage": lineage,
+            "pairs": pairs,
+            "dropped": sorted(dropped, key=lambda d: d["id"]),
+        }
 
 
 def _append(data: Path, records: list[dict[str, Any]]) -> None:

@@ -274,6 +274,14 @@ def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> di
     return {"ids": c.datasets.add_ratings(name, records)}
 
 
+@router.delete(
+    "/{name}/ratings/{rating_id}", status_code=204, responses=problems.common_responses(401, 403, 404, 422)
+)
+def delete_rating(name: str, rating_id: str, c: Context = Depends(ctx)) -> Response:
+    c.datasets.delete_rating(name, rating_id)
+    return Response(status_code=204)
+
+
 @router.get("/{name}/ratings", response_model=RatingList, responses=problems.common_responses(401, 404, 422))
 def list_ratings(
     name: str,

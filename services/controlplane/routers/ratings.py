@@ -62,10 +62,19 @@ class CompileRequest(Strict):
     margin_weighting: bool = False
 
 
+class DroppedJudgment(BaseModel):
+    id: str
+    reason: str
+
+
 class CompileResult(BaseModel):
     version: DatasetVersion
     lineage: dict[str, Any]
     pairs: PairsReport
+    dropped: list[DroppedJudgment] = Field(
+        default_factory=list,
+        description="every stored judgment not compiled, and why (superseded, or names a video the base lacks)",
+    )
 
 
 class Progress(BaseModel):
