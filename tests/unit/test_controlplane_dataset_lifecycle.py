@@ -221,3 +221,57 @@ def test_upload_errors_name_the_users_files_not_server_paths(
     detail = _is_problem(as_list, 422, "validation-error")["detail"]
     assert "manifest.json: line 7: field 'prompt'" in detail and "manifest.jsonl" not in detail
     _assert_no_server_path(detail)
+
+
+# ------------------------------------------------------------------------------------- retention
+def test_a_dataset_only_finished_finetunes_without_checkpoints_used_can_be_deleted(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _upload(client, synthetic_dir)
+    failed, cancelled = _finetune(client, v["id"]), _finetune(client, v["id"])
+    held = _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
+    assert failed["id"] in held and "queued" in held
+    _is_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
+    executor.phases[failed["id"]] = ExecStatus("failed", "BackoffLimitExceeded", "exit code 1")
+    assert client.post(f"/v1/fine-tunes/{cancelled['id']}/cancel", headers=AUTH).status_code == 200
+    assert client.delete("/v1/datasets/cats", headers=AUTH).status_code == 204
+    _is_problem(client.get("/v1/datasets/cats", headers=AUTH), 404, "not-found")
+    # the fine-tunes' records stay, naming what they used
+    assert client.get(f"/v1/fine-tunes/{failed['id']}", headers=AUTH).json()["version"] == v["id"]
+
+
+def test_checkpoints_hold_their_dataset_and_rollouts_hold_their_checkpoints(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor, store, tmp = env["client"], env["executor"], env["store"], env["tmp"]
+    v = _upload(client, synthetic_dir)
+    ft = _finetune(client, v["id"])["id"]
+    active = _is_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
+    assert "queued" in active and "cancel" in active
+    executor.phases[ft] = ExecStatus("succeeded")
+    a = _publish_checkpoint(store, tmp, ft, 10)
+    b = _publish_checkpoint(store, tmp, ft, 20)
+    held = _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
+    assert a in held and b in held
+    has = _is_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
+    assert a in has and b in has
+
+    assert client.put("/v1/rollouts/live", json={"checkpoint": a}, headers=AUTH).status_code == 200
+    body = {"checkpoint": b, "percent": 10}
+    assert client.post("/v1/rollouts/live/canary", json=body, headers=AUTH).status_code == 200
+    current = _is_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 409, "conflict")["detail"]
+    assert "'live'" in current and "current" in current
+    canary = _is_problem(client.delete(f"/v1/checkpoints/{b}", headers=AUTH), 409, "conflict")["detail"]
+    assert "'live'" in canary and "canary" in canary
+
+    other = _publish_checkpoint(store, tmp, "ft-other", 1)
+    assert client.put("/v1/rollouts/live", json={"checkpoint": other}, headers=AUTH).status_code == 200
+    for cid in (a, b):
+        assert client.delete(f"/v1/checkpoints/{cid}", headers=AUTH).status_code == 204
+        _is_problem(client.get(f"/v1/checkpoints/{cid}", headers=AUTH), 404, "not-found")
+    _is_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 404, "not-found")
+    assert client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH).status_code == 204
+    _is_problem(client.get(f"/v1/fine-tunes/{ft}", headers=AUTH), 404, "not-found")
+    assert store.list(f"finetunes/{ft}/") == []
+    assert client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH).status_code == 204

@@ -25,7 +25,7 @@ import json
 import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -123,13 +123,14 @@ class DatasetService:
                 out.append({**rec, "versions": [v["id"] for v in self.list_versions(n)]})
         return out, token
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, holds: Callable[[str], str | None] | None = None) -> None:
+        """Delete the dataset with every version, rating and upload. ``holds(finetune_id)`` says why a
+        fine-tune that references the dataset still holds it (``None``: it no longer does; see
+        ``domain/retention.py``); without it every reference holds. Raises ``Conflict`` naming them."""
         self.get(name)
-        refs = self.references(name)
-        if refs:
-            raise Conflict(
-                f"dataset {name!r} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}; it cannot be deleted"
-            )
+        held = _holders(self.references(name), holds)
+        if held:
+            raise Conflict(f"dataset {name!r} is still in use and cannot be deleted: {'; '.join(held)}")
         self.store.delete_prefix(dataset_prefix(name))
 
     # ------------------------------------------------------------------------------- references
@@ -137,6 +138,9 @@ class DatasetService:
         self.store.put_json(
             dataset_prefix(name) + f"refs/{finetune_id}.json", {"version": digest, "finetune_id": finetune_id}
         )
+
+    def remove_reference(self, name: str, finetune_id: str) -> None:
+        self.store.delete(dataset_prefix(name) + f"refs/{finetune_id}.json")
 
     def references(self, name: str, digest: str | None = None) -> dict[str, str]:
         """``{finetune_id: version}`` of the fine-tunes that use this dataset (or one version of it)."""
@@ -294,11 +298,14 @@ class DatasetService:
         )
         return manifest
 
-    def delete_version(self, name: str, digest: str) -> None:
+    def delete_version(
+        self, name: str, digest: str, holds: Callable[[str], str | None] | None = None
+    ) -> None:
+        """Delete one version (and its compiled pairs); ``holds`` as for :meth:`delete`."""
         digest = self.get_version(name, digest)["id"]
-        refs = self.references(name, digest)
-        if refs:
-            raise Conflict(f"version {digest} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}")
+        held = _holders(self.references(name, digest), holds)
+        if held:
+            raise Conflict(f"version {digest} is still in use and cannot be deleted: {'; '.join(held)}")
         # manifest first: the version stops existing before its files go
         self.store.delete(version_prefix(name, digest) + MANIFEST)
         self.store.delete_prefix(version_prefix(name, digest))
@@ -434,6 +441,12 @@ class DatasetService:
         }
         self.store.put_json(prefix + "report.json", report)
         return report
+
+
+def _holders(refs: Mapping[str, str], holds: Callable[[str], str | None] | None) -> builtins.list[str]:
+    """The reasons the referencing fine-tunes still hold what they reference (at most five named)."""
+    reasons = [r for ft in sorted(refs) if (r := f"fine-tune {ft}" if holds is None else holds(ft))]
+    return reasons[:5] + ([f"and {len(reasons) - 5} more"] if len(reasons) > 5 else [])
 
 
 def user_message(exc: Exception, root: Path) -> str:
