@@ -387,15 +387,25 @@ class DatasetService:
 
     def current_prompts(self, name: str) -> tuple[str | None, dict[str, str]]:
         """``(version, {video_id: prompt})`` of the dataset's current (latest) version; ``(None, {})``
-        while it has none."""
-        from huvidpo.data import load_dataset
+        while it has none. Read without validating: the version was valid when it was published, and
+        one published before a rule was added must still answer."""
+        from huvidpo.data import find_manifest
 
         versions = self.list_versions(name)
         if not versions:
             return None, {}
         version = str(versions[-1]["id"])
-        ds = load_dataset(self.fetch_version(name, version), check_videos=False)
-        return version, {vid: v.prompt for vid, v in ds.videos.items()}
+        manifest = find_manifest(self.fetch_version(name, version))
+        text = manifest.read_text(encoding="utf-8-sig")
+        if manifest.suffix == ".jsonl":
+            records = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        else:
+            records = json.loads(text)
+        prompts = {}
+        for r in records:
+            if isinstance(r, dict) and r.get("type", "video") == "video" and "file" in r and "id" in r:
+                prompts[str(r["id"])] = str(r.get("prompt", r.get("category")))
+        return version, prompts
 
     def delete_rating(self, name: str, rating_id: str) -> None:
         """Delete one stored rating, choice or tie record; ``NotFound`` when there is none."""
