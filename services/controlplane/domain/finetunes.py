@@ -438,7 +438,8 @@ class FineTuneService:
         self.store.delete_prefix(f"finetunes/{finetune_id}/")
         self.datasets.remove_reference(view["dataset"], finetune_id)
         if finetune_id.startswith("ft-"):
-            # a key's fine-tune id is "ft-" + the start of the key's digest: a retry must not revive it
+            # Its Idempotency-Key record goes too (the id is "ft-" + the start of the key's digest), so
+            # nothing of it is left; the same key later starts a new fine-tune.
             for obj in self.store.list(f"idempotency/finetunes/{finetune_id[3:]}", recursive=False):
                 prior = read_json_or_none(self.store, obj.key)
                 if prior is not None and prior.get("finetune_id") == finetune_id:

@@ -338,10 +338,10 @@ class RatingService:
         ``base`` defaults to the latest version; a version that was itself compiled is followed back to
         the version it was made from, so records are never appended twice. The same ratings compile to
         the same version (its digest covers the files and the lineage, not the time)."""
-        self.datasets.get(name)
-        base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
         from huvidpo.data import reference_problems
 
+        self.datasets.get(name)
+        base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
         prompts = {v.id: v.prompt for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []
