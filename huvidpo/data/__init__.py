@@ -16,6 +16,7 @@ from huvidpo.data.manifest import (
     find_manifest,
     load_dataset,
     motion_score,
+    reference_problems,
     write_manifest,
 )
 from huvidpo.data.pairs import (
@@ -58,6 +59,7 @@ __all__ = [
     "moving_square",
     "preprocess_clip",
     "read_pairs",
+    "reference_problems",
     "sample_clip",
     "static_square",
     "write_manifest",

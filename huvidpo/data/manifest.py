@@ -21,6 +21,10 @@ Records (``type`` may be omitted when the record's keys say which it is):
     - ``ratings`` (optional): absolute scores, each ``{"rater_id": str | int, "score": number in [0, 10],
       "time": str | number (optional, ``ts`` is accepted too)}``. A rater who rated a video twice counts
       once, with the rating that comes last in the manifest. A video's score is the mean over raters.
+    - ``checkpoint``, ``first_frame``, ``sample``, ``seed`` (optional): how an on-policy A/B sample was
+      made (``scripts/ab_samples.py``); ``meta`` (optional): anything of the user's own.
+    - Any other key is an error naming the nearest known key (``"ratingz"``: did you mean ``ratings``?),
+      so a misspelt key never silently drops data. Rating and choice records are checked the same way.
 
 ``rating``
     ``{"type": "rating", "video_id": "v1", "rater_id": "bob", "score": 3, "time": ...}``: one more
@@ -38,6 +42,7 @@ rename), so a dataset directory never holds a half-written manifest.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -52,6 +57,31 @@ import numpy as np
 MANIFEST_NAMES = ("manifest.jsonl", "manifest.json")
 SCORE_MIN, SCORE_MAX = 0.0, 10.0
 RATING_KEYS = frozenset({"rater_id", "score", "time", "ts"})
+VIDEO_KEYS = frozenset(
+    {
+        "type",
+        "id",
+        "file",
+        "prompt",
+        "category",
+        "ratings",
+        "checkpoint",
+        "first_frame",
+        "sample",
+        "seed",
+        "meta",
+    }
+)
+"""Keys a video record may have; any other key is an error (a typo would otherwise be ignored)."""
+CHOICE_KEYS = frozenset({"type", "chosen", "rejected", "rater_id", "time", "ts"})
+# Words people use for a known key that are too far from it for difflib to find.
+_KEY_ALIASES = {
+    "scores": "ratings",
+    "score": "ratings",
+    "text": "prompt",
+    "path": "file",
+    "rater": "rater_id",
+}
 _MAX_LISTED_ERRORS = 20
 
 
@@ -259,6 +289,16 @@ def _record_type(rec: Mapping[str, Any]) -> str | None:
     return None
 
 
+def unknown_key_message(key: str, known: Iterable[str], aliases: Mapping[str, str] = _KEY_ALIASES) -> str:
+    """``unknown key 'x'; did you mean `y`?`` naming the nearest known key (or listing them all)."""
+    known = sorted(known)
+    near = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    guess = near[0] if near else aliases.get(key.lower()) if aliases.get(key.lower()) in known else None
+    if guess is not None:
+        return f"unknown key {key!r}; did you mean `{guess}`?"
+    return f"unknown key {key!r}; known keys are {', '.join(known)}"
+
+
 def _is_number(x: Any) -> bool:
     return isinstance(x, int | float) and not isinstance(x, bool)
 
@@ -320,14 +360,19 @@ class _Parser:
                 f'{{"rater_id", "score", "time"}}, got {rec!r}',
             )
             return None
-        unknown = sorted(set(rec) - RATING_KEYS - extra)
-        if "rater_id" not in rec or unknown:
-            what = f"unexpected keys {unknown}" if unknown else "missing 'rater_id'"
+        known = RATING_KEYS | extra
+        unknown = sorted(set(rec) - known, key=str)
+        if "rater_id" not in rec:
+            what = "; ".join(unknown_key_message(str(k), known) for k in unknown) or "missing 'rater_id'"
             self.err(
                 line,
                 fld("rater_id"),
                 f'unknown rater format ({what}): expected {{"rater_id", "score", "time"}}',
             )
+            return None
+        if unknown:
+            for k in unknown:
+                self.err(line, fld(str(k)), unknown_key_message(str(k), known))
             return None
         rater = self.rater_id(line, fld("rater_id"), rec["rater_id"])
         if "score" not in rec:
@@ -340,6 +385,9 @@ class _Parser:
         return Rating(rater, score, t)
 
     def video(self, line: int, rec: dict[str, Any]) -> None:
+        unknown = sorted(set(rec) - VIDEO_KEYS, key=str)
+        for k in unknown:
+            self.err(line, str(k), unknown_key_message(str(k), VIDEO_KEYS) + " (in a video record)")
         vid = rec.get("id")
         if not isinstance(vid, str) or not vid.strip():
             self.err(line, "id", f"video id must be a non-empty string, got {vid!r}")
@@ -405,9 +453,10 @@ class _Parser:
             self.pending_ratings.append((line, vid, rating))
 
     def choice(self, line: int, rec: dict[str, Any]) -> None:
-        unknown = sorted(set(rec) - {"type", "chosen", "rejected", "rater_id", "time", "ts"})
+        unknown = sorted(set(rec) - CHOICE_KEYS, key=str)
+        for k in unknown:
+            self.err(line, str(k), unknown_key_message(str(k), CHOICE_KEYS) + " (in a choice record)")
         if unknown:
-            self.err(line, unknown[0], f"unexpected keys {unknown} in a choice record")
             return
         ids = []
         for key in ("chosen", "rejected"):
@@ -473,6 +522,41 @@ class _Parser:
                     "'choice' (or a video record with 'id' and 'file')",
                 )
         self.resolve_references()
+
+
+def reference_problems(record: Mapping[str, Any], prompts: Mapping[str, str]) -> list[tuple[str, str]]:
+    """Why a ``rating`` or ``choice`` record cannot join a dataset whose videos are ``prompts`` (video
+    id -> prompt text): ``[(field, message)]`` in the words :func:`load_dataset` uses, empty when it
+    fits. A rating service checks a record with this before storing it, and again before appending a
+    stored record to a new version."""
+    kind = _record_type(record)
+    if kind == "rating":
+        vid = record.get("video_id")
+        if isinstance(vid, str) and vid in prompts:
+            return []
+        return [("video_id", f"rating of unknown video id {vid!r}")]
+    if kind != "choice":
+        return [("type", f"not a rating or choice record (type {record.get('type')!r})")]
+    ids = {k: record.get(k) for k in ("chosen", "rejected")}
+    missing = [
+        (k, f"choice names unknown video id {v!r}")
+        for k, v in ids.items()
+        if not isinstance(v, str) or v not in prompts
+    ]
+    if missing:
+        return missing
+    chosen, rejected = str(ids["chosen"]), str(ids["rejected"])
+    if chosen == rejected:
+        return [("rejected", f"chosen and rejected are the same video {chosen!r}")]
+    if prompts[chosen] != prompts[rejected]:
+        return [
+            (
+                "rejected",
+                f"a choice must compare videos of one prompt: {chosen!r} has {prompts[chosen]!r}, "
+                f"{rejected!r} has {prompts[rejected]!r}",
+            )
+        ]
+    return []
 
 
 def _inspect_video(entry: VideoEntry) -> tuple[int, float, float]:

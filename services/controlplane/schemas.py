@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
-from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN
+from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
+VersionRef = Annotated[
+    str,
+    Field(
+        pattern=VERSION_PATTERN,
+        description="a dataset version: its `id` (64 hex) or its `digest` (`sha256:<id>`)",
+    ),
+    AfterValidator(validate_digest),
+]
+"""A dataset version in a request body; either form is accepted and becomes the ``id`` form."""
 
 
 class Strict(BaseModel):
@@ -38,6 +47,13 @@ class FileDigest(BaseModel):
     size: int
 
 
+class SkippedRating(BaseModel):
+    """A stored rating record left out of a version, and why (delete it to stop seeing it)."""
+
+    id: str
+    reason: str
+
+
 class DatasetVersion(BaseModel):
     id: str = Field(description="sha256 of the version's file listing; the version's immutable name")
     dataset: str
@@ -47,6 +63,11 @@ class DatasetVersion(BaseModel):
     prompts: int
     raters: int
     rating_records: int
+    skipped_ratings: list[SkippedRating] = Field(
+        default_factory=list,
+        description="in the answer to the request that built the version: the stored rating records "
+        "left out because they name videos this version lacks (empty when read later)",
+    )
     size: int
     source: dict[str, Any]
     created_at: str
@@ -88,7 +109,7 @@ class CommitRequest(Strict):
 
 
 class DeriveRequest(Strict):
-    base: str = Field(pattern=DIGEST_PATTERN, description="the version to start from")
+    base: VersionRef = Field(description="the version to start from (id or digest)")
     include_ratings: bool = True
 
 
@@ -149,7 +170,7 @@ class PairsReport(BaseModel):
 # --------------------------------------------------------------------------------------- fine-tunes
 class FineTuneCreate(Strict):
     dataset: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
-    version: str = Field(pattern=DIGEST_PATTERN, description="dataset version (digest)")
+    version: VersionRef = Field(description="dataset version (id or digest)")
     base_model: str = Field(
         pattern=NAME_PATTERN, min_length=1, max_length=63, description="models/{id} in the store"
     )

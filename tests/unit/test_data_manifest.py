@@ -240,3 +240,34 @@ def test_smooth_and_flickering_squares_share_a_path_and_differ_frame_to_frame() 
         return float(np.abs(np.diff(x.astype(np.float32), axis=0)).mean())
 
     assert step(flicker) > 1.4 * step(smooth) > 0
+
+
+@pytest.mark.parametrize(
+    ("bad", "suggestion"),
+    [("ratingz", "ratings"), ("scores", "ratings"), ("promt", "prompt")],
+)
+def test_unknown_video_key_is_rejected_with_the_nearest_known_key(
+    tmp_path: Path, clip_bytes: bytes, bad: str, suggestion: str
+) -> None:
+    other = rec("b")
+    other[bad] = other.pop("ratings")
+    msg = rejected(write_ds(tmp_path, [rec("a"), other], clip_bytes))
+    assert f"line 2: field '{bad}'" in msg and f"unknown key '{bad}'" in msg
+    assert f"did you mean `{suggestion}`?" in msg
+
+
+def test_unknown_keys_of_rating_and_choice_records_suggest_the_known_key(
+    tmp_path: Path, clip_bytes: bytes
+) -> None:
+    records = [
+        rec("a"),
+        rec("b"),
+        {"type": "rating", "video_id": "a", "rater_id": "r", "scroe": 3},
+        {"type": "choice", "chosen": "a", "rejectd": "b", "rater_id": "r"},
+        {**rec("c"), "ratings": [{"rater": "r", "score": 3}]},
+    ]
+    msg = rejected(write_ds(tmp_path, records, clip_bytes, videos=("a", "b", "c")))
+    assert "line 3: field 'scroe'" in msg and "did you mean `score`?" in msg
+    assert "line 4: field 'rejectd'" in msg and "did you mean `rejected`?" in msg
+    assert "line 5: field 'ratings[0].rater_id'" in msg and "unknown key 'rater'" in msg
+    assert "did you mean `rater_id`?" in msg

@@ -72,6 +72,13 @@ class CheckpointService:
         page, token = paginate(ids, _order, page_size, page_token)
         return [self.get(c) for c in page], token
 
+    def delete(self, checkpoint_id: str) -> None:
+        """Delete a checkpoint, manifest first (it stops existing before its files go). Whether it may
+        be deleted is ``domain/retention.py``'s question, asked before this."""
+        self.manifest(checkpoint_id)
+        self.store.delete(manifest_key(checkpoint_id))
+        self.store.delete_prefix(f"checkpoints/{checkpoint_id}/")
+
     def download(self, checkpoint_id: str, expires_seconds: int = 3600) -> dict[str, Any]:
         """Time-limited URLs for every file of the checkpoint (and its manifest)."""
         if not 60 <= expires_seconds <= 7 * 24 * 3600:

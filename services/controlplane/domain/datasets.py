@@ -22,9 +22,10 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -42,6 +43,7 @@ from services.controlplane.domain.util import (
     utcnow,
 )
 
+RATING_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,80}$")
 ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".json", ".jsonl"})
 MANIFEST = "manifest.json"
 
@@ -121,13 +123,14 @@ class DatasetService:
                 out.append({**rec, "versions": [v["id"] for v in self.list_versions(n)]})
         return out, token
 
-    def delete(self, name: str) -> None:
+    def delete(self, name: str, holds: Callable[[str], str | None] | None = None) -> None:
+        """Delete the dataset with every version, rating and upload. ``holds(finetune_id)`` says why a
+        fine-tune that references the dataset still holds it (``None``: it no longer does; see
+        ``domain/retention.py``); without it every reference holds. Raises ``Conflict`` naming them."""
         self.get(name)
-        refs = self.references(name)
-        if refs:
-            raise Conflict(
-                f"dataset {name!r} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}; it cannot be deleted"
-            )
+        held = _holders(self.references(name), holds)
+        if held:
+            raise Conflict(f"dataset {name!r} is still in use and cannot be deleted: {'; '.join(held)}")
         self.store.delete_prefix(dataset_prefix(name))
 
     # ------------------------------------------------------------------------------- references
@@ -135,6 +138,9 @@ class DatasetService:
         self.store.put_json(
             dataset_prefix(name) + f"refs/{finetune_id}.json", {"version": digest, "finetune_id": finetune_id}
         )
+
+    def remove_reference(self, name: str, finetune_id: str) -> None:
+        self.store.delete(dataset_prefix(name) + f"refs/{finetune_id}.json")
 
     def references(self, name: str, digest: str | None = None) -> dict[str, str]:
         """``{finetune_id: version}`` of the fine-tunes that use this dataset (or one version of it)."""
@@ -205,7 +211,7 @@ class DatasetService:
 
     def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
         """A new version: the files of ``base`` plus the dataset's rating records."""
-        self.get_version(name, base)
+        base = self.get_version(name, base)["id"]
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"
             shutil.copytree(self.fetch_version(name, base), data)
@@ -218,17 +224,33 @@ class DatasetService:
         ``include_ratings``) and publish it as an immutable version named by its content digest,
         manifest last; the same content returns the existing version. ``source`` is recorded as the
         version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
-        from huvidpo.data import DatasetError, load_dataset
+        from huvidpo.data import DatasetError, load_dataset, reference_problems
 
-        ratings = self._rating_records(name) if include_ratings else []
         try:
-            # Appending ratings needs the uploaded manifest: a missing one is the caller's error too.
-            if ratings:
-                _append_records(data, ratings)
+            # The files as sent first, so a problem names the caller's own file and line.
             ds = load_dataset(data)
         except DatasetError as exc:
-            # Paths in the message are our temporary directory's; strip them so the caller sees theirs.
-            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="files") from exc
+            raise InvalidRequest(user_message(exc, data), field="files") from exc
+        prompts = {vid: v.prompt for vid, v in ds.videos.items()}
+        ratings: builtins.list[dict[str, Any]] = []
+        skipped: builtins.list[dict[str, str]] = []
+        for rid, record in self._rating_records(name) if include_ratings else []:
+            # A stored record that does not fit these videos (one stored before records were checked,
+            # or one of a video this upload dropped) is reported, never fatal: delete it to silence it.
+            problems = reference_problems(record, prompts)
+            if problems:
+                skipped.append({"id": rid, "reason": "; ".join(msg for _, msg in problems)})
+            else:
+                ratings.append(record)
+        if ratings:
+            _append_records(data, ratings)
+            try:
+                ds = load_dataset(data, check_videos=False)
+            except DatasetError as exc:
+                raise InvalidRequest(
+                    "the dataset's stored ratings do not fit this version: " + user_message(exc, data),
+                    field="ratings",
+                ) from exc
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(q for q in data.rglob("*") if q.is_file()):
             digest, size = sha256_file(p)
@@ -237,7 +259,7 @@ class DatasetService:
         prefix = version_prefix(name, digest)
         existing = read_json_or_none(self.store, prefix + MANIFEST)
         if existing is not None:
-            return existing  # same content: the same immutable version
+            return {**existing, "skipped_ratings": skipped}  # same content: the same immutable version
         for rel in files:
             self.store.put_file(prefix + rel, data / rel[len("data/") :])
         manifest = {
@@ -254,7 +276,8 @@ class DatasetService:
             "created_at": iso(self.clock()),
         }
         self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
-        return manifest
+        # What was left out is an answer to this build, not part of the immutable version.
+        return {**manifest, "skipped_ratings": skipped}
 
     # ------------------------------------------------------------------------------- versions
     def list_versions(self, name: str) -> builtins.list[dict[str, Any]]:
@@ -269,17 +292,20 @@ class DatasetService:
 
     def get_version(self, name: str, digest: str) -> dict[str, Any]:
         validate_name(name, "dataset")
-        validate_digest(digest)
+        digest = validate_digest(digest)
         manifest: dict[str, Any] = read_json(
             self.store, version_prefix(name, digest) + MANIFEST, f"version {digest} of dataset {name!r}"
         )
         return manifest
 
-    def delete_version(self, name: str, digest: str) -> None:
-        self.get_version(name, digest)
-        refs = self.references(name, digest)
-        if refs:
-            raise Conflict(f"version {digest} is used by fine-tune(s) {', '.join(sorted(refs)[:5])}")
+    def delete_version(
+        self, name: str, digest: str, holds: Callable[[str], str | None] | None = None
+    ) -> None:
+        """Delete one version (and its compiled pairs); ``holds`` as for :meth:`delete`."""
+        digest = self.get_version(name, digest)["id"]
+        held = _holders(self.references(name, digest), holds)
+        if held:
+            raise Conflict(f"version {digest} is still in use and cannot be deleted: {'; '.join(held)}")
         # manifest first: the version stops existing before its files go
         self.store.delete(version_prefix(name, digest) + MANIFEST)
         self.store.delete_prefix(version_prefix(name, digest))
@@ -289,6 +315,7 @@ class DatasetService:
     def fetch_version(self, name: str, digest: str) -> Path:
         """A verified local copy of a version's dataset directory (cached by digest)."""
         manifest = self.get_version(name, digest)
+        digest = manifest["id"]
         dest = self.cache_dir / "datasets" / name / digest
         if (dest / ".complete").exists():
             return dest / "data"
@@ -311,8 +338,29 @@ class DatasetService:
 
     # ------------------------------------------------------------------------------- ratings
     def add_ratings(self, name: str, records: builtins.list[dict[str, Any]]) -> builtins.list[str]:
-        """Store rating/choice records, one object each; the id is the record's digest (idempotent)."""
+        """Store rating/choice records, one object each; the id is the record's digest (idempotent).
+
+        Every record must name videos of the dataset's current version (a choice: two of one prompt);
+        otherwise nothing is stored and ``InvalidRequest`` names the first bad field (``records[i].video_id``)."""
+        from huvidpo.data import reference_problems
+
         self.get(name)
+        version, prompts = self.current_prompts(name)
+        bad = [
+            (f"records[{i}].{fld}", msg)
+            for i, rec in enumerate(records)
+            for fld, msg in reference_problems(rec, prompts)
+        ]
+        if bad:
+            where = (
+                f"the current version {version} of dataset {name!r}"
+                if version
+                else f"dataset {name!r}: it has no version yet; upload one first"
+            )
+            lines = "\n  ".join(f"{fld}: {msg}" for fld, msg in bad)
+            raise InvalidRequest(
+                f"no rating stored: every record must name videos of {where}:\n  {lines}", field=bad[0][0]
+            )
         ids = []
         for rec in records:
             blob = json.dumps(rec, sort_keys=True, separators=(",", ":")).encode()
@@ -329,17 +377,55 @@ class DatasetService:
         page, token = paginate(objs, lambda o: o.key, page_size, page_token)
         return [self.store.get_json(o.key) for o in page], token
 
-    def _rating_records(self, name: str) -> builtins.list[dict[str, Any]]:
-        objs = self.store.list(dataset_prefix(name) + "ratings/", recursive=False)
-        return [self.store.get_json(o.key)["record"] for o in objs]
+    def _rating_records(self, name: str) -> builtins.list[tuple[str, dict[str, Any]]]:
+        """``[(rating_id, record)]`` of the dataset's stored rating and choice records."""
+        out = []
+        for o in self.store.list(dataset_prefix(name) + "ratings/", recursive=False):
+            obj = self.store.get_json(o.key)
+            out.append((str(obj.get("id", o.key.rsplit("/", 1)[-1].removesuffix(".json"))), obj["record"]))
+        return out
+
+    def current_prompts(self, name: str) -> tuple[str | None, dict[str, str]]:
+        """``(version, {video_id: prompt})`` of the dataset's current (latest) version; ``(None, {})``
+        while it has none. Read without validating: the version was valid when it was published, and
+        one published before a rule was added must still answer."""
+        from huvidpo.data import find_manifest
+
+        versions = self.list_versions(name)
+        if not versions:
+            return None, {}
+        version = str(versions[-1]["id"])
+        manifest = find_manifest(self.fetch_version(name, version))
+        text = manifest.read_text(encoding="utf-8-sig")
+        if manifest.suffix == ".jsonl":
+            records = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+        else:
+            records = json.loads(text)
+        prompts = {}
+        for r in records:
+            if isinstance(r, dict) and r.get("type", "video") == "video" and "file" in r and "id" in r:
+                prompts[str(r["id"])] = str(r.get("prompt", r.get("category")))
+        return version, prompts
+
+    def delete_rating(self, name: str, rating_id: str) -> None:
+        """Delete one stored rating, choice or tie record; ``NotFound`` when there is none."""
+        self.get(name)
+        if not RATING_ID_RE.match(rating_id or ""):
+            raise NotFound(f"rating {rating_id!r} not found in dataset {name!r}")
+        keys = [dataset_prefix(name) + f"{sub}/{rating_id}.json" for sub in ("ratings", "ties")]
+        found = [k for k in keys if self.store.exists(k)]
+        if not found:
+            raise NotFound(f"rating {rating_id!r} not found in dataset {name!r}")
+        for k in found:
+            self.store.delete(k)
 
     # ------------------------------------------------------------------------------- pairs
     def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
         """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
+        digest = self.get_version(name, digest)["id"]
         prefix = dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
-        self.get_version(name, digest)
         cached = read_json_or_none(self.store, prefix + "report.json")
         if cached is not None:
             return dict(cached)
@@ -348,7 +434,7 @@ class DatasetService:
             ds = load_dataset(data)
             pairset = compile_pairs(ds, options.tie_policy, options.min_margin, options.margin_weighting)
         except DatasetError as exc:
-            raise InvalidRequest(str(exc).replace(str(data) + "/", ""), field="version") from exc
+            raise InvalidRequest(user_message(exc, data), field="version") from exc
         except ValueError as exc:
             raise InvalidRequest(str(exc), field="options") from exc
         with tempfile.TemporaryDirectory() as tmp:
@@ -365,6 +451,21 @@ class DatasetService:
         }
         self.store.put_json(prefix + "report.json", report)
         return report
+
+
+def _holders(refs: Mapping[str, str], holds: Callable[[str], str | None] | None) -> builtins.list[str]:
+    """The reasons the referencing fine-tunes still hold what they reference (at most five named)."""
+    reasons = [r for ft in sorted(refs) if (r := f"fine-tune {ft}" if holds is None else holds(ft))]
+    return reasons[:5] + ([f"and {len(reasons) - 5} more"] if len(reasons) > 5 else [])
+
+
+def user_message(exc: Exception, root: Path) -> str:
+    """``exc``'s message with the server's copy of the dataset (a temporary or cache directory) taken
+    out, so file names read as the caller sent them (``manifest.jsonl: line 3``, ``videos/a.mp4``)."""
+    text = str(exc)
+    for r in sorted({str(root), str(root.absolute()), str(root.resolve())}, key=len, reverse=True):
+        text = text.replace(r + "/", "").replace(r, "the upload")
+    return text
 
 
 def _mkdir(p: Path) -> Path:

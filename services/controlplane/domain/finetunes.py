@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+ACTIVE = frozenset({"queued", "running"})
 STAGES = ("dpo", "stage1")
 # Set by the trainer from the fine-tune's inputs, never by the caller.
 RESERVED_HYPERPARAMETERS = frozenset({"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device"})
@@ -174,7 +175,13 @@ class FineTuneService:
     def validate(self, req: FineTuneRequest) -> tuple[FineTuneRequest, dict[str, Any]]:
         """Check every input exists and every hyperparameter is valid; returns (normalised request, lineage)."""
         validate_name(req.dataset, "dataset")
-        validate_digest(req.version, "version")
+        req = FineTuneRequest(
+            req.dataset,
+            validate_digest(req.version, "version"),
+            req.base_model,
+            req.stage,
+            req.hyperparameters,
+        )
         validate_name(req.base_model, "base_model")
         hp = validate_hyperparameters(req.stage, dict(req.hyperparameters))
         try:
@@ -399,6 +406,44 @@ class FineTuneService:
                 self.on_transition(old, "cancelled")
         self.executor.cancel(finetune_id)
         return self.get(finetune_id)
+
+    # ------------------------------------------------------------------------------- retention
+    def holds(self, finetune_id: str) -> str | None:
+        """Why this fine-tune still holds the dataset version it names: it is active (queued or
+        running), or checkpoints of it still exist. ``None`` once it holds nothing (or is gone)."""
+        try:
+            view = self.get(finetune_id)
+        except NotFound:
+            return None
+        if view["state"] in ACTIVE:
+            return f"fine-tune {finetune_id} is {view['state']}"
+        if view["checkpoints"]:
+            return f"fine-tune {finetune_id} has checkpoint(s) {', '.join(view['checkpoints'])}"
+        return None
+
+    def delete(self, finetune_id: str) -> None:
+        """Delete a finished fine-tune: its record, its progress, its dataset reference and its
+        Idempotency-Key. Refused (``Conflict``) while it is active or while checkpoints of it exist:
+        checkpoints are deleted one by one, each checked against the rollouts."""
+        view = self.get(finetune_id)
+        if view["state"] in ACTIVE:
+            raise Conflict(f"fine-tune {finetune_id} is {view['state']}; cancel it before deleting it")
+        if view["checkpoints"]:
+            raise Conflict(
+                f"fine-tune {finetune_id} still has checkpoint(s) {', '.join(view['checkpoints'])}; "
+                "delete them first (DELETE /v1/checkpoints/{id})"
+            )
+        # The record first: the fine-tune stops existing before its progress and its reference go.
+        self.store.delete(record_key(finetune_id))
+        self.store.delete_prefix(f"finetunes/{finetune_id}/")
+        self.datasets.remove_reference(view["dataset"], finetune_id)
+        if finetune_id.startswith("ft-"):
+            # Its Idempotency-Key record goes too (the id is "ft-" + the start of the key's digest), so
+            # nothing of it is left; the same key later starts a new fine-tune.
+            for obj in self.store.list(f"idempotency/finetunes/{finetune_id[3:]}", recursive=False):
+                prior = read_json_or_none(self.store, obj.key)
+                if prior is not None and prior.get("finetune_id") == finetune_id:
+                    self.store.delete(obj.key)
 
     def logs(self, finetune_id: str, follow: bool = False) -> Iterator[bytes]:
         self._load(finetune_id)

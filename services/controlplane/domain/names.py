@@ -11,6 +11,9 @@ NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 NAME_PATTERN = NAME_RE.pattern
 DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 DIGEST_PATTERN = DIGEST_RE.pattern
+# A dataset version as a caller may name it: its ``id`` (64 hex) or its ``digest`` (``sha256:`` + id).
+VERSION_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
+VERSION_PATTERN = VERSION_RE.pattern
 # Segments of a relative file path inside a dataset.
 _SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_PATH_LEN = 512
@@ -28,10 +31,16 @@ def validate_name(value: str, field: str = "name") -> str:
 
 
 def validate_digest(value: str, field: str = "version") -> str:
-    """A dataset version is the 64 hex characters of a sha256 digest."""
-    if not isinstance(value, str) or not DIGEST_RE.match(value):
-        raise InvalidRequest(f"{field} must be a sha256 digest (64 lower-case hex characters)", field=field)
-    return value
+    """A dataset version, named by its ``id`` (64 lower-case hex) or its ``digest`` (``sha256:<id>``).
+
+    Returns the ``id`` form: the one place both forms become one, so store keys, fine-tune records and
+    references always hold the same string. Raises :class:`InvalidRequest` naming ``field``."""
+    if not isinstance(value, str) or not VERSION_RE.match(value):
+        raise InvalidRequest(
+            f"{field} must be a version id (64 lower-case hex characters) or its digest 'sha256:<id>'",
+            field=field,
+        )
+    return value.removeprefix("sha256:")
 
 
 def validate_relative_path(value: str, field: str = "filename") -> str:

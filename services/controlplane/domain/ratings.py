@@ -197,7 +197,7 @@ class RatingService:
     def video_file(self, name: str, version: str, path: str) -> Path:
         """The local path of one video file of a version (verified against the version's digests)."""
         validate_name(name, "dataset")
-        validate_digest(version)
+        version = validate_digest(version)
         validate_relative_path(path, "path")
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
             raise NotFound(f"{path!r} is not a video of version {version}")
@@ -211,7 +211,7 @@ class RatingService:
         """What a rater needs to rate a version: its videos with this rater's scores, the A/B pairs
         with this rater's choices, progress in both modes and where to resume."""
         self.datasets.get(name)
-        version = version or self.latest_version(name)
+        version = validate_digest(version) if version else self.latest_version(name)
         videos = self.videos(name, version)
         mine = resolve(j for j in self.judgments(name) if j.rater_id == rater_id).effective
         scores = {j.target: j for j in mine if j.kind == "score"}
@@ -272,6 +272,7 @@ class RatingService:
     ) -> dict[str, Any]:
         """Store (or replace) ``rater_id``'s score (0..10) of ``video_id``; returns the stored object."""
         self.datasets.get(name)
+        version = validate_digest(version)
         self._check_video(name, version, video_id)
         rid = score_id(rater_id, video_id)
         record = {
@@ -293,6 +294,7 @@ class RatingService:
         self.datasets.get(name)
         if left == right:
             raise InvalidRequest("left and right are the same video", field="right")
+        version = validate_digest(version)
         videos = {v.id: v for v in self.videos(name, version)}
         self._check_video(name, version, left, right)
         if videos[left].prompt != videos[right].prompt:
@@ -336,15 +338,38 @@ class RatingService:
         ``base`` defaults to the latest version; a version that was itself compiled is followed back to
         the version it was made from, so records are never appended twice. The same ratings compile to
         the same version (its digest covers the files and the lineage, not the time)."""
+        from huvidpo.data import reference_problems
+
         self.datasets.get(name)
-        base = self.root_version(name, base or self.latest_version(name))
-        known = {v.id for v in self.videos(name, base)}
+        base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
+        prompts = {v.id: v.prompt for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []
         skipped: list[Judgment] = []
+        dropped: list[dict[str, str]] = []  # every judgment not compiled, with the reason
         for j in resolved.effective:
-            ids = [j.target] if j.kind == "score" else j.target.split("|")
-            (used if all(i in known for i in ids) else skipped).append(j)
+            if j.kind == "tie":
+                problems = [
+                    ("videos", f"tie names unknown video id {i!r}")
+                    for i in j.target.split("|")
+                    if i not in prompts
+                ]
+            else:
+                problems = reference_problems(j.record, prompts)
+            if problems:
+                skipped.append(j)
+                dropped.append({"id": j.id, "reason": "; ".join(msg for _, msg in problems)})
+            else:
+                used.append(j)
+        latest = {j.slot: j for j in resolved.effective}
+        for j in resolved.superseded:
+            what = "video" if j.kind == "score" else "pair"
+            dropped.append(
+                {
+                    "id": j.id,
+                    "reason": f"superseded by {latest[j.slot].id}, a later judgment of the same rater and {what}",
+                }
+            )
         records = [j for j in used if j.kind != "tie"]
         ids_text = "".join(
             f"{j.id}\0{json.dumps(j.record, sort_keys=True, separators=(',', ':'))}\n"
@@ -376,7 +401,12 @@ class RatingService:
             }
             version = self.datasets.publish_version(name, data, source, include_ratings=False)
         pairs = self.datasets.compile_pairs(name, version["id"], options)
-        return {"version": version, "lineage": lineage, "pairs": pairs}
+        return {
+            "version": version,
+            "lineage": lineage,
+            "pairs": pairs,
+            "dropped": sorted(dropped, key=lambda d: d["id"]),
+        }
 
 
 def _append(data: Path, records: list[dict[str, Any]]) -> None:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
 from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.domain.retention import Retention
 from services.controlplane.schemas import Checkpoint, CheckpointDownload, CheckpointList
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[Authed])
@@ -27,6 +28,17 @@ def list_checkpoints(
 @router.get("/{checkpoint_id}", response_model=Checkpoint, responses=problems.common_responses(401, 404))
 def get_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.checkpoints.get(checkpoint_id)
+
+
+@router.delete(
+    "/{checkpoint_id}",
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 409),
+    summary="Delete a checkpoint (409 naming the rollout while a deployment serves it)",
+)
+def delete_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> Response:
+    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_checkpoint(checkpoint_id)
+    return Response(status_code=204)
 
 
 @router.get(

@@ -11,6 +11,7 @@ from services.controlplane.deps import Authed, Context, ctx
 from services.controlplane.domain.datasets import PairOptions
 from services.controlplane.domain.errors import InvalidRequest
 from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN, validate_name
+from services.controlplane.domain.retention import Retention
 from services.controlplane.schemas import (
     CommitRequest,
     Dataset,
@@ -88,7 +89,7 @@ def get_dataset(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
 
 @router.delete("/{name}", status_code=204, responses=problems.common_responses(401, 403, 404, 409, 422))
 def delete_dataset(name: str, c: Context = Depends(ctx)) -> Response:
-    c.datasets.delete(name)
+    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_dataset(name)
     return Response(status_code=204)
 
 
@@ -244,7 +245,7 @@ def get_version(name: str, version: str, c: Context = Depends(ctx)) -> dict[str,
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
 def delete_version(name: str, version: str, c: Context = Depends(ctx)) -> Response:
-    c.datasets.delete_version(name, version)
+    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_version(name, version)
     return Response(status_code=204)
 
 
@@ -272,6 +273,14 @@ def compile_pairs(
 def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> dict[str, Any]:
     records = [r.model_dump(exclude_none=True) for r in body.records]
     return {"ids": c.datasets.add_ratings(name, records)}
+
+
+@router.delete(
+    "/{name}/ratings/{rating_id}", status_code=204, responses=problems.common_responses(401, 403, 404, 422)
+)
+def delete_rating(name: str, rating_id: str, c: Context = Depends(ctx)) -> Response:
+    c.datasets.delete_rating(name, rating_id)
+    return Response(status_code=204)
 
 
 @router.get("/{name}/ratings", response_model=RatingList, responses=problems.common_responses(401, 404, 422))

@@ -10,6 +10,7 @@ from fastapi.responses import StreamingResponse
 from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
 from services.controlplane.domain.finetunes import FineTuneRequest
+from services.controlplane.domain.retention import Retention
 from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
 
 router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"], dependencies=[Authed])
@@ -56,6 +57,17 @@ def list_finetunes(
 @router.get("/{finetune_id}", response_model=FineTune, responses=problems.common_responses(401, 404))
 def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.get(finetune_id)
+
+
+@router.delete(
+    "/{finetune_id}",
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 409),
+    summary="Delete a finished fine-tune without checkpoints (409 while active or while it has checkpoints)",
+)
+def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
+    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_finetune(finetune_id)
+    return Response(status_code=204)
 
 
 @router.post(

@@ -17,9 +17,9 @@ from pydantic import BaseModel, Field
 from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
 from services.controlplane.domain.datasets import PairOptions
-from services.controlplane.domain.names import DIGEST_PATTERN
+from services.controlplane.domain.names import VERSION_PATTERN
 from services.controlplane.domain.ratings import RatingService
-from services.controlplane.schemas import DatasetVersion, PairsReport, Strict
+from services.controlplane.schemas import DatasetVersion, PairsReport, Strict, VersionRef
 
 router = APIRouter(prefix="/v1/datasets", tags=["ratings"], dependencies=[Authed])
 
@@ -30,7 +30,7 @@ VideoId = Field(min_length=1, max_length=256)
 class ScorePut(Strict):
     """A rater's absolute score of one video of a version (replaces their earlier score)."""
 
-    version: str = Field(pattern=DIGEST_PATTERN)
+    version: VersionRef
     rater_id: str = RaterId
     video_id: str = VideoId
     score: float = Field(ge=0, le=10)
@@ -39,7 +39,7 @@ class ScorePut(Strict):
 class ChoicePut(Strict):
     """A rater's A/B judgment of two videos of one prompt (replaces their earlier judgment)."""
 
-    version: str = Field(pattern=DIGEST_PATTERN)
+    version: VersionRef
     rater_id: str = RaterId
     left: str = VideoId
     right: str = VideoId
@@ -54,18 +54,27 @@ class StoredJudgment(BaseModel):
 
 
 class CompileRequest(Strict):
-    base: str | None = Field(
-        default=None, pattern=DIGEST_PATTERN, description="version to add the ratings to (default: latest)"
+    base: VersionRef | None = Field(
+        default=None, description="version to add the ratings to (default: latest)"
     )
     tie_policy: Literal["drop", "keep"] = "drop"
     min_margin: float = Field(default=0.0, ge=0, le=10)
     margin_weighting: bool = False
 
 
+class DroppedJudgment(BaseModel):
+    id: str
+    reason: str
+
+
 class CompileResult(BaseModel):
     version: DatasetVersion
     lineage: dict[str, Any]
     pairs: PairsReport
+    dropped: list[DroppedJudgment] = Field(
+        default_factory=list,
+        description="every stored judgment not compiled, and why (superseded, or names a video the base lacks)",
+    )
 
 
 class Progress(BaseModel):
@@ -120,7 +129,7 @@ def _svc(c: Context) -> RatingService:
 def rating_session(
     name: str,
     rater_id: str = Query(..., min_length=1, max_length=256),
-    version: str | None = Query(None, pattern=DIGEST_PATTERN),
+    version: str | None = Query(None, pattern=VERSION_PATTERN),
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     return _svc(c).session(name, version, rater_id)
