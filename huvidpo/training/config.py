@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from huvidpo.bounds import BOUNDS
 from huvidpo.models import DEFAULT_STAGE1_PATTERNS
 
 
@@ -177,6 +178,10 @@ class TrainConfig:
             raise ConfigError(
                 f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})"
             )
+        for name, bound in BOUNDS.items():  # the documented bounds (huvidpo.bounds)
+            value = getattr(self, name, None)
+            if value is not None and not bound.contains(value):
+                raise ConfigError(f"{name} must be {bound.describe()}, got {value}")
 
 
 @dataclass

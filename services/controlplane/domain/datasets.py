@@ -219,6 +219,7 @@ class DatasetService:
         manifest last; the same content returns the existing version. ``source`` is recorded as the
         version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
         from huvidpo.data import DatasetError, load_dataset
+        from huvidpo.data.stats import video_stats
 
         ratings = self._rating_records(name) if include_ratings else []
         try:
@@ -236,8 +237,11 @@ class DatasetService:
         digest = content_digest(files)
         prefix = version_prefix(name, digest)
         existing = read_json_or_none(self.store, prefix + MANIFEST)
-        if existing is not None:
-            return existing  # same content: the same immutable version
+        if existing is not None:  # same content: the same immutable version
+            if "video_stats" not in existing:  # committed before versions recorded them
+                existing = {**existing, "video_stats": video_stats(ds)}
+                self.store.put_json(prefix + MANIFEST, existing)
+            return existing
         for rel in files:
             self.store.put_file(prefix + rel, data / rel[len("data/") :])
         manifest = {
@@ -249,6 +253,7 @@ class DatasetService:
             "prompts": len(ds.prompts),
             "raters": len(ds.raters),
             "rating_records": len(ratings),
+            "video_stats": video_stats(ds),  # what fine-tunes may ask for (frames, size)
             "size": sum(f["size"] for f in files.values()),
             "source": source,
             "created_at": iso(self.clock()),
