@@ -42,6 +42,7 @@ from huvidpo.training.common import (
     any_process,
     build_optimizer,
     build_scheduler,
+    check_clip_frames,
     checkpoint_saver,
     clip_views,
     enable_checkpointing,
@@ -134,6 +135,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     from huvidpo.data import compile_pairs, load_dataset
 
     ds = load_dataset(cfg.dataset)
+    check_clip_frames(ds, cfg)
     pairset = compile_pairs(
         ds,
         tie_policy=cfg.tie_policy,

@@ -37,6 +37,7 @@ from huvidpo.training.common import (
     any_process,
     build_optimizer,
     build_scheduler,
+    check_clip_frames,
     checkpoint_saver,
     clip_views,
     enable_checkpointing,
@@ -89,9 +90,9 @@ def prepare_clips(cfg: Stage1Config) -> tuple[list[tuple[str, str]], dict[str, i
     root = Path(cfg.dataset)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory not found: {root}")
-    span = (cfg.num_frames - 1) * cfg.frame_stride + 1
     if (root / "manifest.jsonl").exists() or (root / "manifest.json").exists():
-        ds = load_dataset(root, min_frames=span)
+        ds = load_dataset(root)
+        check_clip_frames(ds, cfg)
         items = [(str(v.path), cfg.prompt or v.prompt) for v in ds.videos.values()]
         frames = {str(v.path): int(v.num_frames) for v in ds.videos.values() if v.num_frames}
         return items, frames

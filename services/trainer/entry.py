@@ -199,14 +199,19 @@ def run(
     except BadInput as exc:
         code, reason, message = EXIT_BAD_DATA, "BadInput", str(exc)
     except Exception as exc:
-        from huvidpo.data import DatasetError
+        from huvidpo.data import ClipError, DatasetError
         from huvidpo.training import CheckpointError, ConfigError
+        from huvidpo.video_io import VideoDecodeError
 
-        if isinstance(exc, DatasetError | ConfigError | CheckpointError):
+        # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
+        if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
             code, reason, message = EXIT_BAD_DATA, type(exc).__name__, str(exc)
         else:
             log.exception("trainer failed")
             code, reason, message = EXIT_FAILED, type(exc).__name__, str(exc)
+    # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
+    work = Path(settings.work_dir) / finetune_id
+    message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
     try:
         if code == EXIT_OK:
             progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
