@@ -77,7 +77,7 @@ class TrainConfig:
     cache_dir: str | None = None
     """Latent/text cache; None: ``<output_dir>/cache``."""
     checkpoint_every: int = 0
-    """Steps between checkpoints; 0: once per epoch."""
+    """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
     keep_last: int = 3
     eval_every: int = 0
     """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
@@ -217,6 +217,8 @@ class DPOConfig(TrainConfig):
     """``adapter_disabled`` (the same UNet, adapters off, no_grad) or ``frozen_copy`` (the reference code)."""
     sft_weight: float = 0.0
     shared_noise_timestep: bool = True
+    """The chosen and rejected clip of a pair get the same noise and timestep (spec 4.2, as the
+    reference and Diffusion-DPO); False: each clip its own draws. Held-out evaluation always shares."""
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1

@@ -152,7 +152,7 @@ def run_stage1(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = steps_per_epoch(len(items), cfg.batch_size * world)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
-    ckpt_every = cfg.checkpoint_every or per_epoch
+    ckpt_every = cfg.checkpoint_every  # 0: only at the end (and when stopped)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -240,7 +240,7 @@ def run_stage1(
         }
         if step % cfg.log_every == 0 or step == total_steps:
             cb.on_step(last_metrics)
-        if step % ckpt_every == 0 or step == total_steps:
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             last_ckpt = save(step) or last_ckpt
             saved_step = step
 
