@@ -1,7 +1,14 @@
 """Trainers: stage 1 (temporal layers) and stage 2 (Diffusion-DPO with LoRA), callable from Python
 (``run_stage1``, ``run_dpo``) and from the ``huvidpo train`` command."""
 
-from huvidpo.training.callbacks import CallbackBase, JsonlMetrics, PlotMetrics, TrainingCallback, plot_metrics
+from huvidpo.training.callbacks import (
+    CallbackBase,
+    JsonlMetrics,
+    LogMetrics,
+    PlotMetrics,
+    TrainingCallback,
+    plot_metrics,
+)
 from huvidpo.training.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints
 from huvidpo.training.common import TrainResult
 from huvidpo.training.config import ConfigError, DPOConfig, Stage1Config, TrainConfig
@@ -14,6 +21,7 @@ __all__ = [
     "ConfigError",
     "DPOConfig",
     "JsonlMetrics",
+    "LogMetrics",
     "PlotMetrics",
     "Stage1Config",
     "TrainConfig",

@@ -15,6 +15,7 @@ allocated, or the process's peak RSS on CPU). DPO adds ``implicit_acc``, ``rewar
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -83,6 +84,40 @@ class JsonlMetrics(CallbackBase):
     def on_step(self, metrics: dict[str, Any]) -> None:
         with self.path.open("a") as fh:
             fh.write(json.dumps(metrics, default=float) + "\n")
+
+
+class LogMetrics(CallbackBase):
+    """One log line per logged step (step, loss, reward accuracy, lr), per checkpoint and at the end,
+    through ``logging`` (logger ``huvidpo.training``, level INFO): what a service's log shows."""
+
+    def __init__(self, logger: logging.Logger | None = None) -> None:
+        self.log = logger or logging.getLogger("huvidpo.training")
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        total = metrics.get("total_steps")
+        parts = [f"step {metrics.get('step')}" + (f"/{total}" if total else "")]
+        if "epoch" in metrics:
+            parts.append(f"epoch {metrics['epoch']}")
+        for key, label, fmt in (
+            ("loss", "loss", ".4f"),
+            ("implicit_acc", "reward_acc", ".3f"),
+            ("reward_margin", "reward_margin", ".4f"),
+            ("lr", "lr", ".3g"),
+            ("eval_implicit_acc", "eval_reward_acc", ".3f"),
+            ("step_seconds", "step_seconds", ".2f"),
+        ):
+            if metrics.get(key) is not None:
+                parts.append(f"{label} {float(metrics[key]):{fmt}}")
+        self.log.info(" ".join(parts))
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        self.log.info("checkpoint at step %d written", step)
+
+    def on_end(self, summary: dict[str, Any]) -> None:
+        how = "stopped" if summary.get("stopped") else "finished"
+        self.log.info(
+            "training %s after %s of %s steps", how, summary.get("steps"), summary.get("total_steps")
+        )
 
 
 class PlotMetrics(CallbackBase):

@@ -175,6 +175,21 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_st
     )
 
 
+def check_clip_frames(ds: Any, cfg: TrainConfig) -> None:
+    """Raise :class:`ConfigError` when the shortest video of ``ds`` (a loaded ``PreferenceDataset``)
+    is too short for a clip of ``num_frames`` at ``frame_stride``: a config the data cannot serve,
+    caught before any model is loaded (the message names the video by its manifest path)."""
+    from huvidpo.data.stats import frames_problem
+
+    known = [v for v in ds.videos.values() if v.num_frames]
+    if not known:
+        return
+    shortest = min(known, key=lambda v: (v.num_frames, v.id))
+    problem = frames_problem(shortest.num_frames, cfg.num_frames, cfg.frame_stride, f" ({shortest.file})")
+    if problem:
+        raise ConfigError(problem)
+
+
 def count_frames(path: str | os.PathLike[str]) -> int:
     """Number of frames of a video file (container metadata, or a decode when it has none)."""
     import av

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
+from huvidpo.bounds import BOUNDS
 from huvidpo.models import DEFAULT_STAGE1_PATTERNS
 
 
@@ -76,7 +77,7 @@ class TrainConfig:
     cache_dir: str | None = None
     """Latent/text cache; None: ``<output_dir>/cache``."""
     checkpoint_every: int = 0
-    """Steps between checkpoints; 0: once per epoch."""
+    """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
     keep_last: int = 3
     eval_every: int = 0
     """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
@@ -177,6 +178,10 @@ class TrainConfig:
             raise ConfigError(
                 f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})"
             )
+        for name, bound in BOUNDS.items():  # the documented bounds (huvidpo.bounds)
+            value = getattr(self, name, None)
+            if value is not None and not bound.contains(value):
+                raise ConfigError(f"{name} must be {bound.describe()}, got {value}")
 
 
 @dataclass
@@ -212,6 +217,8 @@ class DPOConfig(TrainConfig):
     """``adapter_disabled`` (the same UNet, adapters off, no_grad) or ``frozen_copy`` (the reference code)."""
     sft_weight: float = 0.0
     shared_noise_timestep: bool = True
+    """The chosen and rejected clip of a pair get the same noise and timestep (spec 4.2, as the
+    reference and Diffusion-DPO); False: each clip its own draws. Held-out evaluation always shares."""
     lora_rank: int = 16
     lora_alpha: float = 32.0
     lora_dropout: float = 0.1

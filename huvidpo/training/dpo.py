@@ -42,6 +42,7 @@ from huvidpo.training.common import (
     any_process,
     build_optimizer,
     build_scheduler,
+    check_clip_frames,
     checkpoint_saver,
     clip_views,
     enable_checkpointing,
@@ -94,6 +95,7 @@ def dpo_step(
     sft_weight: float = 0.0,
     autocast: Any = nullcontext,
     skip_first_frame: bool = True,
+    rejected_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, DPOStats]:
     """One DPO loss evaluation (forward only; the caller does backward and the optimizer step).
 
@@ -101,12 +103,15 @@ def dpo_step(
         e_M^k = mean over (c, f = 1..F-1, h, w) of (eps_M(x_t^k, t, text) - eps)^2    M in {model, ref}
         L     = -log sigmoid(-beta/2 * ((e_model^w - e_model^l) - (e_ref^w - e_ref^l)))  [+ sft * e_model^w]
 
-    ``t (b,)`` and ``noise (b, 4, f, h, w)`` are shared by the chosen and rejected clip of a pair.
+    ``t (b,)`` and ``noise (b, 4, f, h, w)`` are shared by the chosen and rejected clip of a pair
+    (the spec's default, ``shared_noise_timestep``: the pair's difference in error then comes from the
+    clips, not from the draws); ``rejected_draws`` = ``(noise, t)`` gives the rejected clips their own.
     ``policy`` is the (possibly DDP-wrapped) UNet with LoRA; ``reference`` is ``base_unet`` itself
     (its adapters are switched off for the no-grad forward) or a frozen copy.
     """
     clean = torch.cat([batch.chosen, batch.rejected])  # (2b, 4, f, h, w): one batched forward
-    eps, tt, text = torch.cat([noise, noise]), torch.cat([t, t]), torch.cat([batch.text, batch.text])
+    noise_l, t_l = rejected_draws if rejected_draws is not None else (noise, t)
+    eps, tt, text = torch.cat([noise, noise_l]), torch.cat([t, t_l]), torch.cat([batch.text, batch.text])
     zt = noisy_latents(scheduler, clean, eps, tt)
     with torch.no_grad(), autocast():
         ctx = adapters_disabled(base_unet) if reference is base_unet else nullcontext()
@@ -134,6 +139,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     from huvidpo.data import compile_pairs, load_dataset
 
     ds = load_dataset(cfg.dataset)
+    check_clip_frames(ds, cfg)
     pairset = compile_pairs(
         ds,
         tie_policy=cfg.tie_policy,
@@ -361,7 +367,7 @@ def run_dpo(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = steps_per_epoch(len(data.train), cfg.batch_size * world)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
-    ckpt_every = cfg.checkpoint_every or per_epoch
+    ckpt_every = cfg.checkpoint_every  # 0: only at the end (and when stopped)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_scheduler(optimizer, cfg, total_steps)
     policy, optimizer = accelerator.prepare(unet, optimizer)
@@ -408,9 +414,15 @@ def run_dpo(
         batch = load_pair_batch(step_pairs[mine], data.paths, source, views[mine])
         noise = torch.randn((len(idx), *batch.chosen.shape[1:]), generator=gen)[mine].to(device)
         t = sample_timesteps(cfg, len(idx), gen)[mine].to(device)
+        own = None  # shared_noise_timestep off: the rejected clips' own draws, made after the shared ones
+        if not cfg.shared_noise_timestep:
+            own = (
+                torch.randn((len(idx), *batch.chosen.shape[1:]), generator=gen)[mine].to(device),
+                sample_timesteps(cfg, len(idx), gen)[mine].to(device),
+            )
         loss, stats = dpo_step(
             policy, reference, unet, noise_sched, batch, t, noise, cfg.beta, cfg.sft_weight,
-            accelerator.autocast, cfg.loss_skip_first_frame,
+            accelerator.autocast, cfg.loss_skip_first_frame, rejected_draws=own,
         )  # fmt: skip
         accelerator.backward(loss)
         grad_norm = (
@@ -440,7 +452,7 @@ def run_dpo(
             last_metrics.update(eval_metrics)
         if step % cfg.log_every == 0 or step == total_steps:
             cb.on_step(last_metrics)
-        if step % ckpt_every == 0 or step == total_steps:
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             last_ckpt = save(step) or last_ckpt
             saved_step = step
 

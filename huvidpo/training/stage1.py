@@ -37,6 +37,7 @@ from huvidpo.training.common import (
     any_process,
     build_optimizer,
     build_scheduler,
+    check_clip_frames,
     checkpoint_saver,
     clip_views,
     enable_checkpointing,
@@ -89,9 +90,9 @@ def prepare_clips(cfg: Stage1Config) -> tuple[list[tuple[str, str]], dict[str, i
     root = Path(cfg.dataset)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset directory not found: {root}")
-    span = (cfg.num_frames - 1) * cfg.frame_stride + 1
     if (root / "manifest.jsonl").exists() or (root / "manifest.json").exists():
-        ds = load_dataset(root, min_frames=span)
+        ds = load_dataset(root)
+        check_clip_frames(ds, cfg)
         items = [(str(v.path), cfg.prompt or v.prompt) for v in ds.videos.values()]
         frames = {str(v.path): int(v.num_frames) for v in ds.videos.values() if v.num_frames}
         return items, frames
@@ -151,7 +152,7 @@ def run_stage1(
     world, rank = accelerator.num_processes, accelerator.process_index
     per_epoch = steps_per_epoch(len(items), cfg.batch_size * world)
     total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
-    ckpt_every = cfg.checkpoint_every or per_epoch
+    ckpt_every = cfg.checkpoint_every  # 0: only at the end (and when stopped)
     optimizer = build_optimizer(params, cfg)
     lr_sched = build_scheduler(optimizer, cfg, total_steps)
     model, optimizer = accelerator.prepare(unet, optimizer)
@@ -239,7 +240,7 @@ def run_stage1(
         }
         if step % cfg.log_every == 0 or step == total_steps:
             cb.on_step(last_metrics)
-        if step % ckpt_every == 0 or step == total_steps:
+        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
             last_ckpt = save(step) or last_ckpt
             saved_step = step
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
+from huvidpo.bounds import BOUNDS
 from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
@@ -67,6 +68,10 @@ class DatasetVersion(BaseModel):
         default_factory=list,
         description="in the answer to the request that built the version: the stored rating records "
         "left out because they name videos this version lacks (empty when read later)",
+    )
+    video_stats: dict[str, int | None] | None = Field(
+        default=None,
+        description="videos, min_frames, min_height, min_width: the bounds of a fine-tune's clips",
     )
     size: int
     source: dict[str, Any]
@@ -168,6 +173,46 @@ class PairsReport(BaseModel):
 
 
 # --------------------------------------------------------------------------------------- fine-tunes
+def _bounded(name: str) -> Any:
+    """An optional option with its documented bound (``huvidpo.bounds``), shown in OpenAPI."""
+    b = BOUNDS[name]
+    return Field(default=None, gt=b.lo if b.lo_open else None, ge=None if b.lo_open else b.lo, le=b.hi)
+
+
+class FineTuneHyperparameters(BaseModel):
+    """Training options (``huvidpo.training`` config keys). The bounded ones are listed here; any
+    other key is checked against the stage's config (unknown keys are refused)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    num_frames: int | None = _bounded("num_frames")
+    height: int | None = _bounded("height")
+    width: int | None = _bounded("width")
+    frame_stride: int | None = _bounded("frame_stride")
+    lr: float | None = _bounded("lr")
+    lr_warmup_steps: int | None = _bounded("lr_warmup_steps")
+    batch_size: int | None = _bounded("batch_size")
+    epochs: int | None = _bounded("epochs")
+    max_steps: int | None = _bounded("max_steps")
+    seed: int | None = _bounded("seed")
+    checkpoint_every: int | None = _bounded("checkpoint_every")
+    keep_last: int | None = _bounded("keep_last")
+    eval_every: int | None = _bounded("eval_every")
+    log_every: int | None = _bounded("log_every")
+    beta: float | None = _bounded("beta")
+    lora_rank: int | None = _bounded("lora_rank")
+    eval_draws: int | None = _bounded("eval_draws")
+
+    @field_validator(*(n for n in BOUNDS), mode="before")
+    @classmethod
+    def _within_bound(cls, value: Any, info: Any) -> Any:
+        # Before the int conversion, which cannot even parse 1e23; the message says the bound.
+        bound = BOUNDS[info.field_name]
+        if isinstance(value, int | float) and not isinstance(value, bool) and not bound.contains(value):
+            raise ValueError(f"{info.field_name} must be {bound.describe()}, got {value:g}")
+        return value
+
+
 class FineTuneCreate(Strict):
     dataset: str = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
     version: VersionRef = Field(description="dataset version (id or digest)")
@@ -175,8 +220,9 @@ class FineTuneCreate(Strict):
         pattern=NAME_PATTERN, min_length=1, max_length=63, description="models/{id} in the store"
     )
     stage: Literal["dpo", "stage1"] = "dpo"
-    hyperparameters: dict[str, Any] = Field(
-        default_factory=dict, description="training options (huvidpo.training config keys)", max_length=200
+    hyperparameters: FineTuneHyperparameters = Field(
+        default_factory=FineTuneHyperparameters,
+        description="training options (huvidpo.training config keys)",
     )
 
 

@@ -151,6 +151,7 @@ class StoreCallback:
         cid = checkpoint_id(self.finetune_id, step)
         if self.store.exists(f"checkpoints/{cid}/manifest.json"):
             return  # published by an earlier attempt (the resume point)
+        started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=path.parent.parent) as tmp:
             stage = Path(tmp)
             for item in path.iterdir():
@@ -166,6 +167,8 @@ class StoreCallback:
                 f"checkpoints/{cid}/",
                 {"id": cid, "step": step, "lineage": self.lineage, "created_at": _now()},
             )
+            size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
+        log.info("checkpoint %s uploaded (%.1f MB in %.1f s)", cid, size / 1e6, time.monotonic() - started)
         self.progress.add({"event": "checkpoint", "step": step, "checkpoint_id": cid})
 
     def on_end(self, summary: dict[str, Any]) -> None:
@@ -199,23 +202,33 @@ def run(
     except BadInput as exc:
         code, reason, message = EXIT_BAD_DATA, "BadInput", str(exc)
     except Exception as exc:
-        from huvidpo.data import DatasetError
+        from huvidpo.data import ClipError, DatasetError
         from huvidpo.training import CheckpointError, ConfigError
+        from huvidpo.video_io import VideoDecodeError
 
-        if isinstance(exc, DatasetError | ConfigError | CheckpointError):
+        # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
+        if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
             code, reason, message = EXIT_BAD_DATA, type(exc).__name__, str(exc)
         else:
             log.exception("trainer failed")
             code, reason, message = EXIT_FAILED, type(exc).__name__, str(exc)
+    # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
+    work = Path(settings.work_dir) / finetune_id
+    message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
     try:
         if code == EXIT_OK:
+            log.info("fine-tune %s succeeded: %s", finetune_id, message)
             progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
         else:
-            log.error("trainer exits with %d (%s): %s", code, reason, message)
+            if reason == "Cancelled":  # the user's choice, not a failure
+                log.info("fine-tune %s %s", finetune_id, message)
+            else:
+                level = logging.WARNING if code == EXIT_TRANSIENT else logging.ERROR
+                log.log(level, "trainer exits with %d (%s): %s", code, reason, message)
             progress.add(
                 {
                     "event": "end",
-                    "state": "failed",
+                    "state": "cancelled" if reason == "Cancelled" else "failed",
                     "exit_code": code,
                     "reason": reason,
                     "message": message[:2000],
@@ -234,7 +247,7 @@ def _run(
     stop: list[bool],
     callbacks: tuple[Any, ...] = (),
 ) -> tuple[int, str | None, str]:
-    from huvidpo.training import DPOConfig, Stage1Config, run_dpo, run_stage1
+    from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
     try:
         record = store.get_json(f"finetunes/{finetune_id}/record.json")
@@ -301,18 +314,34 @@ def _run(
             "attempt": progress.attempts() + 1,
         }
     )
+    log.info(
+        "fine-tune %s: %s on dataset %s version %s, base model %s, %s steps, attempt %d%s",
+        finetune_id, req["stage"], req["dataset"], str(req["version"])[:12], req["base_model"],
+        total if total is not None else f"{cfg.epochs} epochs of", progress.attempts(),
+        f", resuming at step {resume_step}" if resume_step is not None else "",
+    )  # fmt: skip
     callback = StoreCallback(store, progress, finetune_id, lineage, total)
     should_stop = lambda: stop[0]  # noqa: E731
+    cbs = [LogMetrics(), callback, *callbacks]  # 'written' is logged before 'uploaded'
     if isinstance(cfg, DPOConfig):
-        result = run_dpo(cfg, [callback, *callbacks], should_stop=should_stop, resume=resume_step is not None)
+        result = run_dpo(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     else:
-        result = run_stage1(
-            cfg, [callback, *callbacks], should_stop=should_stop, resume=resume_step is not None
-        )
+        result = run_stage1(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     progress.flush()
+    if result.stopped and _cancel_requested(store, finetune_id):
+        return EXIT_TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
     if result.stopped:
         return EXIT_TRANSIENT, "Stopped", "stopped by SIGTERM after a checkpoint; the retry resumes from it"
     return EXIT_OK, None, f"trained {result.steps} steps"
+
+
+def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
+    """Whether the stop that ended this attempt is a user's cancel: the control plane records the
+    request before it stops the Job or process (a stop without it is a preemption or a shutdown)."""
+    try:
+        return bool(store.get_json(f"finetunes/{finetune_id}/record.json").get("cancel_requested_at"))
+    except (ObjectNotFound, StoreUnavailable, ValueError):
+        return False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -324,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:
-        log.warning("SIGTERM: checkpointing and stopping")
+        if not stop[0]:  # a cancel signals the process group and the supervisor forwards it: log once
+            log.warning("SIGTERM: checkpointing and stopping")
         stop[0] = True
 
     signal.signal(signal.SIGTERM, on_term)

@@ -121,3 +121,84 @@ def test_killed_trainer_resumes_and_a_restarted_control_plane_loses_nothing(
     assert "adapter/adapter_model.safetensors" in ck["files"]
     logs = c2.get(f"/v1/fine-tunes/{ft_id}/logs").text
     assert "--- attempt 2 ---" in logs and "resuming fine-tune" in logs
+
+
+def _version(client: TestClient, tmp_path: Path) -> str:
+    from huvidpo.data import make_synthetic_dataset
+
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    assert client.post("/v1/datasets", json={"name": "cats"}).status_code == 201
+    files = [
+        ("files", (p.relative_to(ds).as_posix(), p.read_bytes(), "video/mp4"))
+        for p in sorted(ds.rglob("*"))
+        if p.is_file()
+    ]
+    return str(client.post("/v1/datasets/cats/versions", files=files).json()["id"])
+
+
+def _finished(client: TestClient, ft_id: str, timeout: float = 400) -> dict[str, Any]:
+    terminal = ("succeeded", "failed", "cancelled")
+    return dict(
+        _wait(
+            lambda: (v := client.get(f"/v1/fine-tunes/{ft_id}").json())["state"] in terminal and v,
+            timeout,
+            f"fine-tune {ft_id} to finish",
+        )
+    )
+
+
+@pytest.mark.slow
+def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    store_root = tmp_path / "store"
+    store = LocalStore(store_root)
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    version = _version(client, tmp_path)
+    # A version committed before versions recorded video stats: the submit-time check cannot see
+    # that its 4-frame clips are too short, so the trainer finds out.
+    key = f"datasets/cats/{version}/manifest.json"
+    store.put_json(key, {k: v for k, v in store.get_json(key).items() if k != "video_stats"})
+    hp = {"max_steps": 2, "num_frames": 8, "height": 32, "width": 32, "plot": False}
+    ft = client.post(
+        "/v1/fine-tunes",
+        json={"dataset": "cats", "version": version, "base_model": "tiny", "hyperparameters": hp},
+    )
+    assert ft.status_code == 201, ft.text
+    view = _finished(client, ft.json()["id"])
+    assert view["state"] == "failed" and view["reason"] == "ConfigError", view
+    assert "num_frames 8" in view["message"] and "has 4 frames" in view["message"], view["message"]
+    assert view["progress"]["attempts"] == 1
+    logs = client.get(f"/v1/fine-tunes/{view['id']}/logs").text
+    assert "--- attempt 2 ---" not in logs
+
+
+@pytest.mark.slow
+def test_logs_tell_each_step_checkpoint_upload_and_a_cancel(tmp_path: Path, tiny_model_dir: Path) -> None:
+    store_root = tmp_path / "store"
+    store = LocalStore(store_root)
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    version = _version(client, tmp_path)
+    hp = {"max_steps": 2, "checkpoint_every": 1, "num_frames": 4, "height": 32, "width": 32, "plot": False}
+    body = {"dataset": "cats", "version": version, "base_model": "tiny", "hyperparameters": hp}
+    ok = client.post("/v1/fine-tunes", json=body).json()
+    assert _finished(client, ok["id"])["state"] == "succeeded"
+    logs = client.get(f"/v1/fine-tunes/{ok['id']}/logs?follow=true").text
+    for step in (1, 2):
+        line = next((ln for ln in logs.splitlines() if f"step {step}/2 " in ln), None)
+        assert line is not None, logs
+        assert all(w in line for w in ("loss ", "reward_acc ", "lr ")), line
+        assert f"checkpoint ckpt-{ok['id']}-{step} uploaded" in logs, logs
+    assert "trained 2 steps" in logs
+
+    # A user's cancel is logged as a cancel, not as an error that a retry will mend.
+    long = client.post("/v1/fine-tunes", json={**body, "hyperparameters": {**hp, "max_steps": 1000}}).json()
+    _wait(lambda: store.exists(f"checkpoints/ckpt-{long['id']}-1/manifest.json"), 300, "a checkpoint")
+    assert client.post(f"/v1/fine-tunes/{long['id']}/cancel").json()["state"] == "cancelled"
+    run_dir = tmp_path / "work" / "runs" / long["id"]
+    _wait(lambda: (run_dir / "exit.json").exists(), 60, "the supervisor to finish")
+    logs = client.get(f"/v1/fine-tunes/{long['id']}/logs").text
+    assert "cancelled on request" in logs, logs
+    assert "ERROR" not in logs and "retry resumes" not in logs, logs

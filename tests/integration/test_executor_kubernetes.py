@@ -155,8 +155,17 @@ def _upload(c: TestClient, ds: Path) -> str:
     return str(r.json()["id"])
 
 
+# Clips the dataset's 4-frame 32x32 videos can give (the control plane refuses others at submit).
+CLIPS = {"num_frames": 4, "height": 32, "width": 32}
+
+
 def _ft_body(version: str) -> dict[str, Any]:
-    return {"dataset": "cats", "version": version, "base_model": "tiny", "hyperparameters": {"max_steps": 2}}
+    return {
+        "dataset": "cats",
+        "version": version,
+        "base_model": "tiny",
+        "hyperparameters": {"max_steps": 2, **CLIPS},
+    }
 
 
 @pytest.mark.asyncio
@@ -241,7 +250,9 @@ async def test_state_follows_the_job_by_watch_and_cancel_deletes_it(
         # a second fine-tune is cancelled: its Job is deleted
         ft2 = (
             await asyncio.to_thread(
-                c.post, "/v1/fine-tunes", json={**_ft_body(version), "hyperparameters": {"max_steps": 3}}
+                c.post,
+                "/v1/fine-tunes",
+                json={**_ft_body(version), "hyperparameters": {"max_steps": 3, **CLIPS}},
             )
         ).json()
         cancelled = await asyncio.to_thread(c.post, f"/v1/fine-tunes/{ft2['id']}/cancel")

@@ -253,7 +253,7 @@ def test_finetune_is_validated_before_anything_is_scheduled(env: dict[str, Any],
     client, executor = env["client"], env["executor"]
     v = _dataset(client, synthetic_dir)
     bad_hp = _create_ft(client, v["id"], hyperparameters={"lr": -1})
-    assert _is_problem(bad_hp, 422, "validation-error")["field"] == "hyperparameters.lr"
+    assert _is_problem(bad_hp, 422, "validation-error")["field"].endswith("hyperparameters.lr")
     unknown = _create_ft(client, v["id"], hyperparameters={"lerning_rate": 1})
     _is_problem(unknown, 422, "validation-error")
     reserved = _create_ft(client, v["id"], hyperparameters={"output_dir": "/etc"})
@@ -460,3 +460,54 @@ def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
     assert 'huvidpo_controlplane_finetunes{state="queued"}' in text
     spec = client.get("/openapi.json").json()
     assert "/v1/fine-tunes/{finetune_id}/cancel" in spec["paths"]
+
+
+def test_finetune_frames_and_size_are_checked_against_the_version_stats(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _dataset(client, synthetic_dir)  # every clip: 4 frames of 32x32 px
+    assert v["video_stats"] == {"videos": 2, "min_frames": 4, "min_height": 32, "min_width": 32}
+    sized = {"max_steps": 3, "height": 32, "width": 32}
+    for hp, field, words in (
+        ({**sized, "num_frames": 8}, "num_frames", ("num_frames 8", "4 frames")),
+        (sized, "num_frames", ("num_frames 16", "4 frames")),  # the default on short clips
+        ({**sized, "num_frames": 3, "frame_stride": 2}, "num_frames", ("frame_stride 2", "needs 5")),
+        ({**sized, "num_frames": 4, "height": 64}, "height", ("height 64", "32 px")),
+        ({**sized, "num_frames": 4, "width": 40}, "width", ("width 40", "32 px")),
+    ):
+        body = _is_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
+        assert body["field"] == f"hyperparameters.{field}", body
+        assert all(w in body["detail"] for w in words), body["detail"]
+    assert executor.submits == []
+    assert _create_ft(client, v["id"]).status_code == 201
+    # A version committed before versions recorded stats gets them when its content is committed again.
+    key = f"datasets/cats/{v['id']}/manifest.json"
+    env["store"].put_json(key, {k: x for k, x in env["store"].get_json(key).items() if k != "video_stats"})
+    again = client.post("/v1/datasets/cats/versions", files=_files(synthetic_dir), headers=AUTH)
+    assert again.json()["video_stats"] == v["video_stats"]
+    assert env["store"].get_json(key)["video_stats"] == v["video_stats"]
+
+
+def test_absurd_hyperparameters_get_a_422_naming_the_field_and_the_bound(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor = env["client"], env["executor"]
+    v = _dataset(client, synthetic_dir)
+    ok = {"max_steps": 3, "num_frames": 4, "height": 32, "width": 32}
+    for hp, field, bound in (
+        ({**ok, "max_steps": 1e23}, "max_steps", "10000000"),
+        ({**ok, "height": 100000}, "height", "2048"),
+        ({**ok, "width": 100000}, "width", "2048"),
+        ({**ok, "lr": 50}, "lr", "1"),
+        ({"max-steps": 1e23, "num-frames": 4, "height": 32, "width": 32}, "max_steps", "10000000"),
+    ):
+        body = _is_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
+        assert body["field"].endswith(f"hyperparameters.{field}"), body
+        assert bound in body["detail"], body["detail"]
+    assert executor.submits == []
+    # The bounds are in the OpenAPI document.
+    schemas = client.get("/openapi.json").json()["components"]["schemas"]
+    props = schemas["FineTuneHyperparameters"]["properties"]
+    assert props["max_steps"]["anyOf"][0]["maximum"] == 10_000_000
+    assert props["height"]["anyOf"][0]["maximum"] == 2048

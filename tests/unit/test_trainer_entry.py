@@ -65,6 +65,33 @@ def test_invalid_hyperparameters_are_exit_2(tmp_path: Path, tiny_model_dir: Path
     assert end["reason"] == "ConfigError" and "height" in end["message"]
 
 
+def _version(store: LocalStore, tmp_path: Path, tiny_model_dir: Path) -> str:
+    """The tiny model and a committed version of 4-frame 32x32 clips in ``store``; returns its id."""
+    from huvidpo.data import make_synthetic_dataset
+
+    publish_dir(store, tiny_model_dir, "models/tiny/", {})
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    datasets = DatasetService(store, tmp_path / "cache")
+    datasets.create("cats")
+    upload = datasets.start_upload("cats")
+    for p in sorted(q for q in ds.rglob("*") if q.is_file()):
+        with p.open("rb") as fh:
+            datasets.stage_stream("cats", upload["id"], p.relative_to(ds).as_posix(), fh)
+    return str(datasets.commit_upload("cats", upload["id"])["id"])
+
+
+def test_clips_longer_than_the_videos_are_bad_config_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    version = _version(store, tmp_path, tiny_model_dir)
+    for ft, hp in (("ft-f", {"num_frames": 8}), ("ft-g", {})):  # 8, and the default 16, on 4-frame clips
+        _record(store, ft, version=version, hyperparameters={"height": 32, "width": 32, "max_steps": 1, **hp})
+        assert run(store, TrainerSettings(finetune_id=ft, work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+        end = _end(store, ft)
+        assert end["reason"] == "ConfigError", end
+        assert "num_frames" in end["message"] and "has 4 frames" in end["message"], end["message"]
+        assert str(tmp_path) not in end["message"]  # names the dataset's file, not the trainer's copy
+
+
 class FlakyStore(LocalStore):
     def get_bytes(self, key: str) -> bytes:
         raise StoreUnavailable("connection refused")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from huvidpo.cli import main
 from huvidpo.data import make_synthetic_dataset
 from huvidpo.lora import load_lora
 from huvidpo.models import load_components
-from huvidpo.training import ConfigError, DPOConfig, run_dpo
+from huvidpo.training import CallbackBase, ConfigError, DPOConfig, run_dpo
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -82,3 +83,48 @@ def test_bf16_autocast_keeps_fp32_lora_and_fp16_needs_cuda(
         cfg.output_dir = str(tmp_path / "fp16")
         with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
             run_dpo(cfg)
+
+
+class _CheckpointSteps(CallbackBase):
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.rows: list[dict[str, float]] = []
+
+    def on_step(self, metrics: dict[str, Any]) -> None:
+        self.rows.append(metrics)
+
+    def on_checkpoint(self, path: Path, step: int) -> None:
+        self.steps.append(step)
+
+
+def test_checkpoint_every_0_checkpoints_only_at_the_end(
+    tiny_model_dir: Path, pref_data: Path, tmp_path: Path
+) -> None:
+    # 4 pairs, batch 1: 4 steps an epoch, 2 epochs. "0: only at the end", not once per epoch.
+    cfg = DPOConfig(
+        model=str(tiny_model_dir), dataset=str(pref_data), output_dir=str(tmp_path / "run"), num_frames=4,
+        height=64, width=64, epochs=2, checkpoint_every=0, keep_last=10, lora_rank=2, device="cpu", plot=False,
+    )  # fmt: skip
+    seen = _CheckpointSteps()
+    result = run_dpo(cfg, [seen])
+    assert result.steps == 8 and seen.steps == [8]
+    assert [p.name for p in (tmp_path / "run" / "checkpoints").iterdir()] == ["ckpt-000008"]
+
+
+def test_shared_noise_timestep_false_gives_the_rejected_clip_its_own_draws(
+    tiny_model_dir: Path, pref_data: Path, tmp_path: Path
+) -> None:
+    rows = {}
+    for shared in (True, False):
+        cfg = DPOConfig(
+            model=str(tiny_model_dir), dataset=str(pref_data), output_dir=str(tmp_path / f"run-{shared}"),
+            num_frames=4, height=64, width=64, max_steps=2, lora_rank=2, device="cpu", plot=False,
+            shared_noise_timestep=shared,
+        )  # fmt: skip
+        seen = _CheckpointSteps()
+        run_dpo(cfg, [seen])
+        rows[shared] = seen.rows[0]
+    # The chosen clip's draws are the same either way; the rejected one's differ when not shared.
+    assert rows[False]["err_model_chosen"] == pytest.approx(rows[True]["err_model_chosen"], rel=1e-6)
+    assert rows[False]["err_model_rejected"] != pytest.approx(rows[True]["err_model_rejected"], rel=1e-3)
+    assert rows[False]["err_ref_rejected"] != pytest.approx(rows[True]["err_ref_rejected"], rel=1e-3)

@@ -66,3 +66,15 @@ def test_custom_patterns_on_a_plain_video_folder(tiny_model_dir: Path, clips: Pa
     after = _state(VideoUNet.from_pretrained_any(result.weights_dir))
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and all("attn1.to_q." in k for k in changed)
+
+
+def test_checkpoint_every_0_checkpoints_only_at_the_end(
+    tiny_model_dir: Path, clips: Path, tmp_path: Path
+) -> None:
+    # 2 clips, batch 1: 2 steps an epoch; 3 steps cross an epoch end, which writes no checkpoint.
+    out = tmp_path / "s1"
+    rc = main(["train", "stage1", "--model", str(tiny_model_dir), "--dataset", str(clips), "--out", str(out),
+               "--num-frames", "4", "--height", "64", "--width", "64", "--max-steps", "3",
+               "--checkpoint-every", "0", "--keep-last", "10", "--device", "cpu", "--quiet"])  # fmt: skip
+    assert rc == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["ckpt-000003"]

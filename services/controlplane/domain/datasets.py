@@ -225,12 +225,14 @@ class DatasetService:
         manifest last; the same content returns the existing version. ``source`` is recorded as the
         version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
         from huvidpo.data import DatasetError, load_dataset, reference_problems
+        from huvidpo.data.stats import video_stats
 
         try:
             # The files as sent first, so a problem names the caller's own file and line.
             ds = load_dataset(data)
         except DatasetError as exc:
             raise InvalidRequest(user_message(exc, data), field="files") from exc
+        stats = video_stats(ds)  # from this load, the one that decoded every video
         prompts = {vid: v.prompt for vid, v in ds.videos.items()}
         ratings: builtins.list[dict[str, Any]] = []
         skipped: builtins.list[dict[str, str]] = []
@@ -258,8 +260,11 @@ class DatasetService:
         digest = content_digest(files)
         prefix = version_prefix(name, digest)
         existing = read_json_or_none(self.store, prefix + MANIFEST)
-        if existing is not None:
-            return {**existing, "skipped_ratings": skipped}  # same content: the same immutable version
+        if existing is not None:  # same content: the same immutable version
+            if "video_stats" not in existing:  # committed before versions recorded them
+                existing = {**existing, "video_stats": stats}
+                self.store.put_json(prefix + MANIFEST, existing)
+            return {**existing, "skipped_ratings": skipped}
         for rel in files:
             self.store.put_file(prefix + rel, data / rel[len("data/") :])
         manifest = {
@@ -271,6 +276,7 @@ class DatasetService:
             "prompts": len(ds.prompts),
             "raters": len(ds.raters),
             "rating_records": len(ratings),
+            "video_stats": stats,  # what fine-tunes may ask for (frames, size)
             "size": sum(f["size"] for f in files.values()),
             "source": source,
             "created_at": iso(self.clock()),

@@ -117,6 +117,26 @@ def validate_hyperparameters(stage: str, hyperparameters: dict[str, Any]) -> dic
     return normalised
 
 
+def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str, Any] | None) -> None:
+    """Refuse clips the dataset version's videos cannot give (``stats``: the version's
+    ``video_stats``): too many frames, or frames larger than the smallest video. Raises
+    :class:`InvalidRequest` naming the option. A version without stats is not checked here (the
+    trainer still refuses too few frames, with exit 2)."""
+    if not stats:
+        return
+    from huvidpo.data.stats import frames_problem, size_problem
+    from huvidpo.training.config import DPOConfig, Stage1Config
+
+    cls = DPOConfig if stage == "dpo" else Stage1Config
+    cfg = cls.from_mapping({**hyperparameters, "model": "m", "dataset": "d", "output_dir": "o"})
+    problem = frames_problem(stats.get("min_frames"), cfg.num_frames, cfg.frame_stride)
+    if problem:
+        raise InvalidRequest(problem, field="hyperparameters.num_frames")
+    size = size_problem(stats, cfg.height, cfg.width)
+    if size:
+        raise InvalidRequest(size[1], field=f"hyperparameters.{size[0]}")
+
+
 def derive_state(
     record: dict[str, Any], status: ExecStatus, end: dict[str, Any] | None
 ) -> tuple[str, str | None, str | None]:
@@ -190,6 +210,7 @@ class FineTuneService:
             raise InvalidRequest(
                 f"dataset {req.dataset!r} has no version {req.version}", field="version"
             ) from exc
+        check_clips_fit(req.stage, hp, dataset_manifest.get("video_stats"))
         model_manifest = read_json_or_none(self.store, f"models/{req.base_model}/manifest.json")
         if model_manifest is None:
             raise InvalidRequest(

@@ -5,7 +5,8 @@ One JSON object per line, ``event`` says which kind:
 - ``{"event": "start", "time", "total_steps", "resumed_from_step", "attempt"}``
 - ``{"event": "step", "time", "step", "total_steps", "loss", "implicit_acc", "reward_margin", "step_seconds"}``
 - ``{"event": "checkpoint", "time", "step", "checkpoint_id"}``
-- ``{"event": "end", "time", "state": "succeeded" | "failed", "exit_code", "reason", "message"}``
+- ``{"event": "end", "time", "state": "succeeded" | "failed" | "cancelled", "exit_code", "reason", "message"}``
+  (``cancelled``: stopped after the user's cancel request, reason ``Cancelled``)
 
 The trainer owns the object and rewrites it whole (object stores have no append); readers tolerate
 a missing object and a torn last line.

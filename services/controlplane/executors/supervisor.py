@@ -51,10 +51,15 @@ def main(argv: list[str]) -> int:
             child = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
             rc = child.wait()
             if cancelled:
+                log.write(
+                    f"--- cancelled on request: attempt {attempt} stopped (exit code {rc}) ---\n".encode()
+                )
+                log.flush()
                 _write_exit(run_dir, {"exit_code": rc, "attempts": attempt, "cancelled": True})
                 return rc
             if rc in (0, EXIT_BAD_DATA) or attempt > max_retries:
                 break
+            log.write(f"--- attempt {attempt} exited with code {rc}: retrying ---\n".encode())
             time.sleep(min(10.0, 0.5 * 2 ** (attempt - 1)))
     _write_exit(run_dir, {"exit_code": rc, "attempts": attempt, "cancelled": False})
     return 0

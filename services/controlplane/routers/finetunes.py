@@ -34,7 +34,8 @@ def create_finetune(
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255),
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
-    req = FineTuneRequest(body.dataset, body.version, body.base_model, body.stage, dict(body.hyperparameters))
+    hp = body.hyperparameters.model_dump(exclude_unset=True)  # as sent: the fingerprint depends on it
+    req = FineTuneRequest(body.dataset, body.version, body.base_model, body.stage, hp)
     view, created = c.finetunes.create(req, idempotency_key)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/fine-tunes/{view['id']}"
