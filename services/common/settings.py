@@ -33,9 +33,10 @@ class StoreSettings(BaseSettings):
     create_bucket: bool = True
     # Multipart part size for streamed uploads; S3 requires at least 5 MiB for every part but the last.
     part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    # LocalStore presigned URLs: signed with this HMAC key and served by the control plane at this base.
+    # LocalStore presigned URLs: signed with this HMAC key and served by the control plane at this base
+    # (empty: the address the client used to reach the control plane; set it behind a proxy).
     presign_secret: SecretStr = SecretStr("")
-    public_base_url: str = "http://127.0.0.1:8080"
+    public_base_url: str = ""
     # Seconds before a request to the S3 endpoint gives up (connect and read).
     timeout_seconds: float = Field(default=30.0, gt=0)
 

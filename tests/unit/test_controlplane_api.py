@@ -432,6 +432,35 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
     assert [h["action"] for h in hist] == ["set_current", "set_canary", "promote", "rollback"]
 
 
+def test_download_links_name_the_address_the_client_used(env: dict[str, Any], synthetic_dir: Path) -> None:
+    # No HUVIDPO_STORE_PUBLIC_BASE_URL: the links are built from the request's own base URL (here a
+    # control plane on port 18080), not from a default that names port 8080.
+    store, tmp = env["store"], env["tmp"]
+    client = TestClient(env["client"].app, base_url="http://127.0.0.1:18080")
+    cid = _publish_checkpoint(store, tmp, "ft-port", 3)
+    body = client.get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()
+    assert body["urls"] and all(
+        u.startswith(f"http://127.0.0.1:18080/v1/objects/checkpoints/{cid}/") for u in body["urls"].values()
+    ), body
+    got = client.get(body["urls"]["adapter/adapter_model.safetensors"])
+    assert got.status_code == 200 and got.content == b"weights" * 3
+    client.post("/v1/datasets", json={"name": "ported"}, headers=AUTH)
+    up = client.post("/v1/datasets/ported/uploads", headers=AUTH).json()
+    urls = client.post(
+        f"/v1/datasets/ported/uploads/{up['id']}/presign", json={"files": ["manifest.jsonl"]}, headers=AUTH
+    ).json()["urls"]
+    assert urls["manifest.jsonl"].startswith("http://127.0.0.1:18080/v1/objects/"), urls
+
+
+def test_a_configured_public_base_url_wins_over_the_request(env: dict[str, Any]) -> None:
+    root = env["tmp"] / "store"
+    store = LocalStore(root, public_base_url="https://models.example.com/huvidpo/")
+    app = create_app(env["settings"], store, FakeExecutor(), background=False)
+    cid = _publish_checkpoint(store, env["tmp"], "ft-proxy", 2)
+    urls = TestClient(app).get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()["urls"]
+    assert all(u.startswith("https://models.example.com/huvidpo/v1/objects/") for u in urls.values()), urls
+
+
 def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
     client = env["client"]
     assert client.get("/healthz").status_code == 200
