@@ -461,6 +461,46 @@ def test_a_configured_public_base_url_wins_over_the_request(env: dict[str, Any])
     assert all(u.startswith("https://models.example.com/huvidpo/v1/objects/") for u in urls.values()), urls
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/datasets"), ("PUT", "/v1/rollouts/default"), ("POST", "/v1/fine-tunes")],
+)
+def test_a_json_route_refuses_other_media_types_with_415(env: dict[str, Any], method: str, path: str) -> None:
+    client = env["client"]
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = client.request(
+            method, path, content=b'{"name": "cats"}', headers={**AUTH, "Content-Type": content_type}
+        )
+        body = _is_problem(r, 415, "unsupported-media-type")
+        assert content_type in body["detail"] and "application/json" in body["detail"], body
+
+
+@pytest.mark.parametrize("payload", [b'{"name": "cats",', b"not json at all", b'{"name": "cats"} trailing'])
+def test_malformed_json_is_400_with_its_own_type(env: dict[str, Any], payload: bytes) -> None:
+    r = env["client"].post(
+        "/v1/datasets", content=payload, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    body = _is_problem(r, 400, "invalid-json")
+    assert "not valid JSON" in body["detail"] and "character" in body["detail"], body
+
+
+def test_a_json_body_needs_a_json_content_type(env: dict[str, Any]) -> None:
+    client = env["client"]
+    # No Content-Type at all: not parsed as JSON (FastAPI's strict content type, a CSRF guard).
+    body = _is_problem(
+        client.post("/v1/datasets", content=b'{"name": "plain"}', headers=AUTH), 415, "unsupported-media-type"
+    )
+    assert "no Content-Type" in body["detail"], body
+    r = client.post(
+        "/v1/datasets",
+        content=b'{"name": "suffixed"}',
+        headers={**AUTH, "Content-Type": "application/merge-patch+json; charset=utf-8"},
+    )
+    assert r.status_code == 201, r.text
+    # A valid JSON body of the wrong shape stays a 422 naming the field.
+    _is_problem(client.post("/v1/datasets", json={"nme": "x"}, headers=AUTH), 422, "validation-error")
+
+
 def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
     client = env["client"]
     assert client.get("/healthz").status_code == 200
@@ -477,8 +517,8 @@ def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
         client.post(
             "/v1/datasets", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
         ),
-        422,
-        "validation-error",
+        400,
+        "invalid-json",
     )
     client.post(
         "/v1/datasets", files=[("files", ("a.json", io.BytesIO(b"{}"), "application/json"))], headers=AUTH
