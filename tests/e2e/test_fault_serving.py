@@ -64,7 +64,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adap
                 "max_queue": "64",
             }
         )
-        running.cp.set_rollout("default", "ckpt-ft-e2e-1")
+        running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
         with channel(stack.grpc_address) as ch:
             wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
         yield running

@@ -415,7 +415,7 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
         422,
         "validation-error",
     )
-    r = client.put("/v1/rollouts/default", json={"checkpoint": a}, headers=AUTH).json()
+    r = client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).json()
     assert (r["revision"], r["current"], r["canary"]) == (1, a, None)
     _is_problem(client.post("/v1/rollouts/default/promote", headers=AUTH), 409, "conflict")
     r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 25}, headers=AUTH).json()
@@ -459,6 +459,58 @@ def test_a_configured_public_base_url_wins_over_the_request(env: dict[str, Any])
     cid = _publish_checkpoint(store, env["tmp"], "ft-proxy", 2)
     urls = TestClient(app).get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()["urls"]
     assert all(u.startswith("https://models.example.com/huvidpo/v1/objects/") for u in urls.values()), urls
+
+
+def test_a_new_deployment_is_created_only_when_asked(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    a = _publish_checkpoint(store, tmp, "ft-y", 1)
+    assert (
+        client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).status_code
+        == 200
+    )
+    # A typo in the deployment name: refused, nothing written, the existing names listed.
+    body = _is_problem(
+        client.put("/v1/rollouts/defualt", json={"checkpoint": a}, headers=AUTH), 404, "not-found"
+    )
+    assert "defualt" in body["detail"] and "create=true" in body["detail"] and "default" in body["detail"], (
+        body
+    )
+    assert read_rollout(store, "defualt") is None
+    _is_problem(client.get("/v1/rollouts/defualt", headers=AUTH), 404, "not-found")
+    # Asked for explicitly: created; create=true on an existing deployment just updates it.
+    r = client.put("/v1/rollouts/staging?create=true", json={"checkpoint": a}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["revision"] == 1, r.text
+    r = client.put("/v1/rollouts/staging?create=true", json={"checkpoint": "base"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["revision"] == 2, r.text
+    spec = client.get("/openapi.json").json()
+    params = spec["paths"]["/v1/rollouts/{deployment}"]["put"]["parameters"]
+    assert any(p["name"] == "create" for p in params)
+
+
+def test_rolling_back_to_the_base_model_through_rest(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    a = _publish_checkpoint(store, tmp, "ft-z", 1)
+    b = _publish_checkpoint(store, tmp, "ft-z", 2)
+    client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH)
+    r = client.put("/v1/rollouts/default", json={"checkpoint": "base"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["current"] == "base"
+    rec = read_rollout(store, "default")  # the inference service serves the base model for "base"
+    assert rec is not None and rec.current == "base"
+    # A canary against the base model, then a rollback drops it and the base model serves again.
+    r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 10}, headers=AUTH)
+    assert r.status_code == 200 and (r.json()["current"], r.json()["canary"]) == ("base", b), r.text
+    r = client.post("/v1/rollouts/default/rollback", headers=AUTH).json()
+    assert (r["current"], r["canary"]) == ("base", None)
+    # Rollback with no canary goes to the previous current one, and back to "base" from there.
+    assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == a
+    assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == "base"
+    # "base" names the base model only: it cannot be the canary of itself, nor a checkpoint to download.
+    _is_problem(
+        client.post("/v1/rollouts/default/canary", json={"checkpoint": "base", "percent": 5}, headers=AUTH),
+        422,
+        "validation-error",
+    )
 
 
 @pytest.mark.parametrize(
