@@ -73,9 +73,11 @@ class RolloutService:
         return checkpoint_id == BASE_MODEL or self.checkpoints.exists(checkpoint_id)
 
     def _require_checkpoint(self, checkpoint_id: str, field: str, base_ok: bool = True) -> None:
-        if checkpoint_id == BASE_MODEL and not base_ok:
-            raise InvalidRequest(f"{BASE_MODEL!r} is the base model, not a checkpoint", field=field)
-        if not (base_ok and checkpoint_id == BASE_MODEL) and not self.checkpoints.exists(checkpoint_id):
+        if checkpoint_id == BASE_MODEL:
+            if not base_ok:
+                raise InvalidRequest(f"{BASE_MODEL!r} is the base model, not a checkpoint", field=field)
+            return
+        if not self.checkpoints.exists(checkpoint_id):
             raise InvalidRequest(
                 f"checkpoint {checkpoint_id!r} does not exist (or is not published)", field=field
             )
