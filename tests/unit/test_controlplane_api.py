@@ -553,6 +553,21 @@ def test_a_json_body_needs_a_json_content_type(env: dict[str, Any]) -> None:
     _is_problem(client.post("/v1/datasets", json={"nme": "x"}, headers=AUTH), 422, "validation-error")
 
 
+def test_docs_and_openapi_are_labelled_by_their_route_in_metrics(env: dict[str, Any]) -> None:
+    client = env["client"]
+    for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 200, path
+    client.get("/v1/nothing-here", headers=AUTH)
+    text = client.get("/metrics").text
+    for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+        assert (
+            f'huvidpo_controlplane_requests_total{{method="GET",route="{path}",status="200"}} 1.0' in text
+        ), path
+    # A path no route matches stays one bounded label.
+    assert 'route="<unmatched>",status="404"' in text
+    assert 'route="/v1/nothing-here"' not in text
+
+
 def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
     client = env["client"]
     assert client.get("/healthz").status_code == 200
