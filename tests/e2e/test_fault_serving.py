@@ -183,7 +183,13 @@ def test_bad_rest_inputs_get_clear_problems_and_no_5xx(serving: Any) -> None:
             "POST",
             "/v1/datasets",
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
-            422,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/datasets",
+            {"content": b'{"name": "x"}', "headers": {"content-type": "text/plain"}},
+            415,
         ),
         ("GET", "/v1/datasets/does-not-exist", {}, 404),
         (
