@@ -124,8 +124,12 @@ class ControlPlaneClient:
         return dict(self.call("GET", f"/v1/checkpoints/{checkpoint_id}"))
 
     # -------------------------------------------------------------------------------- rollouts
-    def set_rollout(self, deployment: str, checkpoint_id: str) -> dict[str, Any]:
-        return dict(self.call("PUT", f"/v1/rollouts/{deployment}", json={"checkpoint": checkpoint_id}))
+    def set_rollout(self, deployment: str, checkpoint_id: str, create: bool = False) -> dict[str, Any]:
+        """Serve ``checkpoint_id`` (or ``"base"``); ``create`` starts a deployment that has no rollout yet."""
+        params = {"create": "true"} if create else None
+        return dict(
+            self.call("PUT", f"/v1/rollouts/{deployment}", json={"checkpoint": checkpoint_id}, params=params)
+        )
 
 
 # ------------------------------------------------------------------------------------ gRPC

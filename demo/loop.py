@@ -204,7 +204,8 @@ def run_loop(
     # 3. the newest checkpoint, rolled out through REST; wait until the service applied it
     ckpt_id = ft["checkpoints"][-1]
     ckpt = cp.checkpoint(ckpt_id)
-    rollout = cp.set_rollout(opts.deployment, ckpt_id)
+    # The demo starts the deployment it serves on a fresh stack, so it asks for creation explicitly.
+    rollout = cp.set_rollout(opts.deployment, ckpt_id, create=True)
     log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
     with channel(grpc_address) as ch:
         s = stub(ch)

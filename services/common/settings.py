@@ -8,10 +8,11 @@ Secrets are ``SecretStr`` so they never appear in a repr, a log line or a traceb
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as _SourceError
 
 
 class StoreSettings(BaseSettings):
@@ -32,9 +33,10 @@ class StoreSettings(BaseSettings):
     create_bucket: bool = True
     # Multipart part size for streamed uploads; S3 requires at least 5 MiB for every part but the last.
     part_size: int = Field(default=8 * 1024 * 1024, ge=5 * 1024 * 1024)
-    # LocalStore presigned URLs: signed with this HMAC key and served by the control plane at this base.
+    # LocalStore presigned URLs: signed with this HMAC key and served by the control plane at this base
+    # (empty: the address the client used to reach the control plane; set it behind a proxy).
     presign_secret: SecretStr = SecretStr("")
-    public_base_url: str = "http://127.0.0.1:8080"
+    public_base_url: str = ""
     # Seconds before a request to the S3 endpoint gives up (connect and read).
     timeout_seconds: float = Field(default=30.0, gt=0)
 
@@ -177,3 +179,34 @@ class TrainerSettings(BaseSettings):
     # Keep serving /metrics this long after training ends, so a scraper sees the final values of a
     # run shorter than its scrape interval (skipped on SIGTERM).
     metrics_linger_seconds: float = Field(default=0.0, ge=0, le=600)
+
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value a service cannot start with. The message is one line
+    naming the variable(s) and what is wrong, never the value (it may be a secret)."""
+
+
+def load_settings(cls: type[S]) -> S:
+    """``cls()`` read from the environment, or ``SettingsError`` naming each invalid variable.
+
+    pydantic's own message echoes the input (``input_value='...'``), which may be a token; this one
+    names the variable and the rule only."""
+    prefix = str(cls.model_config.get("env_prefix", ""))
+    try:
+        return cls()
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_input=False, include_url=False):
+            loc = err.get("loc") or ()
+            name = (prefix + str(loc[0])).upper() if loc else prefix.rstrip("_")
+            msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+            problems.append(f"{name}: {msg}")
+        raise SettingsError("invalid setting " + "; ".join(problems)) from None
+    except _SourceError as exc:
+        # "error parsing value for field "x" from source ...": name the variable, not pydantic's words.
+        field = str(exc).split('"')[1] if str(exc).count('"') >= 2 else ""
+        name = (prefix + field).upper() if field else prefix + "*"
+        raise SettingsError(f"invalid setting {name}: not valid JSON for this setting") from None

@@ -368,12 +368,16 @@ class ObjectStore(ABC):
         """Remove ``key``. Deleting a missing key is not an error (as on S3)."""
 
     @abstractmethod
-    def presigned_get_url(self, key: str, expires: timedelta) -> str:
-        """A URL that lets anyone holding it GET the object until ``expires`` from now (max 7 days)."""
+    def presigned_get_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
+        """A URL that lets anyone holding it GET the object until ``expires`` from now (max 7 days).
+
+        ``base_url``: the address the caller reached the control plane at, for stores whose URLs
+        point at the control plane (LocalStore) and have no public base URL configured; S3 ignores it."""
 
     @abstractmethod
-    def presigned_put_url(self, key: str, expires: timedelta) -> str:
-        """A URL that lets anyone holding it PUT the object until ``expires`` from now (max 7 days)."""
+    def presigned_put_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
+        """A URL that lets anyone holding it PUT the object until ``expires`` from now (max 7 days);
+        ``base_url`` as for ``presigned_get_url``."""
 
     @abstractmethod
     def check(self) -> None:
@@ -557,6 +561,9 @@ _META_DIR = RESERVED_PREFIX + "meta"
 _LOCK_DIR = RESERVED_PREFIX + "locks"
 _LOCK_STRIPES = 256
 _PRESIGN_KEY_FILE = RESERVED_PREFIX + "presign.key"
+# Where LocalStore URLs point when neither a public base URL nor the caller's address is known (a
+# process other than the control plane, e.g. the inference service, on the default port).
+DEFAULT_PUBLIC_BASE_URL = "http://127.0.0.1:8080"
 
 
 class LocalStore(ObjectStore):
@@ -579,7 +586,9 @@ class LocalStore(ObjectStore):
     Presigned URLs: a ``file://`` URL is useless to an HTTP client, so LocalStore signs
     ``METHOD\\nkey\\nexpires`` with HMAC-SHA256 and returns
     ``{public_base_url}/v1/objects/{key}?expires=<unix seconds>&signature=<hex>``. The control plane
-    serves that route (GET and PUT) and calls ``verify_presigned`` first. The HMAC key comes from
+    serves that route (GET and PUT) and calls ``verify_presigned`` first. With no ``public_base_url``
+    configured, the URL names the ``base_url`` the caller passes (the control plane passes the
+    address its client used), else ``DEFAULT_PUBLIC_BASE_URL``. The HMAC key comes from
     ``presign_secret``; when empty, a random key is created once in ``root/.huvidpo-presign.key``
     (mode 0600) so every process sharing the root agrees on it.
     """
@@ -587,7 +596,7 @@ class LocalStore(ObjectStore):
     def __init__(
         self,
         root: str | os.PathLike[str],
-        public_base_url: str = "http://127.0.0.1:8080",
+        public_base_url: str = "",
         presign_secret: str | bytes | None = None,
     ) -> None:
         self.root = Path(root).resolve()
@@ -865,17 +874,18 @@ class LocalStore(ObjectStore):
         msg = f"{method.upper()}\n{key}\n{expires}".encode()
         return hmac.new(self._secret, msg, hashlib.sha256).hexdigest()
 
-    def _presign(self, method: str, key: str, expires: timedelta) -> str:
+    def _presign(self, method: str, key: str, expires: timedelta, base_url: str | None) -> str:
         validate_key(key)
         deadline = int(time.time() + check_expiry(expires).total_seconds())
         query = urlencode({"expires": deadline, "signature": self._signature(method, key, deadline)})
-        return f"{self.public_base_url}/v1/objects/{quote(key, safe='/')}?{query}"
+        base = self.public_base_url or (base_url or DEFAULT_PUBLIC_BASE_URL).rstrip("/")
+        return f"{base}/v1/objects/{quote(key, safe='/')}?{query}"
 
-    def presigned_get_url(self, key: str, expires: timedelta) -> str:
-        return self._presign("GET", key, expires)
+    def presigned_get_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
+        return self._presign("GET", key, expires, base_url)
 
-    def presigned_put_url(self, key: str, expires: timedelta) -> str:
-        return self._presign("PUT", key, expires)
+    def presigned_put_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
+        return self._presign("PUT", key, expires, base_url)
 
     def verify_presigned(
         self, key: str, expires: int | str, signature: str, method: str = "GET", now: float | None = None

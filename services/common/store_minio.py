@@ -482,12 +482,12 @@ class MinioStore(ObjectStore):
         return len(keys)
 
     # --- presigned URLs and readiness
-    def presigned_get_url(self, key: str, expires: timedelta) -> str:
+    def presigned_get_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
         validate_key(key)
         with self._errors(key):
             return self._presigner.presigned_get_object(self.bucket, key, expires=check_expiry(expires))
 
-    def presigned_put_url(self, key: str, expires: timedelta) -> str:
+    def presigned_put_url(self, key: str, expires: timedelta, base_url: str | None = None) -> str:
         validate_key(key)
         self._ensure_bucket()
         with self._errors(key):

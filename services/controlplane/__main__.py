@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 
 import uvicorn
 
-from services.common.settings import ControlPlaneSettings, StoreSettings
+from services.common.settings import ControlPlaneSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
 from services.controlplane.app import create_app
 from services.controlplane.domain.ports import Executor
@@ -26,8 +27,13 @@ def build_executor(settings: ControlPlaneSettings, environ: dict[str, str]) -> E
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ControlPlaneSettings()
-    store = make_store(StoreSettings())
+    try:
+        settings = load_settings(ControlPlaneSettings)
+        store_settings = load_settings(StoreSettings)
+    except SettingsError as exc:
+        print(f"huvidpo-controlplane: {exc}", file=sys.stderr)
+        sys.exit(2)
+    store = make_store(store_settings)
     # The trainer subprocesses inherit this process's environment (store settings, PATH).
     executor = build_executor(settings, dict(os.environ))
     app = create_app(settings, store, executor)

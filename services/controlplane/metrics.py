@@ -12,7 +12,10 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+UNMATCHED = "<unmatched>"
 
 
 class FineTuneStateCollector(Collector):
@@ -93,8 +96,24 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "<unmatched>"
+            template = route_template(scope)
             method = scope.get("method", "GET")
             self.metrics.requests.labels(template, method, str(status)).inc()
             self.metrics.latency.labels(template, method).observe(time.perf_counter() - start)
+
+
+def route_template(scope: Scope) -> str:
+    """The path template of the route that served ``scope``, or ``UNMATCHED``.
+
+    FastAPI's own routes put themselves in ``scope["route"]``; the plain Starlette routes FastAPI adds
+    for ``/docs``, ``/redoc`` and ``/openapi.json`` (and mounts) do not, so they are matched here."""
+    route = scope.get("route")
+    path = getattr(route, "path", None)
+    if path:
+        return str(path)
+    app = scope.get("app")
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        match, _ = candidate.matches(scope)
+        if match == Match.FULL:
+            return str(getattr(candidate, "path", None) or UNMATCHED)
+    return UNMATCHED

@@ -11,7 +11,7 @@ import logging
 from http import HTTPStatus
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
@@ -38,6 +38,7 @@ STATUS_BY_KIND: dict[str, int] = {
     "method-not-allowed": 405,
     "not-acceptable": 406,
     "internal-error": 500,
+    "invalid-json": 400,
 }
 
 
@@ -96,6 +97,48 @@ def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(parts)
 
 
+def _is_json(content_type: str) -> bool:
+    media = content_type.split(";", 1)[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _body_problem(request: Request, exc: RequestValidationError) -> JSONResponse | None:
+    """415 for a body that is not sent as JSON to a JSON route, 400 for JSON that does not parse.
+
+    FastAPI reports both as validation errors (422): a body of another media type is left as bytes
+    and fails the model ("Input should be a valid dictionary"), malformed JSON is a ``json_invalid``
+    error. Neither is a field the caller got wrong, so neither is a 422."""
+    errs = exc.errors()
+    for e in errs:
+        if e.get("type") == "json_invalid":
+            loc = e.get("loc", ())
+            at = f" at character {loc[1]}" if len(loc) > 1 else ""
+            reason = (e.get("ctx") or {}).get("error", "JSON decode error")
+            return problem_response(
+                400,
+                "invalid-json",
+                f"the request body is not valid JSON: {reason}{at}",
+                instance=request.url.path,
+                field="body",
+            )
+    route = request.scope.get("route")
+    body_field = getattr(route, "body_field", None)
+    if body_field is None or isinstance(body_field.field_info, params.Form):
+        return None  # no body, or a form/multipart body: not a JSON route
+    content_type = request.headers.get("content-type", "")
+    if _is_json(content_type) or not any(tuple(e.get("loc", ()))[:1] == ("body",) for e in errs):
+        return None
+    sent = f"Content-Type {content_type.split(';', 1)[0].strip()}" if content_type else "no Content-Type"
+    return problem_response(
+        415,
+        errors.UnsupportedMediaType.kind,
+        f"{request.method} {request.url.path} takes a JSON body; the request has {sent}: "
+        "send Content-Type: application/json",
+        instance=request.url.path,
+        field="body",
+    )
+
+
 # Responses every route may return; documented so OpenAPI clients (and schemathesis) know them.
 def common_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
@@ -117,6 +160,9 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        body_problem = _body_problem(request, exc)
+        if body_problem is not None:
+            return body_problem
         field_errors = [
             FieldProblem(field=_loc_to_field(e.get("loc", ())), message=e.get("msg", ""))
             for e in exc.errors()

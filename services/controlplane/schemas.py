@@ -310,7 +310,8 @@ class RolloutList(BaseModel):
 
 
 class SetCurrent(Strict):
-    checkpoint: str = Field(min_length=1, max_length=200)
+    # A checkpoint id, or "base" for the base model without a fine-tune.
+    checkpoint: str = Field(min_length=1, max_length=200, examples=["ckpt-ft-abc-100", "base"])
     expected_revision: int | None = Field(default=None, ge=0)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import sys
 
-from services.common.settings import InferenceSettings, StoreSettings
+from services.common.settings import InferenceSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
-from services.inference.server import InferenceServer
+from services.inference.server import BindError, InferenceServer
 
 
 async def serve(settings: InferenceSettings, store_settings: StoreSettings) -> None:
@@ -29,7 +30,18 @@ async def serve(settings: InferenceSettings, store_settings: StoreSettings) -> N
 
 def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve(InferenceSettings(), StoreSettings()))
+    try:
+        settings = load_settings(InferenceSettings)
+        store_settings = load_settings(StoreSettings)
+    except SettingsError as exc:
+        print(f"huvidpo-inference: {exc}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        asyncio.run(serve(settings, store_settings))
+    except BindError as exc:
+        # One line, like uvicorn's for the control plane: a traceback says nothing more here.
+        print(f"huvidpo-inference: {exc}", file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

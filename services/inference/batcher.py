@@ -87,6 +87,7 @@ class Job:
         self.deadline = deadline  # time.monotonic() value, or None
         self.enqueued_at = time.monotonic()
         self.started_at: float | None = None
+        self.left_queue_at: float | None = None  # first time it left the queue (run or dropped)
         self.queue_position = 0
         self._loop = loop
         self._cancelled = threading.Event()
@@ -161,6 +162,7 @@ class Batcher:
         with self._cond:
             if job in self._pending:
                 self._pending.remove(job)
+                self._left_queue(job)
                 job.emit(ErrorEvent(Cancelled(f"request {job.stop_reason()} while queued")))
                 self._positions_changed()
             self._cond.notify_all()
@@ -176,6 +178,7 @@ class Batcher:
             self._stopping = True
             for job in self._pending:
                 job.cancel()
+                self._left_queue(job)
                 job.emit(ErrorEvent(Cancelled("the server is shutting down")))
             self._pending.clear()
             for job in self._running:
@@ -183,6 +186,12 @@ class Batcher:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def _left_queue(self, job: Job, now: float | None = None) -> None:
+        """(lock held or model thread) Observe the job's queue wait once, when it first leaves."""
+        if job.left_queue_at is None:
+            job.left_queue_at = time.monotonic() if now is None else now
+            self._metrics.queue_wait_seconds.observe(job.left_queue_at - job.enqueued_at)
 
     # -- model-thread side -------------------------------------------------------------------------
     def _positions_changed(self) -> None:
@@ -197,6 +206,7 @@ class Batcher:
         """(lock held) Remove queued jobs whose client is gone or whose deadline passed."""
         for job in [j for j in self._pending if j.should_stop()]:
             self._pending.remove(job)
+            self._left_queue(job)
             job.emit(ErrorEvent(Cancelled(f"request {job.stop_reason()} while queued")))
 
     def _take_batch(self) -> list[Job] | None:
@@ -247,6 +257,7 @@ class Batcher:
         steps = batch[0].spec.steps
         for job in batch:
             job.started_at = start
+            self._left_queue(job, start)
             job.queue_position = 0
             job.emit(ProgressEvent(0, steps, 0))
         m.in_flight.inc(len(batch))

@@ -402,6 +402,7 @@ class ModelManager:
                     getattr(self.pipeline.components.unet, "peft_config", {}) or {}
                 ):
                     self.pipeline.components.unet.delete_adapters(m.adapter)
+                self.metrics.forget_checkpoint(m.id)
                 log.info("retired checkpoint %s", m.id)
         self._publish_info()
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,6 +25,36 @@ from services.inference.servicer import VideoGenerationServicer
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["VideoGenerationService"].full_name
+
+
+class BindError(OSError):
+    """A port the server needs cannot be bound (most often: another process listens on it)."""
+
+
+def _bind_error(setting: str, host: str, port: int, reason: str) -> BindError:
+    return BindError(f"cannot listen on {host}:{port} ({setting}): {reason}")
+
+
+def _check_free(setting: str, host: str, port: int) -> None:
+    """Raise ``BindError`` if ``host:port`` cannot be bound now.
+
+    gRPC reports a failed bind only as "Failed to bind" after logging its own error line, so the
+    cause (usually "address already in use") is found here first with a plain socket, set up as
+    gRPC's would be (SO_REUSEADDR on, SO_REUSEPORT off)."""
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except OSError as exc:
+        raise _bind_error(setting, host, port, f"cannot resolve the host: {exc.strerror or exc}") from None
+    for family, kind, proto, _, addr in infos:
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(addr)
+            except OSError as exc:
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+                raise _bind_error(setting, host, port, reason) from None
 
 
 class InferenceServer:
@@ -70,6 +102,9 @@ class InferenceServer:
         receive_limit = max(4 * 1024 * 1024, 2 * s.max_image_bytes + 8 * s.max_prompt_chars + 65536)
         server = grpc.aio.server(
             options=[
+                # gRPC's default SO_REUSEPORT would let a second server share the port silently and
+                # split the clients between the two; a clash must be an error instead.
+                ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", s.inline_limit_bytes + 1024 * 1024),
             ]
@@ -84,13 +119,22 @@ class InferenceServer:
             ],
             server,
         )
-        self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        _check_free("HUVIDPO_INFERENCE_PORT", s.host, s.port)
+        try:
+            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError:  # grpc >= 1.5x raises instead of returning 0
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind gRPC on {s.host}:{s.port}")
+            raise _bind_error("HUVIDPO_INFERENCE_PORT", s.host, s.port, "gRPC could not bind the address")
+        try:
+            self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
+        except OSError as exc:
+            await server.stop(None)
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            raise _bind_error("HUVIDPO_INFERENCE_METRICS_PORT", s.host, s.metrics_port, reason) from None
         await self._set_health(False)
         await server.start()
         self._server = server
-        self.metrics_port = self.metrics.serve(s.host, s.metrics_port)
         self.metrics.ready.set(0)
         self.batcher.start()
         self.manager.start(on_ready=self._on_ready)

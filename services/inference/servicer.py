@@ -30,7 +30,7 @@ from services.inference.errors import (
 from services.inference.gen import inference_pb2 as pb
 from services.inference.gen import inference_pb2_grpc as pb_grpc
 from services.inference.manager import LoadedModel, ModelManager
-from services.inference.metrics import InferenceMetrics
+from services.inference.metrics import NO_CHECKPOINT, InferenceMetrics
 from services.inference.validation import (
     check_prompt_tokens,
     check_request,
@@ -125,8 +125,11 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.GenerateResponse]:
         code = grpc.StatusCode.OK
+        # The checkpoint the request was admitted to, once it has one; held (a reference in the
+        # manager) until the request is counted, so its metric series cannot be retired meanwhile.
+        served: list[str] = []
         try:
-            async for message in self._generate(request, context):
+            async for message in self._generate(request, context, served):
                 yield message
         except InferenceError as exc:
             code = _status_of(exc)
@@ -146,10 +149,12 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
             log.exception("Generate failed")
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
-            self.metrics.requests.labels(code.name).inc()
+            self.metrics.count_request(code.name, served[0] if served else NO_CHECKPOINT)
+            if served:
+                self.manager.release(served[0])
 
     async def _generate(
-        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
+        self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, served: list[str]
     ) -> AsyncIterator[pb.GenerateResponse]:
         s = self.settings
         spec = check_request(request, s)
@@ -163,6 +168,7 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
             spec.image = await asyncio.to_thread(decode_first_frame, spec.image_bytes, s, "first_frame_image")
             spec.image_bytes = None
         checkpoint = self.manager.resolve(spec.checkpoint_id)
+        served.append(checkpoint)  # released by Generate once counted
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None else None
         job = Job(spec, checkpoint, asyncio.get_running_loop(), deadline)
@@ -188,7 +194,6 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         finally:
             if not finished:
                 self.batcher.cancel(job)
-            self.manager.release(checkpoint)
 
     def _read_uri(self, uri: str) -> bytes:
         key = parse_store_uri(uri, self.bucket)

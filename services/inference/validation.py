@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import secrets
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from services.common.settings import InferenceSettings
 from services.inference.errors import InvalidRequest
@@ -20,6 +21,8 @@ ACCEPTED_IMAGE_FORMATS = {"PNG", "JPEG", "WEBP"}
 MAX_GUIDANCE_SCALE = 50.0
 MAX_FPS = 60.0
 MAX_SEED = 2**63 - 1
+# "<_io.BytesIO object at 0x7fb1...>" and the like: Pillow puts object reprs in its messages.
+_OBJECT_REPR = re.compile(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass
@@ -168,5 +171,10 @@ def decode_first_frame(data: bytes, s: InferenceSettings, field: str = "first_fr
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise InvalidRequest(f"{field} has too many pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise InvalidRequest(
+            f"{field} could not be decoded as PNG, JPEG or WebP: its bytes are not an image of a known format"
+        ) from exc
     except Exception as exc:
-        raise InvalidRequest(f"{field} could not be decoded as PNG, JPEG or WebP: {exc}") from exc
+        reason = _OBJECT_REPR.sub("", str(exc)).strip() or type(exc).__name__
+        raise InvalidRequest(f"{field} could not be decoded as PNG, JPEG or WebP: {reason}") from exc

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import NotPublished, fetch_published, publish_dir
-from services.common.settings import StoreSettings, TrainerSettings
+from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
 log = logging.getLogger("huvidpo.trainer")
@@ -348,8 +348,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stdout
     )
-    settings = TrainerSettings()
-    store = make_store(StoreSettings())
+    try:
+        settings = load_settings(TrainerSettings)
+        store = make_store(load_settings(StoreSettings))
+    except SettingsError as exc:
+        # A configuration error: retrying cannot fix it (docs/CONTRACTS.md, exit 2).
+        print(f"huvidpo-trainer: {exc}", file=sys.stderr)
+        return EXIT_BAD_DATA
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:

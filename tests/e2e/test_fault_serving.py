@@ -64,7 +64,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adap
                 "max_queue": "64",
             }
         )
-        running.cp.set_rollout("default", "ckpt-ft-e2e-1")
+        running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
         with channel(stack.grpc_address) as ch:
             wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
         yield running
@@ -183,7 +183,13 @@ def test_bad_rest_inputs_get_clear_problems_and_no_5xx(serving: Any) -> None:
             "POST",
             "/v1/datasets",
             {"content": b"{not json", "headers": {"content-type": "application/json"}},
-            422,
+            400,
+        ),
+        (
+            "POST",
+            "/v1/datasets",
+            {"content": b'{"name": "x"}', "headers": {"content-type": "text/plain"}},
+            415,
         ),
         ("GET", "/v1/datasets/does-not-exist", {}, 404),
         (

@@ -58,7 +58,7 @@ def test_alert_rules_evaluate_on_the_inference_servers_metrics(tmp_path: Path) -
     metrics = InferenceMetrics()
     metrics_port = metrics.serve("127.0.0.1", 0)
     metrics.ready.set(0)
-    metrics.requests.labels("OK").inc()
+    metrics.count_request("OK", "base")
     metrics.generation_seconds.labels("base").observe(1.5)
     port = _free_port()
     shutil.copy(ROOT / "deploy/monitoring/alerts.yml", tmp_path / "alerts.yml")

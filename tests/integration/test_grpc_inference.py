@@ -523,3 +523,57 @@ def test_everything_from_s3_and_the_download_url_works(
     assert response.status_code == 200
     frames, _ = read_video(response.content)
     assert frames.shape == (4, 64, 64, 3) and len(response.content) == result.size_bytes
+
+
+def _samples(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(httpx.get(url, timeout=5).text)
+        for s in family.samples
+    }
+
+
+def _value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
+    return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def test_metric_series_follow_the_served_checkpoints_and_base_can_be_rolled_back_to(
+    tiny_model_dir: Path, adapters: dict[str, Path], tmp_path: Path
+) -> None:
+    store = LocalStore(tmp_path / "store")
+    publish_checkpoint(store, "ckpt-ft-a-10", adapters["a"])
+    set_rollout(store, "default", "ckpt-ft-a-10")
+    with ServerThread(settings(tmp_path, tiny_model_dir), store).start() as srv, srv.channel() as channel:
+        stub = srv.stub(channel)
+        assert run(stub, request())[1].checkpoint_id == "ckpt-ft-a-10"
+        for bad in (request(frames=1), request(checkpoint_id="ckpt-typo-1")):
+            with pytest.raises(grpc.RpcError):
+                run(stub, bad)
+        m = _samples(srv.metrics_url)
+        requests = "huvidpo_inference_requests_total"
+        assert _value(m, requests, code="OK", checkpoint="ckpt-ft-a-10") == 1
+        # Refused before a model was chosen: one bounded label, never the client's text.
+        assert _value(m, requests, code="INVALID_ARGUMENT", checkpoint="none") == 1
+        assert _value(m, requests, code="NOT_FOUND", checkpoint="none") == 1
+        assert not any("ckpt-typo-1" in dict(labels).values() for _, labels in m)
+        assert _value(m, "huvidpo_inference_generation_seconds_count", checkpoint="ckpt-ft-a-10") == 1
+        assert _value(m, "huvidpo_inference_queue_wait_seconds_count") == 1
+
+        # Roll back to the base model ("base", as PUT /v1/rollouts/{deployment} writes it).
+        set_rollout(store, "default", "base")
+        deadline = time.monotonic() + 60
+        while True:
+            listing = stub.ListModels(pb.ListModelsRequest())
+            if listing.rollout.current == "base" and all(x.id != "ckpt-ft-a-10" for x in listing.models):
+                break
+            assert time.monotonic() < deadline, listing
+            time.sleep(0.05)
+        assert run(stub, request())[1].checkpoint_id == "base"
+        m = _samples(srv.metrics_url)
+    # The retired checkpoint's series are gone; the base model's are there.
+    assert not any("ckpt-ft-a-10" in dict(labels).values() for name, labels in m if "info" not in name)
+    assert _value(m, requests, code="OK", checkpoint="base") == 1
+    assert _value(m, "huvidpo_inference_generation_seconds_count", checkpoint="base") == 1
+    assert _value(m, "huvidpo_inference_queue_wait_seconds_count") == 2

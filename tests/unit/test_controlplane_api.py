@@ -226,10 +226,11 @@ def test_presigned_upload_then_commit(env: dict[str, Any], synthetic_dir: Path) 
         f"/v1/datasets/big/uploads/{up['id']}/presign", json={"files": paths}, headers=AUTH
     ).json()["urls"]
     for path, url in urls.items():
-        # LocalStore presigned URLs are served by this app; the signature is the authorisation
-        r = client.put(url.replace("http://127.0.0.1:8080", ""), content=(synthetic_dir / path).read_bytes())
+        # LocalStore presigned URLs are served by this app (at the address the request used); the
+        # signature is the authorisation
+        r = client.put(url, content=(synthetic_dir / path).read_bytes())
         assert r.status_code == 200, r.text
-    first = next(iter(urls.values())).replace("http://127.0.0.1:8080", "")
+    first = next(iter(urls.values()))
     flipped = first[:-1] + ("0" if first[-1] != "0" else "1")  # one hex digit of the signature changed
     _is_problem(client.put(flipped, content=b"x"), 403, "forbidden")
     v = client.post(f"/v1/datasets/big/uploads/{up['id']}/commit", json={}, headers=AUTH)
@@ -399,7 +400,7 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
         and "adapter/adapter_model.safetensors" in ck["files"]
     )
     urls = client.get(f"/v1/checkpoints/{b}/download", headers=AUTH).json()["urls"]
-    got = client.get(urls["adapter/adapter_model.safetensors"].replace("http://127.0.0.1:8080", ""))
+    got = client.get(urls["adapter/adapter_model.safetensors"])
     assert got.content == b"weights" * 20
     assert [
         c["id"]
@@ -411,7 +412,7 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
         422,
         "validation-error",
     )
-    r = client.put("/v1/rollouts/default", json={"checkpoint": a}, headers=AUTH).json()
+    r = client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).json()
     assert (r["revision"], r["current"], r["canary"]) == (1, a, None)
     _is_problem(client.post("/v1/rollouts/default/promote", headers=AUTH), 409, "conflict")
     r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 25}, headers=AUTH).json()
@@ -426,6 +427,142 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
     assert r["current"] == a and r["revision"] == 4
     hist = client.get("/v1/rollouts/default/history", headers=AUTH).json()
     assert [h["action"] for h in hist] == ["set_current", "set_canary", "promote", "rollback"]
+
+
+def test_download_links_name_the_address_the_client_used(env: dict[str, Any], synthetic_dir: Path) -> None:
+    # No HUVIDPO_STORE_PUBLIC_BASE_URL: the links are built from the request's own base URL (here a
+    # control plane on port 18080), not from a default that names port 8080.
+    store, tmp = env["store"], env["tmp"]
+    client = TestClient(env["client"].app, base_url="http://127.0.0.1:18080")
+    cid = _publish_checkpoint(store, tmp, "ft-port", 3)
+    body = client.get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()
+    assert body["urls"] and all(
+        u.startswith(f"http://127.0.0.1:18080/v1/objects/checkpoints/{cid}/") for u in body["urls"].values()
+    ), body
+    got = client.get(body["urls"]["adapter/adapter_model.safetensors"])
+    assert got.status_code == 200 and got.content == b"weights" * 3
+    client.post("/v1/datasets", json={"name": "ported"}, headers=AUTH)
+    up = client.post("/v1/datasets/ported/uploads", headers=AUTH).json()
+    urls = client.post(
+        f"/v1/datasets/ported/uploads/{up['id']}/presign", json={"files": ["manifest.jsonl"]}, headers=AUTH
+    ).json()["urls"]
+    assert urls["manifest.jsonl"].startswith("http://127.0.0.1:18080/v1/objects/"), urls
+
+
+def test_a_configured_public_base_url_wins_over_the_request(env: dict[str, Any]) -> None:
+    root = env["tmp"] / "store"
+    store = LocalStore(root, public_base_url="https://models.example.com/huvidpo/")
+    app = create_app(env["settings"], store, FakeExecutor(), background=False)
+    cid = _publish_checkpoint(store, env["tmp"], "ft-proxy", 2)
+    urls = TestClient(app).get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()["urls"]
+    assert all(u.startswith("https://models.example.com/huvidpo/v1/objects/") for u in urls.values()), urls
+
+
+def test_a_new_deployment_is_created_only_when_asked(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    a = _publish_checkpoint(store, tmp, "ft-y", 1)
+    assert (
+        client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).status_code
+        == 200
+    )
+    # A typo in the deployment name: refused, nothing written, the existing names listed.
+    body = _is_problem(
+        client.put("/v1/rollouts/defualt", json={"checkpoint": a}, headers=AUTH), 404, "not-found"
+    )
+    assert "defualt" in body["detail"] and "create=true" in body["detail"] and "default" in body["detail"], (
+        body
+    )
+    assert read_rollout(store, "defualt") is None
+    _is_problem(client.get("/v1/rollouts/defualt", headers=AUTH), 404, "not-found")
+    # Asked for explicitly: created; create=true on an existing deployment just updates it.
+    r = client.put("/v1/rollouts/staging?create=true", json={"checkpoint": a}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["revision"] == 1, r.text
+    r = client.put("/v1/rollouts/staging?create=true", json={"checkpoint": "base"}, headers=AUTH)
+    assert r.status_code == 200 and r.json()["revision"] == 2, r.text
+    spec = client.get("/openapi.json").json()
+    params = spec["paths"]["/v1/rollouts/{deployment}"]["put"]["parameters"]
+    assert any(p["name"] == "create" for p in params)
+
+
+def test_rolling_back_to_the_base_model_through_rest(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    a = _publish_checkpoint(store, tmp, "ft-z", 1)
+    b = _publish_checkpoint(store, tmp, "ft-z", 2)
+    client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH)
+    r = client.put("/v1/rollouts/default", json={"checkpoint": "base"}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert r.json()["current"] == "base"
+    rec = read_rollout(store, "default")  # the inference service serves the base model for "base"
+    assert rec is not None and rec.current == "base"
+    # A canary against the base model, then a rollback drops it and the base model serves again.
+    r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 10}, headers=AUTH)
+    assert r.status_code == 200 and (r.json()["current"], r.json()["canary"]) == ("base", b), r.text
+    r = client.post("/v1/rollouts/default/rollback", headers=AUTH).json()
+    assert (r["current"], r["canary"]) == ("base", None)
+    # Rollback with no canary goes to the previous current one, and back to "base" from there.
+    assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == a
+    assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == "base"
+    # "base" names the base model only: it cannot be the canary of itself, nor a checkpoint to download.
+    _is_problem(
+        client.post("/v1/rollouts/default/canary", json={"checkpoint": "base", "percent": 5}, headers=AUTH),
+        422,
+        "validation-error",
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/datasets"), ("PUT", "/v1/rollouts/default"), ("POST", "/v1/fine-tunes")],
+)
+def test_a_json_route_refuses_other_media_types_with_415(env: dict[str, Any], method: str, path: str) -> None:
+    client = env["client"]
+    for content_type in ("text/plain", "application/x-www-form-urlencoded"):
+        r = client.request(
+            method, path, content=b'{"name": "cats"}', headers={**AUTH, "Content-Type": content_type}
+        )
+        body = _is_problem(r, 415, "unsupported-media-type")
+        assert content_type in body["detail"] and "application/json" in body["detail"], body
+
+
+@pytest.mark.parametrize("payload", [b'{"name": "cats",', b"not json at all", b'{"name": "cats"} trailing'])
+def test_malformed_json_is_400_with_its_own_type(env: dict[str, Any], payload: bytes) -> None:
+    r = env["client"].post(
+        "/v1/datasets", content=payload, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    body = _is_problem(r, 400, "invalid-json")
+    assert "not valid JSON" in body["detail"] and "character" in body["detail"], body
+
+
+def test_a_json_body_needs_a_json_content_type(env: dict[str, Any]) -> None:
+    client = env["client"]
+    # No Content-Type at all: not parsed as JSON (FastAPI's strict content type, a CSRF guard).
+    body = _is_problem(
+        client.post("/v1/datasets", content=b'{"name": "plain"}', headers=AUTH), 415, "unsupported-media-type"
+    )
+    assert "no Content-Type" in body["detail"], body
+    r = client.post(
+        "/v1/datasets",
+        content=b'{"name": "suffixed"}',
+        headers={**AUTH, "Content-Type": "application/merge-patch+json; charset=utf-8"},
+    )
+    assert r.status_code == 201, r.text
+    # A valid JSON body of the wrong shape stays a 422 naming the field.
+    _is_problem(client.post("/v1/datasets", json={"nme": "x"}, headers=AUTH), 422, "validation-error")
+
+
+def test_docs_and_openapi_are_labelled_by_their_route_in_metrics(env: dict[str, Any]) -> None:
+    client = env["client"]
+    for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+        assert client.get(path).status_code == 200, path
+    client.get("/v1/nothing-here", headers=AUTH)
+    text = client.get("/metrics").text
+    for path in ("/docs", "/openapi.json", "/redoc", "/docs/oauth2-redirect"):
+        assert (
+            f'huvidpo_controlplane_requests_total{{method="GET",route="{path}",status="200"}} 1.0' in text
+        ), path
+    # A path no route matches stays one bounded label.
+    assert 'route="<unmatched>",status="404"' in text
+    assert 'route="/v1/nothing-here"' not in text
 
 
 def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
@@ -444,8 +581,8 @@ def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
         client.post(
             "/v1/datasets", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
         ),
-        422,
-        "validation-error",
+        400,
+        "invalid-json",
     )
     client.post(
         "/v1/datasets", files=[("files", ("a.json", io.BytesIO(b"{}"), "application/json"))], headers=AUTH

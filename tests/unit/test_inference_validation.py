@@ -154,3 +154,16 @@ def test_canary_router_edges() -> None:
 def test_adapter_names_are_valid_module_keys() -> None:
     assert adapter_name("ckpt-ft.1-200") == "ckpt_ckpt_ft_1_200"
     assert "." not in adapter_name("a.b.c")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"this is a text file, not an image", b"\x89PNG\r\n\x1a\nnot really a png", b"\x00" * 64],
+)
+def test_an_undecodable_first_frame_names_the_field_and_no_memory_address(data: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        decode_first_frame(data, S, "first_frame_uri")
+    message = str(info.value)
+    assert message.startswith("first_frame_uri "), message
+    assert "PNG, JPEG or WebP" in message
+    assert "0x" not in message and "BytesIO" not in message and "<" not in message, message

@@ -79,17 +79,20 @@ class CheckpointService:
         self.store.delete(manifest_key(checkpoint_id))
         self.store.delete_prefix(f"checkpoints/{checkpoint_id}/")
 
-    def download(self, checkpoint_id: str, expires_seconds: int = 3600) -> dict[str, Any]:
-        """Time-limited URLs for every file of the checkpoint (and its manifest)."""
+    def download(
+        self, checkpoint_id: str, expires_seconds: int = 3600, base_url: str | None = None
+    ) -> dict[str, Any]:
+        """Time-limited URLs for every file of the checkpoint (and its manifest); ``base_url`` is the
+        address the client used (see ``ObjectStore.presigned_get_url``)."""
         if not 60 <= expires_seconds <= 7 * 24 * 3600:
             raise InvalidRequest("expires_seconds must be in [60, 604800]", field="expires_seconds")
         manifest = self.manifest(checkpoint_id)
         expires = timedelta(seconds=expires_seconds)
         urls = {
-            rel: self.store.presigned_get_url(f"checkpoints/{checkpoint_id}/{rel}", expires)
+            rel: self.store.presigned_get_url(f"checkpoints/{checkpoint_id}/{rel}", expires, base_url)
             for rel in sorted(manifest.get("files", {}))
         }
-        urls["manifest.json"] = self.store.presigned_get_url(manifest_key(checkpoint_id), expires)
+        urls["manifest.json"] = self.store.presigned_get_url(manifest_key(checkpoint_id), expires, base_url)
         deadline: datetime = self.clock() + expires
         return {"id": checkpoint_id, "urls": urls, "expires_at": iso(deadline)}
 

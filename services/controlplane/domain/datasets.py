@@ -191,9 +191,14 @@ class DatasetService:
         key = self.staged_key(name, upload_id, path)
         return self.store.put_stream(key, stream, None, content_type or "application/octet-stream")
 
-    def presign_upload(self, name: str, upload_id: str, paths: Iterable[str], expires) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    def presign_upload(
+        self, name: str, upload_id: str, paths: Iterable[str], expires, base_url: str | None = None
+    ) -> dict[str, str]:  # type: ignore[no-untyped-def]
         self.get_upload(name, upload_id)
-        return {p: self.store.presigned_put_url(self.staged_key(name, upload_id, p), expires) for p in paths}
+        return {
+            p: self.store.presigned_put_url(self.staged_key(name, upload_id, p), expires, base_url)
+            for p in paths
+        }
 
     def commit_upload(self, name: str, upload_id: str, include_ratings: bool = True) -> dict[str, Any]:
         """Validate the staged files as a dataset and publish them as an immutable version."""

@@ -6,6 +6,10 @@ a caller may pass the revision it read (``expected_revision``) and gets a confli
 changed the rollout meanwhile. Several control-plane replicas may serve these calls at once: the
 write is a compare-and-swap on the stored record's etag (``write_rollout``), so of two changes made
 from the same revision one is stored and the other is answered ``Conflict``, never silently lost.
+
+``current`` may be ``"base"``: the inference service then serves the base model without an adapter
+(rolling back past every fine-tune). A deployment is created only by a caller that asks for it
+(``create``), so a mistyped name is a 404, not a new record nobody follows.
 """
 
 from __future__ import annotations
@@ -19,6 +23,9 @@ from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_name
 from services.controlplane.domain.util import Clock, paginate, utcnow
+
+# The checkpoint id that names the base model itself (the inference service's ``BASE_ID``).
+BASE_MODEL = "base"
 
 
 class RolloutService:
@@ -43,11 +50,7 @@ class RolloutService:
     def list(
         self, page_size: int = 50, page_token: str | None = None
     ) -> tuple[builtins.list[dict[str, Any]], str | None]:
-        names = sorted(
-            o.key[len("rollouts/") : -len(".json")]
-            for o in self.store.list("rollouts/", recursive=False)
-            if o.key.endswith(".json")
-        )
+        names = self._names()
         page, token = paginate(names, lambda n: n, page_size, page_token)
         out = []
         for n in page:
@@ -59,7 +62,21 @@ class RolloutService:
                 out.append(rec.model_dump(mode="json"))
         return out, token
 
-    def _require_checkpoint(self, checkpoint_id: str, field: str) -> None:
+    def _names(self) -> builtins.list[str]:
+        return sorted(
+            o.key[len("rollouts/") : -len(".json")]
+            for o in self.store.list("rollouts/", recursive=False)
+            if o.key.endswith(".json")
+        )
+
+    def _servable(self, checkpoint_id: str) -> bool:
+        return checkpoint_id == BASE_MODEL or self.checkpoints.exists(checkpoint_id)
+
+    def _require_checkpoint(self, checkpoint_id: str, field: str, base_ok: bool = True) -> None:
+        if checkpoint_id == BASE_MODEL:
+            if not base_ok:
+                raise InvalidRequest(f"{BASE_MODEL!r} is the base model, not a checkpoint", field=field)
+            return
         if not self.checkpoints.exists(checkpoint_id):
             raise InvalidRequest(
                 f"checkpoint {checkpoint_id!r} does not exist (or is not published)", field=field
@@ -89,11 +106,17 @@ class RolloutService:
         return rec.model_dump(mode="json")
 
     def set_current(
-        self, deployment: str, checkpoint: str, expected_revision: int | None = None
+        self, deployment: str, checkpoint: str, expected_revision: int | None = None, create: bool = False
     ) -> dict[str, Any]:
-        """Serve ``checkpoint`` to all traffic (drops any canary)."""
+        """Serve ``checkpoint`` (or ``"base"``, the base model) to all traffic (drops any canary).
+        A deployment without a rollout record is created only with ``create``."""
         prev = self._read(deployment)
         self._require_checkpoint(checkpoint, "checkpoint")
+        if prev is None and not create:
+            raise NotFound(
+                f"deployment {deployment!r} has no rollout (existing: {self._names()}); "
+                "to start a new deployment, repeat the request with ?create=true"
+            )
         return self._write(deployment, prev, "set_current", checkpoint, None, 0, expected_revision)
 
     def set_canary(
@@ -107,7 +130,7 @@ class RolloutService:
             raise Conflict(
                 f"deployment {deployment!r} has no current checkpoint to canary against; set one first"
             )
-        self._require_checkpoint(checkpoint, "checkpoint")
+        self._require_checkpoint(checkpoint, "checkpoint", base_ok=False)
         if checkpoint == prev.current:
             raise InvalidRequest("the canary must differ from the current checkpoint", field="checkpoint")
         return self._write(
@@ -127,7 +150,7 @@ class RolloutService:
         if prev.canary:
             return self._write(deployment, prev, "rollback", prev.current, None, 0, expected_revision)
         for event in reversed(prev.history):
-            if event.current and event.current != prev.current and self.checkpoints.exists(event.current):
+            if event.current and event.current != prev.current and self._servable(event.current):
                 return self._write(deployment, prev, "rollback", event.current, None, 0, expected_revision)
         raise Conflict(f"deployment {deployment!r} has no earlier checkpoint to roll back to")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 
 from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
@@ -47,6 +47,10 @@ def delete_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> Response
     responses=problems.common_responses(401, 404, 422),
 )
 def download_checkpoint(
-    checkpoint_id: str, expires_seconds: int = Query(3600, ge=60, le=7 * 24 * 3600), c: Context = Depends(ctx)
+    checkpoint_id: str,
+    request: Request,
+    expires_seconds: int = Query(3600, ge=60, le=7 * 24 * 3600),
+    c: Context = Depends(ctx),
 ) -> dict[str, Any]:
-    return c.checkpoints.download(checkpoint_id, expires_seconds)
+    # Links name the address this client reached us at, unless HUVIDPO_STORE_PUBLIC_BASE_URL is set.
+    return c.checkpoints.download(checkpoint_id, expires_seconds, base_url=str(request.base_url))

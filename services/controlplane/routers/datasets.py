@@ -191,10 +191,13 @@ async def upload_files(
     responses=problems.common_responses(401, 403, 404, 415, 422),
     summary="Presigned PUT URLs for large files, uploaded straight to the object store",
 )
-def presign(name: str, upload_id: str, body: PresignRequest, c: Context = Depends(ctx)) -> dict[str, Any]:
+def presign(
+    name: str, upload_id: str, body: PresignRequest, request: Request, c: Context = Depends(ctx)
+) -> dict[str, Any]:
     from datetime import timedelta
 
-    urls = c.datasets.presign_upload(name, upload_id, body.files, timedelta(seconds=body.expires_seconds))
+    expires = timedelta(seconds=body.expires_seconds)
+    urls = c.datasets.presign_upload(name, upload_id, body.files, expires, base_url=str(request.base_url))
     return {"urls": urls, "expires_seconds": body.expires_seconds}
 
 

@@ -40,10 +40,17 @@ def get_rollout(deployment: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     "/{deployment}",
     response_model=Rollout,
     responses=WRITE_ERRORS,
-    summary="Serve one checkpoint to all traffic",
+    summary='Serve one checkpoint (or "base", the base model) to all traffic',
 )
-def set_current(deployment: str, body: SetCurrent, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.rollouts.set_current(deployment, body.checkpoint, body.expected_revision)
+def set_current(
+    deployment: str,
+    body: SetCurrent,
+    create: bool = Query(
+        False, description="Create the deployment if it has no rollout yet (else 404: a mistyped name)"
+    ),
+    c: Context = Depends(ctx),
+) -> dict[str, Any]:
+    return c.rollouts.set_current(deployment, body.checkpoint, body.expected_revision, create=create)
 
 
 @router.post("/{deployment}/canary", response_model=Rollout, responses=WRITE_ERRORS)
