@@ -147,7 +147,11 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
                 raise
             code = grpc.StatusCode.INTERNAL
             log.exception("Generate failed")
-            await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+            # The exception's text can name server paths or other internals: the client gets its
+            # type only, the log has the rest.
+            await context.abort(
+                code, f"internal error ({type(exc).__name__}); the server log has the details"
+            )
         finally:
             self.metrics.count_request(code.name, served[0] if served else NO_CHECKPOINT)
             if served:
