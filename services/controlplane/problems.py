@@ -91,10 +91,19 @@ def problem_response(
 
 
 def _loc_to_field(loc: tuple[Any, ...] | list[Any]) -> str:
+    """A body field as its dotted path (``hyperparameters.lr``, the same name the domain's own checks
+    use), a parameter as ``query:page_size`` / ``path:name`` / ``header:...``; the body itself as ``body``."""
     parts = [str(p) for p in loc]
+    if len(parts) > 1 and parts[0] == "body":
+        return ".".join(parts[1:])
     if parts and parts[0] in ("body", "query", "path", "header"):
         return ".".join(parts) if len(parts) == 1 else parts[0] + ":" + ".".join(parts[1:])
     return ".".join(parts)
+
+
+def _message(msg: str) -> str:
+    # pydantic prefixes the text of a validator's ValueError with "Value error, ": say only the text.
+    return msg.removeprefix("Value error, ")
 
 
 def _is_json(content_type: str) -> bool:
@@ -164,7 +173,7 @@ def install(app: FastAPI) -> None:
         if body_problem is not None:
             return body_problem
         field_errors = [
-            FieldProblem(field=_loc_to_field(e.get("loc", ())), message=e.get("msg", ""))
+            FieldProblem(field=_loc_to_field(e.get("loc", ())), message=_message(e.get("msg", "")))
             for e in exc.errors()
         ]
         first = field_errors[0] if field_errors else None

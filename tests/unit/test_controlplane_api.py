@@ -207,7 +207,7 @@ def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path)
     assert ctl.status_code in (400, 422)
     bad_name = client.post("/v1/datasets", json={"name": "../x"}, headers=AUTH)
     body = _is_problem(bad_name, 422, "validation-error")
-    assert body["errors"][0]["field"].startswith("body")
+    assert body["errors"][0]["field"] == "name"
     not_multipart = client.post(
         "/v1/datasets/d1/versions", content=b"{}", headers={**AUTH, "Content-Type": "application/json"}
     )
@@ -640,8 +640,8 @@ def test_absurd_hyperparameters_get_a_422_naming_the_field_and_the_bound(
         ({"max-steps": 1e23, "num-frames": 4, "height": 32, "width": 32}, "max_steps", "10000000"),
     ):
         body = _is_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
-        assert body["field"].endswith(f"hyperparameters.{field}"), body
-        assert bound in body["detail"], body["detail"]
+        assert body["field"] == f"hyperparameters.{field}", body
+        assert bound in body["detail"] and "Value error" not in body["detail"], body["detail"]
     assert executor.submits == []
     # The bounds are in the OpenAPI document.
     schemas = client.get("/openapi.json").json()["components"]["schemas"]

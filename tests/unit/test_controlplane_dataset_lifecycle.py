@@ -257,7 +257,9 @@ def test_checkpoints_hold_their_dataset_and_rollouts_hold_their_checkpoints(
     has = _is_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
     assert a in has and b in has
 
-    assert client.put("/v1/rollouts/live?create=true", json={"checkpoint": a}, headers=AUTH).status_code == 200
+    assert (
+        client.put("/v1/rollouts/live?create=true", json={"checkpoint": a}, headers=AUTH).status_code == 200
+    )
     body = {"checkpoint": b, "percent": 10}
     assert client.post("/v1/rollouts/live/canary", json=body, headers=AUTH).status_code == 200
     current = _is_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 409, "conflict")["detail"]
