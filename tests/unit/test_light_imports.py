@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,27 @@ ROOT = Path(__file__).resolve().parents[2]
 
 SERVICE_MODULES = ("fastapi", "uvicorn", "grpc", "kubernetes", "minio")
 HEAVY_MODULES = ("torch", "diffusers")
+
+# Distributions only the services use: none may be a base dependency, all are in the `server` extra.
+SERVER_ONLY = (
+    "fastapi",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "python-multipart",
+    "kubernetes",
+    "prometheus-client",
+    "psutil",
+    "grpcio",
+    "grpcio-health-checking",
+    "grpcio-reflection",
+    "protobuf",
+    "pydantic",
+    "pydantic-settings",
+    "minio",
+    "urllib3",
+    "certifi",
+)
 
 
 def _run(code: str, timeout: float = 300) -> dict[str, object]:
@@ -129,3 +152,16 @@ def test_control_plane_creates_a_finetune_without_torch(tmp_path: Path, tiny_mod
     print(f"first fine-tune create: {out['seconds']:.3f} s")
     assert out["status"] == 201
     assert out["after_app"] == out["after_commit"] == out["after_create"] == []
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!~;\[ ]", requirement, maxsplit=1)[0].strip().lower().replace("_", "-")
+
+
+def test_server_dependencies_are_an_extra_not_base_requirements() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    base = {_name(r) for r in project["dependencies"]}
+    server = {_name(r) for r in project["optional-dependencies"]["server"]}
+    assert sorted(base & set(SERVER_ONLY)) == []
+    assert sorted(set(SERVER_ONLY) - server) == []
+    assert {"torch", "diffusers", "av"} <= base  # the library itself stays installable alone
