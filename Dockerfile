@@ -47,7 +47,9 @@ COPY pyproject.toml README.md* ./
 COPY huvidpo ./huvidpo
 COPY services ./services
 COPY protos ./protos
-RUN pip install --no-cache-dir .
+# The library with the services' dependencies (the `server` extra). Spelt "./[server]": hadolint reads
+# ".[server]" as an unpinned package name (DL3013), "./" as the local project it is.
+RUN pip install --no-cache-dir "./[server]"
 
 # ---------------------------------------------------------------------------------------- final
 FROM runtime AS final

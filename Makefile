@@ -15,11 +15,12 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first (a CPU wheel here; a CUDA wheel on a GPU host), then the project, which accepts it.
+# torch first (a CPU wheel here; a CUDA wheel on a GPU host), then the project, which accepts it, with the
+# services' dependencies (the `server` extra) and the tools and doubles the tests use (`dev`).
 # Re-run only when pyproject.toml changes (or with `make -B install`).
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/pip install --quiet -e ".[server,dev]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,7 +1,14 @@
 """Preference data: datasets on disk, ratings-to-pairs compiler, clip decoding, latent/text cache,
-synthetic videos for tests and demos."""
+synthetic videos for tests and demos.
 
-from huvidpo.data.cache import LatentCache
+:class:`LatentCache` (torch) resolves lazily: the control plane reads datasets through this package
+without loading torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from huvidpo._lazy import lazy_exports
 from huvidpo.data.clips import ClipError, clip_span, load_clip, load_pair_clips, preprocess_clip, sample_clip
 from huvidpo.data.manifest import (
     Choice,
@@ -30,6 +37,11 @@ from huvidpo.data.pairs import (
     write_pairs,
 )
 from huvidpo.data.synthetic import make_synthetic_dataset, moving_square, static_square
+
+if TYPE_CHECKING:
+    from huvidpo.data.cache import LatentCache
+
+__getattr__, __dir__ = lazy_exports(__name__, {"LatentCache": "cache"})
 
 __all__ = [
     "Choice",

@@ -9,11 +9,14 @@ clips get the same horizontal flip decision, so the pair differs only in what th
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from huvidpo.video_io import read_video, resize_center_crop
+
+if TYPE_CHECKING:
+    import torch
 
 
 class ClipError(ValueError):
@@ -61,6 +64,8 @@ def preprocess_clip(frames: np.ndarray, height: int, width: int, hflip: bool = F
     out = np.stack([resize_center_crop(f, height, width) for f in frames])
     if hflip:
         out = out[:, :, ::-1]
+    import torch  # here, not at the top: the control plane imports this package without torch
+
     t = torch.from_numpy(np.ascontiguousarray(out)).permute(3, 0, 1, 2).float()
     return t / 127.5 - 1.0
 

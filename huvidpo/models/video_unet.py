@@ -29,6 +29,7 @@ from huvidpo.models.layers import (
     SparseCausalMode,
     VideoTransformerBlock,
 )
+from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
 
 PICKLE_SUFFIXES = (".bin", ".pth", ".pt", ".ckpt", ".pkl", ".pickle")
 
@@ -216,6 +217,3 @@ class VideoUNet(ModelMixin, ConfigMixin, PeftAdapterMixin):
         ``patterns`` (default: temporal conv, gate, temporal attention and the SparseCausal query)."""
         pats = patterns or DEFAULT_STAGE1_PATTERNS
         return [n for n, _ in self.named_parameters() if any(p in n for p in pats)]
-
-
-DEFAULT_STAGE1_PATTERNS = (".conv1d.", ".conv_gate.", ".attn_temp.", "attn1.to_q.")

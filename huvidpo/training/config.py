@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from huvidpo.bounds import BOUNDS
-from huvidpo.models import DEFAULT_STAGE1_PATTERNS
+from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
 
 
 class ConfigError(ValueError):
