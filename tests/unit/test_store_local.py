@@ -26,7 +26,7 @@ from services.common.store import (
     validate_key,
     validate_prefix,
 )
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 from tests.store_contract import StoreContract, race_rollout_writes
 
 
