@@ -52,7 +52,7 @@ class LocalStore(ObjectStore):
 
     Layout: the object ``a/b/c`` is the file ``root/a/b/c``, so an operator can browse the store.
     The sha256, content type and user metadata live in a JSON sidecar under
-    ``root/.huvidpo-meta/<sha256(key)>.json`` that also records the data file's inode.
+    ``root/.huvidpo-meta/<2 hex>/<sha256(key)>.json`` (``sidecar_path``) that also records the data file's inode.
     Writes go to ``root/.huvidpo-tmp/`` first, are fsynced, then renamed into place (atomic on POSIX),
     so every write gives the key a new inode: a sidecar naming another inode is stale (a crash
     between the two renames) and is ignored, while bytes changed in place keep the inode and are
@@ -98,7 +98,9 @@ class LocalStore(ObjectStore):
     def _path(self, key: str) -> Path:
         return self.root.joinpath(*validate_key(key).split("/"))
 
-    def _meta_path(self, key: str) -> Path:
+    def sidecar_path(self, key: str) -> Path:
+        """Where ``key``'s JSON sidecar lives (digest, etag, content type, metadata, data inode); for
+        operators and tests that inspect the layout the class docstring describes."""
         digest = hashlib.sha256(key.encode("utf-8")).hexdigest()
         return self.root / _META_DIR / digest[:2] / f"{digest}.json"
 
@@ -138,7 +140,7 @@ class LocalStore(ObjectStore):
         """Write the sidecar of the data file with inode ``ino`` (taken from the written temp file,
         not from the path, which a concurrent writer may already have replaced)."""
         record = {**info, "key": key, "ino": ino, "size": size}
-        meta_path = self._meta_path(key)
+        meta_path = self.sidecar_path(key)
         meta_path.parent.mkdir(exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root / _TMP_DIR, suffix=".json")
         try:
@@ -153,7 +155,7 @@ class LocalStore(ObjectStore):
     def _info(self, key: str, st: os.stat_result) -> ObjectInfo:
         meta: dict[str, Any] = {}
         with contextlib.suppress(FileNotFoundError, ValueError):
-            meta = json.loads(self._meta_path(key).read_text())
+            meta = json.loads(self.sidecar_path(key).read_text())
         if meta.get("ino") != st.st_ino:
             meta = {}  # stale sidecar (crash between renames) or none: report no digest
         etag = meta.get("etag") or meta.get("sha256")  # sidecars from before etags: the digest
@@ -335,7 +337,7 @@ class LocalStore(ObjectStore):
             with contextlib.suppress(FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 path.unlink()
             with contextlib.suppress(FileNotFoundError):
-                self._meta_path(key).unlink()
+                self.sidecar_path(key).unlink()
         # prune now-empty parent directories (S3 has no directories to leave behind)
         parent = path.parent
         while parent != self.root:
