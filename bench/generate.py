@@ -28,9 +28,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from huvidpo.cli import _quiet_libraries
+    from huvidpo.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from huvidpo.models.tiny import tiny_components
     from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
 

@@ -29,9 +29,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
-    from huvidpo.cli import _quiet_libraries
+    from huvidpo.cli import quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     from huvidpo.data import LatentCache, compile_pairs, load_clip, load_dataset, make_synthetic_dataset
     from huvidpo.models import directory_digest, load_components
     from huvidpo.models.tiny import write_tiny_model

@@ -35,7 +35,7 @@ from typing import BinaryIO, cast
 import psutil
 from minio import Minio
 
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 
 REPO = Path(__file__).resolve().parents[1]
 

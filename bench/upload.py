@@ -49,7 +49,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from services.common.store_minio import MinioStore  # noqa: E402
+from services.common.store.s3 import MinioStore  # noqa: E402
 
 ACCESS, SECRET = "BENCHACCESSKEY", "bench-secret-key-0123456789"
 PART = 8 * 1024 * 1024

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from huvidpo.pipeline import GenerationConfig
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    _quiet_libraries()
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from huvidpo.cli import _quiet_libraries
+from huvidpo.cli import quiet_libraries
 
 
 def first_frame(size: int = 96) -> np.ndarray:
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frames", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10)
     args = parser.parse_args(argv)
-    _quiet_libraries()
+    quiet_libraries()
     from huvidpo.models.tiny import write_tiny_model
     from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
 

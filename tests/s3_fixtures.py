@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 
 REPO = Path(__file__).resolve().parents[1]
 CEPH_SCRIPT = REPO / "scripts" / "ceph-s3.sh"

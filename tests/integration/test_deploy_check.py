@@ -128,15 +128,15 @@ def test_alert_tests_fail_when_an_alert_changes(tmp_path: Path) -> None:
 def test_scrape_config_check_catches_a_bad_relabel_regex(tmp_path: Path) -> None:
     promtool = _tool("promtool")
     config = yaml.safe_load((check.MONITORING / "prometheus.yml").read_text())
-    assert check._check_scrape_config(promtool, check.MONITORING / "prometheus.yml").errors == []
+    assert check.check_scrape_config(promtool, check.MONITORING / "prometheus.yml").errors == []
     config["scrape_configs"][0]["relabel_configs"][0]["regex"] = "(unclosed"
     (tmp_path / "alerts.yml").write_text((check.MONITORING / "alerts.yml").read_text())
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    assert check._check_scrape_config(promtool, tmp_path / "prometheus.yml").errors
+    assert check.check_scrape_config(promtool, tmp_path / "prometheus.yml").errors
     config["scrape_configs"][0]["relabel_configs"][0]["regex"] = '"true"'
     config["scrape_configs"][0]["kubernetes_sd_configs"][0]["role"] = "pods"  # not a role
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    assert check._check_scrape_config(promtool, tmp_path / "prometheus.yml").errors
+    assert check.check_scrape_config(promtool, tmp_path / "prometheus.yml").errors
 
 
 def test_dashboard_queries_parse_and_a_broken_one_is_caught(tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from minio.error import ServerError
 
 from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.store import ObjectStore, PreconditionFailed, StoreAccessDenied, StoreUnavailable
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 from tests.store_contract import ChunkedStream, StoreContract, race_rollout_writes
 
 MakeStore = Callable[..., MinioStore]

@@ -89,7 +89,7 @@ def env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, Any]:
     }
 
 
-def _files(d: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
+def upload_files(d: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
     return [
         ("files", (p.relative_to(d).as_posix(), p.read_bytes(), "application/octet-stream"))
         for p in sorted(d.rglob("*"))
@@ -99,12 +99,12 @@ def _files(d: Path) -> list[tuple[str, tuple[str, bytes, str]]]:
 
 def _dataset(client: TestClient, synthetic_dir: Path, name: str = "cats") -> dict[str, Any]:
     assert client.post("/v1/datasets", json={"name": name}, headers=AUTH).status_code == 201
-    r = client.post(f"/v1/datasets/{name}/versions", files=_files(synthetic_dir), headers=AUTH)
+    r = client.post(f"/v1/datasets/{name}/versions", files=upload_files(synthetic_dir), headers=AUTH)
     assert r.status_code == 201, r.text
     return dict(r.json())
 
 
-def _is_problem(r: Any, status: int, kind: str) -> dict[str, Any]:
+def assert_problem(r: Any, status: int, kind: str) -> dict[str, Any]:
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/problem+json")
     body = dict(r.json())
@@ -123,7 +123,7 @@ def test_upload_makes_an_immutable_version_named_by_its_digest(
         "data/" + p.relative_to(synthetic_dir).as_posix() for p in synthetic_dir.rglob("*") if p.is_file()
     }
     # the same content again is the same version (no duplicate)
-    again = client.post("/v1/datasets/cats/versions", files=_files(synthetic_dir), headers=AUTH)
+    again = client.post("/v1/datasets/cats/versions", files=upload_files(synthetic_dir), headers=AUTH)
     assert again.status_code == 201 and again.json()["id"] == v1["id"]
     assert client.get("/v1/datasets/cats", headers=AUTH).json()["versions"] == [v1["id"]]
     # stored bytes match what was sent
@@ -164,7 +164,7 @@ def test_ratings_make_a_new_version_and_pairs_compile_with_a_report(
         json={"records": [{"type": "rating", "video_id": "nope", "rater_id": "x", "score": 1}]},
         headers=AUTH,
     )
-    assert "nope" in _is_problem(bad, 422, "validation-error")["detail"]
+    assert "nope" in assert_problem(bad, 422, "validation-error")["detail"]
 
 
 def test_upload_without_a_manifest_to_a_dataset_with_ratings_is_a_422_not_a_500(env: dict[str, Any]) -> None:
@@ -178,7 +178,7 @@ def test_upload_without_a_manifest_to_a_dataset_with_ratings_is_a_422_not_a_500(
     bad = client.post(
         "/v1/datasets/rated/versions", files=[("files", ("v.mp4", b"not a video", "video/mp4"))], headers=AUTH
     )
-    assert "no manifest" in _is_problem(bad, 422, "validation-error")["detail"]
+    assert "no manifest" in assert_problem(bad, 422, "validation-error")["detail"]
     assert client.get("/v1/datasets/rated/versions", headers=AUTH).json()["items"] == []
 
 
@@ -188,17 +188,17 @@ def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path)
     too_big = client.post(
         "/v1/datasets/d1/versions", files=[("files", ("v.mp4", b"x" * 2_100_000, "video/mp4"))], headers=AUTH
     )
-    _is_problem(too_big, 413, "payload-too-large")
+    assert_problem(too_big, 413, "payload-too-large")
     exe = client.post(
         "/v1/datasets/d1/versions", files=[("files", ("run.sh", b"rm -rf /", "text/x-sh"))], headers=AUTH
     )
-    _is_problem(exe, 415, "unsupported-media-type")
+    assert_problem(exe, 415, "unsupported-media-type")
     trav = client.post(
         "/v1/datasets/d1/versions",
         files=[("files", ("../../etc/x.json", b"{}", "application/json"))],
         headers=AUTH,
     )
-    _is_problem(trav, 422, "validation-error")
+    assert_problem(trav, 422, "validation-error")
     ctl = client.post(
         "/v1/datasets/d1/versions",
         files=[("files", ("a\x01b.json", b"{}", "application/json"))],
@@ -206,12 +206,12 @@ def test_upload_limits_types_and_names(env: dict[str, Any], synthetic_dir: Path)
     )
     assert ctl.status_code in (400, 422)
     bad_name = client.post("/v1/datasets", json={"name": "../x"}, headers=AUTH)
-    body = _is_problem(bad_name, 422, "validation-error")
+    body = assert_problem(bad_name, 422, "validation-error")
     assert body["errors"][0]["field"] == "name"
     not_multipart = client.post(
         "/v1/datasets/d1/versions", content=b"{}", headers={**AUTH, "Content-Type": "application/json"}
     )
-    _is_problem(not_multipart, 415, "unsupported-media-type")
+    assert_problem(not_multipart, 415, "unsupported-media-type")
     # nothing half-written: no version exists, and the failed uploads left no staged files
     assert client.get("/v1/datasets/d1", headers=AUTH).json()["versions"] == []
     assert env["store"].list("datasets/d1/uploads/") == []
@@ -232,7 +232,7 @@ def test_presigned_upload_then_commit(env: dict[str, Any], synthetic_dir: Path) 
         assert r.status_code == 200, r.text
     first = next(iter(urls.values()))
     flipped = first[:-1] + ("0" if first[-1] != "0" else "1")  # one hex digit of the signature changed
-    _is_problem(client.put(flipped, content=b"x"), 403, "forbidden")
+    assert_problem(client.put(flipped, content=b"x"), 403, "forbidden")
     v = client.post(f"/v1/datasets/big/uploads/{up['id']}/commit", json={}, headers=AUTH)
     assert v.status_code == 201, v.text
     assert v.json()["videos"] == 2
@@ -254,15 +254,15 @@ def test_finetune_is_validated_before_anything_is_scheduled(env: dict[str, Any],
     client, executor = env["client"], env["executor"]
     v = _dataset(client, synthetic_dir)
     bad_hp = _create_ft(client, v["id"], hyperparameters={"lr": -1})
-    assert _is_problem(bad_hp, 422, "validation-error")["field"].endswith("hyperparameters.lr")
+    assert assert_problem(bad_hp, 422, "validation-error")["field"].endswith("hyperparameters.lr")
     unknown = _create_ft(client, v["id"], hyperparameters={"lerning_rate": 1})
-    _is_problem(unknown, 422, "validation-error")
+    assert_problem(unknown, 422, "validation-error")
     reserved = _create_ft(client, v["id"], hyperparameters={"output_dir": "/etc"})
-    _is_problem(reserved, 422, "validation-error")
+    assert_problem(reserved, 422, "validation-error")
     no_model = _create_ft(client, v["id"], base_model="sd15")
-    assert _is_problem(no_model, 422, "validation-error")["field"] == "base_model"
+    assert assert_problem(no_model, 422, "validation-error")["field"] == "base_model"
     no_version = _create_ft(client, "0" * 64)
-    assert _is_problem(no_version, 422, "validation-error")["field"] == "version"
+    assert assert_problem(no_version, 422, "validation-error")["field"] == "version"
     assert executor.submits == []
 
 
@@ -279,7 +279,7 @@ def test_retry_with_same_idempotency_key_creates_one_job(env: dict[str, Any], sy
     assert third.status_code == 200 and third.json()["id"] == first.json()["id"]
     assert executor.submits == [first.json()["id"]]
     reused = _create_ft(client, v["id"], key="req-1", stage="stage1")
-    _is_problem(reused, 422, "idempotency-key-reused")
+    assert_problem(reused, 422, "idempotency-key-reused")
     other = _create_ft(client, v["id"], key="req-2")
     assert other.status_code == 201 and executor.submits == [first.json()["id"], other.json()["id"]]
 
@@ -356,7 +356,7 @@ def test_cancel_list_filters_pagination_and_logs(env: dict[str, Any], synthetic_
     assert sorted(x["id"] for x in queued) == sorted(ids[1:])
     assert client.get("/v1/fine-tunes", params={"dataset": "other"}, headers=AUTH).json()["items"] == []
     assert client.get(f"/v1/fine-tunes/{ids[1]}/logs", headers=AUTH).text == "line 1\nline 2\n"
-    _is_problem(
+    assert_problem(
         client.get("/v1/fine-tunes", params={"page_token": "garbage!"}, headers=AUTH), 422, "validation-error"
     )
 
@@ -367,14 +367,14 @@ def test_dataset_delete_is_refused_while_a_finetune_references_it(
     client = env["client"]
     v = _dataset(client, synthetic_dir)
     assert _create_ft(client, v["id"]).status_code == 201
-    _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")
-    _is_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
+    assert_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")
+    assert_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
     client.post("/v1/datasets", json={"name": "free"}, headers=AUTH)
     assert client.delete("/v1/datasets/free", headers=AUTH).status_code == 204
-    _is_problem(client.get("/v1/datasets/free", headers=AUTH), 404, "not-found")
+    assert_problem(client.get("/v1/datasets/free", headers=AUTH), 404, "not-found")
 
 
-def _publish_checkpoint(store: LocalStore, tmp: Path, ft: str, step: int) -> str:
+def publish_checkpoint(store: LocalStore, tmp: Path, ft: str, step: int) -> str:
     cid = f"ckpt-{ft}-{step}"
     d = tmp / cid / "adapter"
     d.mkdir(parents=True)
@@ -389,10 +389,20 @@ def _publish_checkpoint(store: LocalStore, tmp: Path, ft: str, step: int) -> str
     return cid
 
 
+def test_checkpoints_of_an_unknown_finetune_are_not_found(env: dict[str, Any]) -> None:
+    client, store, tmp = env["client"], env["store"], env["tmp"]
+    publish_checkpoint(store, tmp, "ft-gone", 10)  # checkpoints alone do not make the fine-tune exist
+    for finetune_id in ("ft-gone", "Not_A_Name"):
+        body = assert_problem(
+            client.get(f"/v1/fine-tunes/{finetune_id}/checkpoints", headers=AUTH), 404, "not-found"
+        )
+        assert finetune_id in body["detail"]
+
+
 def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[str, Any]) -> None:
     client, store, tmp = env["client"], env["store"], env["tmp"]
-    a = _publish_checkpoint(store, tmp, "ft-x", 10)
-    b = _publish_checkpoint(store, tmp, "ft-x", 20)
+    a = publish_checkpoint(store, tmp, "ft-x", 10)
+    b = publish_checkpoint(store, tmp, "ft-x", 20)
     ck = client.get(f"/v1/checkpoints/{a}", headers=AUTH).json()
     assert (
         ck["step"] == 10
@@ -407,20 +417,20 @@ def test_checkpoints_and_rollouts_write_the_record_inference_follows(env: dict[s
         for c in client.get("/v1/checkpoints", params={"finetune_id": "ft-x"}, headers=AUTH).json()["items"]
     ] == [a, b]
 
-    _is_problem(
+    assert_problem(
         client.put("/v1/rollouts/default", json={"checkpoint": "ckpt-nope-1"}, headers=AUTH),
         422,
         "validation-error",
     )
     r = client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).json()
     assert (r["revision"], r["current"], r["canary"]) == (1, a, None)
-    _is_problem(client.post("/v1/rollouts/default/promote", headers=AUTH), 409, "conflict")
+    assert_problem(client.post("/v1/rollouts/default/promote", headers=AUTH), 409, "conflict")
     r = client.post("/v1/rollouts/default/canary", json={"checkpoint": b, "percent": 25}, headers=AUTH).json()
     assert (r["current"], r["canary"], r["canary_percent"]) == (a, b, 25)
     rec = read_rollout(store, "default")  # what the inference service reads
     assert rec is not None and (rec.current, rec.canary, rec.canary_percent, rec.revision) == (a, b, 25, 2)
     stale = client.post("/v1/rollouts/default/promote", json={"expected_revision": 1}, headers=AUTH)
-    _is_problem(stale, 409, "conflict")
+    assert_problem(stale, 409, "conflict")
     r = client.post("/v1/rollouts/default/promote", json={"expected_revision": 2}, headers=AUTH).json()
     assert (r["current"], r["canary"]) == (b, None)
     r = client.post("/v1/rollouts/default/rollback", headers=AUTH).json()
@@ -434,7 +444,7 @@ def test_download_links_name_the_address_the_client_used(env: dict[str, Any], sy
     # control plane on port 18080), not from a default that names port 8080.
     store, tmp = env["store"], env["tmp"]
     client = TestClient(env["client"].app, base_url="http://127.0.0.1:18080")
-    cid = _publish_checkpoint(store, tmp, "ft-port", 3)
+    cid = publish_checkpoint(store, tmp, "ft-port", 3)
     body = client.get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()
     assert body["urls"] and all(
         u.startswith(f"http://127.0.0.1:18080/v1/objects/checkpoints/{cid}/") for u in body["urls"].values()
@@ -453,27 +463,27 @@ def test_a_configured_public_base_url_wins_over_the_request(env: dict[str, Any])
     root = env["tmp"] / "store"
     store = LocalStore(root, public_base_url="https://models.example.com/huvidpo/")
     app = create_app(env["settings"], store, FakeExecutor(), background=False)
-    cid = _publish_checkpoint(store, env["tmp"], "ft-proxy", 2)
+    cid = publish_checkpoint(store, env["tmp"], "ft-proxy", 2)
     urls = TestClient(app).get(f"/v1/checkpoints/{cid}/download", headers=AUTH).json()["urls"]
     assert all(u.startswith("https://models.example.com/huvidpo/v1/objects/") for u in urls.values()), urls
 
 
 def test_a_new_deployment_is_created_only_when_asked(env: dict[str, Any]) -> None:
     client, store, tmp = env["client"], env["store"], env["tmp"]
-    a = _publish_checkpoint(store, tmp, "ft-y", 1)
+    a = publish_checkpoint(store, tmp, "ft-y", 1)
     assert (
         client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH).status_code
         == 200
     )
     # A typo in the deployment name: refused, nothing written, the existing names listed.
-    body = _is_problem(
+    body = assert_problem(
         client.put("/v1/rollouts/defualt", json={"checkpoint": a}, headers=AUTH), 404, "not-found"
     )
     assert "defualt" in body["detail"] and "create=true" in body["detail"] and "default" in body["detail"], (
         body
     )
     assert read_rollout(store, "defualt") is None
-    _is_problem(client.get("/v1/rollouts/defualt", headers=AUTH), 404, "not-found")
+    assert_problem(client.get("/v1/rollouts/defualt", headers=AUTH), 404, "not-found")
     # Asked for explicitly: created; create=true on an existing deployment just updates it.
     r = client.put("/v1/rollouts/staging?create=true", json={"checkpoint": a}, headers=AUTH)
     assert r.status_code == 200 and r.json()["revision"] == 1, r.text
@@ -486,8 +496,8 @@ def test_a_new_deployment_is_created_only_when_asked(env: dict[str, Any]) -> Non
 
 def test_rolling_back_to_the_base_model_through_rest(env: dict[str, Any]) -> None:
     client, store, tmp = env["client"], env["store"], env["tmp"]
-    a = _publish_checkpoint(store, tmp, "ft-z", 1)
-    b = _publish_checkpoint(store, tmp, "ft-z", 2)
+    a = publish_checkpoint(store, tmp, "ft-z", 1)
+    b = publish_checkpoint(store, tmp, "ft-z", 2)
     client.put("/v1/rollouts/default?create=true", json={"checkpoint": a}, headers=AUTH)
     r = client.put("/v1/rollouts/default", json={"checkpoint": "base"}, headers=AUTH)
     assert r.status_code == 200, r.text
@@ -503,7 +513,7 @@ def test_rolling_back_to_the_base_model_through_rest(env: dict[str, Any]) -> Non
     assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == a
     assert client.post("/v1/rollouts/default/rollback", headers=AUTH).json()["current"] == "base"
     # "base" names the base model only: it cannot be the canary of itself, nor a checkpoint to download.
-    _is_problem(
+    assert_problem(
         client.post("/v1/rollouts/default/canary", json={"checkpoint": "base", "percent": 5}, headers=AUTH),
         422,
         "validation-error",
@@ -520,7 +530,7 @@ def test_a_json_route_refuses_other_media_types_with_415(env: dict[str, Any], me
         r = client.request(
             method, path, content=b'{"name": "cats"}', headers={**AUTH, "Content-Type": content_type}
         )
-        body = _is_problem(r, 415, "unsupported-media-type")
+        body = assert_problem(r, 415, "unsupported-media-type")
         assert content_type in body["detail"] and "application/json" in body["detail"], body
 
 
@@ -529,14 +539,14 @@ def test_malformed_json_is_400_with_its_own_type(env: dict[str, Any], payload: b
     r = env["client"].post(
         "/v1/datasets", content=payload, headers={**AUTH, "Content-Type": "application/json"}
     )
-    body = _is_problem(r, 400, "invalid-json")
+    body = assert_problem(r, 400, "invalid-json")
     assert "not valid JSON" in body["detail"] and "character" in body["detail"], body
 
 
 def test_a_json_body_needs_a_json_content_type(env: dict[str, Any]) -> None:
     client = env["client"]
     # No Content-Type at all: not parsed as JSON (FastAPI's strict content type, a CSRF guard).
-    body = _is_problem(
+    body = assert_problem(
         client.post("/v1/datasets", content=b'{"name": "plain"}', headers=AUTH), 415, "unsupported-media-type"
     )
     assert "no Content-Type" in body["detail"], body
@@ -547,7 +557,7 @@ def test_a_json_body_needs_a_json_content_type(env: dict[str, Any]) -> None:
     )
     assert r.status_code == 201, r.text
     # A valid JSON body of the wrong shape stays a 422 naming the field.
-    _is_problem(client.post("/v1/datasets", json={"nme": "x"}, headers=AUTH), 422, "validation-error")
+    assert_problem(client.post("/v1/datasets", json={"nme": "x"}, headers=AUTH), 422, "validation-error")
 
 
 def test_docs_and_openapi_are_labelled_by_their_route_in_metrics(env: dict[str, Any]) -> None:
@@ -569,15 +579,15 @@ def test_auth_problems_health_and_metrics(env: dict[str, Any]) -> None:
     client = env["client"]
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").json()["checks"] == {"store": "ok", "executor": "ok"}
-    _is_problem(client.get("/v1/datasets"), 401, "unauthorized")
-    _is_problem(client.get("/v1/datasets", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
+    assert_problem(client.get("/v1/datasets"), 401, "unauthorized")
+    assert_problem(client.get("/v1/datasets", headers={"Authorization": "Bearer wrong"}), 401, "unauthorized")
     read = {"Authorization": f"Bearer {READ_TOKEN}"}
     assert client.get("/v1/datasets", headers=read).status_code == 200
-    _is_problem(client.post("/v1/datasets", json={"name": "x"}, headers=read), 403, "forbidden")
-    _is_problem(client.get("/v1/nothing-here", headers=AUTH), 404, "not-found")
-    _is_problem(client.delete("/v1/fine-tunes", headers=AUTH), 405, "method-not-allowed")
-    _is_problem(client.get("/v1/fine-tunes/ft-missing", headers=AUTH), 404, "not-found")
-    _is_problem(
+    assert_problem(client.post("/v1/datasets", json={"name": "x"}, headers=read), 403, "forbidden")
+    assert_problem(client.get("/v1/nothing-here", headers=AUTH), 404, "not-found")
+    assert_problem(client.delete("/v1/fine-tunes", headers=AUTH), 405, "method-not-allowed")
+    assert_problem(client.get("/v1/fine-tunes/ft-missing", headers=AUTH), 404, "not-found")
+    assert_problem(
         client.post(
             "/v1/datasets", content=b"{not json", headers={**AUTH, "Content-Type": "application/json"}
         ),
@@ -613,7 +623,7 @@ def test_finetune_frames_and_size_are_checked_against_the_version_stats(
         ({**sized, "num_frames": 4, "height": 64}, "height", ("height 64", "32 px")),
         ({**sized, "num_frames": 4, "width": 40}, "width", ("width 40", "32 px")),
     ):
-        body = _is_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
+        body = assert_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
         assert body["field"] == f"hyperparameters.{field}", body
         assert all(w in body["detail"] for w in words), body["detail"]
     assert executor.submits == []
@@ -621,7 +631,7 @@ def test_finetune_frames_and_size_are_checked_against_the_version_stats(
     # A version committed before versions recorded stats gets them when its content is committed again.
     key = f"datasets/cats/{v['id']}/manifest.json"
     env["store"].put_json(key, {k: x for k, x in env["store"].get_json(key).items() if k != "video_stats"})
-    again = client.post("/v1/datasets/cats/versions", files=_files(synthetic_dir), headers=AUTH)
+    again = client.post("/v1/datasets/cats/versions", files=upload_files(synthetic_dir), headers=AUTH)
     assert again.json()["video_stats"] == v["video_stats"]
     assert env["store"].get_json(key)["video_stats"] == v["video_stats"]
 
@@ -639,7 +649,7 @@ def test_absurd_hyperparameters_get_a_422_naming_the_field_and_the_bound(
         ({**ok, "lr": 50}, "lr", "1"),
         ({"max-steps": 1e23, "num-frames": 4, "height": 32, "width": 32}, "max_steps", "10000000"),
     ):
-        body = _is_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
+        body = assert_problem(_create_ft(client, v["id"], hyperparameters=hp), 422, "validation-error")
         assert body["field"] == f"hyperparameters.{field}", body
         assert bound in body["detail"] and "Value error" not in body["detail"], body["detail"]
     assert executor.submits == []

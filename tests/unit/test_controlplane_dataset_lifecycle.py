@@ -21,9 +21,9 @@ from tests.unit.test_controlplane_api import (
     AUTH,
     TOKEN,
     FakeExecutor,
-    _files,
-    _is_problem,
-    _publish_checkpoint,
+    assert_problem,
+    publish_checkpoint,
+    upload_files,
 )
 
 
@@ -51,7 +51,7 @@ def env(tmp_path: Path, tiny_model_dir: Path) -> dict[str, Any]:
 def _upload(client: TestClient, d: Path, name: str = "cats", create: bool = True) -> dict[str, Any]:
     if create:
         assert client.post("/v1/datasets", json={"name": name}, headers=AUTH).status_code == 201
-    r = client.post(f"/v1/datasets/{name}/versions", files=_files(d), headers=AUTH)
+    r = client.post(f"/v1/datasets/{name}/versions", files=upload_files(d), headers=AUTH)
     assert r.status_code == 201, r.text
     return dict(r.json())
 
@@ -93,10 +93,10 @@ def test_a_version_is_named_by_its_id_or_its_digest_everywhere(
     # a fine-tune records the one canonical form, so its reference matches the version's id
     ft = _finetune(client, v["digest"])
     assert ft["version"] == v["id"]
-    _is_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
+    assert_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
     # a malformed version is still a 422 naming the field
     bad = client.get("/v1/datasets/cats/versions/sha256:xyz", headers=AUTH)
-    assert _is_problem(bad, 422, "validation-error")["field"] == "version"
+    assert assert_problem(bad, 422, "validation-error")["field"] == "version"
 
 
 # --------------------------------------------------------------------------- ratings of unknown videos
@@ -110,7 +110,7 @@ def test_a_rating_of_an_unknown_video_is_refused_naming_the_id(
     client = env["client"]
     assert client.post("/v1/datasets", json={"name": "empty"}, headers=AUTH).status_code == 201
     none_yet = _ratings(client, [{"video_id": "p0_v0", "rater_id": "ann", "score": 5}], "empty")
-    assert "p0_v0" in _is_problem(none_yet, 422, "validation-error")["detail"]
+    assert "p0_v0" in assert_problem(none_yet, 422, "validation-error")["detail"]
     _upload(client, synthetic_dir)
     bad = _ratings(
         client,
@@ -119,10 +119,10 @@ def test_a_rating_of_an_unknown_video_is_refused_naming_the_id(
             {"video_id": "does-not-exist", "rater_id": "ann", "score": 5},
         ],
     )
-    body = _is_problem(bad, 422, "validation-error")
+    body = assert_problem(bad, 422, "validation-error")
     assert body["field"] == "records[1].video_id" and "'does-not-exist'" in body["detail"]
     choice = _ratings(client, [{"type": "choice", "chosen": "p0_v0", "rejected": "nope", "rater_id": "ann"}])
-    assert _is_problem(choice, 422, "validation-error")["field"] == "records[0].rejected"
+    assert assert_problem(choice, 422, "validation-error")["field"] == "records[0].rejected"
     assert client.get("/v1/datasets/cats/ratings", headers=AUTH).json()["items"] == []  # nothing stored
     ok = _ratings(client, [{"video_id": "p0_v0", "rater_id": "ann", "score": 5}])
     assert ok.status_code == 201, ok.text
@@ -171,7 +171,7 @@ def test_stored_ratings_of_unknown_videos_are_reported_not_fatal_and_can_be_dele
     assert client.delete("/v1/datasets/cats/ratings/r-legacy", headers=AUTH).status_code == 204
     ids = [i["id"] for i in client.get("/v1/datasets/cats/ratings", headers=AUTH).json()["items"]]
     assert "r-legacy" not in ids and len(ids) == 2
-    _is_problem(client.delete("/v1/datasets/cats/ratings/r-legacy", headers=AUTH), 404, "not-found")
+    assert_problem(client.delete("/v1/datasets/cats/ratings/r-legacy", headers=AUTH), 404, "not-found")
     again = client.post("/v1/datasets/cats/derive", json={"base": v1["id"]}, headers=AUTH)
     assert again.json()["skipped_ratings"] == []
 
@@ -189,7 +189,7 @@ def test_upload_errors_name_the_users_files_not_server_paths(
     no_manifest = client.post(
         "/v1/datasets/cats/versions", files=[("files", ("videos/a.mp4", b"x", "video/mp4"))], headers=AUTH
     )
-    detail = _is_problem(no_manifest, 422, "validation-error")["detail"]
+    detail = assert_problem(no_manifest, 422, "validation-error")["detail"]
     assert "no manifest" in detail
     _assert_no_server_path(detail)
 
@@ -202,7 +202,7 @@ def test_upload_errors_name_the_users_files_not_server_paths(
         ],
         headers=AUTH,
     )
-    detail = _is_problem(broken, 422, "validation-error")["detail"]
+    detail = assert_problem(broken, 422, "validation-error")["detail"]
     assert "manifest.jsonl: line 1: field 'file'" in detail and "'videos/a.mp4'" in detail
     _assert_no_server_path(detail)
 
@@ -218,7 +218,7 @@ def test_upload_errors_name_the_users_files_not_server_paths(
         ],
         headers=AUTH,
     )
-    detail = _is_problem(as_list, 422, "validation-error")["detail"]
+    detail = assert_problem(as_list, 422, "validation-error")["detail"]
     assert "manifest.json: line 7: field 'prompt'" in detail and "manifest.jsonl" not in detail
     _assert_no_server_path(detail)
 
@@ -230,13 +230,13 @@ def test_a_dataset_only_finished_finetunes_without_checkpoints_used_can_be_delet
     client, executor = env["client"], env["executor"]
     v = _upload(client, synthetic_dir)
     failed, cancelled = _finetune(client, v["id"]), _finetune(client, v["id"])
-    held = _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
+    held = assert_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
     assert failed["id"] in held and "queued" in held
-    _is_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
+    assert_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
     executor.phases[failed["id"]] = ExecStatus("failed", "BackoffLimitExceeded", "exit code 1")
     assert client.post(f"/v1/fine-tunes/{cancelled['id']}/cancel", headers=AUTH).status_code == 200
     assert client.delete("/v1/datasets/cats", headers=AUTH).status_code == 204
-    _is_problem(client.get("/v1/datasets/cats", headers=AUTH), 404, "not-found")
+    assert_problem(client.get("/v1/datasets/cats", headers=AUTH), 404, "not-found")
     # the fine-tunes' records stay, naming what they used
     assert client.get(f"/v1/fine-tunes/{failed['id']}", headers=AUTH).json()["version"] == v["id"]
 
@@ -247,14 +247,14 @@ def test_checkpoints_hold_their_dataset_and_rollouts_hold_their_checkpoints(
     client, executor, store, tmp = env["client"], env["executor"], env["store"], env["tmp"]
     v = _upload(client, synthetic_dir)
     ft = _finetune(client, v["id"])["id"]
-    active = _is_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
+    active = assert_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
     assert "queued" in active and "cancel" in active
     executor.phases[ft] = ExecStatus("succeeded")
-    a = _publish_checkpoint(store, tmp, ft, 10)
-    b = _publish_checkpoint(store, tmp, ft, 20)
-    held = _is_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
+    a = publish_checkpoint(store, tmp, ft, 10)
+    b = publish_checkpoint(store, tmp, ft, 20)
+    held = assert_problem(client.delete("/v1/datasets/cats", headers=AUTH), 409, "conflict")["detail"]
     assert a in held and b in held
-    has = _is_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
+    has = assert_problem(client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH), 409, "conflict")["detail"]
     assert a in has and b in has
 
     assert (
@@ -262,18 +262,18 @@ def test_checkpoints_hold_their_dataset_and_rollouts_hold_their_checkpoints(
     )
     body = {"checkpoint": b, "percent": 10}
     assert client.post("/v1/rollouts/live/canary", json=body, headers=AUTH).status_code == 200
-    current = _is_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 409, "conflict")["detail"]
+    current = assert_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 409, "conflict")["detail"]
     assert "'live'" in current and "current" in current
-    canary = _is_problem(client.delete(f"/v1/checkpoints/{b}", headers=AUTH), 409, "conflict")["detail"]
+    canary = assert_problem(client.delete(f"/v1/checkpoints/{b}", headers=AUTH), 409, "conflict")["detail"]
     assert "'live'" in canary and "canary" in canary
 
-    other = _publish_checkpoint(store, tmp, "ft-other", 1)
+    other = publish_checkpoint(store, tmp, "ft-other", 1)
     assert client.put("/v1/rollouts/live", json={"checkpoint": other}, headers=AUTH).status_code == 200
     for cid in (a, b):
         assert client.delete(f"/v1/checkpoints/{cid}", headers=AUTH).status_code == 204
-        _is_problem(client.get(f"/v1/checkpoints/{cid}", headers=AUTH), 404, "not-found")
-    _is_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 404, "not-found")
+        assert_problem(client.get(f"/v1/checkpoints/{cid}", headers=AUTH), 404, "not-found")
+    assert_problem(client.delete(f"/v1/checkpoints/{a}", headers=AUTH), 404, "not-found")
     assert client.delete(f"/v1/fine-tunes/{ft}", headers=AUTH).status_code == 204
-    _is_problem(client.get(f"/v1/fine-tunes/{ft}", headers=AUTH), 404, "not-found")
+    assert_problem(client.get(f"/v1/fine-tunes/{ft}", headers=AUTH), 404, "not-found")
     assert store.list(f"finetunes/{ft}/") == []
     assert client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH).status_code == 204

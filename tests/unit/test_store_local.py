@@ -26,7 +26,7 @@ from services.common.store import (
     validate_key,
     validate_prefix,
 )
-from services.common.store_minio import MinioStore
+from services.common.store.s3 import MinioStore
 from tests.store_contract import StoreContract, race_rollout_writes
 
 
@@ -302,7 +302,7 @@ def test_etag_changes_on_every_write_even_with_the_same_bytes(local_store: Local
 def test_conditional_writes_work_on_files_without_an_etag_in_their_sidecar(local_store: LocalStore) -> None:
     # A sidecar written before etags existed: the digest stands in for the etag.
     local_store.put_bytes("rec/legacy.json", b"v1")
-    meta_path = local_store._meta_path("rec/legacy.json")
+    meta_path = local_store.sidecar_path("rec/legacy.json")
     meta = json.loads(meta_path.read_text())
     del meta["etag"]
     meta_path.write_text(json.dumps(meta))

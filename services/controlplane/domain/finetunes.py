@@ -339,6 +339,10 @@ class FineTuneService:
             return  # a Job we did not record (or a deleted fine-tune)
         self.reconcile(record, status)
 
+    def require(self, finetune_id: str) -> None:
+        """Raise ``NotFound`` unless the fine-tune exists (no reconciling: for routes about its children)."""
+        self._load(finetune_id)
+
     def get(self, finetune_id: str) -> dict[str, Any]:
         record, summary = self.reconcile(self._load(finetune_id))
         return self._view(record, summary)

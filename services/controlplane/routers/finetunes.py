@@ -104,6 +104,6 @@ def finetune_checkpoints(
     page_token: str | None = Query(None, max_length=500),
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
-    c.finetunes._load(finetune_id)
+    c.finetunes.require(finetune_id)
     items, token = c.checkpoints.list(finetune_id, page_size, page_token)
     return {"items": items, "next_page_token": token}

@@ -53,26 +53,25 @@ from minio.error import InvalidResponseError, MinioException, S3Error, ServerErr
 from minio.helpers import DictType
 from urllib3.util import Retry, Timeout
 
-from services.common.store import (
-    CHUNK_SIZE,
-    RESERVED_PREFIX,
-    SHA256_METADATA_KEY,
+from services.common.store.errors import (
     ChecksumMismatch,
-    HashingReader,
-    ObjectInfo,
     ObjectNotFound,
-    ObjectReader,
-    ObjectStore,
     PreconditionFailed,
     StoreAccessDenied,
     StoreError,
     StoreUnavailable,
+)
+from services.common.store.helpers import (
+    RESERVED_PREFIX,
+    SHA256_METADATA_KEY,
+    HashingReader,
     check_expiry,
     sha256_file,
     validate_key,
     validate_metadata,
     validate_prefix,
 )
+from services.common.store.port import ObjectInfo, ObjectReader, ObjectStore
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound", "NoSuchUpload"}
 _DENIED = {
@@ -502,4 +501,4 @@ class MinioStore(ObjectStore):
             self._ensure_bucket()
 
 
-__all__ = ["CHUNK_SIZE", "MinioStore"]
+__all__ = ["MinioStore"]
