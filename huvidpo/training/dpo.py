@@ -75,9 +75,10 @@ def dpo_errors(
     skip_first_frame: bool = True,
     rejected_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The forward half of :func:`dpo_step`: per-pair errors ``(e_model^w, e_model^l, e_ref^w, e_ref^l)``,
-    each ``(b,)``. The reference forward runs under ``no_grad``; the policy's keeps its graph unless
-    the caller is under ``no_grad`` (held-out evaluation)."""
+    """The forward half of :func:`dpo_step` (``x_t`` and ``e`` of its formula), shared with
+    :func:`evaluate_pairs`: per-pair errors ``(e_model^w, e_model^l, e_ref^w, e_ref^l)``, each ``(b,)``.
+    The reference forward runs under ``no_grad``; the policy's keeps its graph unless the caller is
+    under ``no_grad`` (held-out evaluation)."""
     clean = torch.cat([batch.chosen, batch.rejected])  # (2b, 4, f, h, w): one batched forward
     noise_l, t_l = rejected_draws if rejected_draws is not None else (noise, t)
     eps, tt, text = torch.cat([noise, noise_l]), torch.cat([t, t_l]), torch.cat([batch.text, batch.text])
@@ -249,10 +250,10 @@ def evaluate_pairs(
     pairs_per_forward: int = 4,
     accelerator: Any = None,
 ) -> dict[str, float]:
-    """Implicit reward accuracy on ``pairs``: the DPO inside term averaged over ``eval_draws``
-    (t, noise) draws per pair, counted as correct when > 0. The draws are fixed (same for every call),
-    with timesteps stratified over ``[timestep_min, timestep_max)``; clips are unflipped and start at
-    0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
+    """Implicit reward accuracy on ``pairs``: the DPO inside term (from :func:`dpo_errors`, as in
+    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0.
+    The draws are fixed (same for every call), with timesteps stratified over
+    ``[timestep_min, timestep_max)``; clips are unflipped and start at 0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
 
     With an ``accelerator`` of several processes (all must call this) each process evaluates every
     ``num_processes``-th chunk of ``pairs_per_forward`` pairs and the margins are gathered; the draws
