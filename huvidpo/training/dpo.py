@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import random
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -25,42 +24,23 @@ from huvidpo.lora import lora_config, lora_parameters, save_lora
 from huvidpo.losses import DPOStats, dpo_inside_term, dpo_loss, masked_diffusion_error
 from huvidpo.models import VideoUNet, directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
-from huvidpo.training.callbacks import (
-    TrainingCallback,
-    peak_memory_bytes,
-)
-from huvidpo.training.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    read_checkpoint,
-    restore_rng,
-)
+from huvidpo.training.callbacks import TrainingCallback
+from huvidpo.training.checkpoint import CheckpointError
 from huvidpo.training.common import (
     ClipSource,
     ShouldStop,
     TrainResult,
-    any_process,
-    build_optimizer,
-    build_scheduler,
     check_clip_frames,
-    checkpoint_saver,
     clip_views,
     enable_checkpointing,
-    items_for_step,
-    make_accelerator,
     make_clip_source,
-    mean_over_processes,
     noisy_latents,
-    rank_slice,
-    resume_compatible,
-    run_callbacks,
     sample_timesteps,
-    seed_everything,
     step_generator,
-    steps_per_epoch,
     weight_dtype,
 )
 from huvidpo.training.config import ConfigError, DPOConfig
+from huvidpo.training.loop import train
 
 
 @contextmanager
@@ -81,6 +61,37 @@ class PairBatch:
     rejected: torch.Tensor
     text: torch.Tensor
     weights: torch.Tensor
+
+
+def dpo_errors(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module,
+    base_unet: VideoUNet,
+    scheduler: Any,
+    batch: PairBatch,
+    t: torch.Tensor,
+    noise: torch.Tensor,
+    autocast: Any = nullcontext,
+    skip_first_frame: bool = True,
+    rejected_draws: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward half of :func:`dpo_step` (``x_t`` and ``e`` of its formula), shared with
+    :func:`evaluate_pairs`: per-pair errors ``(e_model^w, e_model^l, e_ref^w, e_ref^l)``, each ``(b,)``.
+    The reference forward runs under ``no_grad``; the policy's keeps its graph unless the caller is
+    under ``no_grad`` (held-out evaluation)."""
+    clean = torch.cat([batch.chosen, batch.rejected])  # (2b, 4, f, h, w): one batched forward
+    noise_l, t_l = rejected_draws if rejected_draws is not None else (noise, t)
+    eps, tt, text = torch.cat([noise, noise_l]), torch.cat([t, t_l]), torch.cat([batch.text, batch.text])
+    zt = noisy_latents(scheduler, clean, eps, tt)
+    with torch.no_grad(), autocast():
+        ctx = adapters_disabled(base_unet) if reference is base_unet else nullcontext()
+        with ctx:
+            ref_pred = reference(zt, tt, text)
+    with autocast():
+        pred = policy(zt, tt, text)
+    model_w, model_l = masked_diffusion_error(pred, eps, skip_first_frame).chunk(2)
+    ref_w, ref_l = masked_diffusion_error(ref_pred, eps, skip_first_frame).chunk(2)
+    return model_w, model_l, ref_w, ref_l
 
 
 def dpo_step(
@@ -109,19 +120,9 @@ def dpo_step(
     ``policy`` is the (possibly DDP-wrapped) UNet with LoRA; ``reference`` is ``base_unet`` itself
     (its adapters are switched off for the no-grad forward) or a frozen copy.
     """
-    clean = torch.cat([batch.chosen, batch.rejected])  # (2b, 4, f, h, w): one batched forward
-    noise_l, t_l = rejected_draws if rejected_draws is not None else (noise, t)
-    eps, tt, text = torch.cat([noise, noise_l]), torch.cat([t, t_l]), torch.cat([batch.text, batch.text])
-    zt = noisy_latents(scheduler, clean, eps, tt)
-    with torch.no_grad(), autocast():
-        ctx = adapters_disabled(base_unet) if reference is base_unet else nullcontext()
-        with ctx:
-            ref_pred = reference(zt, tt, text)
-    with autocast():
-        pred = policy(zt, tt, text)
-    model_w, model_l = masked_diffusion_error(pred, eps, skip_first_frame).chunk(2)
-    ref_w, ref_l = masked_diffusion_error(ref_pred, eps, skip_first_frame).chunk(2)
-    return dpo_loss(model_w, model_l, ref_w, ref_l, beta=beta, sft_weight=sft_weight, weights=batch.weights)
+    errors = dpo_errors(policy, reference, base_unet, scheduler, batch, t, noise, autocast,
+                        skip_first_frame, rejected_draws)  # fmt: skip
+    return dpo_loss(*errors, beta=beta, sft_weight=sft_weight, weights=batch.weights)
 
 
 # -- data --------------------------------------------------------------------------------------
@@ -249,10 +250,10 @@ def evaluate_pairs(
     pairs_per_forward: int = 4,
     accelerator: Any = None,
 ) -> dict[str, float]:
-    """Implicit reward accuracy on ``pairs``: the DPO inside term averaged over ``eval_draws``
-    (t, noise) draws per pair, counted as correct when > 0. The draws are fixed (same for every call),
-    with timesteps stratified over ``[timestep_min, timestep_max)``; clips are unflipped and start at
-    0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
+    """Implicit reward accuracy on ``pairs``: the DPO inside term (from :func:`dpo_errors`, as in
+    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0.
+    The draws are fixed (same for every call), with timesteps stratified over
+    ``[timestep_min, timestep_max)``; clips are unflipped and start at 0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
 
     With an ``accelerator`` of several processes (all must call this) each process evaluates every
     ``num_processes``-th chunk of ``pairs_per_forward`` pairs and the margins are gathered; the draws
@@ -272,22 +273,9 @@ def evaluate_pairs(
         gens = [step_generator(cfg.seed, lo + i, stream=99) for i in range(len(chunk))]
         noise = torch.cat([torch.randn((k, *zw.shape[1:]), generator=g) for g in gens]).to(zw.device)
         t = t_draws.repeat(len(chunk)).to(zw.device)
-        clean, eps, tt, txt = (
-            torch.cat([zw, zl]),
-            torch.cat([noise, noise]),
-            torch.cat([t, t]),
-            torch.cat([text, text]),
-        )
-        zt = noisy_latents(scheduler, clean, eps, tt)
-        with autocast():
-            pred = unet(zt, tt, txt)
-            with adapters_disabled(unet):
-                ref = unet(zt, tt, txt)
-        model_w, model_l = masked_diffusion_error(pred, eps, cfg.loss_skip_first_frame).chunk(2)
-        ref_w, ref_l = masked_diffusion_error(ref, eps, cfg.loss_skip_first_frame).chunk(2)
-        inside = (
-            dpo_inside_term(model_w, model_l, ref_w, ref_l, beta=cfg.beta).view(len(chunk), k).mean(dim=1)
-        )
+        batch = PairBatch(zw, zl, text, torch.ones(len(zw), device=zw.device))
+        errors = dpo_errors(unet, unet, unet, scheduler, batch, t, noise, autocast, cfg.loss_skip_first_frame)
+        inside = dpo_inside_term(*errors, beta=cfg.beta).view(len(chunk), k).mean(dim=1)
         margins.extend((lo + i, float(x)) for i, x in enumerate(inside))
     unet.train(was_training)
     if world > 1:
@@ -304,6 +292,100 @@ def evaluate_pairs(
 
 
 # -- the trainer -------------------------------------------------------------------------------
+class DPOTask:
+    """Diffusion-DPO for :func:`huvidpo.training.loop.train`: batches of preference pairs, the DPO
+    loss against the reference, the LoRA weights as the trainable set (checkpointed as an adapter)
+    and the held-out evaluation."""
+
+    stage = "dpo"
+
+    def __init__(self, cfg: DPOConfig, accelerator: Any) -> None:
+        self.cfg, self.accelerator = cfg, accelerator
+        device = accelerator.device
+        self.data = data = prepare_pairs(cfg)
+        components = load_components(
+            cfg.model,
+            device=device,
+            dtype=weight_dtype(cfg),
+            sparse_causal=cast(SparseCausalMode, cfg.sparse_causal),
+            unet_dir=cfg.unet_dir,
+        )
+        self.model_digest = directory_digest(cfg.model)
+        self.source = make_clip_source(
+            components, cfg, device, f"{self.model_digest}:{components.vae.dtype}", data.frame_counts
+        )
+        self.noise_sched = components.ddpm()
+        self.unet = unet = components.unet
+        unet.requires_grad_(False)
+        # frozen_copy: the reference is the base UNet as loaded, copied before the adapter is added.
+        frozen = copy.deepcopy(unet).eval() if cfg.reference == "frozen_copy" else None
+        unet.add_adapter(
+            lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
+            adapter_name=cfg.adapter_name,
+        )
+        unet.set_adapter(cfg.adapter_name)
+        self.params = list(lora_parameters(unet, cfg.adapter_name).values())
+        if not self.params:
+            raise ConfigError(f"lora_targets {cfg.lora_targets!r} matched no layer of the UNet")
+        for p in self.params:  # fp32 master weights for the trained parameters, whatever the base dtype
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(unet)
+        unet.train()
+        self.reference: torch.nn.Module = frozen if frozen is not None else unet
+        self.num_items = len(data.train)
+        self.data_report = data.report
+
+    def loss(
+        self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        cfg, data, device = self.cfg, self.data, self.accelerator.device
+        pairs = [data.train[i] for i in items]
+        views = clip_views(gen, [pair_start_limit(p, data.paths, self.source) for p in pairs], cfg.hflip_p)
+        batch = load_pair_batch(pairs[mine], data.paths, self.source, views[mine])
+        noise = torch.randn((len(items), *batch.chosen.shape[1:]), generator=gen)[mine].to(device)
+        t = sample_timesteps(cfg, len(items), gen)[mine].to(device)
+        own = None  # shared_noise_timestep off: the rejected clips' own draws, made after the shared ones
+        if not cfg.shared_noise_timestep:
+            own = (
+                torch.randn((len(items), *batch.chosen.shape[1:]), generator=gen)[mine].to(device),
+                sample_timesteps(cfg, len(items), gen)[mine].to(device),
+            )
+        loss, stats = dpo_step(
+            model, self.reference, self.unet, self.noise_sched, batch, t, noise, cfg.beta, cfg.sft_weight,
+            self.accelerator.autocast, cfg.loss_skip_first_frame, rejected_draws=own,
+        )  # fmt: skip
+        return loss, stats.as_dict()
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.data.heldout:
+            return {}
+        return evaluate_pairs(
+            self.unet, self.data.heldout, self.data.paths, self.source, self.noise_sched, self.cfg,
+            self.accelerator.autocast, accelerator=self.accelerator,
+        )  # fmt: skip
+
+    def write_weights(self, directory: Path) -> None:
+        save_lora(self.unet, directory / "adapter", adapter=self.cfg.adapter_name)
+
+    def load_weights(self, checkpoint: Path) -> None:
+        from peft.utils import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        state = load_file(str(checkpoint / "adapter" / "adapter_model.safetensors"))
+        device = self.params[0].device
+        result = set_peft_model_state_dict(
+            self.unet, {k: v.to(device) for k, v in state.items()}, adapter_name=self.cfg.adapter_name
+        )
+        unexpected = getattr(result, "unexpected_keys", [])
+        if unexpected:
+            raise CheckpointError(f"{checkpoint}: adapter weights do not fit the UNet ({unexpected[:2]})")
+
+    def save_final(self, out: Path, model: torch.nn.Module) -> Path:
+        return save_lora(self.unet, out / "adapter", adapter=self.cfg.adapter_name)
+
+
 def run_dpo(
     config: DPOConfig,
     callbacks: Sequence[TrainingCallback] = (),
@@ -319,197 +401,4 @@ def run_dpo(
     Output: ``<output_dir>/adapter/`` (final LoRA), ``checkpoints/``, ``metrics.jsonl``,
     ``metrics.png``, ``config.json``.
     """
-    cfg = config
-    cfg.validate()
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt_dir = out / "checkpoints"
-    resume_from = latest_checkpoint(ckpt_dir) if resume else None
-    accelerator = make_accelerator(cfg)
-    device = accelerator.device
-    seed_everything(cfg.seed)
-
-    data = prepare_pairs(cfg)
-    wdtype = weight_dtype(cfg)
-    components = load_components(
-        cfg.model,
-        device=device,
-        dtype=wdtype,
-        sparse_causal=cast(SparseCausalMode, cfg.sparse_causal),
-        unet_dir=cfg.unet_dir,
-    )
-    model_digest = directory_digest(cfg.model)
-    source = make_clip_source(
-        components, cfg, device, f"{model_digest}:{components.vae.dtype}", data.frame_counts
-    )
-    noise_sched = components.ddpm()
-
-    unet = components.unet
-    unet.requires_grad_(False)
-    frozen_ref: torch.nn.Module | None = None
-    if cfg.reference == "frozen_copy":
-        frozen_ref = copy.deepcopy(unet).eval()
-    unet.add_adapter(
-        lora_config(cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets),
-        adapter_name=cfg.adapter_name,
-    )
-    unet.set_adapter(cfg.adapter_name)
-    params = list(lora_parameters(unet, cfg.adapter_name).values())
-    if not params:
-        raise ConfigError(f"lora_targets {cfg.lora_targets!r} matched no layer of the UNet")
-    for p in params:  # fp32 master weights for the trained parameters, whatever the base dtype
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    if cfg.gradient_checkpointing:
-        enable_checkpointing(unet)
-    unet.train()
-
-    world, rank = accelerator.num_processes, accelerator.process_index
-    per_epoch = steps_per_epoch(len(data.train), cfg.batch_size * world)
-    total_steps = cfg.max_steps if cfg.max_steps is not None else cfg.epochs * per_epoch
-    ckpt_every = cfg.checkpoint_every  # 0: only at the end (and when stopped)
-    optimizer = build_optimizer(params, cfg)
-    lr_sched = build_scheduler(optimizer, cfg, total_steps)
-    policy, optimizer = accelerator.prepare(unet, optimizer)
-    reference = frozen_ref if frozen_ref is not None else unet
-
-    start_step = 0
-    if resume_from is not None:
-        start_step = _restore(resume_from, unet, cfg, optimizer, lr_sched)
-    lineage = {
-        "base_model_digest": model_digest,
-        "dataset_digest": directory_digest(cfg.dataset),
-        "config": cfg.to_dict(),
-        "stage": "dpo",
-    }
-    metrics_path = out / "metrics.jsonl"
-    cb = run_callbacks(out, cfg, accelerator, start_step if resume_from else None, callbacks)
-
-    def write_weights(d: Path) -> None:
-        save_lora(unet, d / "adapter", adapter=cfg.adapter_name)
-
-    save = checkpoint_saver(
-        ckpt_dir, cfg, accelerator, optimizer, lr_sched, per_epoch, lineage, cb, write_weights
-    )
-
-    last_ckpt: Path | None = resume_from
-    saved_step = start_step if resume_from is not None else None  # known on every process
-    last_metrics: dict[str, Any] = {}
-    eval_metrics: dict[str, Any] = {}
-    stopped = False
-    step = start_step
-    mine = rank_slice(rank, cfg.batch_size)
-    while step < total_steps:
-        if any_process(accelerator, should_stop is not None and should_stop()):
-            stopped = True
-            if saved_step != step:
-                last_ckpt = save(step) or last_ckpt
-            break
-        t0 = time.perf_counter()
-        # The step's draws are made for the whole global batch; this process takes its slice.
-        epoch, idx = items_for_step(len(data.train), step, cfg.batch_size * world, cfg.seed)
-        step_pairs = [data.train[i] for i in idx]
-        gen = step_generator(cfg.seed, step)
-        views = clip_views(gen, [pair_start_limit(p, data.paths, source) for p in step_pairs], cfg.hflip_p)
-        batch = load_pair_batch(step_pairs[mine], data.paths, source, views[mine])
-        noise = torch.randn((len(idx), *batch.chosen.shape[1:]), generator=gen)[mine].to(device)
-        t = sample_timesteps(cfg, len(idx), gen)[mine].to(device)
-        own = None  # shared_noise_timestep off: the rejected clips' own draws, made after the shared ones
-        if not cfg.shared_noise_timestep:
-            own = (
-                torch.randn((len(idx), *batch.chosen.shape[1:]), generator=gen)[mine].to(device),
-                sample_timesteps(cfg, len(idx), gen)[mine].to(device),
-            )
-        loss, stats = dpo_step(
-            policy, reference, unet, noise_sched, batch, t, noise, cfg.beta, cfg.sft_weight,
-            accelerator.autocast, cfg.loss_skip_first_frame, rejected_draws=own,
-        )  # fmt: skip
-        accelerator.backward(loss)
-        grad_norm = (
-            accelerator.clip_grad_norm_(params, cfg.grad_clip) if cfg.grad_clip > 0 else _grad_norm(params)
-        )
-        optimizer.step()
-        lr_sched.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        seconds = time.perf_counter() - t0
-        last_metrics = {
-            "step": step,
-            "total_steps": total_steps,
-            "epoch": epoch,
-            **mean_over_processes(accelerator, stats.as_dict()),
-            "lr": float(lr_sched.get_last_lr()[0]),
-            "grad_norm": float(grad_norm),
-            "step_seconds": seconds,
-            "samples_per_second": len(idx) / seconds,
-            "peak_memory_bytes": peak_memory_bytes(device),
-        }
-        if data.heldout and cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            eval_metrics = evaluate_pairs(
-                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast,
-                accelerator=accelerator,
-            )  # fmt: skip
-            last_metrics.update(eval_metrics)
-        if step % cfg.log_every == 0 or step == total_steps:
-            cb.on_step(last_metrics)
-        if (ckpt_every and step % ckpt_every == 0) or step == total_steps:
-            last_ckpt = save(step) or last_ckpt
-            saved_step = step
-
-    adapter_dir: Path | None = None
-    if not stopped:
-        if data.heldout:
-            eval_metrics = evaluate_pairs(
-                unet, data.heldout, data.paths, source, noise_sched, cfg, accelerator.autocast,
-                accelerator=accelerator,
-            )  # fmt: skip
-        if accelerator.is_main_process:
-            adapter_dir = save_lora(unet, out / "adapter", adapter=cfg.adapter_name)
-        accelerator.wait_for_everyone()  # every process returns once the adapter is on disk
-    summary = {"steps": step, "total_steps": total_steps, "stopped": stopped, **eval_metrics,
-               "final": last_metrics, "data": data.report}  # fmt: skip
-    cb.on_end(summary)
-    plot = out / "metrics.png"
-    return TrainResult(
-        output_dir=out,
-        steps=step,
-        total_steps=total_steps,
-        stopped=stopped,
-        weights_dir=adapter_dir,
-        last_checkpoint=last_ckpt,
-        metrics_path=metrics_path,
-        plot_path=plot if plot.exists() else None,
-        resumed_from=resume_from,
-        final_metrics=last_metrics,
-        eval_metrics=eval_metrics,
-        data_report=data.report,
-        main_process=bool(accelerator.is_main_process),
-    )
-
-
-def _grad_norm(params: Sequence[torch.nn.Parameter]) -> torch.Tensor:
-    grads = [p.grad.detach().float().norm() for p in params if p.grad is not None]
-    return torch.stack(grads).norm() if grads else torch.zeros(())
-
-
-def _restore(path: Path, unet: VideoUNet, cfg: DPOConfig, optimizer: Any, lr_sched: Any) -> int:
-    """Load LoRA weights, optimizer, schedule and RNG from checkpoint ``path``; returns its step."""
-    from peft.utils import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    ck = read_checkpoint(path)
-    changed = resume_compatible(ck.trainer_state.get("config", {}), cfg.to_dict())
-    if changed:
-        raise CheckpointError(f"cannot resume from {path}: the config changed in {', '.join(changed)}")
-    state = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    device = next(iter(lora_parameters(unet, cfg.adapter_name).values())).device
-    result = set_peft_model_state_dict(
-        unet, {k: v.to(device) for k, v in state.items()}, adapter_name=cfg.adapter_name
-    )
-    unexpected = getattr(result, "unexpected_keys", [])
-    if unexpected:
-        raise CheckpointError(f"{path}: adapter weights do not fit the UNet ({unexpected[:2]})")
-    optimizer.load_state_dict(ck.optimizer_state)
-    lr_sched.load_state_dict(ck.trainer_state["scheduler"])
-    restore_rng(ck.rng_tensors, ck.rng_meta)
-    return ck.step
+    return train(config, DPOTask, callbacks, should_stop, resume)
