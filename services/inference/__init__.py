@@ -3,7 +3,9 @@ dynamic batching, several LoRA checkpoints over one base model, and rollouts fol
 
 Layers (KServe-style): ``servicer`` is the thin gRPC transport; ``batcher`` queues requests and runs
 compatible ones in one UNet batch on a single model thread; ``manager.ModelManager`` owns loading,
-verification, hot swap and canary routing; ``huvidpo.pipeline`` does the generation.
+verification, hot swap and canary routing, through ``fetch`` (download and verify into the cache),
+``routing`` (pure: which model serves a request, which role each model holds) and ``follow`` (polls
+the rollout record); ``huvidpo.pipeline`` does the generation.
 
 Run: ``python -m services.inference`` with ``HUVIDPO_STORE_*`` and ``HUVIDPO_INFERENCE_*`` set (see
 ``services.common.settings.InferenceSettings``). It answers health checks at once (NOT_SERVING, and

@@ -1,5 +1,7 @@
 """``ModelManager``: owns the base model, the LoRA checkpoints loaded over it, their verification,
-hot swap and canary routing. It follows the rollout record ``rollouts/{deployment}.json`` in the store.
+hot swap and canary routing. Its parts: ``fetch`` downloads and verifies files into the cache,
+``routing`` decides (pure) which model serves a request and which role each model holds after a
+rollout, ``follow`` polls the rollout record ``rollouts/{deployment}.json`` and calls ``apply_rollout``.
 
 Threads: the model thread (``Batcher``) calls ``run_batch``; the follower thread loads the base model,
 then polls the rollout record; the event loop calls ``resolve``/``release`` and the read-only views.
@@ -17,8 +19,6 @@ import copy
 import logging
 import random
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,19 +33,27 @@ from PIL import Image
 from huvidpo.lora import load_lora
 from huvidpo.models import directory_digest
 from huvidpo.pipeline import GenerationConfig, GenerationResult, HuViDPOPipeline
-from services.common.publish import MANIFEST_NAME, NotPublished, RolloutRecord, fetch_published, read_rollout
+from services.common.publish import RolloutRecord
 from services.common.settings import InferenceSettings
-from services.common.store import ChecksumMismatch, InvalidKey, ObjectStore, StoreError
+from services.common.store import ObjectStore
 from services.inference.batcher import Job, ProgressFn, StopFn
 from services.inference.errors import CheckpointRefused, ModelNotReady, UnknownCheckpoint
+from services.inference.fetch import CHECKPOINT_FILES, fetch_base_model, fetch_checkpoint
+from services.inference.follow import RolloutFollower
 from services.inference.metrics import InferenceMetrics
+from services.inference.routing import BASE_ID, ROLES, RoutingTable, canary_arm, roles_after, route
+
+__all__ = [
+    "BASE_ID",
+    "CHECKPOINT_FILES",
+    "ROLES",
+    "CanaryRouter",
+    "LoadedModel",
+    "ModelManager",
+    "adapter_name",
+]
 
 log = logging.getLogger(__name__)
-
-BASE_ID = "base"
-ROLES = ("base", "current", "canary", "pinned", "retiring")
-# The only files a checkpoint may hold: weights in safetensors, never a pickle.
-CHECKPOINT_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
 
 
 @dataclass
@@ -65,18 +73,22 @@ class LoadedModel:
 
 
 class CanaryRouter:
-    """Per-request routing: the canary with probability ``percent``/100, else the current checkpoint."""
+    """The routing draws: a seeded RNG (``routing_seed``) that the event loop's requests share."""
 
     def __init__(self, seed: int | None = None) -> None:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
 
+    def draw(self) -> float:
+        """A uniform draw in [0, 1)."""
+        with self._lock:
+            return self._rng.random()
+
     def choose(self, current: str, canary: str | None, percent: int) -> str:
+        """The canary with probability ``percent``/100, else ``current``; draws only when it splits."""
         if canary is None or percent <= 0:
             return current
-        with self._lock:
-            draw = self._rng.random() * 100.0
-        return canary if draw < percent else current
+        return canary_arm(current, canary, percent, self.draw())
 
 
 def adapter_name(checkpoint_id: str) -> str:
@@ -103,78 +115,42 @@ class ModelManager:
         self._model_lock = threading.Lock()
         self._state_lock = threading.Lock()
         self._models: dict[str, LoadedModel] = {}
-        self._current: str | None = None
-        self._canary: str | None = None
-        self._canary_percent = 0
+        # None until the base model is loaded; then what serves requests that name no checkpoint.
+        self._table: RoutingTable | None = None
         self._rollout: RolloutRecord | None = None
-        self._applied_revision: int | None = None
         self._ready = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._on_ready: Callable[[bool], None] | None = None
         self.cache_dir = Path(settings.cache_dir)
+        self.follower = RolloutFollower(self, store, settings.deployment, settings.poll_seconds)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
     def ready(self) -> bool:
         return self._ready
 
+    @property
+    def base_loaded(self) -> bool:
+        return self.pipeline is not None
+
     def start(self, on_ready: Callable[[bool], None] | None = None) -> None:
         """Load in the background (the server answers health checks meanwhile), then follow rollouts."""
         self._on_ready = on_ready
-        self._thread = threading.Thread(target=self._follow, name="huvidpo-rollout", daemon=True)
-        self._thread.start()
+        self.follower.start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30)
+        self.follower.stop()
 
-    def _set_ready(self, ready: bool) -> None:
+    def set_ready(self, ready: bool) -> None:
         self._ready = ready
         self.metrics.ready.set(1 if ready else 0)
         if self._on_ready is not None:
             self._on_ready(ready)
 
-    def _follow(self) -> None:
-        while not self._stop.is_set():
-            try:
-                if self.pipeline is None:
-                    self.load_base()
-                    self.load_pinned()
-                # Ready only once the rollout record has been read (a store outage right after the
-                # base model loaded keeps the service NOT_SERVING until the next successful poll).
-                self.sync_rollout()
-                if not self._ready:
-                    self._set_ready(True)
-                self.retire_idle()
-            except (NotPublished, FileNotFoundError) as exc:
-                log.warning("model not available yet: %s; retrying in %.1fs", exc, self.settings.poll_seconds)
-            except StoreError as exc:
-                log.warning("object store error: %s; retrying in %.1fs", exc, self.settings.poll_seconds)
-            except Exception:
-                log.exception("rollout follower failed; retrying in %.1fs", self.settings.poll_seconds)
-            self._stop.wait(self.settings.poll_seconds)
-
     # -- loading -----------------------------------------------------------------------------------
     def load_base(self) -> None:
         """Load the base model from a local directory or a ``models/{id}`` publication in the store."""
         src = self.settings.base_model
-        local = Path(src)
-        if local.is_dir():
-            model_dir = local
-        else:
-            model_dir = self.cache_dir / "models" / re.sub(r"[^\w.-]", "_", src)
-            tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self._ensure_cache()))
-            try:
-                fetch_published(self.store, src, tmp)
-                (tmp / MANIFEST_NAME).unlink(missing_ok=True)
-                if model_dir.exists():
-                    shutil.rmtree(model_dir)
-                model_dir.parent.mkdir(parents=True, exist_ok=True)
-                tmp.rename(model_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        model_dir = fetch_base_model(self.store, src, self.cache_dir)
         pipe = HuViDPOPipeline.from_pretrained(model_dir, device=self.settings.device)
         digest = directory_digest(model_dir)
         with self._model_lock:
@@ -184,13 +160,9 @@ class ModelManager:
         self.base_digest = digest
         with self._state_lock:
             self._models[BASE_ID] = LoadedModel(BASE_ID, "base", None, digest, src)
-            self._current = BASE_ID
+            self._table = RoutingTable(BASE_ID)
         self._publish_info()
         log.info("base model loaded from %s (digest %s)", src, digest[:12])
-
-    def _ensure_cache(self) -> Path:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        return self.cache_dir
 
     def load_pinned(self) -> None:
         for ckpt in self.settings.checkpoints:
@@ -198,41 +170,6 @@ class ModelManager:
                 self.load_checkpoint(ckpt, role="pinned")
             except CheckpointRefused as exc:
                 self._refused(exc, "pinned")
-
-    def _fetch_checkpoint(self, checkpoint_id: str) -> tuple[Path, dict[str, Any], str]:
-        """Download and verify the checkpoint's files; returns (adapter dir, manifest, manifest sha256)."""
-        prefix = f"checkpoints/{checkpoint_id}/"
-        dest = self._ensure_cache() / "checkpoints" / re.sub(r"[^\w.-]", "_", checkpoint_id)
-        tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=self.cache_dir))
-        try:
-            try:
-                manifest = fetch_published(self.store, prefix, tmp)
-            except NotPublished as exc:
-                raise CheckpointRefused(checkpoint_id, str(exc), "fetch") from exc
-            except (ChecksumMismatch, InvalidKey) as exc:
-                raise CheckpointRefused(checkpoint_id, str(exc), "checksum") from exc
-            files = set(manifest["files"])
-            # state/ is the trainer's resume state (optimizer, RNG: JSON and safetensors); never loaded here.
-            unexpected = sorted(f for f in files - CHECKPOINT_FILES if not f.startswith("state/"))
-            if unexpected:
-                raise CheckpointRefused(
-                    checkpoint_id,
-                    f"unexpected files {unexpected}: a checkpoint holds only {sorted(CHECKPOINT_FILES)} "
-                    "(weights as safetensors, never pickles)",
-                    "files",
-                )
-            missing = sorted(CHECKPOINT_FILES - files)
-            if missing:
-                raise CheckpointRefused(checkpoint_id, f"missing files {missing}", "files")
-            info = self.store.stat(prefix + MANIFEST_NAME)
-            manifest_sha = (info.sha256 if info else None) or ""
-            if dest.exists():
-                shutil.rmtree(dest)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return dest / "adapter", manifest, manifest_sha
 
     def load_checkpoint(self, checkpoint_id: str, role: str) -> LoadedModel:
         """Fetch, verify (sha256, file types, strict load, smoke generation) and add a checkpoint.
@@ -247,7 +184,8 @@ class ModelManager:
         pipe = self.pipeline
         if pipe is None:
             raise ModelNotReady("the base model is not loaded")
-        adapter_dir, manifest, manifest_sha = self._fetch_checkpoint(checkpoint_id)
+        fetched = fetch_checkpoint(self.store, checkpoint_id, self.cache_dir)
+        adapter_dir, manifest = fetched.adapter_dir, fetched.manifest
         name = adapter_name(checkpoint_id)
         unet = pipe.components.unet
         with self._model_lock:
@@ -272,7 +210,7 @@ class ModelManager:
             adapter=name,
             digest=directory_digest(adapter_dir),
             source=f"checkpoints/{checkpoint_id}/",
-            manifest_sha256=manifest_sha,
+            manifest_sha256=fetched.manifest_sha256,
             lineage=dict(lineage or {}),
             created_at=str(manifest["created_at"]) if manifest.get("created_at") else None,
         )
@@ -335,45 +273,35 @@ class ModelManager:
         )
 
     def sync_rollout(self) -> None:
-        """Apply the rollout record if its revision changed. A checkpoint that fails verification is
-        refused and the previous one keeps its role; a store outage is retried on the next poll."""
-        record = read_rollout(self.store, self.settings.deployment)
-        if record is None or record.revision == self._applied_revision:
-            return
-        log.info(
-            "rollout %s revision %d: current=%s canary=%s (%d%%)",
-            record.deployment,
-            record.revision,
-            record.current,
-            record.canary,
-            record.canary_percent,
-        )
-        new_current = self._current
-        new_canary: str | None = None
-        wanted_current = record.current or BASE_ID
-        # A StoreError other than a refusal (e.g. StoreUnavailable) propagates: the revision stays
-        # unapplied and the next poll retries.
-        if wanted_current == BASE_ID or self._try_load(wanted_current, "current"):
-            new_current = wanted_current
-        if record.canary and record.canary_percent > 0 and self._try_load(record.canary, "canary"):
-            new_canary = record.canary
+        """Apply the rollout record if its revision changed (what the follower does on each poll)."""
+        self.follower.sync()
+
+    def apply_rollout(self, record: RolloutRecord) -> None:
+        """Load and verify the record's checkpoints, then swap the routing table and the roles.
+
+        A checkpoint that fails verification is refused and the previous one keeps its role; a
+        ``StoreError`` other than a refusal (e.g. ``StoreUnavailable``) propagates, so the follower
+        retries the revision on its next poll."""
+        wanted = RoutingTable.wanted(record)
         with self._state_lock:
-            old = {self._current, self._canary}
-            self._current = new_current
-            self._canary = new_canary
-            self._canary_percent = record.canary_percent if new_canary else 0
+            before = self._table or RoutingTable()
+        new_current = before.current
+        new_canary: str | None = None
+        if wanted.current == BASE_ID or self._try_load(wanted.serving, "current"):
+            new_current = wanted.current
+        if wanted.canary is not None and self._try_load(wanted.canary, "canary"):
+            new_canary = wanted.canary
+        after = RoutingTable(new_current, new_canary, record.canary_percent if new_canary else 0)
+        old = {before.current, before.canary}
+        with self._state_lock:
+            roles = roles_after(
+                {mid: m.role for mid, m in self._models.items()}, before, after, self.settings.checkpoints
+            )
+            for mid, role in roles.items():
+                self._models[mid].role = role
+            self._table = after
             self._rollout = record
-            self._applied_revision = record.revision
-            for mid, model in self._models.items():
-                if mid == BASE_ID:
-                    continue
-                if mid == new_current:
-                    model.role = "current"
-                elif mid == new_canary:
-                    model.role = "canary"
-                elif mid in old or model.role in ("current", "canary"):
-                    model.role = "pinned" if mid in self.settings.checkpoints else "retiring"
-        if new_current == wanted_current and new_current not in old:
+        if new_current == wanted.current and new_current not in old:
             self.metrics.rollout_outcomes.labels("applied", "current", "serving").inc()
         if new_canary is not None and new_canary not in old:
             self.metrics.rollout_outcomes.labels("applied", "canary", "serving").inc()
@@ -418,17 +346,13 @@ class ModelManager:
         """The checkpoint a request runs on (``""``: current rollout, with canary routing); holds a
         reference until ``release``."""
         with self._state_lock:
-            if not self._ready or self._current is None:
+            table = self._table
+            if not self._ready or table is None:
                 raise ModelNotReady("no model is loaded yet; retry shortly")
-            if requested:
-                if requested not in self._models:
-                    raise UnknownCheckpoint(
-                        f"checkpoint {requested!r} is not loaded; loaded: {sorted(self._models)} "
-                        "(leave checkpoint_id empty for the current rollout)"
-                    )
-                chosen = requested
-            else:
-                chosen = self.router.choose(self._current, self._canary, self._canary_percent)
+            # Draw only for a request the canary split decides, so a seeded router gives the same
+            # sequence of arms whatever pinned requests come in between.
+            draw = self.router.draw() if not requested and table.splits else 0.0
+            chosen = route(table, self._models, requested, draw)
             self._models[chosen].refs += 1
             return chosen
 
@@ -503,10 +427,11 @@ class ModelManager:
     def rollout_view(self) -> dict[str, Any]:
         with self._state_lock:
             r = self._rollout
+            table = self._table or RoutingTable()
             return {
                 "deployment": self.settings.deployment,
                 "revision": r.revision if r else 0,
-                "current": self._current or "",
-                "canary": self._canary or "",
-                "canary_percent": self._canary_percent,
+                "current": table.current or "",
+                "canary": table.canary or "",
+                "canary_percent": table.canary_percent,
             }
