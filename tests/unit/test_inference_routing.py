@@ -1,4 +1,5 @@
-"""Routing of the inference service as pure functions: no server, no model, no store."""
+"""Routing of the inference service as pure functions (no server, no model, no store), and the
+rollout follower driving a stand-in for ModelManager."""
 
 from __future__ import annotations
 
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.publish import RolloutRecord
+from services.common.publish import RolloutRecord, write_rollout
+from services.common.store import LocalStore, StoreUnavailable
 from services.inference.errors import UnknownCheckpoint
+from services.inference.follow import RolloutFollower
 from services.inference.routing import BASE_ID, RoutingTable, roles_after, route
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,3 +150,54 @@ def test_routing_needs_neither_torch_nor_a_server() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1]) == []
+
+
+class _Target:
+    """A stand-in for ModelManager: records what the follower asks of it."""
+
+    def __init__(self, fail_once: bool = False) -> None:
+        self.calls: list[str] = []
+        self.ready = False
+        self.base_loaded = False
+        self.fail_once = fail_once
+
+    def load_base(self) -> None:
+        self.calls.append("load_base")
+        self.base_loaded = True
+
+    def load_pinned(self) -> None:
+        self.calls.append("load_pinned")
+
+    def apply_rollout(self, record: RolloutRecord) -> None:
+        if self.fail_once:
+            self.fail_once = False
+            raise StoreUnavailable("store down")
+        self.calls.append(f"apply {record.revision}")
+
+    def retire_idle(self) -> None:
+        self.calls.append("retire_idle")
+
+    def set_ready(self, ready: bool) -> None:
+        self.calls.append(f"ready {ready}")
+        self.ready = ready
+
+
+def test_the_follower_applies_each_revision_once_and_retries_a_failed_one(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    target = _Target(fail_once=True)
+    follower = RolloutFollower(target, store, "default", poll_seconds=0.01)
+    record = write_rollout(store, RolloutRecord(deployment="default", revision=1, current="ckpt-a"))
+
+    with pytest.raises(StoreUnavailable):
+        follower.poll_once()  # base loaded, then the store fails: not ready, revision not applied
+    assert target.calls == ["load_base", "load_pinned"]
+    assert follower.applied_revision is None
+
+    follower.poll_once()
+    follower.poll_once()
+    assert target.calls[2:] == ["apply 1", "ready True", "retire_idle", "retire_idle"]
+
+    write_rollout(store, record.next("promote", current="ckpt-b"))
+    follower.poll_once()
+    assert target.calls[-2:] == ["apply 2", "retire_idle"]
+    assert follower.applied_revision == 2
