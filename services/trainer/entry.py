@@ -9,8 +9,8 @@
    its manifest written last (adapter/ for inference, state/ for resuming), and progress records go
    to ``finetunes/{id}/progress.jsonl``.
 
-Exit codes (docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried: podFailurePolicy
-FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
+Exit codes (``ExitCode``, docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried:
+podFailurePolicy FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
 """
 
 from __future__ import annotations
@@ -27,15 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import NotPublished, fetch_published, publish_dir
+from services.common.records.exit_codes import ExitCode
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
 log = logging.getLogger("huvidpo.trainer")
-
-EXIT_OK = 0
-EXIT_BAD_DATA = 2
-EXIT_TRANSIENT = 75
-EXIT_FAILED = 1
 
 
 class BadInput(Exception):
@@ -186,21 +182,21 @@ def run(
     finetune_id = settings.finetune_id
     if not finetune_id:
         log.error("HUVIDPO_TRAINER_FINETUNE_ID is not set")
-        return EXIT_BAD_DATA
+        return ExitCode.BAD_INPUT
     stop = stop if stop is not None else [False]
     try:
         progress = ProgressWriter(store, finetune_id)
     except StoreUnavailable as exc:
         log.error("object store unavailable: %s", exc)
-        return EXIT_TRANSIENT
+        return ExitCode.TRANSIENT
     try:
         code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks)
     except StoreUnavailable as exc:
-        code, reason, message = EXIT_TRANSIENT, "StoreUnavailable", str(exc)
+        code, reason, message = ExitCode.TRANSIENT, "StoreUnavailable", str(exc)
     except (ConnectionError, TimeoutError) as exc:
-        code, reason, message = EXIT_TRANSIENT, "Transient", str(exc)
+        code, reason, message = ExitCode.TRANSIENT, "Transient", str(exc)
     except BadInput as exc:
-        code, reason, message = EXIT_BAD_DATA, "BadInput", str(exc)
+        code, reason, message = ExitCode.BAD_INPUT, "BadInput", str(exc)
     except Exception as exc:
         from huvidpo.data import ClipError, DatasetError
         from huvidpo.training import CheckpointError, ConfigError
@@ -208,22 +204,22 @@ def run(
 
         # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
         if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
-            code, reason, message = EXIT_BAD_DATA, type(exc).__name__, str(exc)
+            code, reason, message = ExitCode.BAD_INPUT, type(exc).__name__, str(exc)
         else:
             log.exception("trainer failed")
-            code, reason, message = EXIT_FAILED, type(exc).__name__, str(exc)
+            code, reason, message = ExitCode.FAILED, type(exc).__name__, str(exc)
     # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
     work = Path(settings.work_dir) / finetune_id
     message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
     try:
-        if code == EXIT_OK:
+        if code == ExitCode.OK:
             log.info("fine-tune %s succeeded: %s", finetune_id, message)
             progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
         else:
             if reason == "Cancelled":  # the user's choice, not a failure
                 log.info("fine-tune %s %s", finetune_id, message)
             else:
-                level = logging.WARNING if code == EXIT_TRANSIENT else logging.ERROR
+                level = logging.WARNING if code == ExitCode.TRANSIENT else logging.ERROR
                 log.log(level, "trainer exits with %d (%s): %s", code, reason, message)
             progress.add(
                 {
@@ -235,7 +231,7 @@ def run(
                 }
             )
     except StoreUnavailable:
-        return EXIT_TRANSIENT
+        return ExitCode.TRANSIENT
     return code
 
 
@@ -246,7 +242,7 @@ def _run(
     progress: ProgressWriter,
     stop: list[bool],
     callbacks: tuple[Any, ...] = (),
-) -> tuple[int, str | None, str]:
+) -> tuple[ExitCode, str | None, str]:
     from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
     try:
@@ -329,10 +325,14 @@ def _run(
         result = run_stage1(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     progress.flush()
     if result.stopped and _cancel_requested(store, finetune_id):
-        return EXIT_TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
+        return ExitCode.TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
     if result.stopped:
-        return EXIT_TRANSIENT, "Stopped", "stopped by SIGTERM after a checkpoint; the retry resumes from it"
-    return EXIT_OK, None, f"trained {result.steps} steps"
+        return (
+            ExitCode.TRANSIENT,
+            "Stopped",
+            "stopped by SIGTERM after a checkpoint; the retry resumes from it",
+        )
+    return ExitCode.OK, None, f"trained {result.steps} steps"
 
 
 def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         # A configuration error: retrying cannot fix it (docs/CONTRACTS.md, exit 2).
         print(f"huvidpo-trainer: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return ExitCode.BAD_INPUT
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:
