@@ -27,7 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import NotPublished, fetch_published, publish_dir
+from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
+from services.common.records.listing import published_checkpoints
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
@@ -42,10 +44,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def checkpoint_id(finetune_id: str, step: int) -> str:
-    return f"ckpt-{finetune_id}-{step}"
-
-
 class ProgressWriter:
     """Keeps ``finetunes/{id}/progress.jsonl`` (rewritten whole: object stores have no append).
 
@@ -53,7 +51,7 @@ class ProgressWriter:
 
     def __init__(self, store: ObjectStore, finetune_id: str, min_interval: float = 1.0) -> None:
         self.store = store
-        self.key = f"finetunes/{finetune_id}/progress.jsonl"
+        self.key = keys.progress_key(finetune_id)
         self.min_interval = min_interval
         self._last_flush = 0.0
         try:
@@ -84,14 +82,7 @@ class ProgressWriter:
 
 def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
     """Steps of this fine-tune's checkpoints that are fully published (manifest present), ascending."""
-    prefix = f"checkpoints/ckpt-{finetune_id}-"
-    steps = []
-    for d in store.list_dirs("checkpoints/"):
-        if d.startswith(prefix):
-            tail = d[len(prefix) : -1]
-            if tail.isdigit() and store.exists(d + "manifest.json"):
-                steps.append(int(tail))
-    return sorted(steps)
+    return [step for _, step, _ in published_checkpoints(store, finetune_id)]
 
 
 def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoints_dir: Path) -> Path:
@@ -100,7 +91,7 @@ def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoi
 
     with tempfile.TemporaryDirectory(dir=checkpoints_dir.parent) as tmp:
         fetched = Path(tmp) / "fetched"
-        fetch_published(store, f"checkpoints/{checkpoint_id(finetune_id, step)}/", fetched)
+        fetch_published(store, keys.checkpoint_prefix(keys.checkpoint_id(finetune_id, step)), fetched)
         target = checkpoints_dir / checkpoint_name(step)
         staging = Path(tmp) / "ckpt"
         shutil.copytree(fetched / "state", staging)
@@ -144,8 +135,8 @@ class StoreCallback:
         self.progress.add({"event": "step", "total_steps": self.total_steps, **rec}, flush=False)
 
     def on_checkpoint(self, path: Path, step: int) -> None:
-        cid = checkpoint_id(self.finetune_id, step)
-        if self.store.exists(f"checkpoints/{cid}/manifest.json"):
+        cid = keys.checkpoint_id(self.finetune_id, step)
+        if self.store.exists(keys.checkpoint_manifest_key(cid)):
             return  # published by an earlier attempt (the resume point)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=path.parent.parent) as tmp:
@@ -160,7 +151,7 @@ class StoreCallback:
             publish_dir(
                 self.store,
                 stage,
-                f"checkpoints/{cid}/",
+                keys.checkpoint_prefix(cid),
                 {"id": cid, "step": step, "lineage": self.lineage, "created_at": _now()},
             )
             size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
@@ -246,7 +237,7 @@ def _run(
     from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
     try:
-        record = store.get_json(f"finetunes/{finetune_id}/record.json")
+        record = store.get_json(keys.finetune_record_key(finetune_id))
     except ObjectNotFound as exc:
         raise BadInput(f"fine-tune {finetune_id} has no record in the store") from exc
     req = record["request"]
@@ -257,11 +248,11 @@ def _run(
     try:
         if not (dataset_dir / ".complete").exists():
             shutil.rmtree(dataset_dir, ignore_errors=True)
-            fetch_published(store, f"datasets/{req['dataset']}/{req['version']}/", dataset_dir)
+            fetch_published(store, keys.dataset_version_prefix(req["dataset"], req["version"]), dataset_dir)
             (dataset_dir / ".complete").write_text("")
         if not (model_dir / ".complete").exists():
             shutil.rmtree(model_dir, ignore_errors=True)
-            fetch_published(store, f"models/{req['base_model']}/", model_dir)
+            fetch_published(store, keys.model_prefix(req["base_model"]), model_dir)
             (model_dir / ".complete").write_text("")
     except NotPublished as exc:
         raise BadInput(str(exc)) from exc
@@ -339,7 +330,7 @@ def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
     """Whether the stop that ended this attempt is a user's cancel: the control plane records the
     request before it stops the Job or process (a stop without it is a preemption or a shutdown)."""
     try:
-        return bool(store.get_json(f"finetunes/{finetune_id}/record.json").get("cancel_requested_at"))
+        return bool(store.get_json(keys.finetune_record_key(finetune_id)).get("cancel_requested_at"))
     except (ObjectNotFound, StoreUnavailable, ValueError):
         return False
 

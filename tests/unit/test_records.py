@@ -8,8 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
+from services.common.records.listing import published_checkpoints
 from services.common.settings import ControlPlaneSettings, StoreSettings
+from services.common.store import LocalStore
 from services.controlplane.domain.ports import JobSpec
 from services.controlplane.executors.kubernetes import build_job
 
@@ -50,3 +55,57 @@ def test_the_library_cli_bad_input_code_is_the_services_one() -> None:
     from huvidpo.cli import EXIT_BAD_INPUT
 
     assert EXIT_BAD_INPUT == ExitCode.BAD_INPUT
+
+
+# -------------------------------------------------------------------------------------------- keys
+@pytest.mark.parametrize(("finetune_id", "step"), [("ft-abc", 100), ("ft-a-1", 0), ("x", 9_999_999_999)])
+def test_checkpoint_id_round_trips(finetune_id: str, step: int) -> None:
+    cid = keys.checkpoint_id(finetune_id, step)
+    assert cid == f"ckpt-{finetune_id}-{step}"
+    assert keys.parse_checkpoint_id(cid) == (finetune_id, step)
+
+
+@pytest.mark.parametrize(
+    "cid", ["", "base", "ckpt-", "ckpt-ft", "ckpt-ft-", "ckpt-FT-1", "ckpt-ft-1x", "x-ft-1"]
+)
+def test_what_is_not_a_checkpoint_id_parses_to_none(cid: str) -> None:
+    assert keys.parse_checkpoint_id(cid) is None
+
+
+def test_keys_are_the_documented_layout() -> None:
+    """docs/CONTRACTS.md, "Store layout": the keys are a contract, byte for byte."""
+    assert keys.checkpoint_prefix("ckpt-ft-a-3") == "checkpoints/ckpt-ft-a-3/"
+    assert keys.checkpoint_manifest_key("ckpt-ft-a-3") == "checkpoints/ckpt-ft-a-3/manifest.json"
+    assert keys.finetune_prefix("ft-a") == "finetunes/ft-a/"
+    assert keys.finetune_record_key("ft-a") == "finetunes/ft-a/record.json"
+    assert keys.progress_key("ft-a") == "finetunes/ft-a/progress.jsonl"
+    assert keys.idempotency_key("ab" * 32) == f"idempotency/finetunes/{'ab' * 32}.json"
+    assert keys.dataset_prefix("cats") == "datasets/cats/"
+    assert keys.dataset_version_prefix("cats", "d" * 64) == f"datasets/cats/{'d' * 64}/"
+    assert keys.model_prefix("tiny") == "models/tiny/"
+    assert keys.model_manifest_key("tiny") == "models/tiny/manifest.json"
+    assert keys.rollout_key("default") == "rollouts/default.json"
+    assert keys.generation_key("default", "r1", "mp4") == "generations/default/r1.mp4"
+
+
+def test_one_checkpoint_listing_for_trainer_finetunes_and_checkpoints(tmp_path: Path) -> None:
+    """Only published checkpoints (manifest present) of that fine-tune, by step: ``ft-a``'s list
+    holds neither ``ft-a-1``'s checkpoints (whose ids also start ``ckpt-ft-a-``) nor one mid-upload."""
+    from services.controlplane.domain.checkpoints import CheckpointService
+    from services.controlplane.domain.datasets import DatasetService
+    from services.controlplane.domain.finetunes import FineTuneService
+    from services.trainer.entry import published_steps
+    from tests.doubles import IdleExecutor
+
+    store = LocalStore(tmp_path / "s")
+    for fid, step in [("ft-a", 10), ("ft-a", 2), ("ft-a-1", 5), ("ft-b", 1)]:
+        store.put_json(keys.checkpoint_manifest_key(keys.checkpoint_id(fid, step)), {"step": step})
+    store.put_bytes(keys.checkpoint_prefix("ckpt-ft-a-20") + "adapter/x", b"mid-upload")
+
+    assert published_checkpoints(store, "ft-a") == [("ft-a", 2, "ckpt-ft-a-2"), ("ft-a", 10, "ckpt-ft-a-10")]
+    assert published_steps(store, "ft-a") == [2, 10]
+    finetunes = FineTuneService(store, IdleExecutor(), DatasetService(store, tmp_path / "cache"))
+    assert finetunes.checkpoint_ids("ft-a") == ["ckpt-ft-a-2", "ckpt-ft-a-10"]
+    listed, _ = CheckpointService(store).list(finetune_id="ft-a")
+    assert [c["id"] for c in listed] == ["ckpt-ft-a-2", "ckpt-ft-a-10"]
+    assert len(CheckpointService(store).list()[0]) == 4
