@@ -64,7 +64,7 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ModelNotReady):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, Cancelled):
-        return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.DEADLINE_EXCEEDED if exc.deadline_exceeded else grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 
@@ -134,8 +134,6 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
                 yield message
         except InferenceError as exc:
             code = _status_of(exc)
-            if isinstance(exc, Cancelled) and "deadline" in str(exc):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
             await context.abort(code, str(exc))
         except GenerationError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
