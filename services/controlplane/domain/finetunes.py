@@ -108,11 +108,8 @@ def validate_hyperparameters(stage: str, hyperparameters: dict[str, Any]) -> dic
         )
         cfg.validate()
     except ConfigError as exc:
-        msg = str(exc)
-        bad = next(
-            (k for k in sorted(normalised, key=len, reverse=True) if f"'{k}'" in msg or k in msg), None
-        )
-        raise InvalidRequest(msg, field=f"hyperparameters.{bad}" if bad else "hyperparameters") from exc
+        field = f"hyperparameters.{exc.field}" if exc.field else "hyperparameters"
+        raise InvalidRequest(str(exc), field=field) from exc
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(str(exc), field="hyperparameters") from exc
     return normalised
