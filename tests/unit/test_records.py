@@ -109,3 +109,14 @@ def test_one_checkpoint_listing_for_trainer_finetunes_and_checkpoints(tmp_path: 
     listed, _ = CheckpointService(store).list(finetune_id="ft-a")
     assert [c["id"] for c in listed] == ["ckpt-ft-a-2", "ckpt-ft-a-10"]
     assert len(CheckpointService(store).list()[0]) == 4
+
+
+def test_records_import_neither_torch_nor_the_library() -> None:
+    """The supervisor and the control plane import these at start: they must stay light."""
+    code = (
+        "import sys, services.common.records.keys, services.common.records.exit_codes, "
+        "services.common.records.listing; "
+        "print(sorted(m for m in ('torch', 'diffusers', 'huvidpo') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stdout + out.stderr
