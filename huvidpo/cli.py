@@ -16,6 +16,10 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from huvidpo.pipeline import GenerationConfig
 
+# Bad input (argparse's code for a usage error too). The services' ``ExitCode.BAD_INPUT`` has the same
+# value (a test asserts it); the library does not import the services, so the number lives here too.
+EXIT_BAD_INPUT = 2
+
 
 def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -156,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:
         print(f"huvidpo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def make_accelerator(cfg: TrainConfig) -> Any:
 
     cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
     if cfg.mixed_precision == "fp16" and cpu:
-        raise ConfigError("mixed_precision fp16 needs a CUDA device; on CPU use bf16 or no")
+        raise ConfigError(
+            "mixed_precision fp16 needs a CUDA device; on CPU use bf16 or no", field="mixed_precision"
+        )
     if os.environ.get("WORLD_SIZE", "1") == "1":
         # One process: a previous run in this interpreter may have fixed another precision.
         AcceleratorState._reset_state()
@@ -187,7 +189,7 @@ def check_clip_frames(ds: Any, cfg: TrainConfig) -> None:
     shortest = min(known, key=lambda v: (v.num_frames, v.id))
     problem = frames_problem(shortest.num_frames, cfg.num_frames, cfg.frame_stride, f" ({shortest.file})")
     if problem:
-        raise ConfigError(problem)
+        raise ConfigError(problem, field="num_frames")
 
 
 def count_frames(path: str | os.PathLike[str]) -> int:

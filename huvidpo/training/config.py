@@ -22,7 +22,14 @@ from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
 
 
 class ConfigError(ValueError):
-    """A training configuration that cannot be run as given (the message names the key)."""
+    """A training configuration that cannot be run as given (the message names the key).
+
+    ``field`` is the option refused (``lora_alpha``), or None when the error is not one option's (an
+    unreadable config file): callers that name the field to a user read it, never the message."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 MIXED_PRECISION = ("no", "fp16", "bf16")
@@ -102,7 +109,9 @@ class TrainConfig:
             if key not in types_:
                 close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]][:3]
                 hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(f"{source}: unknown {cls.stage} training option {raw_key!r}{hint}")
+                raise ConfigError(
+                    f"{source}: unknown {cls.stage} training option {raw_key!r}{hint}", field=key
+                )
             kwargs[key] = _coerce(key, raw, types_[key], source)
         cfg = cls(**kwargs)
         return cfg
@@ -132,56 +141,70 @@ class TrainConfig:
         """Raise :class:`ConfigError` for a value that cannot work."""
         for name in ("model", "dataset", "output_dir"):
             if not getattr(self, name):
-                raise ConfigError(f"{name} is required")
+                raise ConfigError(f"{name} is required", field=name)
         if self.sparse_causal not in ("first+prev", "first"):
-            raise ConfigError(f"sparse_causal must be 'first+prev' or 'first', got {self.sparse_causal!r}")
+            raise ConfigError(
+                f"sparse_causal must be 'first+prev' or 'first', got {self.sparse_causal!r}",
+                field="sparse_causal",
+            )
         if self.first_frame_mode != "replace_clean_latent":
             raise ConfigError(
                 f"first_frame_mode {self.first_frame_mode!r} is not supported; the video UNet conditions on "
-                "frame 0 by replacing it with its clean latent ('replace_clean_latent')"
+                "frame 0 by replacing it with its clean latent ('replace_clean_latent')",
+                field="first_frame_mode",
             )
         if self.num_frames < 2:
-            raise ConfigError(f"num_frames must be >= 2 (frame 0 is the condition), got {self.num_frames}")
+            raise ConfigError(
+                f"num_frames must be >= 2 (frame 0 is the condition), got {self.num_frames}",
+                field="num_frames",
+            )
         for name in ("height", "width"):
             v = getattr(self, name)
             if v <= 0 or v % 8:
-                raise ConfigError(f"{name} must be a positive multiple of 8, got {v}")
+                raise ConfigError(f"{name} must be a positive multiple of 8, got {v}", field=name)
         positive = ("frame_stride", "batch_size", "epochs", "keep_last", "log_every")
         for name in positive:
             if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}", field="max_steps")
         for name in ("checkpoint_every", "eval_every", "lr_warmup_steps"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.hflip_p <= 1.0:
-            raise ConfigError(f"hflip_p must be in [0, 1], got {self.hflip_p}")
+            raise ConfigError(f"hflip_p must be in [0, 1], got {self.hflip_p}", field="hflip_p")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
+            raise ConfigError(f"lr must be a positive number, got {self.lr}", field="lr")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ConfigError(
-                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}"
+                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}",
+                field="lr_scheduler",
             )
         for name in ("adam_beta1", "adam_beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}", field=name)
         if self.adam_eps <= 0 or self.weight_decay < 0:
-            raise ConfigError("adam_eps must be > 0 and weight_decay >= 0")
+            bad = "adam_eps" if self.adam_eps <= 0 else "weight_decay"
+            raise ConfigError("adam_eps must be > 0 and weight_decay >= 0", field=bad)
         if self.grad_clip < 0:
-            raise ConfigError(f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}")
+            raise ConfigError(
+                f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}", field="grad_clip"
+            )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(
-                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}"
+                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
+                field="mixed_precision",
             )
         if not 0 <= self.timestep_min < self.timestep_max <= 1000:
+            bad = "timestep_min" if not 0 <= self.timestep_min < 1000 else "timestep_max"
             raise ConfigError(
-                f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})"
+                f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})",
+                field=bad,
             )
         for name, bound in BOUNDS.items():  # the documented bounds (huvidpo.bounds)
             value = getattr(self, name, None)
             if value is not None and not bound.contains(value):
-                raise ConfigError(f"{name} must be {bound.describe()}, got {value}")
+                raise ConfigError(f"{name} must be {bound.describe()}, got {value}", field=name)
 
 
 @dataclass
@@ -204,7 +227,9 @@ class Stage1Config(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if not self.trainable_patterns:
-            raise ConfigError("trainable_patterns must name at least one parameter pattern")
+            raise ConfigError(
+                "trainable_patterns must name at least one parameter pattern", field="trainable_patterns"
+            )
 
 
 @dataclass
@@ -246,23 +271,37 @@ class DPOConfig(TrainConfig):
     def validate(self) -> None:
         super().validate()
         if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}")
+            raise ConfigError(f"beta must be > 0, got {self.beta}", field="beta")
         if self.reference not in ("adapter_disabled", "frozen_copy"):
             raise ConfigError(
-                f"reference must be 'adapter_disabled' or 'frozen_copy', got {self.reference!r}"
+                f"reference must be 'adapter_disabled' or 'frozen_copy', got {self.reference!r}",
+                field="reference",
             )
         if self.sft_weight < 0:
-            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}")
+            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", field="sft_weight")
         if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1")
+            bad = (
+                "lora_rank"
+                if self.lora_rank < 1
+                else "lora_alpha"
+                if self.lora_alpha <= 0
+                else "lora_dropout"
+            )
+            raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1", field=bad)
         if self.tie_policy not in ("drop", "keep"):
-            raise ConfigError(f"tie_policy must be 'drop' or 'keep', got {self.tie_policy!r}")
+            raise ConfigError(
+                f"tie_policy must be 'drop' or 'keep', got {self.tie_policy!r}", field="tie_policy"
+            )
         if self.holdout_by not in ("prompt", "video"):
-            raise ConfigError(f"holdout_by must be 'prompt' or 'video', got {self.holdout_by!r}")
+            raise ConfigError(
+                f"holdout_by must be 'prompt' or 'video', got {self.holdout_by!r}", field="holdout_by"
+            )
         if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ConfigError(f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}")
+            raise ConfigError(
+                f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}", field="holdout_fraction"
+            )
         if self.eval_draws < 1:
-            raise ConfigError(f"eval_draws must be >= 1, got {self.eval_draws}")
+            raise ConfigError(f"eval_draws must be >= 1, got {self.eval_draws}", field="eval_draws")
 
 
 C = TypeVar("C", bound=TrainConfig)
@@ -337,7 +376,7 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
                 raise ValueError("not a list")
             return tuple(str(v) for v in value)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"{source}: option {key!r} = {value!r}: {exc}") from exc
+        raise ConfigError(f"{source}: option {key!r} = {value!r}: {exc}", field=key) from exc
     return value
 
 

@@ -163,7 +163,8 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         if n_hold >= len(prompts):
             raise ConfigError(
                 f"holdout_fraction {cfg.holdout_fraction} leaves no training prompts "
-                f"({len(prompts)} prompts in the dataset)"
+                f"({len(prompts)} prompts in the dataset)",
+                field="holdout_fraction",
             )
         heldout_prompts = set(rng.sample(prompts, n_hold))
     elif cfg.holdout_fraction > 0:
@@ -188,7 +189,9 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     train = [p for p in pairs if split(p) == "train"]
     heldout = [p for p in pairs if split(p) == "heldout"]
     if not train:
-        raise ConfigError(f"holdout_fraction {cfg.holdout_fraction} leaves no training pairs")
+        raise ConfigError(
+            f"holdout_fraction {cfg.holdout_fraction} leaves no training pairs", field="holdout_fraction"
+        )
     paths = {vid: str(v.path) for vid, v in ds.videos.items()}
     frames = {str(v.path): int(v.num_frames) for v in ds.videos.values() if v.num_frames}
     report = _report_dict(getattr(pairset, "report", None))
@@ -326,7 +329,9 @@ class DPOTask:
         unet.set_adapter(cfg.adapter_name)
         self.params = list(lora_parameters(unet, cfg.adapter_name).values())
         if not self.params:
-            raise ConfigError(f"lora_targets {cfg.lora_targets!r} matched no layer of the UNet")
+            raise ConfigError(
+                f"lora_targets {cfg.lora_targets!r} matched no layer of the UNet", field="lora_targets"
+            )
         for p in self.params:  # fp32 master weights for the trained parameters, whatever the base dtype
             p.data = p.data.float()
             p.requires_grad_(True)

@@ -79,7 +79,9 @@ def prepare_clips(cfg: Stage1Config) -> tuple[list[tuple[str, str]], dict[str, i
     if not videos:
         raise ConfigError(f"{root} has no manifest and no video files ({', '.join(VIDEO_SUFFIXES)})")
     if not cfg.prompt:
-        raise ConfigError(f"{root} is a plain folder of videos: give the clips' prompt (prompt / --prompt)")
+        raise ConfigError(
+            f"{root} is a plain folder of videos: give the clips' prompt (prompt / --prompt)", field="prompt"
+        )
     return [(str(p), cfg.prompt) for p in videos], {}
 
 
@@ -109,7 +111,10 @@ class Stage1Task:
         self.unet = unet = components.unet
         names = set(unet.temporal_parameter_names(tuple(cfg.trainable_patterns)))
         if not names:
-            raise ConfigError(f"trainable_patterns {list(cfg.trainable_patterns)} match no UNet parameter")
+            raise ConfigError(
+                f"trainable_patterns {list(cfg.trainable_patterns)} match no UNet parameter",
+                field="trainable_patterns",
+            )
         for name, p in unet.named_parameters():
             p.requires_grad_(name in names)
         self.trainable = {n: p for n, p in unet.named_parameters() if n in names}

@@ -23,6 +23,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from services.common.records import keys
 from services.common.store import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -211,7 +212,7 @@ class RolloutRecord(BaseModel):
 
 
 def rollout_key(deployment: str) -> str:
-    return f"rollouts/{validate_deployment(deployment)}.json"
+    return keys.rollout_key(validate_deployment(deployment))
 
 
 def _read_rollout_with_etag(store: ObjectStore, deployment: str) -> tuple[RolloutRecord | None, str | None]:

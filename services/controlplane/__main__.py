@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from services.common.records.exit_codes import ExitCode
 from services.common.settings import ControlPlaneSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
 from services.controlplane.app import create_app
@@ -32,7 +33,7 @@ def main() -> None:
         store_settings = load_settings(StoreSettings)
     except SettingsError as exc:
         print(f"huvidpo-controlplane: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     store = make_store(store_settings)
     # The trainer subprocesses inherit this process's environment (store settings, PATH).
     executor = build_executor(settings, dict(os.environ))

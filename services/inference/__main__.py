@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from services.common.records.exit_codes import ExitCode
 from services.common.settings import InferenceSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
 from services.inference.server import BindError, InferenceServer
@@ -35,13 +36,13 @@ def main() -> None:
         store_settings = load_settings(StoreSettings)
     except SettingsError as exc:
         print(f"huvidpo-inference: {exc}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(ExitCode.BAD_INPUT)
     try:
         asyncio.run(serve(settings, store_settings))
     except BindError as exc:
         # One line, like uvicorn's for the control plane: a traceback says nothing more here.
         print(f"huvidpo-inference: {exc}", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(ExitCode.FAILED)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,13 @@ class Job:
     def stop_reason(self) -> str:
         return "cancelled by the client" if self._cancelled.is_set() else "deadline exceeded"
 
+    def stopped(self, detail: str) -> Cancelled:
+        """The error that ends this stopped job: ``request <why><detail>``, flagged when it is the
+        deadline (not the client) that stopped it."""
+        return Cancelled(
+            f"request {self.stop_reason()}{detail}", deadline_exceeded=not self._cancelled.is_set()
+        )
+
     def emit(self, event: Event) -> None:
         """Deliver ``event`` to the job's asyncio queue (from any thread)."""
         # RuntimeError: the event loop is closed, nobody is listening any more.
@@ -163,7 +170,7 @@ class Batcher:
             if job in self._pending:
                 self._pending.remove(job)
                 self._left_queue(job)
-                job.emit(ErrorEvent(Cancelled(f"request {job.stop_reason()} while queued")))
+                job.emit(ErrorEvent(job.stopped(" while queued")))
                 self._positions_changed()
             self._cond.notify_all()
 
@@ -207,7 +214,7 @@ class Batcher:
         for job in [j for j in self._pending if j.should_stop()]:
             self._pending.remove(job)
             self._left_queue(job)
-            job.emit(ErrorEvent(Cancelled(f"request {job.stop_reason()} while queued")))
+            job.emit(ErrorEvent(job.stopped(" while queued")))
 
     def _take_batch(self) -> list[Job] | None:
         """(lock held) Wait for work, then take the oldest job and its compatible companions."""
@@ -277,7 +284,7 @@ class Batcher:
             stopped = [j for j in batch if j.should_stop()]
             survivors = [j for j in batch if not j.should_stop()]
             for job in stopped:
-                job.emit(ErrorEvent(Cancelled(f"request {job.stop_reason()}; generation stopped ({exc})")))
+                job.emit(ErrorEvent(job.stopped(f"; generation stopped ({exc})")))
             if survivors:
                 log.info(
                     "batch of %d stopped for %d cancelled request(s); re-queued %d",

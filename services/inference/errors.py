@@ -24,7 +24,12 @@ class UnknownCheckpoint(InferenceError, LookupError):
 
 
 class Cancelled(InferenceError):
-    """The client went away or its deadline passed; generation stopped."""
+    """The client went away or its deadline passed; generation stopped. ``deadline_exceeded`` says
+    which (the servicer maps it to DEADLINE_EXCEEDED or CANCELLED; the message is for people)."""
+
+    def __init__(self, message: str, *, deadline_exceeded: bool = False) -> None:
+        super().__init__(message)
+        self.deadline_exceeded = deadline_exceeded
 
 
 class CheckpointRefused(InferenceError):

@@ -16,6 +16,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from huvidpo.pipeline import GenerationError
 from huvidpo.video_io import encode_gif, encode_mp4
+from services.common.records.keys import generation_key
 from services.common.settings import InferenceSettings
 from services.common.store import ObjectNotFound, ObjectStore
 from services.inference.batcher import Batcher, ErrorEvent, Job, ProgressEvent, ResultEvent
@@ -63,7 +64,7 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
     if isinstance(exc, ModelNotReady):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, Cancelled):
-        return grpc.StatusCode.CANCELLED
+        return grpc.StatusCode.DEADLINE_EXCEEDED if exc.deadline_exceeded else grpc.StatusCode.CANCELLED
     return grpc.StatusCode.INTERNAL
 
 
@@ -133,8 +134,6 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
                 yield message
         except InferenceError as exc:
             code = _status_of(exc)
-            if isinstance(exc, Cancelled) and "deadline" in str(exc):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
             await context.abort(code, str(exc))
         except GenerationError as exc:
             code = grpc.StatusCode.INVALID_ARGUMENT
@@ -239,7 +238,7 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         if len(data) <= self.settings.inline_limit_bytes:
             result.video_bytes = data
         else:
-            key = f"generations/{self.settings.deployment}/{job.id}.{ext}"
+            key = generation_key(self.settings.deployment, job.id, ext)
             self.store.put_bytes(key, data, content_type=mime, metadata={"checkpoint": job.checkpoint_id})
             ttl = timedelta(seconds=self.settings.url_ttl_seconds)
             result.download_url = self.store.presigned_get_url(key, ttl)

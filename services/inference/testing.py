@@ -19,6 +19,7 @@ from PIL import Image
 from huvidpo.lora import lora_config, save_lora
 from huvidpo.models import load_components
 from services.common.publish import RolloutRecord, publish_dir, read_rollout, write_rollout
+from services.common.records.keys import checkpoint_prefix
 from services.common.settings import InferenceSettings
 from services.common.store import ObjectStore
 from services.inference.gen import inference_pb2_grpc as pb_grpc
@@ -121,7 +122,7 @@ def publish_checkpoint(
     return publish_dir(
         store,
         local_dir,
-        f"checkpoints/{checkpoint_id}/",
+        checkpoint_prefix(checkpoint_id),
         extra_manifest={
             "id": checkpoint_id,
             "lineage": lineage

@@ -9,8 +9,8 @@
    its manifest written last (adapter/ for inference, state/ for resuming), and progress records go
    to ``finetunes/{id}/progress.jsonl``.
 
-Exit codes (docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried: podFailurePolicy
-FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
+Exit codes (``ExitCode``, docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried:
+podFailurePolicy FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
 """
 
 from __future__ import annotations
@@ -27,15 +27,13 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import NotPublished, fetch_published, publish_dir
+from services.common.records import keys
+from services.common.records.exit_codes import ExitCode
+from services.common.records.listing import published_checkpoints
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
 log = logging.getLogger("huvidpo.trainer")
-
-EXIT_OK = 0
-EXIT_BAD_DATA = 2
-EXIT_TRANSIENT = 75
-EXIT_FAILED = 1
 
 
 class BadInput(Exception):
@@ -46,10 +44,6 @@ def _now() -> str:
     return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
-def checkpoint_id(finetune_id: str, step: int) -> str:
-    return f"ckpt-{finetune_id}-{step}"
-
-
 class ProgressWriter:
     """Keeps ``finetunes/{id}/progress.jsonl`` (rewritten whole: object stores have no append).
 
@@ -57,7 +51,7 @@ class ProgressWriter:
 
     def __init__(self, store: ObjectStore, finetune_id: str, min_interval: float = 1.0) -> None:
         self.store = store
-        self.key = f"finetunes/{finetune_id}/progress.jsonl"
+        self.key = keys.progress_key(finetune_id)
         self.min_interval = min_interval
         self._last_flush = 0.0
         try:
@@ -88,14 +82,7 @@ class ProgressWriter:
 
 def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
     """Steps of this fine-tune's checkpoints that are fully published (manifest present), ascending."""
-    prefix = f"checkpoints/ckpt-{finetune_id}-"
-    steps = []
-    for d in store.list_dirs("checkpoints/"):
-        if d.startswith(prefix):
-            tail = d[len(prefix) : -1]
-            if tail.isdigit() and store.exists(d + "manifest.json"):
-                steps.append(int(tail))
-    return sorted(steps)
+    return [step for _, step, _ in published_checkpoints(store, finetune_id)]
 
 
 def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoints_dir: Path) -> Path:
@@ -104,7 +91,7 @@ def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoi
 
     with tempfile.TemporaryDirectory(dir=checkpoints_dir.parent) as tmp:
         fetched = Path(tmp) / "fetched"
-        fetch_published(store, f"checkpoints/{checkpoint_id(finetune_id, step)}/", fetched)
+        fetch_published(store, keys.checkpoint_prefix(keys.checkpoint_id(finetune_id, step)), fetched)
         target = checkpoints_dir / checkpoint_name(step)
         staging = Path(tmp) / "ckpt"
         shutil.copytree(fetched / "state", staging)
@@ -148,8 +135,8 @@ class StoreCallback:
         self.progress.add({"event": "step", "total_steps": self.total_steps, **rec}, flush=False)
 
     def on_checkpoint(self, path: Path, step: int) -> None:
-        cid = checkpoint_id(self.finetune_id, step)
-        if self.store.exists(f"checkpoints/{cid}/manifest.json"):
+        cid = keys.checkpoint_id(self.finetune_id, step)
+        if self.store.exists(keys.checkpoint_manifest_key(cid)):
             return  # published by an earlier attempt (the resume point)
         started = time.monotonic()
         with tempfile.TemporaryDirectory(dir=path.parent.parent) as tmp:
@@ -164,7 +151,7 @@ class StoreCallback:
             publish_dir(
                 self.store,
                 stage,
-                f"checkpoints/{cid}/",
+                keys.checkpoint_prefix(cid),
                 {"id": cid, "step": step, "lineage": self.lineage, "created_at": _now()},
             )
             size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
@@ -186,21 +173,21 @@ def run(
     finetune_id = settings.finetune_id
     if not finetune_id:
         log.error("HUVIDPO_TRAINER_FINETUNE_ID is not set")
-        return EXIT_BAD_DATA
+        return ExitCode.BAD_INPUT
     stop = stop if stop is not None else [False]
     try:
         progress = ProgressWriter(store, finetune_id)
     except StoreUnavailable as exc:
         log.error("object store unavailable: %s", exc)
-        return EXIT_TRANSIENT
+        return ExitCode.TRANSIENT
     try:
         code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks)
     except StoreUnavailable as exc:
-        code, reason, message = EXIT_TRANSIENT, "StoreUnavailable", str(exc)
+        code, reason, message = ExitCode.TRANSIENT, "StoreUnavailable", str(exc)
     except (ConnectionError, TimeoutError) as exc:
-        code, reason, message = EXIT_TRANSIENT, "Transient", str(exc)
+        code, reason, message = ExitCode.TRANSIENT, "Transient", str(exc)
     except BadInput as exc:
-        code, reason, message = EXIT_BAD_DATA, "BadInput", str(exc)
+        code, reason, message = ExitCode.BAD_INPUT, "BadInput", str(exc)
     except Exception as exc:
         from huvidpo.data import ClipError, DatasetError
         from huvidpo.training import CheckpointError, ConfigError
@@ -208,22 +195,22 @@ def run(
 
         # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
         if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
-            code, reason, message = EXIT_BAD_DATA, type(exc).__name__, str(exc)
+            code, reason, message = ExitCode.BAD_INPUT, type(exc).__name__, str(exc)
         else:
             log.exception("trainer failed")
-            code, reason, message = EXIT_FAILED, type(exc).__name__, str(exc)
+            code, reason, message = ExitCode.FAILED, type(exc).__name__, str(exc)
     # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
     work = Path(settings.work_dir) / finetune_id
     message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
     try:
-        if code == EXIT_OK:
+        if code == ExitCode.OK:
             log.info("fine-tune %s succeeded: %s", finetune_id, message)
             progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
         else:
             if reason == "Cancelled":  # the user's choice, not a failure
                 log.info("fine-tune %s %s", finetune_id, message)
             else:
-                level = logging.WARNING if code == EXIT_TRANSIENT else logging.ERROR
+                level = logging.WARNING if code == ExitCode.TRANSIENT else logging.ERROR
                 log.log(level, "trainer exits with %d (%s): %s", code, reason, message)
             progress.add(
                 {
@@ -235,7 +222,7 @@ def run(
                 }
             )
     except StoreUnavailable:
-        return EXIT_TRANSIENT
+        return ExitCode.TRANSIENT
     return code
 
 
@@ -246,11 +233,11 @@ def _run(
     progress: ProgressWriter,
     stop: list[bool],
     callbacks: tuple[Any, ...] = (),
-) -> tuple[int, str | None, str]:
+) -> tuple[ExitCode, str | None, str]:
     from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
     try:
-        record = store.get_json(f"finetunes/{finetune_id}/record.json")
+        record = store.get_json(keys.finetune_record_key(finetune_id))
     except ObjectNotFound as exc:
         raise BadInput(f"fine-tune {finetune_id} has no record in the store") from exc
     req = record["request"]
@@ -261,11 +248,11 @@ def _run(
     try:
         if not (dataset_dir / ".complete").exists():
             shutil.rmtree(dataset_dir, ignore_errors=True)
-            fetch_published(store, f"datasets/{req['dataset']}/{req['version']}/", dataset_dir)
+            fetch_published(store, keys.dataset_version_prefix(req["dataset"], req["version"]), dataset_dir)
             (dataset_dir / ".complete").write_text("")
         if not (model_dir / ".complete").exists():
             shutil.rmtree(model_dir, ignore_errors=True)
-            fetch_published(store, f"models/{req['base_model']}/", model_dir)
+            fetch_published(store, keys.model_prefix(req["base_model"]), model_dir)
             (model_dir / ".complete").write_text("")
     except NotPublished as exc:
         raise BadInput(str(exc)) from exc
@@ -329,17 +316,21 @@ def _run(
         result = run_stage1(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     progress.flush()
     if result.stopped and _cancel_requested(store, finetune_id):
-        return EXIT_TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
+        return ExitCode.TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
     if result.stopped:
-        return EXIT_TRANSIENT, "Stopped", "stopped by SIGTERM after a checkpoint; the retry resumes from it"
-    return EXIT_OK, None, f"trained {result.steps} steps"
+        return (
+            ExitCode.TRANSIENT,
+            "Stopped",
+            "stopped by SIGTERM after a checkpoint; the retry resumes from it",
+        )
+    return ExitCode.OK, None, f"trained {result.steps} steps"
 
 
 def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
     """Whether the stop that ended this attempt is a user's cancel: the control plane records the
     request before it stops the Job or process (a stop without it is a preemption or a shutdown)."""
     try:
-        return bool(store.get_json(f"finetunes/{finetune_id}/record.json").get("cancel_requested_at"))
+        return bool(store.get_json(keys.finetune_record_key(finetune_id)).get("cancel_requested_at"))
     except (ObjectNotFound, StoreUnavailable, ValueError):
         return False
 
@@ -354,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
     except SettingsError as exc:
         # A configuration error: retrying cannot fix it (docs/CONTRACTS.md, exit 2).
         print(f"huvidpo-trainer: {exc}", file=sys.stderr)
-        return EXIT_BAD_DATA
+        return ExitCode.BAD_INPUT
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:

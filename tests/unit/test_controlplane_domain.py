@@ -126,3 +126,25 @@ def test_hyperparameters_are_checked_by_the_training_config() -> None:
     assert err.value.field == "hyperparameters.beta"
     with pytest.raises(InvalidRequest):
         validate_hyperparameters("stage3", {})
+
+
+@pytest.mark.parametrize(
+    ("hyperparameters", "field"),
+    [
+        # Messages naming two options (or an option whose name holds another's) once made the
+        # control plane guess the wrong one from the text; the config now says which it refused.
+        ({"lora_alpha": 0, "lora_dropout": 0.1}, "lora_alpha"),
+        ({"adam_eps": 0, "weight_decay": 0.01}, "adam_eps"),
+        ({"timestep_min": 0, "timestep_max": 2000}, "timestep_max"),
+        ({"lr": 0.001, "lr_scheduler": "sometimes"}, "lr_scheduler"),
+        ({"num_frames": 1, "frame_stride": 1}, "num_frames"),
+        ({"bogus_option": 1}, "bogus_option"),
+        ({"beta": "high"}, "beta"),
+    ],
+)
+def test_a_refused_hyperparameter_is_named_by_the_config_not_guessed(
+    hyperparameters: dict[str, object], field: str
+) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        validate_hyperparameters("dpo", hyperparameters)
+    assert err.value.field == f"hyperparameters.{field}"

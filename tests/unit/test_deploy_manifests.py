@@ -587,7 +587,7 @@ def test_inference_rollouts_never_drop_serving_capacity(rendered: dict[str, list
 
 # ---------------------------------------------------------------------------------------- trainer
 def test_trainer_jobs_map_the_exit_codes_and_run_as_the_trainer(rendered: dict[str, list[Obj]]) -> None:
-    from services.trainer.entry import EXIT_BAD_DATA, EXIT_TRANSIENT
+    from services.common.records.exit_codes import ExitCode
 
     for env in ENVIRONMENTS:
         (job,) = check.trainer_jobs(rendered[env])
@@ -598,9 +598,11 @@ def test_trainer_jobs_map_the_exit_codes_and_run_as_the_trainer(rendered: dict[s
         rules = spec["podFailurePolicy"]["rules"]
         fail = [r for r in rules if r["action"] == "FailJob"]
         assert [r["onExitCodes"] for r in fail] == [
-            {"containerName": "trainer", "operator": "In", "values": [EXIT_BAD_DATA]}
+            {"containerName": "trainer", "operator": "In", "values": [ExitCode.BAD_INPUT]}
         ]
-        assert any(r["action"] == "Count" and r["onExitCodes"]["values"] == [EXIT_TRANSIENT] for r in rules)
+        assert any(
+            r["action"] == "Count" and r["onExitCodes"]["values"] == [ExitCode.TRANSIENT] for r in rules
+        )
         assert any(
             r["action"] == "Ignore" and r["onPodConditions"][0]["type"] == "DisruptionTarget" for r in rules
         )

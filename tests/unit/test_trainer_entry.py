@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import publish_dir
+from services.common.records.exit_codes import ExitCode
 from services.common.settings import TrainerSettings
 from services.common.store import LocalStore, StoreUnavailable
 from services.controlplane.domain.datasets import DatasetService
-from services.trainer.entry import EXIT_BAD_DATA, EXIT_TRANSIENT, published_steps, run
+from services.trainer.entry import published_steps, run
 
 
 def _record(store: LocalStore, ft: str, **request: Any) -> None:
@@ -37,13 +38,13 @@ def _end(store: LocalStore, ft: str) -> dict[str, Any]:
 def test_missing_record_or_dataset_is_bad_input_exit_2(tmp_path: Path) -> None:
     store = LocalStore(tmp_path / "s")
     settings = TrainerSettings(finetune_id="ft-a", work_dir=tmp_path / "w")
-    assert run(store, settings) == EXIT_BAD_DATA
+    assert run(store, settings) == ExitCode.BAD_INPUT
     assert _end(store, "ft-a")["reason"] == "BadInput"
     _record(store, "ft-b")
-    assert run(store, TrainerSettings(finetune_id="ft-b", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+    assert run(store, TrainerSettings(finetune_id="ft-b", work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
     end = _end(store, "ft-b")
     assert end["state"] == "failed" and end["exit_code"] == 2 and "datasets/cats" in end["message"]
-    assert run(store, TrainerSettings(finetune_id="", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+    assert run(store, TrainerSettings(finetune_id="", work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
 
 
 def test_invalid_hyperparameters_are_exit_2(tmp_path: Path, tiny_model_dir: Path) -> None:
@@ -60,7 +61,7 @@ def test_invalid_hyperparameters_are_exit_2(tmp_path: Path, tiny_model_dir: Path
             datasets.stage_stream("cats", upload["id"], p.relative_to(ds).as_posix(), fh)
     version = datasets.commit_upload("cats", upload["id"])["id"]
     _record(store, "ft-c", version=version, hyperparameters={"height": 30})
-    assert run(store, TrainerSettings(finetune_id="ft-c", work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+    assert run(store, TrainerSettings(finetune_id="ft-c", work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
     end = _end(store, "ft-c")
     assert end["reason"] == "ConfigError" and "height" in end["message"]
 
@@ -85,7 +86,7 @@ def test_clips_longer_than_the_videos_are_bad_config_exit_2(tmp_path: Path, tiny
     version = _version(store, tmp_path, tiny_model_dir)
     for ft, hp in (("ft-f", {"num_frames": 8}), ("ft-g", {})):  # 8, and the default 16, on 4-frame clips
         _record(store, ft, version=version, hyperparameters={"height": 32, "width": 32, "max_steps": 1, **hp})
-        assert run(store, TrainerSettings(finetune_id=ft, work_dir=tmp_path / "w")) == EXIT_BAD_DATA
+        assert run(store, TrainerSettings(finetune_id=ft, work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
         end = _end(store, ft)
         assert end["reason"] == "ConfigError", end
         assert "num_frames" in end["message"] and "has 4 frames" in end["message"], end["message"]
@@ -99,7 +100,7 @@ class FlakyStore(LocalStore):
 
 def test_unreachable_store_is_transient_exit_75(tmp_path: Path) -> None:
     store = FlakyStore(tmp_path / "s")
-    assert run(store, TrainerSettings(finetune_id="ft-d", work_dir=tmp_path / "w")) == EXIT_TRANSIENT
+    assert run(store, TrainerSettings(finetune_id="ft-d", work_dir=tmp_path / "w")) == ExitCode.TRANSIENT
 
 
 def test_only_checkpoints_with_a_manifest_count_for_resume(tmp_path: Path) -> None:

@@ -61,8 +61,9 @@ def test_yaml_file_then_overrides(tmp_path: Path) -> None:
 def test_bad_files_name_the_key(tmp_path: Path, content: str, message: str) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(content)
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         DPOConfig.load(f)
+    assert err.value.field == (None if "top level" in message else content.split(":")[0])
 
 
 @pytest.mark.parametrize(
@@ -81,8 +82,9 @@ def test_bad_files_name_the_key(tmp_path: Path, content: str, message: str) -> N
 )
 def test_validate_rejects_bad_values(change: dict, message: str) -> None:
     values = {"model": "m", "dataset": "d", "output_dir": "o", **change}
-    with pytest.raises(ConfigError, match=message):
+    with pytest.raises(ConfigError, match=message) as err:
         DPOConfig.from_mapping(values).validate()
+    assert err.value.field == next(iter(change))  # the option refused, for callers naming it
 
 
 def test_every_field_is_a_flag_and_flags_override_the_file(tmp_path: Path) -> None:

@@ -6,19 +6,16 @@ A checkpoint without a manifest does not exist. Ids are ``ckpt-<finetune_id>-<st
 from __future__ import annotations
 
 import builtins
-import re
 from datetime import datetime, timedelta
 from typing import Any
 
+from services.common.records import keys
+from services.common.records.listing import published_checkpoints
 from services.common.store import ObjectStore
 from services.controlplane.domain.errors import InvalidRequest, NotFound
 from services.controlplane.domain.util import Clock, iso, paginate, read_json, utcnow
 
-CHECKPOINT_RE = re.compile(r"^ckpt-(?P<finetune>[a-z0-9-]{1,63})-(?P<step>[0-9]{1,10})$")
-
-
-def manifest_key(checkpoint_id: str) -> str:
-    return f"checkpoints/{checkpoint_id}/manifest.json"
+manifest_key = keys.checkpoint_manifest_key
 
 
 class CheckpointService:
@@ -26,11 +23,11 @@ class CheckpointService:
         self.store = store
         self.clock = clock
 
-    def _check_id(self, checkpoint_id: str) -> re.Match[str]:
-        m = CHECKPOINT_RE.match(checkpoint_id or "")
-        if m is None:
+    def _check_id(self, checkpoint_id: str) -> tuple[str, int]:
+        parsed = keys.parse_checkpoint_id(checkpoint_id)
+        if parsed is None:
             raise NotFound(f"checkpoint {checkpoint_id!r} not found")
-        return m
+        return parsed
 
     def manifest(self, checkpoint_id: str) -> dict[str, Any]:
         self._check_id(checkpoint_id)
@@ -40,18 +37,18 @@ class CheckpointService:
         return manifest
 
     def exists(self, checkpoint_id: str) -> bool:
-        return CHECKPOINT_RE.match(checkpoint_id or "") is not None and self.store.exists(
+        return keys.parse_checkpoint_id(checkpoint_id) is not None and self.store.exists(
             manifest_key(checkpoint_id)
         )
 
     def get(self, checkpoint_id: str) -> dict[str, Any]:
-        m = self._check_id(checkpoint_id)
+        finetune_id, step = self._check_id(checkpoint_id)
         manifest = self.manifest(checkpoint_id)
         lineage = dict(manifest.get("lineage") or {})
         return {
             "id": checkpoint_id,
-            "finetune_id": lineage.get("finetune_id") or m.group("finetune"),
-            "step": int(manifest.get("step") or m.group("step")),
+            "finetune_id": lineage.get("finetune_id") or finetune_id,
+            "step": int(manifest.get("step") or step),
             "created_at": manifest.get("created_at"),
             "files": manifest.get("files", {}),
             "lineage": lineage,
@@ -60,15 +57,8 @@ class CheckpointService:
     def list(
         self, finetune_id: str | None = None, page_size: int = 50, page_token: str | None = None
     ) -> tuple[builtins.list[dict[str, Any]], str | None]:
-        ids = []
-        for d in self.store.list_dirs("checkpoints/"):
-            cid = d[len("checkpoints/") : -1]
-            m = CHECKPOINT_RE.match(cid)
-            if m is None or (finetune_id is not None and m.group("finetune") != finetune_id):
-                continue
-            if self.store.exists(d + "manifest.json"):
-                ids.append(cid)
-        ids.sort(key=_order)
+        ids = [cid for _, _, cid in published_checkpoints(self.store, finetune_id)]
+        ids.sort(key=_order)  # the page token's order
         page, token = paginate(ids, _order, page_size, page_token)
         return [self.get(c) for c in page], token
 
@@ -77,7 +67,7 @@ class CheckpointService:
         be deleted is ``domain/retention.py``'s question, asked before this."""
         self.manifest(checkpoint_id)
         self.store.delete(manifest_key(checkpoint_id))
-        self.store.delete_prefix(f"checkpoints/{checkpoint_id}/")
+        self.store.delete_prefix(keys.checkpoint_prefix(checkpoint_id))
 
     def download(
         self, checkpoint_id: str, expires_seconds: int = 3600, base_url: str | None = None
@@ -89,7 +79,7 @@ class CheckpointService:
         manifest = self.manifest(checkpoint_id)
         expires = timedelta(seconds=expires_seconds)
         urls = {
-            rel: self.store.presigned_get_url(f"checkpoints/{checkpoint_id}/{rel}", expires, base_url)
+            rel: self.store.presigned_get_url(keys.checkpoint_prefix(checkpoint_id) + rel, expires, base_url)
             for rel in sorted(manifest.get("files", {}))
         }
         urls["manifest.json"] = self.store.presigned_get_url(manifest_key(checkpoint_id), expires, base_url)
@@ -98,6 +88,6 @@ class CheckpointService:
 
 
 def _order(cid: str) -> str:
-    m = CHECKPOINT_RE.match(cid)
-    assert m is not None
-    return f"{m.group('finetune')}|{int(m.group('step')):010d}"
+    parsed = keys.parse_checkpoint_id(cid)
+    assert parsed is not None
+    return f"{parsed[0]}|{parsed[1]:010d}"

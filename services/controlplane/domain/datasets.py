@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from services.common.records import keys
+from services.common.records.keys import dataset_prefix
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
@@ -48,12 +50,7 @@ ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif",
 MANIFEST = "manifest.json"
 
 
-def dataset_prefix(name: str) -> str:
-    return f"datasets/{name}/"
-
-
-def version_prefix(name: str, digest: str) -> str:
-    return f"datasets/{name}/{digest}/"
+version_prefix = keys.dataset_version_prefix
 
 
 def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
@@ -114,7 +111,7 @@ class DatasetService:
     def list(
         self, page_size: int = 50, page_token: str | None = None
     ) -> tuple[builtins.list[dict[str, Any]], str | None]:
-        names = [d[len("datasets/") : -1] for d in self.store.list_dirs("datasets/")]
+        names = [d[len(keys.DATASETS) : -1] for d in self.store.list_dirs(keys.DATASETS)]
         page, token = paginate(sorted(names), lambda n: n, page_size, page_token)
         out = []
         for n in page:

@@ -25,6 +25,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.common.records import keys
+from services.common.records.listing import published_checkpoints
 from services.common.store import ObjectStore
 from services.controlplane.domain import progress as progress_mod
 from services.controlplane.domain.datasets import DatasetService
@@ -57,8 +59,7 @@ RESERVED_HYPERPARAMETERS = frozenset({"model", "dataset", "output_dir", "unet_di
 MAX_IDEMPOTENCY_KEY = 255
 
 
-def record_key(finetune_id: str) -> str:
-    return f"finetunes/{finetune_id}/record.json"
+record_key = keys.finetune_record_key
 
 
 @dataclass(frozen=True)
@@ -107,11 +108,8 @@ def validate_hyperparameters(stage: str, hyperparameters: dict[str, Any]) -> dic
         )
         cfg.validate()
     except ConfigError as exc:
-        msg = str(exc)
-        bad = next(
-            (k for k in sorted(normalised, key=len, reverse=True) if f"'{k}'" in msg or k in msg), None
-        )
-        raise InvalidRequest(msg, field=f"hyperparameters.{bad}" if bad else "hyperparameters") from exc
+        field = f"hyperparameters.{exc.field}" if exc.field else "hyperparameters"
+        raise InvalidRequest(str(exc), field=field) from exc
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(str(exc), field="hyperparameters") from exc
     return normalised
@@ -211,7 +209,7 @@ class FineTuneService:
                 f"dataset {req.dataset!r} has no version {req.version}", field="version"
             ) from exc
         check_clips_fit(req.stage, hp, dataset_manifest.get("video_stats"))
-        model_manifest = read_json_or_none(self.store, f"models/{req.base_model}/manifest.json")
+        model_manifest = read_json_or_none(self.store, keys.model_manifest_key(req.base_model))
         if model_manifest is None:
             raise InvalidRequest(
                 f"base model {req.base_model!r} not found in the store (models/{req.base_model}/manifest.json)",
@@ -240,7 +238,7 @@ class FineTuneService:
         fingerprint = req.fingerprint()
         if idem_key is not None:
             finetune_id = "ft-" + idem_key[:20]
-            prior = read_json_or_none(self.store, f"idempotency/finetunes/{idem_key}.json")
+            prior = read_json_or_none(self.store, keys.idempotency_key(idem_key))
             if prior is not None:
                 if prior["fingerprint"] != fingerprint:
                     raise IdempotencyKeyReused(
@@ -252,7 +250,7 @@ class FineTuneService:
                 # crashed between the key and the record: finish what the first request started
             else:
                 self.store.put_json(
-                    f"idempotency/finetunes/{idem_key}.json",
+                    keys.idempotency_key(idem_key),
                     {"finetune_id": finetune_id, "fingerprint": fingerprint, "created_at": iso(self.clock())},
                 )
         else:
@@ -364,13 +362,7 @@ class FineTuneService:
         }
 
     def checkpoint_ids(self, finetune_id: str) -> builtins.list[str]:
-        prefix = f"checkpoints/ckpt-{finetune_id}-"
-        ids = []
-        for d in self.store.list_dirs("checkpoints/"):
-            cid = d[len("checkpoints/") : -1]
-            if d.startswith(prefix) and self.store.exists(d + "manifest.json"):
-                ids.append(cid)
-        return sorted(ids, key=lambda c: int(c.rsplit("-", 1)[1]) if c.rsplit("-", 1)[1].isdigit() else 0)
+        return [cid for _, _, cid in published_checkpoints(self.store, finetune_id)]
 
     def list(
         self,
@@ -383,7 +375,7 @@ class FineTuneService:
         if state is not None and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}", field="state")
         records = []
-        for d in self.store.list_dirs("finetunes/"):
+        for d in self.store.list_dirs(keys.FINETUNES):
             rec = read_json_or_none(self.store, d + "record.json")
             if rec is not None:
                 records.append(rec)
@@ -403,7 +395,7 @@ class FineTuneService:
     def count_by_state(self) -> dict[str, int]:
         """Fine-tunes per recorded state (no reconciliation: cheap enough for a metrics scrape)."""
         counts = dict.fromkeys(STATES, 0)
-        for d in self.store.list_dirs("finetunes/"):
+        for d in self.store.list_dirs(keys.FINETUNES):
             rec = read_json_or_none(self.store, d + "record.json")
             if rec is not None and rec.get("state") in counts:
                 counts[rec["state"]] += 1
@@ -460,12 +452,12 @@ class FineTuneService:
             )
         # The record first: the fine-tune stops existing before its progress and its reference go.
         self.store.delete(record_key(finetune_id))
-        self.store.delete_prefix(f"finetunes/{finetune_id}/")
+        self.store.delete_prefix(keys.finetune_prefix(finetune_id))
         self.datasets.remove_reference(view["dataset"], finetune_id)
         if finetune_id.startswith("ft-"):
             # Its Idempotency-Key record goes too (the id is "ft-" + the start of the key's digest), so
             # nothing of it is left; the same key later starts a new fine-tune.
-            for obj in self.store.list(f"idempotency/finetunes/{finetune_id[3:]}", recursive=False):
+            for obj in self.store.list(keys.IDEMPOTENCY_FINETUNES + finetune_id[3:], recursive=False):
                 prior = read_json_or_none(self.store, obj.key)
                 if prior is not None and prior.get("finetune_id") == finetune_id:
                     self.store.delete(obj.key)

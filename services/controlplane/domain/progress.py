@@ -19,11 +19,8 @@ from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
 
+from services.common.records.keys import progress_key
 from services.common.store import ObjectNotFound, ObjectStore
-
-
-def progress_key(finetune_id: str) -> str:
-    return f"finetunes/{finetune_id}/progress.jsonl"
 
 
 def parse_progress(text: str) -> list[dict[str, Any]]:

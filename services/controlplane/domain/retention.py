@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import builtins
 
-from services.controlplane.domain.checkpoints import CHECKPOINT_RE, CheckpointService
+from services.common.records.keys import parse_checkpoint_id
+from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, NotFound
 from services.controlplane.domain.finetunes import ACTIVE, FineTuneService
 from services.controlplane.domain.rollouts import RolloutService
@@ -59,14 +60,15 @@ class Retention:
                         )
             if token is None:
                 break
-        m = CHECKPOINT_RE.match(checkpoint_id)
-        if m is not None:
+        parsed = parse_checkpoint_id(checkpoint_id)
+        if parsed is not None:
+            finetune_id = parsed[0]
             try:
-                state = self.finetunes.get(m.group("finetune"))["state"]
+                state = self.finetunes.get(finetune_id)["state"]
             except NotFound:
                 state = None
             if state in ACTIVE:
-                reasons.append(f"its fine-tune {m.group('finetune')} is {state} and may resume from it")
+                reasons.append(f"its fine-tune {finetune_id} is {state} and may resume from it")
         return reasons
 
     def delete_checkpoint(self, checkpoint_id: str) -> None:

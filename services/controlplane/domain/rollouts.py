@@ -18,6 +18,7 @@ import builtins
 from typing import Any
 
 from services.common.publish import RevisionConflict, RolloutRecord, read_rollout, write_rollout
+from services.common.records.keys import ROLLOUTS
 from services.common.store import ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
@@ -64,8 +65,8 @@ class RolloutService:
 
     def _names(self) -> builtins.list[str]:
         return sorted(
-            o.key[len("rollouts/") : -len(".json")]
-            for o in self.store.list("rollouts/", recursive=False)
+            o.key[len(ROLLOUTS) : -len(".json")]
+            for o in self.store.list(ROLLOUTS, recursive=False)
             if o.key.endswith(".json")
         )
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeGuard
 
+from services.common.records.exit_codes import ExitCode
 from services.common.settings import ControlPlaneSettings, StoreSettings
 from services.controlplane.domain.ports import ExecStatus, JobSpec
 
@@ -26,8 +27,6 @@ CONTAINER = "trainer"
 MANAGED_BY = "huvidpo-controlplane"
 LABEL_FINETUNE = "huvidpo.dev/finetune-id"
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-EXIT_BAD_DATA = 2
-EXIT_TRANSIENT = 75
 WORK_DIR = "/work"
 # The trainer serves /metrics here while it trains; the pod annotations tell Prometheus (deploy/).
 TRAINER_METRICS_PORT = 9091
@@ -154,7 +153,7 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                         "onExitCodes": {
                             "containerName": CONTAINER,
                             "operator": "In",
-                            "values": [EXIT_BAD_DATA],
+                            "values": [int(ExitCode.BAD_INPUT)],
                         },
                     },
                     # Node drain, preemption: not the trainer's fault, do not spend the backoff budget.
@@ -165,7 +164,7 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                         "onExitCodes": {
                             "containerName": CONTAINER,
                             "operator": "In",
-                            "values": [EXIT_TRANSIENT],
+                            "values": [int(ExitCode.TRANSIENT)],
                         },
                     },
                 ]

@@ -19,9 +19,10 @@ from pathlib import Path
 
 import psutil
 
+from services.common.records.exit_codes import ExitCode
 from services.controlplane.domain.ports import ExecStatus, JobSpec
 
-EXIT_REASONS = {2: "BadData", 75: "TransientFailure"}
+EXIT_REASONS: dict[int, str] = {ExitCode.BAD_INPUT: "BadData", ExitCode.TRANSIENT: "TransientFailure"}
 
 
 class LocalExecutor:
@@ -102,8 +103,8 @@ class LocalExecutor:
         with contextlib.suppress(FileNotFoundError, ValueError):
             end = json.loads((d / "exit.json").read_text())
             rc = int(end["exit_code"])
-            if rc == 0:
-                return ExecStatus("succeeded", exit_code=0, job=ref)
+            if rc == ExitCode.OK:
+                return ExecStatus("succeeded", exit_code=rc, job=ref)
             reason = "Cancelled" if end.get("cancelled") else EXIT_REASONS.get(rc, "TrainerFailed")
             return ExecStatus(
                 "failed",

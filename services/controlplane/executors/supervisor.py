@@ -1,7 +1,7 @@
 """A tiny supervisor for the local executor: runs the trainer, retries transient failures, records the end.
 
-It plays the part of a Kubernetes Job controller for one trainer: exit 0 ends the run, exit 2 (bad
-data or config) fails it at once (``podFailurePolicy`` FailJob), any other exit is retried up to
+It plays the part of a Kubernetes Job controller for one trainer (``ExitCode``): exit 0 ends the run,
+exit 2 (bad data or config) fails it at once (``podFailurePolicy`` FailJob), any other exit is retried up to
 ``--max-retries`` times (``backoffLimit``). It runs in its own session, so the control plane can
 restart without taking the trainer down, and writes ``exit.json`` atomically at the end.
 
@@ -18,8 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_BAD_DATA = 2
-EXIT_TRANSIENT = 75
+from services.common.records.exit_codes import ExitCode
 
 
 def _write_exit(run_dir: Path, record: dict[str, object]) -> None:
@@ -57,7 +56,7 @@ def main(argv: list[str]) -> int:
                 log.flush()
                 _write_exit(run_dir, {"exit_code": rc, "attempts": attempt, "cancelled": True})
                 return rc
-            if rc in (0, EXIT_BAD_DATA) or attempt > max_retries:
+            if rc in (ExitCode.OK, ExitCode.BAD_INPUT) or attempt > max_retries:
                 break
             log.write(f"--- attempt {attempt} exited with code {rc}: retrying ---\n".encode())
             time.sleep(min(10.0, 0.5 * 2 ** (attempt - 1)))

@@ -1,0 +1,87 @@
+"""Every store key the services share, and the checkpoint id format (docs/CONTRACTS.md, "Store layout").
+
+The keys are a contract between the control plane, the trainer and the inference service: build them
+here, never with an f-string at the call site. Prefixes end with ``/``; functions take ids that their
+callers have already validated (the store rejects unsafe keys on its own).
+"""
+
+from __future__ import annotations
+
+import re
+
+DATASETS = "datasets/"
+MODELS = "models/"
+FINETUNES = "finetunes/"
+CHECKPOINTS = "checkpoints/"
+ROLLOUTS = "rollouts/"
+GENERATIONS = "generations/"
+IDEMPOTENCY_FINETUNES = "idempotency/finetunes/"
+MANIFEST = "manifest.json"
+
+# ``ckpt-<finetune_id>-<step>``: the fine-tune id may hold dashes, so the step is the last dash's tail.
+CHECKPOINT_ID_RE = re.compile(r"^ckpt-(?P<finetune>[a-z0-9-]{1,63})-(?P<step>[0-9]{1,10})$")
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+def checkpoint_id(finetune_id: str, step: int) -> str:
+    """The id of ``finetune_id``'s checkpoint at optimizer step ``step``."""
+    return f"ckpt-{finetune_id}-{step}"
+
+
+def parse_checkpoint_id(checkpoint_id: str) -> tuple[str, int] | None:
+    """``(finetune_id, step)`` of a checkpoint id, or None when it is not one."""
+    m = CHECKPOINT_ID_RE.match(checkpoint_id or "")
+    return None if m is None else (m.group("finetune"), int(m.group("step")))
+
+
+def checkpoint_prefix(checkpoint_id: str) -> str:
+    return f"{CHECKPOINTS}{checkpoint_id}/"
+
+
+def checkpoint_manifest_key(checkpoint_id: str) -> str:
+    return checkpoint_prefix(checkpoint_id) + MANIFEST
+
+
+# --------------------------------------------------------------------------------------- fine-tunes
+def finetune_prefix(finetune_id: str) -> str:
+    return f"{FINETUNES}{finetune_id}/"
+
+
+def finetune_record_key(finetune_id: str) -> str:
+    return finetune_prefix(finetune_id) + "record.json"
+
+
+def progress_key(finetune_id: str) -> str:
+    return finetune_prefix(finetune_id) + "progress.jsonl"
+
+
+def idempotency_key(key_digest: str) -> str:
+    """The record of an ``Idempotency-Key`` on fine-tune creates (``key_digest``: its sha256 hex)."""
+    return f"{IDEMPOTENCY_FINETUNES}{key_digest}.json"
+
+
+# ------------------------------------------------------------------------------ datasets and models
+def dataset_prefix(name: str) -> str:
+    return f"{DATASETS}{name}/"
+
+
+def dataset_version_prefix(name: str, digest: str) -> str:
+    return f"{DATASETS}{name}/{digest}/"
+
+
+def model_prefix(model_id: str) -> str:
+    return f"{MODELS}{model_id}/"
+
+
+def model_manifest_key(model_id: str) -> str:
+    return model_prefix(model_id) + MANIFEST
+
+
+# -------------------------------------------------------------------------------------- inference
+def rollout_key(deployment: str) -> str:
+    return f"{ROLLOUTS}{deployment}.json"
+
+
+def generation_key(deployment: str, request_id: str, ext: str) -> str:
+    """A video too large to return inline (``ext``: ``mp4`` or ``gif``)."""
+    return f"{GENERATIONS}{deployment}/{request_id}.{ext}"
