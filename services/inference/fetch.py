@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import MANIFEST_NAME, NotPublished, fetch_published
+from services.common.records import keys
 from services.common.store import ChecksumMismatch, InvalidKey, ObjectStore
 from services.inference.errors import CheckpointRefused
 
@@ -71,7 +72,7 @@ def fetch_checkpoint(store: ObjectStore, checkpoint_id: str, cache_dir: Path) ->
     Raises ``CheckpointRefused`` (stage ``fetch`` or ``checksum``) if it is not published or a file
     differs from its manifest, and (stage ``files``) if it holds anything but the safetensors adapter
     and the trainer's ``state/``; other store errors (an outage) propagate to be retried."""
-    prefix = f"checkpoints/{checkpoint_id}/"
+    prefix = keys.checkpoint_prefix(checkpoint_id)
     dest = _ensure(cache_dir) / "checkpoints" / _cache_name(checkpoint_id)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
     try:

@@ -34,6 +34,7 @@ from huvidpo.lora import load_lora
 from huvidpo.models import directory_digest
 from huvidpo.pipeline import GenerationConfig, GenerationResult, HuViDPOPipeline
 from services.common.publish import RolloutRecord
+from services.common.records import keys
 from services.common.settings import InferenceSettings
 from services.common.store import ObjectStore
 from services.inference.batcher import Job, ProgressFn, StopFn
@@ -209,7 +210,7 @@ class ModelManager:
             role=role,
             adapter=name,
             digest=directory_digest(adapter_dir),
-            source=f"checkpoints/{checkpoint_id}/",
+            source=keys.checkpoint_prefix(checkpoint_id),
             manifest_sha256=fetched.manifest_sha256,
             lineage=dict(lineage or {}),
             created_at=str(manifest["created_at"]) if manifest.get("created_at") else None,
