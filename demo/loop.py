@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from demo.client import ControlPlaneClient, channel, generate, stub, wait_serving_checkpoint
+from services.common.records.progress import StepEvent, read_progress
 from services.common.store import ObjectStore
 from services.inference.gen import inference_pb2 as pb
 
@@ -109,14 +110,12 @@ def publish_base_model(store: ObjectStore, model_dir: Path, model_id: str) -> st
     return digest
 
 
-def progress_rows(store: ObjectStore, finetune_id: str) -> list[dict[str, Any]]:
-    """The trainer's step records (``finetunes/{id}/progress.jsonl``), last attempt's value per step."""
-    from services.controlplane.domain.progress import read_progress
-
-    by_step: dict[int, dict[str, Any]] = {}
-    for rec in read_progress(store, finetune_id):
-        if rec.get("event") == "step" and "loss" in rec:
-            by_step[int(rec["step"])] = rec
+def progress_rows(store: ObjectStore, finetune_id: str) -> list[StepEvent]:
+    """The trainer's step events (``finetunes/{id}/progress.jsonl``), last attempt's value per step."""
+    by_step: dict[int, StepEvent] = {}
+    for ev in read_progress(store, finetune_id):
+        if isinstance(ev, StepEvent) and ev.loss is not None:
+            by_step[ev.step] = ev
     return [by_step[s] for s in sorted(by_step)]
 
 
@@ -198,7 +197,8 @@ def run_loop(
     if rows:
         from huvidpo.training import plot_metrics
 
-        plot = plot_metrics(rows, out_dir / "metrics.png")
+        # The library's plot takes plain rows (it knows nothing of the services): the metrics it has.
+        plot = plot_metrics([ev.model_dump(exclude_none=True) for ev in rows], out_dir / "metrics.png")
         log(f"[fine-tune] loss and reward accuracy plot: {plot}")
 
     # 3. the newest checkpoint, rolled out through REST; wait until the service applied it
@@ -270,10 +270,10 @@ def run_loop(
             "hyperparameters": ft.get("hyperparameters"),
             "progress": ft.get("progress"),
             "mean_reward_accuracy": (
-                round(sum(float(r.get("implicit_acc", 0.0)) for r in rows) / len(rows), 3) if rows else None
+                round(sum(r.implicit_acc or 0.0 for r in rows) / len(rows), 3) if rows else None
             ),
-            "first_loss": rows[0]["loss"] if rows else None,
-            "last_loss": rows[-1]["loss"] if rows else None,
+            "first_loss": rows[0].loss if rows else None,
+            "last_loss": rows[-1].loss if rows else None,
             "checkpoints": ft["checkpoints"],
         },
         "checkpoint": {"id": ckpt_id, "lineage": lineage, "created_at": ckpt.get("created_at")},

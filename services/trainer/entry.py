@@ -15,14 +15,12 @@ podFailurePolicy FailJob); 75 transient (store unreachable, preempted by SIGTERM
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import signal
 import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +28,16 @@ from services.common.publish import NotPublished, fetch_published, publish_dir
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
 from services.common.records.listing import published_checkpoints
+from services.common.records.progress import (
+    CheckpointEvent,
+    EndEvent,
+    ProgressEvent,
+    StartEvent,
+    StepEvent,
+    attempts,
+    now,
+    parse_progress,
+)
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
@@ -38,10 +46,6 @@ log = logging.getLogger("huvidpo.trainer")
 
 class BadInput(Exception):
     """The fine-tune cannot run as recorded (missing dataset or model, invalid config): exit 2."""
-
-
-def _now() -> str:
-    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
 
 
 class ProgressWriter:
@@ -56,13 +60,18 @@ class ProgressWriter:
         self._last_flush = 0.0
         try:
             text = store.get_bytes(self.key).decode("utf-8", "replace")
+            # Earlier attempts' lines are kept as written; only their events are read.
             self.lines = [ln for ln in text.splitlines() if ln.strip()]
         except ObjectNotFound:
             self.lines = []
+        self.events: list[ProgressEvent] = parse_progress("\n".join(self.lines))
         self._dirty = False
 
-    def add(self, record: dict[str, Any], flush: bool = True) -> None:
-        self.lines.append(json.dumps({"time": _now(), **record}, default=float))
+    def add(self, event: ProgressEvent, flush: bool = True) -> None:
+        if event.time is None:
+            event.time = now()
+        self.events.append(event)
+        self.lines.append(event.to_line())
         self._dirty = True
         if flush or time.monotonic() - self._last_flush >= self.min_interval:
             self.flush()
@@ -77,7 +86,7 @@ class ProgressWriter:
         self._last_flush = time.monotonic()
 
     def attempts(self) -> int:
-        return sum(1 for ln in self.lines if '"event": "start"' in ln)
+        return attempts(self.events)
 
 
 def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
@@ -132,7 +141,7 @@ class StoreCallback:
             "lr",
         )
         rec = {k: metrics[k] for k in keep if k in metrics}
-        self.progress.add({"event": "step", "total_steps": self.total_steps, **rec}, flush=False)
+        self.progress.add(StepEvent(total_steps=self.total_steps, **rec), flush=False)
 
     def on_checkpoint(self, path: Path, step: int) -> None:
         cid = keys.checkpoint_id(self.finetune_id, step)
@@ -152,11 +161,11 @@ class StoreCallback:
                 self.store,
                 stage,
                 keys.checkpoint_prefix(cid),
-                {"id": cid, "step": step, "lineage": self.lineage, "created_at": _now()},
+                {"id": cid, "step": step, "lineage": self.lineage, "created_at": now()},
             )
             size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
         log.info("checkpoint %s uploaded (%.1f MB in %.1f s)", cid, size / 1e6, time.monotonic() - started)
-        self.progress.add({"event": "checkpoint", "step": step, "checkpoint_id": cid})
+        self.progress.add(CheckpointEvent(step=step, checkpoint_id=cid))
 
     def on_end(self, summary: dict[str, Any]) -> None:
         self.summary = summary
@@ -205,7 +214,7 @@ def run(
     try:
         if code == ExitCode.OK:
             log.info("fine-tune %s succeeded: %s", finetune_id, message)
-            progress.add({"event": "end", "state": "succeeded", "exit_code": 0})
+            progress.add(EndEvent(state="succeeded", exit_code=ExitCode.OK))
         else:
             if reason == "Cancelled":  # the user's choice, not a failure
                 log.info("fine-tune %s %s", finetune_id, message)
@@ -213,13 +222,12 @@ def run(
                 level = logging.WARNING if code == ExitCode.TRANSIENT else logging.ERROR
                 log.log(level, "trainer exits with %d (%s): %s", code, reason, message)
             progress.add(
-                {
-                    "event": "end",
-                    "state": "cancelled" if reason == "Cancelled" else "failed",
-                    "exit_code": code,
-                    "reason": reason,
-                    "message": message[:2000],
-                }
+                EndEvent(
+                    state="cancelled" if reason == "Cancelled" else "failed",
+                    exit_code=code,
+                    reason=reason,
+                    message=message[:2000],
+                )
             )
     except StoreUnavailable:
         return ExitCode.TRANSIENT
@@ -294,12 +302,7 @@ def _run(
     }
     total = cfg.max_steps
     progress.add(
-        {
-            "event": "start",
-            "total_steps": total,
-            "resumed_from_step": resume_step,
-            "attempt": progress.attempts() + 1,
-        }
+        StartEvent(total_steps=total, resumed_from_step=resume_step, attempt=progress.attempts() + 1)
     )
     log.info(
         "fine-tune %s: %s on dataset %s version %s, base model %s, %s steps, attempt %d%s",

@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from services.common.records.progress import EndEvent
 from services.controlplane.domain.datasets import content_digest
 from services.controlplane.domain.errors import InvalidRequest
 from services.controlplane.domain.finetunes import derive_state, validate_hyperparameters
@@ -15,7 +16,7 @@ from services.controlplane.domain.ports import ExecStatus
 from services.controlplane.domain.progress import parse_progress, summarize
 from services.controlplane.domain.util import paginate
 
-FAILED_END = {"event": "end", "state": "failed", "reason": "DatasetError", "message": "bad video"}
+FAILED_END = EndEvent(state="failed", reason="DatasetError", message="bad video")
 
 
 @pytest.mark.parametrize(
@@ -41,7 +42,7 @@ FAILED_END = {"event": "end", "state": "failed", "reason": "DatasetError", "mess
         (
             {"state": "running", "submitted": True},
             ExecStatus("missing"),
-            {"event": "end", "state": "succeeded"},
+            EndEvent(state="succeeded"),
             ("succeeded", None),
         ),
         ({"state": "running", "submitted": True}, ExecStatus("missing"), None, ("failed", "JobLost")),
@@ -63,7 +64,7 @@ FAILED_END = {"event": "end", "state": "failed", "reason": "DatasetError", "mess
     ],
 )
 def test_state_machine(
-    record: dict[str, Any], status: ExecStatus, end: dict[str, Any] | None, expected: tuple[str, str | None]
+    record: dict[str, Any], status: ExecStatus, end: EndEvent | None, expected: tuple[str, str | None]
 ) -> None:
     state, reason, _ = derive_state(record, status, end)
     assert (state, reason) == expected

@@ -27,6 +27,7 @@ from typing import Any
 
 from services.common.records import keys
 from services.common.records.listing import published_checkpoints
+from services.common.records.progress import EndEvent
 from services.common.store import ObjectStore
 from services.controlplane.domain import progress as progress_mod
 from services.controlplane.domain.datasets import DatasetService
@@ -136,7 +137,7 @@ def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str
 
 
 def derive_state(
-    record: dict[str, Any], status: ExecStatus, end: dict[str, Any] | None
+    record: dict[str, Any], status: ExecStatus, end: EndEvent | None
 ) -> tuple[str, str | None, str | None]:
     """(state, reason, message) of a fine-tune from its record, its Job's status and the trainer's end record.
 
@@ -151,22 +152,18 @@ def derive_state(
     if status.phase == "succeeded":
         return "succeeded", None, None
     if status.phase == "failed":
-        if end is not None and end.get("state") == "failed":
-            return (
-                "failed",
-                str(end.get("reason") or status.reason or "TrainerFailed"),
-                end.get("message") or status.message,
-            )
+        if end is not None and end.state == "failed":
+            return "failed", end.reason or status.reason or "TrainerFailed", end.message or status.message
         return "failed", status.reason or "JobFailed", status.message
     if status.phase == "running":
         return "running", None, None
     if status.phase == "pending":
         return "queued", None, None
     # missing: no Job. After a finished Job was garbage-collected, the trainer's end record still tells.
-    if end is not None and end.get("state") in ("succeeded", "failed"):
-        if end["state"] == "succeeded":
+    if end is not None and end.state in ("succeeded", "failed"):
+        if end.state == "succeeded":
             return "succeeded", None, None
-        return "failed", str(end.get("reason") or "TrainerFailed"), end.get("message")
+        return "failed", end.reason or "TrainerFailed", end.message
     if record.get("submitted"):
         return "failed", "JobLost", "the Job disappeared before the trainer reported an end"
     return "queued", None, None
