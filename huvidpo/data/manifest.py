@@ -686,16 +686,6 @@ def write_manifest(
     return atomic_write_bytes(target, text.encode("utf-8"))
 
 
-def dataset_digest(ds: PreferenceDataset) -> str:
-    """sha256 identity of a dataset: its manifest bytes and every referenced video's bytes (by id)."""
-    h = hashlib.sha256()
-    h.update(ds.manifest.read_bytes())
-    for vid in sorted(ds.videos):
-        h.update(b"\0" + vid.encode() + b"\0")
-        h.update(file_sha256(ds.videos[vid].path).encode())
-    return h.hexdigest()
-
-
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """sha256 hex digest of a file's bytes (streamed)."""
     h = hashlib.sha256()

@@ -124,16 +124,18 @@ def load_components(
 
 
 def directory_digest(directory: str | os.PathLike[str]) -> str:
-    """sha256 over the relative paths and bytes of every file under ``directory`` (sorted).
+    """The identity of a directory: sha256 (hex) over the sorted ``path \\0 sha256 \\0 size`` lines
+    of its files (relative POSIX paths, each file's own sha256 and size in bytes).
 
-    Used as the identity of a base model or checkpoint in lineage records and caches."""
+    The same digest the services compute over a published manifest's file listing
+    (``services.common.records.lineage.content_digest``), so a base model, dataset or checkpoint
+    has one identity on disk and in the store; used in lineage records and cache keys."""
     d = Path(directory)
     h = hashlib.sha256()
-    for p in sorted(q for q in d.rglob("*") if q.is_file()):
-        h.update(p.relative_to(d).as_posix().encode())
-        h.update(b"\0")
+    for p in sorted((q for q in d.rglob("*") if q.is_file()), key=lambda q: q.relative_to(d).as_posix()):
+        fh_digest = hashlib.sha256()
         with p.open("rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
-        h.update(b"\0")
+                fh_digest.update(chunk)
+        h.update(f"{p.relative_to(d).as_posix()}\0{fh_digest.hexdigest()}\0{p.stat().st_size}\n".encode())
     return h.hexdigest()

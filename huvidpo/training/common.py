@@ -327,6 +327,7 @@ def resume_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[st
     free = {
         "max_steps", "epochs", "checkpoint_every", "keep_last", "eval_every", "log_every", "plot",
         "device", "output_dir", "cache_dir", "model", "dataset", "unet_dir", "cache_latents",
+        "dataset_digest", "base_model_digest",  # identities the caller records; not checked before either
     }  # fmt: skip
     return sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
 

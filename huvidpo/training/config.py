@@ -48,6 +48,11 @@ class TrainConfig:
     """Where checkpoints, metrics and the final weights go."""
     unet_dir: str | None = None
     """Optional UNet directory that replaces ``<model>/unet`` (e.g. a stage-1 result)."""
+    dataset_digest: str | None = None
+    """The dataset's identity recorded in checkpoint lineage; None: ``directory_digest(dataset)``.
+    A caller that fetched the dataset from elsewhere passes the digest it was published under."""
+    base_model_digest: str | None = None
+    """The base model's identity recorded in checkpoint lineage; None: ``directory_digest(model)``."""
     sparse_causal: str = "first+prev"
     # clips
     num_frames: int = 16

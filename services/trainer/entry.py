@@ -24,9 +24,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.common.publish import NotPublished, fetch_published, publish_dir
+from services.common.publish import NotPublished, fetch_published, publish_dir, read_manifest
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
+from services.common.records.lineage import (
+    DatasetVersionManifest,
+    Lineage,
+    content_digest,
+)
 from services.common.records.listing import published_checkpoints
 from services.common.records.progress import (
     CheckpointEvent,
@@ -42,6 +47,18 @@ from services.common.settings import SettingsError, StoreSettings, TrainerSettin
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
 
 log = logging.getLogger("huvidpo.trainer")
+
+
+# Config keys that are this pod's paths or recorded on their own: not part of the lineage's config.
+_LOCAL_CONFIG = (
+    "model",
+    "dataset",
+    "output_dir",
+    "cache_dir",
+    "unet_dir",
+    "dataset_digest",
+    "base_model_digest",
+)
 
 
 class BadInput(Exception):
@@ -119,7 +136,7 @@ class StoreCallback:
         store: ObjectStore,
         progress: ProgressWriter,
         finetune_id: str,
-        lineage: dict[str, Any],
+        lineage: Lineage,
         total_steps: int | None,
     ) -> None:
         self.store = store
@@ -161,7 +178,7 @@ class StoreCallback:
                 self.store,
                 stage,
                 keys.checkpoint_prefix(cid),
-                {"id": cid, "step": step, "lineage": self.lineage, "created_at": now()},
+                {"id": cid, "step": step, "lineage": self.lineage.model_dump(), "created_at": now()},
             )
             size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
         log.info("checkpoint %s uploaded (%.1f MB in %.1f s)", cid, size / 1e6, time.monotonic() - started)
@@ -262,6 +279,13 @@ def _run(
             shutil.rmtree(model_dir, ignore_errors=True)
             fetch_published(store, keys.model_prefix(req["base_model"]), model_dir)
             (model_dir / ".complete").write_text("")
+        # Identity of what this run trains on: the one digest of the publications just verified.
+        dataset_digest = DatasetVersionManifest.model_validate(
+            read_manifest(store, keys.dataset_version_prefix(req["dataset"], req["version"]))
+        ).content_digest()
+        base_model_digest = content_digest(
+            read_manifest(store, keys.model_prefix(req["base_model"]))["files"]
+        )
     except NotPublished as exc:
         raise BadInput(str(exc)) from exc
     out = work / "out"
@@ -277,6 +301,8 @@ def _run(
             "output_dir": str(out),
             "device": settings.device,
             "plot": False,
+            "dataset_digest": dataset_digest,
+            "base_model_digest": base_model_digest,
         },
         source="fine-tune hyperparameters",
     )
@@ -290,16 +316,16 @@ def _run(
     if resume_step is not None:
         restore_checkpoint(store, finetune_id, resume_step, ckpt_dir)
         log.info("resuming fine-tune %s from published checkpoint at step %d", finetune_id, resume_step)
-    lineage = {
-        **record.get("lineage", {}),
-        "finetune_id": finetune_id,
-        "config": {
-            k: v
-            for k, v in cfg.to_dict().items()
-            if k not in ("model", "dataset", "output_dir", "cache_dir", "unet_dir")
-        },
-        "job": (record.get("job") or {}).get("name", finetune_id),
-    }
+    lineage = Lineage.model_validate(
+        {
+            **record.get("lineage", {}),
+            "dataset_digest": dataset_digest,
+            "base_model_digest": base_model_digest,
+            "finetune_id": finetune_id,
+            "config": {k: v for k, v in cfg.to_dict().items() if k not in _LOCAL_CONFIG},
+            "job": (record.get("job") or {}).get("name", finetune_id),
+        }
+    )
     total = cfg.max_steps
     progress.add(
         StartEvent(total_steps=total, resumed_from_step=resume_step, attempt=progress.attempts() + 1)

@@ -7,7 +7,8 @@ private layout:
 - ``keys``: every store key and id function, and the checkpoint id format ``ckpt-<finetune_id>-<step>``;
 - ``exit_codes``: the trainer's exit codes, read by the local supervisor and the Job's podFailurePolicy;
 - ``listing``: the published checkpoints of a fine-tune (one implementation for every service);
-- ``progress``: the trainer's progress events (``start | step | checkpoint | end``), a tagged union.
+- ``progress``: the trainer's progress events (``start | step | checkpoint | end``), a tagged union;
+- ``lineage``: the one digest (``content_digest``), ``Lineage`` and the dataset-version and checkpoint manifests.
 
 Modules here import only the standard library, pydantic and the store port: the tiny supervisor
 process and the control plane import them without pulling torch.

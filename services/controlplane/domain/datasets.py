@@ -32,6 +32,7 @@ from typing import Any, BinaryIO
 
 from services.common.records import keys
 from services.common.records.keys import dataset_prefix
+from services.common.records.lineage import content_digest
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
@@ -51,14 +52,6 @@ MANIFEST = "manifest.json"
 
 
 version_prefix = keys.dataset_version_prefix
-
-
-def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
-    """sha256 over the sorted ``path \\0 sha256 \\0 size`` lines of a file listing."""
-    h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(f"{path}\0{files[path]['sha256']}\0{files[path]['size']}\n".encode())
-    return h.hexdigest()
 
 
 def check_file_type(path: str, field: str = "filename") -> None:

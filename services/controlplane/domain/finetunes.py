@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.records import keys
+from services.common.records.lineage import content_digest
 from services.common.records.listing import published_checkpoints
 from services.common.records.progress import EndEvent
 from services.common.store import ObjectStore
@@ -469,12 +470,7 @@ def _sort_key(view: dict[str, Any]) -> str:
 
 
 def _model_digest(manifest: dict[str, Any]) -> str:
-    """A base model's identity: the digest its manifest records, else the digest of its file listing."""
-    for key in ("digest", "sha256", "directory_digest"):
-        if isinstance(manifest.get(key), str):
-            return str(manifest[key])
-    files = manifest.get("files", {})
-    h = hashlib.sha256()
-    for path in sorted(files):
-        h.update(f"{path}\0{files[path].get('sha256')}\0{files[path].get('size')}\n".encode())
-    return "sha256:" + h.hexdigest()
+    """A base model's identity: the one digest (``content_digest``) of its published file listing,
+    whatever else its publisher recorded, so the fine-tune, its checkpoints and the inference service
+    (which hashes the same files on disk) agree."""
+    return content_digest(manifest.get("files", {}))

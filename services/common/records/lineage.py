@@ -1,0 +1,78 @@
+"""Identity and lineage: the one digest, the ``Lineage`` a checkpoint carries, and the manifests of
+the two publications it links (a dataset version, a checkpoint).
+
+``content_digest`` is the identity of every published directory (a dataset version, a base model, a
+checkpoint): sha256 over the sorted ``path \\0 sha256 \\0 size`` lines of its file listing, the
+``files`` mapping its manifest holds. ``huvidpo.models.directory_digest`` is the same digest of a
+local directory (the library sits below the services and cannot import this; a test keeps the two
+equal), so a model hashed on disk and the same model published in the store have one identity.
+
+The walk dataset version → fine-tune → checkpoint → rollout → generation is one chain of equal
+``dataset_digest`` and ``base_model_digest`` values (tests/e2e/test_lineage.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
+    """sha256 (hex) over the sorted ``path \\0 sha256 \\0 size`` lines of a file listing
+    (``{relpath: {"sha256", "size"}}``, a manifest's ``files``)."""
+    h = hashlib.sha256()
+    for path in sorted(files):
+        h.update(f"{path}\0{files[path]['sha256']}\0{files[path]['size']}\n".encode())
+    return h.hexdigest()
+
+
+class FileEntry(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    sha256: str
+    size: int
+
+
+class Lineage(BaseModel):
+    """Where a checkpoint comes from. Digests are ``content_digest`` values; extra keys (the
+    library's ``stage``, say) are kept."""
+
+    model_config = ConfigDict(extra="allow")
+
+    dataset: str | None = None
+    dataset_digest: str | None = None
+    base_model: str | None = None
+    base_model_digest: str | None = None
+    finetune_id: str | None = None
+    job: str | None = None
+    config: dict[str, Any] | None = None
+
+
+class _Manifest(BaseModel):
+    # allow: a manifest is read by services of other versions; what one does not know, it keeps.
+    model_config = ConfigDict(extra="allow")
+
+    files: dict[str, FileEntry]
+
+    def content_digest(self) -> str:
+        return content_digest({k: v.model_dump() for k, v in self.files.items()})
+
+
+class DatasetVersionManifest(_Manifest):
+    """``datasets/{name}/{digest}/manifest.json``: ``id`` is the version's ``content_digest``."""
+
+    id: str
+    dataset: str
+    created_at: str | None = None
+
+
+class CheckpointManifest(_Manifest):
+    """``checkpoints/{id}/manifest.json``: ``adapter/`` for inference, ``state/`` for resuming."""
+
+    id: str
+    step: int
+    lineage: Lineage
+    created_at: str | None = None
