@@ -315,13 +315,17 @@ def run_loop(
 
 
 def check_lineage(summary: dict[str, Any]) -> None:
-    """The chain dataset digest -> fine-tune -> checkpoint -> generation must hold; raise if not."""
+    """The chain dataset digest -> fine-tune -> checkpoint -> generation must hold, on one base model
+    digest; raise if not."""
     ds, ft, ck, gen = summary["dataset"], summary["finetune"], summary["checkpoint"], summary["generation"]
     problems = []
     if ck["lineage"].get("dataset_digest") != ds["version_digest"]:
         problems.append(
             f"checkpoint dataset_digest {ck['lineage'].get('dataset_digest')} != {ds['version_digest']}"
         )
+    ft_base = (ft.get("lineage") or {}).get("base_model_digest")
+    if ck["lineage"].get("base_model_digest") != ft_base:
+        problems.append(f"checkpoint base_model_digest {ck['lineage'].get('base_model_digest')} != {ft_base}")
     if ck["lineage"].get("finetune_id") != ft["id"]:
         problems.append(f"checkpoint finetune_id {ck['lineage'].get('finetune_id')} != {ft['id']}")
     if ck["id"] not in ft["checkpoints"]:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from demo.loop import check_lineage
 from huvidpo.models import directory_digest
 from services.common.publish import publish_dir
 from services.common.records.lineage import CheckpointManifest, Lineage, content_digest
@@ -38,3 +41,17 @@ def test_a_checkpoint_manifest_reads_with_fields_it_does_not_know() -> None:
     assert isinstance(m.lineage, Lineage) and m.lineage.dataset_digest == "d" * 64
     assert m.lineage.model_dump()["stage"] == "dpo"
     assert m.content_digest() == content_digest(raw["files"])  # type: ignore[arg-type]
+
+
+def test_the_demo_refuses_a_checkpoint_on_another_base_model() -> None:
+    lineage = {"dataset_digest": "d" * 64, "base_model_digest": "b" * 64, "finetune_id": "ft-a"}
+    summary = {
+        "dataset": {"version_digest": "d" * 64},
+        "finetune": {"id": "ft-a", "checkpoints": ["ckpt-ft-a-2"], "lineage": dict(lineage)},
+        "checkpoint": {"id": "ckpt-ft-a-2", "lineage": lineage},
+        "generation": {"checkpoint_id": "ckpt-ft-a-2"},
+    }
+    check_lineage(summary)
+    summary["checkpoint"] = {"id": "ckpt-ft-a-2", "lineage": {**lineage, "base_model_digest": "c" * 64}}
+    with pytest.raises(RuntimeError, match="base_model_digest"):
+        check_lineage(summary)
