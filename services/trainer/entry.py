@@ -1,7 +1,7 @@
 """The trainer entrypoint a Kubernetes Job (or the local executor) runs for one fine-tune.
 
-1. Read the fine-tune record ``finetunes/{id}/record.json`` (dataset version, base model, stage,
-   hyperparameters).
+1. Read the fine-tune's spec ``finetunes/{id}/spec.json`` (``FineTuneSpec``: dataset version, base
+   model, stage, hyperparameters), its only input.
 2. Fetch the dataset version and the base model from the store, verifying every digest.
 3. If the store already holds checkpoints of this fine-tune (a previous attempt was killed), restore
    the newest one and resume from it.
@@ -29,6 +29,7 @@ from typing import Any
 from services.common.publish import NotPublished, fetch_published, publish_dir
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
+from services.common.records.finetune import read_spec, read_status
 from services.common.records.listing import published_checkpoints
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
 from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
@@ -236,11 +237,10 @@ def _run(
 ) -> tuple[ExitCode, str | None, str]:
     from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
-    try:
-        record = store.get_json(keys.finetune_record_key(finetune_id))
-    except ObjectNotFound as exc:
-        raise BadInput(f"fine-tune {finetune_id} has no record in the store") from exc
-    req = record["request"]
+    spec = read_spec(store, finetune_id)
+    if spec is None:
+        raise BadInput(f"fine-tune {finetune_id} has no spec in the store")
+    req = spec.request()
     work = Path(settings.work_dir) / finetune_id
     work.mkdir(parents=True, exist_ok=True)
     dataset_dir = work / "dataset"
@@ -283,14 +283,14 @@ def _run(
         restore_checkpoint(store, finetune_id, resume_step, ckpt_dir)
         log.info("resuming fine-tune %s from published checkpoint at step %d", finetune_id, resume_step)
     lineage = {
-        **record.get("lineage", {}),
+        **spec.lineage,
         "finetune_id": finetune_id,
         "config": {
             k: v
             for k, v in cfg.to_dict().items()
             if k not in ("model", "dataset", "output_dir", "cache_dir", "unet_dir")
         },
-        "job": (record.get("job") or {}).get("name", finetune_id),
+        "job": _job_name(store, finetune_id),
     }
     total = cfg.max_steps
     progress.add(
@@ -326,13 +326,23 @@ def _run(
     return ExitCode.OK, None, f"trained {result.steps} steps"
 
 
+def _job_name(store: ObjectStore, finetune_id: str) -> str:
+    """The Job running this attempt, as the control plane's status names it (for the lineage)."""
+    try:
+        status = read_status(store, finetune_id)
+    except ValueError:  # a status this trainer cannot read names no Job: the id still does
+        return finetune_id
+    return (status.job or {}).get("name", finetune_id) if status is not None else finetune_id
+
+
 def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
     """Whether the stop that ended this attempt is a user's cancel: the control plane records the
     request before it stops the Job or process (a stop without it is a preemption or a shutdown)."""
     try:
-        return bool(store.get_json(keys.finetune_record_key(finetune_id)).get("cancel_requested_at"))
-    except (ObjectNotFound, StoreUnavailable, ValueError):
+        status = read_status(store, finetune_id)
+    except (StoreUnavailable, ValueError):
         return False
+    return status is not None and bool(status.cancel_requested_at)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,7 @@ from typing import Any
 
 from services.common.publish import publish_dir
 from services.common.records.exit_codes import ExitCode
+from services.common.records.finetune import FineTuneSpec, write_spec
 from services.common.settings import TrainerSettings
 from services.common.store import LocalStore, StoreUnavailable
 from services.controlplane.domain.datasets import DatasetService
@@ -15,7 +16,9 @@ from services.trainer.entry import published_steps, run
 
 
 def _record(store: LocalStore, ft: str, **request: Any) -> None:
-    req = {
+    req: dict[str, Any] = {
+        "id": ft,
+        "created_at": "2026-01-01T00:00:00Z",
         "dataset": "cats",
         "version": "a" * 64,
         "base_model": "tiny",
@@ -23,9 +26,7 @@ def _record(store: LocalStore, ft: str, **request: Any) -> None:
         "hyperparameters": {},
     }
     req.update(request)
-    store.put_json(
-        f"finetunes/{ft}/record.json", {"id": ft, "request": req, "lineage": {}, "job": {"name": ft}}
-    )
+    write_spec(store, FineTuneSpec.model_validate(req))
 
 
 def _end(store: LocalStore, ft: str) -> dict[str, Any]:
