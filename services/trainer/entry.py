@@ -29,10 +29,16 @@ from typing import Any
 from services.common.publish import NotPublished, fetch_published, publish_dir
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
-from services.common.records.finetune import read_spec, read_status
+from services.common.records.finetune import PairsRef, read_spec, read_status
 from services.common.records.listing import published_checkpoints
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
-from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
+from services.common.store import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    ObjectStore,
+    StoreUnavailable,
+    make_store,
+)
 
 log = logging.getLogger("huvidpo.trainer")
 
@@ -258,6 +264,8 @@ def _run(
         raise BadInput(str(exc)) from exc
     out = work / "out"
     hp = dict(req.get("hyperparameters") or {})
+    if spec.pairs is not None:
+        hp["pairs_file"] = str(_fetch_pairs(store, spec.pairs, work / "pairs.jsonl"))
     if settings.checkpoint_every and "checkpoint_every" not in hp:
         hp["checkpoint_every"] = settings.checkpoint_every
     cls = DPOConfig if req["stage"] == "dpo" else Stage1Config
@@ -324,6 +332,18 @@ def _run(
             "stopped by SIGTERM after a checkpoint; the retry resumes from it",
         )
     return ExitCode.OK, None, f"trained {result.steps} steps"
+
+
+def _fetch_pairs(store: ObjectStore, pairs: PairsRef, dest: Path) -> Path:
+    """The compiled pairs the spec names, verified against the digest it recorded."""
+    key = pairs.prefix + "pairs.jsonl"
+    try:
+        store.get_file(key, dest, expected_sha256=pairs.digest.removeprefix("sha256:"))
+    except ObjectNotFound as exc:
+        raise BadInput(f"the fine-tune's compiled pairs {key} are gone from the store") from exc
+    except ChecksumMismatch as exc:
+        raise BadInput(f"the fine-tune's compiled pairs {key} changed since it was created") from exc
+    return dest
 
 
 def _job_name(store: ObjectStore, finetune_id: str) -> str:

@@ -19,6 +19,7 @@ idempotent (the Job name is derived from the id), so a retry at any point conver
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,6 +31,7 @@ from services.common.records import keys
 from services.common.records.finetune import (
     FineTuneSpec,
     FineTuneStatus,
+    PairsRef,
     SpecConflict,
     read_spec,
     read_status,
@@ -39,7 +41,7 @@ from services.common.records.finetune import (
 from services.common.records.listing import published_checkpoints
 from services.common.store import ObjectStore
 from services.controlplane.domain import progress as progress_mod
-from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.datasets import DatasetService, PairOptions
 from services.controlplane.domain.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -64,7 +66,9 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
 STAGES = ("dpo", "stage1")
 # Set by the trainer from the fine-tune's inputs, never by the caller.
-RESERVED_HYPERPARAMETERS = frozenset({"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device"})
+RESERVED_HYPERPARAMETERS = frozenset(
+    {"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device", "pairs_file"}
+)
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -139,6 +143,17 @@ def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str
     size = size_problem(stats, cfg.height, cfg.width)
     if size:
         raise InvalidRequest(size[1], field=f"hyperparameters.{size[0]}")
+
+
+def pair_options(stage: str, hyperparameters: dict[str, Any]) -> PairOptions | None:
+    """The pair-compiler options a fine-tune's (validated) hyperparameters give; None for stage 1,
+    which trains on single clips."""
+    if stage != "dpo":
+        return None
+    from huvidpo.training.config import DPOConfig
+
+    cfg = DPOConfig.from_mapping({**hyperparameters, "model": "m", "dataset": "d", "output_dir": "o"})
+    return PairOptions(cfg.tie_policy, cfg.min_margin, cfg.margin_weighting, cfg.seed)
 
 
 def derive_state(
@@ -261,6 +276,7 @@ class FineTuneService:
                 )
         else:
             finetune_id = new_id("ft", 10)
+        pairs = self._compile_pairs(req)
         spec = FineTuneSpec(
             id=finetune_id,
             created_at=iso(self.clock()),
@@ -271,6 +287,7 @@ class FineTuneService:
             hyperparameters=req.hyperparameters,
             lineage={**lineage, "finetune_id": finetune_id},
             fingerprint=fingerprint,
+            pairs=pairs,
         )
         # The reference first, so the dataset cannot be deleted from under a recorded fine-tune.
         self.datasets.add_reference(req.dataset, req.version, finetune_id)
@@ -280,6 +297,24 @@ class FineTuneService:
             raise Conflict(str(exc)) from exc
         status = self._submit(spec)
         return self._view(spec, status, progress_mod.summarize([])), True
+
+    def _compile_pairs(self, req: FineTuneRequest) -> PairsRef | None:
+        """Compile (or find already compiled, e.g. by a preview with the same options) the pairs a
+        DPO fine-tune trains on; the trainer reads exactly these."""
+        options = pair_options(req.stage, req.hyperparameters)
+        if options is None:
+            return None
+        try:
+            report = self.datasets.compile_pairs(req.dataset, req.version, options)
+        except InvalidRequest as exc:
+            if exc.field == "options":  # the options are the fine-tune's hyperparameters
+                raise InvalidRequest(str(exc), field="hyperparameters") from exc
+            raise
+        return PairsRef(
+            prefix=self.datasets.pairs_prefix(req.dataset, req.version, options),
+            digest=str(report["pairs_sha256"]),
+            options=dataclasses.asdict(options),
+        )
 
     def _initial_status(self, spec: FineTuneSpec) -> FineTuneStatus:
         return FineTuneStatus(updated_at=spec.created_at)
@@ -380,6 +415,7 @@ class FineTuneService:
             "job": status.job,
             "progress": summary.to_dict(),
             "checkpoints": self.checkpoint_ids(spec.id),
+            "pairs": None if spec.pairs is None else spec.pairs.model_dump(mode="json"),
         }
 
     def checkpoint_ids(self, finetune_id: str) -> builtins.list[str]:
