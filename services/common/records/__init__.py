@@ -6,7 +6,9 @@ private layout:
 
 - ``keys``: every store key and id function, and the checkpoint id format ``ckpt-<finetune_id>-<step>``;
 - ``exit_codes``: the trainer's exit codes, read by the local supervisor and the Job's podFailurePolicy;
-- ``listing``: the published checkpoints of a fine-tune (one implementation for every service).
+- ``listing``: the published checkpoints of a fine-tune (one implementation for every service);
+- ``finetune``: ``FineTuneSpec`` (written once, the trainer's only input) and ``FineTuneStatus``
+  (written only by the control plane, always compare-and-swap).
 
 Modules here import only the standard library, pydantic and the store port: the tiny supervisor
 process and the control plane import them without pulling torch.
