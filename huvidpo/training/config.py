@@ -258,6 +258,9 @@ class DPOConfig(TrainConfig):
     tie_policy: str = "drop"
     min_margin: float = 0.0
     margin_weighting: bool = False
+    pairs_file: str | None = None
+    """A ``pairs.jsonl`` compiled beforehand (``huvidpo.data.write_pairs``) to train on; None: compile
+    the dataset's ratings here with ``tie_policy``, ``min_margin``, ``margin_weighting`` and ``seed``."""
     holdout_fraction: float = 0.0
     """Fraction held out for evaluation (implicit reward accuracy): of the prompts, or of each
     prompt's videos (spread over its score range), see ``holdout_by``."""

@@ -141,14 +141,19 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
 
     ds = load_dataset(cfg.dataset)
     check_clip_frames(ds, cfg)
-    pairset = compile_pairs(
-        ds,
-        tie_policy=cfg.tie_policy,
-        min_margin=cfg.min_margin,
-        margin_weighting=cfg.margin_weighting,
-        seed=cfg.seed,
-    )
-    pairs = list(pairset.pairs)
+    report_src: Any
+    if cfg.pairs_file:
+        # Pairs compiled (and shown to the user) beforehand: train on exactly those.
+        pairs, report_src = _read_pairs_for(ds, cfg.pairs_file), {"pairs_file": cfg.pairs_file}
+    else:
+        pairset = compile_pairs(
+            ds,
+            tie_policy=cfg.tie_policy,
+            min_margin=cfg.min_margin,
+            margin_weighting=cfg.margin_weighting,
+            seed=cfg.seed,
+        )
+        pairs, report_src = list(pairset.pairs), getattr(pairset, "report", None)
     if not pairs:
         raise ConfigError(
             f"{cfg.dataset}: no preference pairs after compiling (tie_policy={cfg.tie_policy}, "
@@ -194,7 +199,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         )
     paths = {vid: str(v.path) for vid, v in ds.videos.items()}
     frames = {str(v.path): int(v.num_frames) for v in ds.videos.values() if v.num_frames}
-    report = _report_dict(getattr(pairset, "report", None))
+    report = _report_dict(report_src)
     report.update(
         train_pairs=len(train),
         heldout_pairs=len(heldout),
@@ -202,6 +207,20 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         heldout_videos=sorted(heldout_videos),
     )
     return PreparedPairs(train, heldout, paths, frames, report)
+
+
+def _read_pairs_for(ds: Any, path: str) -> list[Any]:
+    """The pairs of ``path`` (a ``pairs.jsonl``), each naming two videos of ``ds``."""
+    from huvidpo.data import read_pairs
+
+    pairs = read_pairs(path)
+    for n, p in enumerate(pairs, start=1):
+        missing = [v for v in (p.chosen_id, p.rejected_id) if v not in ds.videos]
+        if missing:
+            raise ConfigError(
+                f"pairs_file line {n}: video {missing[0]!r} is not in the dataset", field="pairs_file"
+            )
+    return pairs
 
 
 def _report_dict(report: Any) -> dict[str, Any]:

@@ -160,6 +160,9 @@ class PairsRequest(Strict):
     tie_policy: Literal["drop", "keep"] = "drop"
     min_margin: float = Field(default=0.0, ge=0, le=10)
     margin_weighting: bool = False
+    # The fine-tune's ``seed`` hyperparameter (default 33): the same options and seed give the pairs
+    # a fine-tune trains on.
+    seed: int = Field(default=33, ge=0, le=BOUNDS["seed"].hi)
 
 
 class PairsReport(BaseModel):
@@ -255,6 +258,8 @@ class FineTune(BaseModel):
     job: dict[str, Any] | None
     progress: Progress
     checkpoints: list[str]
+    # The compiled pairs a DPO fine-tune trains on: {"prefix", "digest" (pairs.jsonl's sha256), "options"}.
+    pairs: dict[str, Any] | None = None
 
 
 class FineTuneList(BaseModel):

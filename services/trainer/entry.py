@@ -1,7 +1,7 @@
 """The trainer entrypoint a Kubernetes Job (or the local executor) runs for one fine-tune.
 
-1. Read the fine-tune record ``finetunes/{id}/record.json`` (dataset version, base model, stage,
-   hyperparameters).
+1. Read the fine-tune's spec ``finetunes/{id}/spec.json`` (``FineTuneSpec``: dataset version, base
+   model, stage, hyperparameters), its only input.
 2. Fetch the dataset version and the base model from the store, verifying every digest.
 3. If the store already holds checkpoints of this fine-tune (a previous attempt was killed), restore
    the newest one and resume from it.
@@ -27,6 +27,7 @@ from typing import Any
 from services.common.publish import NotPublished, fetch_published, publish_dir, read_manifest
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
+from services.common.records.finetune import PairsRef, read_spec, read_status
 from services.common.records.lineage import (
     DatasetVersionManifest,
     Lineage,
@@ -44,7 +45,13 @@ from services.common.records.progress import (
     parse_progress,
 )
 from services.common.settings import SettingsError, StoreSettings, TrainerSettings, load_settings
-from services.common.store import ObjectNotFound, ObjectStore, StoreUnavailable, make_store
+from services.common.store import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    ObjectStore,
+    StoreUnavailable,
+    make_store,
+)
 
 log = logging.getLogger("huvidpo.trainer")
 
@@ -58,6 +65,7 @@ _LOCAL_CONFIG = (
     "unet_dir",
     "dataset_digest",
     "base_model_digest",
+    "pairs_file",  # the spec's pairs, recorded as spec.pairs (digest) in the fine-tune
 )
 
 
@@ -261,11 +269,10 @@ def _run(
 ) -> tuple[ExitCode, str | None, str]:
     from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
 
-    try:
-        record = store.get_json(keys.finetune_record_key(finetune_id))
-    except ObjectNotFound as exc:
-        raise BadInput(f"fine-tune {finetune_id} has no record in the store") from exc
-    req = record["request"]
+    spec = read_spec(store, finetune_id)
+    if spec is None:
+        raise BadInput(f"fine-tune {finetune_id} has no spec in the store")
+    req = spec.request()
     work = Path(settings.work_dir) / finetune_id
     work.mkdir(parents=True, exist_ok=True)
     dataset_dir = work / "dataset"
@@ -290,6 +297,8 @@ def _run(
         raise BadInput(str(exc)) from exc
     out = work / "out"
     hp = dict(req.get("hyperparameters") or {})
+    if spec.pairs is not None:
+        hp["pairs_file"] = str(_fetch_pairs(store, spec.pairs, work / "pairs.jsonl"))
     if settings.checkpoint_every and "checkpoint_every" not in hp:
         hp["checkpoint_every"] = settings.checkpoint_every
     cls = DPOConfig if req["stage"] == "dpo" else Stage1Config
@@ -318,12 +327,12 @@ def _run(
         log.info("resuming fine-tune %s from published checkpoint at step %d", finetune_id, resume_step)
     lineage = Lineage.model_validate(
         {
-            **record.get("lineage", {}),
+            **spec.lineage,
             "dataset_digest": dataset_digest,
             "base_model_digest": base_model_digest,
             "finetune_id": finetune_id,
             "config": {k: v for k, v in cfg.to_dict().items() if k not in _LOCAL_CONFIG},
-            "job": (record.get("job") or {}).get("name", finetune_id),
+            "job": _job_name(store, finetune_id),
         }
     )
     total = cfg.max_steps
@@ -355,13 +364,35 @@ def _run(
     return ExitCode.OK, None, f"trained {result.steps} steps"
 
 
+def _fetch_pairs(store: ObjectStore, pairs: PairsRef, dest: Path) -> Path:
+    """The compiled pairs the spec names, verified against the digest it recorded."""
+    key = pairs.prefix + "pairs.jsonl"
+    try:
+        store.get_file(key, dest, expected_sha256=pairs.digest.removeprefix("sha256:"))
+    except ObjectNotFound as exc:
+        raise BadInput(f"the fine-tune's compiled pairs {key} are gone from the store") from exc
+    except ChecksumMismatch as exc:
+        raise BadInput(f"the fine-tune's compiled pairs {key} changed since it was created") from exc
+    return dest
+
+
+def _job_name(store: ObjectStore, finetune_id: str) -> str:
+    """The Job running this attempt, as the control plane's status names it (for the lineage)."""
+    try:
+        status = read_status(store, finetune_id)
+    except ValueError:  # a status this trainer cannot read names no Job: the id still does
+        return finetune_id
+    return (status.job or {}).get("name", finetune_id) if status is not None else finetune_id
+
+
 def _cancel_requested(store: ObjectStore, finetune_id: str) -> bool:
     """Whether the stop that ended this attempt is a user's cancel: the control plane records the
     request before it stops the Job or process (a stop without it is a preemption or a shutdown)."""
     try:
-        return bool(store.get_json(keys.finetune_record_key(finetune_id)).get("cancel_requested_at"))
-    except (ObjectNotFound, StoreUnavailable, ValueError):
+        status = read_status(store, finetune_id)
+    except (StoreUnavailable, ValueError):
         return False
+    return status is not None and bool(status.cancel_requested_at)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -241,7 +241,7 @@ async def test_state_follows_the_job_by_watch_and_cancel_deletes_it(
         )
         record: dict[str, Any] = {}
         for _ in range(100):
-            record = store.get_json(f"finetunes/{ft['id']}/record.json")
+            record = store.get_json(f"finetunes/{ft['id']}/status.json")
             if record["state"] != "running":
                 break
             await asyncio.sleep(0.1)

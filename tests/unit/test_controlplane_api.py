@@ -284,6 +284,32 @@ def test_retry_with_same_idempotency_key_creates_one_job(env: dict[str, Any], sy
     assert other.status_code == 201 and executor.submits == [first.json()["id"], other.json()["id"]]
 
 
+def test_a_finetune_trains_on_the_pairs_the_preview_showed(env: dict[str, Any], synthetic_dir: Path) -> None:
+    """The same options and seed name the same compiled pairs in the preview and in the fine-tune's
+    spec, which the trainer reads (``pairs.jsonl``, checked against the recorded digest)."""
+    client, store = env["client"], env["store"]
+    v = _dataset(client, synthetic_dir)
+    clips = {"max_steps": 3, "num_frames": 4, "height": 32, "width": 32}
+    for options in ({}, {"tie_policy": "keep", "seed": 5}):
+        preview = client.post(f"/v1/datasets/cats/versions/{v['id']}/pairs", json=options, headers=AUTH)
+        assert preview.status_code == 200, preview.text
+        ft = _create_ft(client, v["id"], hyperparameters={**clips, **options})
+        assert ft.status_code == 201, ft.text
+        pairs = ft.json()["pairs"]
+        assert pairs["digest"] == preview.json()["pairs_sha256"]
+        assert pairs["options"] == preview.json()["options"]
+        assert store.get_json(pairs["prefix"] + "report.json") == preview.json()
+        spec = store.get_json(f"finetunes/{ft.json()['id']}/spec.json")
+        assert (
+            spec["pairs"] == pairs
+            and client.get(f"/v1/fine-tunes/{ft.json()['id']}", headers=AUTH).json()["pairs"] == pairs
+        )
+    stage1 = _create_ft(client, v["id"], stage="stage1", hyperparameters=clips)
+    assert stage1.status_code == 201 and stage1.json()["pairs"] is None
+    reserved = _create_ft(client, v["id"], hyperparameters={**clips, "pairs_file": "/etc/passwd"})
+    assert assert_problem(reserved, 422, "validation-error")["field"] == "hyperparameters.pairs_file"
+
+
 def test_state_follows_the_job_and_progress_and_survives_a_restart(
     env: dict[str, Any], synthetic_dir: Path
 ) -> None:

@@ -115,7 +115,8 @@ def test_records_import_neither_torch_nor_the_library() -> None:
     """The supervisor and the control plane import these at start: they must stay light."""
     code = (
         "import sys, services.common.records.keys, services.common.records.exit_codes, "
-        "services.common.records.listing, services.common.records.progress, services.common.records.lineage; "
+        "services.common.records.listing, services.common.records.progress, services.common.records.lineage, "
+        "services.common.records.finetune; "
         "print(sorted(m for m in ('torch', 'diffusers', 'huvidpo') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)

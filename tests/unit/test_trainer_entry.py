@@ -8,6 +8,7 @@ from typing import Any
 
 from services.common.publish import publish_dir
 from services.common.records.exit_codes import ExitCode
+from services.common.records.finetune import FineTuneSpec, write_spec
 from services.common.settings import TrainerSettings
 from services.common.store import LocalStore, StoreUnavailable
 from services.controlplane.domain.datasets import DatasetService
@@ -15,7 +16,9 @@ from services.trainer.entry import published_steps, run
 
 
 def _record(store: LocalStore, ft: str, **request: Any) -> None:
-    req = {
+    req: dict[str, Any] = {
+        "id": ft,
+        "created_at": "2026-01-01T00:00:00Z",
         "dataset": "cats",
         "version": "a" * 64,
         "base_model": "tiny",
@@ -23,9 +26,7 @@ def _record(store: LocalStore, ft: str, **request: Any) -> None:
         "hyperparameters": {},
     }
     req.update(request)
-    store.put_json(
-        f"finetunes/{ft}/record.json", {"id": ft, "request": req, "lineage": {}, "job": {"name": ft}}
-    )
+    write_spec(store, FineTuneSpec.model_validate(req))
 
 
 def _end(store: LocalStore, ft: str) -> dict[str, Any]:
@@ -111,3 +112,28 @@ def test_only_checkpoints_with_a_manifest_count_for_resume(tmp_path: Path) -> No
             store.put_json(f"checkpoints/ckpt-ft-e-{step}/manifest.json", {"files": {}})
     store.put_json("checkpoints/ckpt-ft-e2-9/manifest.json", {"files": {}})  # another fine-tune
     assert published_steps(store, "ft-e") == [1, 2]
+
+
+def test_the_trainer_reads_the_pairs_its_spec_names(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """The spec's compiled ``pairs.jsonl`` is what the trainer trains on, checked against the digest
+    recorded at create: pairs it cannot use, a changed file or a missing one are bad input (exit 2)."""
+    import hashlib
+
+    store = LocalStore(tmp_path / "s")
+    version = _version(store, tmp_path, tiny_model_dir)
+    clips = {"height": 32, "width": 32, "num_frames": 4, "max_steps": 1}
+    bad = b'{"chosen_id": "nope", "rejected_id": "nada", "prompt": "x", "margin": 1.0}\n'
+    store.put_bytes("datasets/cats/compiled/x/bad/pairs.jsonl", bad)
+    cases = {
+        "ft-p1": (
+            {"prefix": "datasets/cats/compiled/x/bad/", "digest": hashlib.sha256(bad).hexdigest()},
+            "nope",
+        ),
+        "ft-p2": ({"prefix": "datasets/cats/compiled/x/bad/", "digest": "0" * 64}, "changed since"),
+        "ft-p3": ({"prefix": "datasets/cats/compiled/x/gone/", "digest": "0" * 64}, "are gone"),
+    }
+    for ft, (pairs, says) in cases.items():
+        _record(store, ft, version=version, hyperparameters=clips, pairs=pairs)
+        assert run(store, TrainerSettings(finetune_id=ft, work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
+        end = _end(store, ft)
+        assert says in end["message"], end

@@ -9,6 +9,8 @@ private layout:
 - ``listing``: the published checkpoints of a fine-tune (one implementation for every service);
 - ``progress``: the trainer's progress events (``start | step | checkpoint | end``), a tagged union;
 - ``lineage``: the one digest (``content_digest``), ``Lineage`` and the dataset-version and checkpoint manifests.
+- ``finetune``: ``FineTuneSpec`` (written once, the trainer's only input) and ``FineTuneStatus``
+  (written only by the control plane, always compare-and-swap).
 
 Modules here import only the standard library, pydantic and the store port: the tiny supervisor
 process and the control plane import them without pulling torch.

@@ -47,7 +47,18 @@ def finetune_prefix(finetune_id: str) -> str:
     return f"{FINETUNES}{finetune_id}/"
 
 
+def finetune_spec_key(finetune_id: str) -> str:
+    """The fine-tune's spec: written once at create, the trainer's only input."""
+    return finetune_prefix(finetune_id) + "spec.json"
+
+
+def finetune_status_key(finetune_id: str) -> str:
+    """The fine-tune's status: written only by the control plane, always compare-and-swap."""
+    return finetune_prefix(finetune_id) + "status.json"
+
+
 def finetune_record_key(finetune_id: str) -> str:
+    """The single record older stores hold (spec and status in one); read when ``spec.json`` is absent."""
     return finetune_prefix(finetune_id) + "record.json"
 
 

@@ -72,6 +72,9 @@ class PairOptions:
     tie_policy: str = "drop"
     min_margin: float = 0.0
     margin_weighting: bool = False
+    # Decides the direction of kept ties; the training default (``huvidpo.training.config``'s
+    # ``seed``), so a preview with default options shows the pairs a default fine-tune trains on.
+    seed: int = 33
 
     def key(self) -> str:
         blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
@@ -421,19 +424,26 @@ class DatasetService:
             self.store.delete(k)
 
     # ------------------------------------------------------------------------------- pairs
+    def pairs_prefix(self, name: str, digest: str, options: PairOptions) -> str:
+        """Where the pairs of version ``digest`` compiled with ``options`` live (``pairs.jsonl``,
+        ``report.json``); ``digest`` in its stored (64-hex) form."""
+        return dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
+
     def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
         """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
         digest = self.get_version(name, digest)["id"]
-        prefix = dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
+        prefix = self.pairs_prefix(name, digest, options)
         cached = read_json_or_none(self.store, prefix + "report.json")
         if cached is not None:
             return dict(cached)
         data = self.fetch_version(name, digest)
         try:
             ds = load_dataset(data)
-            pairset = compile_pairs(ds, options.tie_policy, options.min_margin, options.margin_weighting)
+            pairset = compile_pairs(
+                ds, options.tie_policy, options.min_margin, options.margin_weighting, seed=options.seed
+            )
         except DatasetError as exc:
             raise InvalidRequest(user_message(exc, data), field="version") from exc
         except ValueError as exc:

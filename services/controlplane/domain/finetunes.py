@@ -2,11 +2,12 @@
 
 Store layout::
 
-    finetunes/{id}/record.json        the record: request, lineage, state, job reference
+    finetunes/{id}/spec.json          FineTuneSpec: request, lineage (written once; the trainer's input)
+    finetunes/{id}/status.json        FineTuneStatus: state, job reference (compare-and-swap writes)
     finetunes/{id}/progress.jsonl     written by the trainer (see ``progress``)
     idempotency/finetunes/{sha256(key)}.json   {"finetune_id", "fingerprint"}
 
-The record holds the last state the control plane *derived*; the truth is the executor (a Kubernetes
+The status holds the last state the control plane *derived*; the truth is the executor (a Kubernetes
 Job or a local process) plus the trainer's progress records, and every read reconciles the two. So any
 replica, or a restarted control plane, reports the same state, and nothing lives only in memory.
 
@@ -18,6 +19,7 @@ idempotent (the Job name is derived from the id), so a retry at any point conver
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import hashlib
 import json
 import logging
@@ -26,12 +28,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.records import keys
+from services.common.records.finetune import (
+    FineTuneSpec,
+    FineTuneStatus,
+    PairsRef,
+    SpecConflict,
+    read_spec,
+    read_status,
+    update_status,
+    write_spec,
+)
 from services.common.records.lineage import content_digest
 from services.common.records.listing import published_checkpoints
 from services.common.records.progress import EndEvent
 from services.common.store import ObjectStore
 from services.controlplane.domain import progress as progress_mod
-from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.datasets import DatasetService, PairOptions
 from services.controlplane.domain.errors import (
     Conflict,
     IdempotencyKeyReused,
@@ -45,7 +57,6 @@ from services.controlplane.domain.util import (
     iso,
     new_id,
     paginate,
-    read_json,
     read_json_or_none,
     utcnow,
 )
@@ -57,11 +68,10 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
 STAGES = ("dpo", "stage1")
 # Set by the trainer from the fine-tune's inputs, never by the caller.
-RESERVED_HYPERPARAMETERS = frozenset({"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device"})
+RESERVED_HYPERPARAMETERS = frozenset(
+    {"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device", "pairs_file"}
+)
 MAX_IDEMPOTENCY_KEY = 255
-
-
-record_key = keys.finetune_record_key
 
 
 @dataclass(frozen=True)
@@ -135,6 +145,17 @@ def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str
     size = size_problem(stats, cfg.height, cfg.width)
     if size:
         raise InvalidRequest(size[1], field=f"hyperparameters.{size[0]}")
+
+
+def pair_options(stage: str, hyperparameters: dict[str, Any]) -> PairOptions | None:
+    """The pair-compiler options a fine-tune's (validated) hyperparameters give; None for stage 1,
+    which trains on single clips."""
+    if stage != "dpo":
+        return None
+    from huvidpo.training.config import DPOConfig
+
+    cfg = DPOConfig.from_mapping({**hyperparameters, "model": "m", "dataset": "d", "output_dir": "o"})
+    return PairOptions(cfg.tie_policy, cfg.min_margin, cfg.margin_weighting, cfg.seed)
 
 
 def derive_state(
@@ -243,7 +264,7 @@ class FineTuneService:
                         "this Idempotency-Key was used with a different request; use a new key",
                         field="Idempotency-Key",
                     )
-                if self.store.exists(record_key(prior["finetune_id"])):
+                if read_spec(self.store, prior["finetune_id"]) is not None:
                     return self.get(prior["finetune_id"]), False
                 # crashed between the key and the record: finish what the first request started
             else:
@@ -253,114 +274,153 @@ class FineTuneService:
                 )
         else:
             finetune_id = new_id("ft", 10)
-        now = iso(self.clock())
-        record: dict[str, Any] = {
-            "id": finetune_id,
-            "created_at": now,
-            "updated_at": now,
-            "state": "queued",
-            "reason": None,
-            "message": None,
-            "request": {
-                "dataset": req.dataset,
-                "version": req.version,
-                "base_model": req.base_model,
-                "stage": req.stage,
-                "hyperparameters": req.hyperparameters,
-            },
-            "lineage": {**lineage, "finetune_id": finetune_id},
-            "fingerprint": fingerprint,
-            "submitted": False,
-            "job": None,
-            "cancel_requested_at": None,
-            "finished_at": None,
-        }
+        pairs = self._compile_pairs(req)
+        spec = FineTuneSpec(
+            id=finetune_id,
+            created_at=iso(self.clock()),
+            dataset=req.dataset,
+            version=req.version,
+            base_model=req.base_model,
+            stage=req.stage,  # type: ignore[arg-type]  # checked by validate_hyperparameters
+            hyperparameters=req.hyperparameters,
+            lineage={**lineage, "finetune_id": finetune_id},
+            fingerprint=fingerprint,
+            pairs=pairs,
+        )
         # The reference first, so the dataset cannot be deleted from under a recorded fine-tune.
         self.datasets.add_reference(req.dataset, req.version, finetune_id)
-        self.store.put_json(record_key(finetune_id), record)
-        record = self._submit(record)
-        return self._view(record, progress_mod.summarize([])), True
+        try:
+            spec = write_spec(self.store, spec)
+        except SpecConflict as exc:  # an id collision: vanishingly rare, and never silently merged
+            raise Conflict(str(exc)) from exc
+        status = self._submit(spec)
+        return self._view(spec, status, progress_mod.summarize([])), True
 
-    def _submit(self, record: dict[str, Any]) -> dict[str, Any]:
-        spec = JobSpec(
-            finetune_id=record["id"],
-            lineage={k: str(v) for k, v in record["lineage"].items()},
-            config={"stage": record["request"]["stage"]},
+    def _compile_pairs(self, req: FineTuneRequest) -> PairsRef | None:
+        """Compile (or find already compiled, e.g. by a preview with the same options) the pairs a
+        DPO fine-tune trains on; the trainer reads exactly these."""
+        options = pair_options(req.stage, req.hyperparameters)
+        if options is None:
+            return None
+        try:
+            report = self.datasets.compile_pairs(req.dataset, req.version, options)
+        except InvalidRequest as exc:
+            if exc.field == "options":  # the options are the fine-tune's hyperparameters
+                raise InvalidRequest(str(exc), field="hyperparameters") from exc
+            raise
+        return PairsRef(
+            prefix=self.datasets.pairs_prefix(req.dataset, req.version, options),
+            digest=str(report["pairs_sha256"]),
+            options=dataclasses.asdict(options),
         )
-        job = self.executor.submit(spec)
-        record = {**record, "submitted": True, "job": job, "updated_at": iso(self.clock())}
-        self.store.put_json(record_key(record["id"]), record)
-        return record
+
+    def _initial_status(self, spec: FineTuneSpec) -> FineTuneStatus:
+        return FineTuneStatus(updated_at=spec.created_at)
+
+    def _update(
+        self,
+        spec: FineTuneSpec,
+        change: Callable[[FineTuneStatus], FineTuneStatus | None],
+    ) -> FineTuneStatus:
+        """Change the stored status with compare-and-swap (``update_status``); reports a state
+        change to ``on_transition`` once, from the replica whose write landed."""
+        before, after = update_status(
+            self.store, spec.id, lambda cur: change(cur if cur is not None else self._initial_status(spec))
+        )
+        old = before.state if before is not None else "queued"
+        assert after is not None  # change() always gets a status, so an unchanged one is returned
+        if after is not before and self.on_transition is not None and old != after.state:
+            self.on_transition(old, after.state)
+        return after
+
+    def _submit(self, spec: FineTuneSpec) -> FineTuneStatus:
+        job_spec = JobSpec(
+            finetune_id=spec.id,
+            lineage={k: str(v) for k, v in spec.lineage.items()},
+            config={"stage": spec.stage},
+        )
+        job = self.executor.submit(job_spec)
+        now = iso(self.clock())
+        return self._update(
+            spec, lambda cur: cur.model_copy(update={"submitted": True, "job": job, "updated_at": now})
+        )
 
     # ------------------------------------------------------------------------------- read
-    def _load(self, finetune_id: str) -> dict[str, Any]:
+    def _load(self, finetune_id: str) -> tuple[FineTuneSpec, FineTuneStatus]:
         if not NAME_RE.match(finetune_id or ""):
             raise NotFound(f"fine-tune {finetune_id!r} not found")
-        record: dict[str, Any] = read_json(self.store, record_key(finetune_id), f"fine-tune {finetune_id!r}")
-        return record
+        spec = read_spec(self.store, finetune_id)
+        if spec is None:
+            raise NotFound(f"fine-tune {finetune_id!r} not found")
+        return spec, read_status(self.store, finetune_id) or self._initial_status(spec)
 
     def reconcile(
-        self, record: dict[str, Any], status: ExecStatus | None = None
-    ) -> tuple[dict[str, Any], progress_mod.ProgressSummary]:
-        """Bring the record in line with the executor and the trainer's progress; persist a changed state."""
-        summary = progress_mod.summarize(progress_mod.read_progress(self.store, record["id"]))
-        if record.get("state") in TERMINAL:
-            return record, summary
-        if not record.get("submitted") and not record.get("cancel_requested_at"):
-            record = self._submit(record)  # a create that crashed before submitting
-        if status is None:
-            status = self.executor.status(record["id"])
-        state, reason, message = derive_state(record, status, summary.end)
-        if state != record.get("state") or reason != record.get("reason"):
-            old = record.get("state", "queued")
-            record = {
-                **record,
-                "state": state,
-                "reason": reason,
-                "message": message,
-                "updated_at": iso(self.clock()),
-            }
+        self, spec: FineTuneSpec, status: FineTuneStatus, exec_status: ExecStatus | None = None
+    ) -> tuple[FineTuneStatus, progress_mod.ProgressSummary]:
+        """Bring the status in line with the executor and the trainer's progress; persist a changed state."""
+        summary = progress_mod.summarize(progress_mod.read_progress(self.store, spec.id))
+        if status.state in TERMINAL:
+            return status, summary
+        if not status.submitted and not status.cancel_requested_at:
+            status = self._submit(spec)  # a create that crashed before submitting
+        if exec_status is None:
+            exec_status = self.executor.status(spec.id)
+        observed = exec_status
+        now = iso(self.clock())
+
+        def change(cur: FineTuneStatus) -> FineTuneStatus | None:
+            # Derived from the status as stored *now*: a cancel another replica wrote wins.
+            state, reason, message = derive_state(cur.model_dump(), observed, summary.end)
+            if state == cur.state and reason == cur.reason:
+                return None
+            update: dict[str, Any] = {"state": state, "reason": reason, "message": message, "updated_at": now}
             if state in TERMINAL:
-                record["finished_at"] = record["updated_at"]
-            self.store.put_json(record_key(record["id"]), record)
-            if self.on_transition is not None and old != state:
-                self.on_transition(old, state)
-        return record, summary
+                update["finished_at"] = now
+            return cur.model_copy(update=update)
+
+        return self._update(spec, change), summary
 
     def on_job_event(self, finetune_id: str, status: ExecStatus) -> None:
         """A watched Job changed: reconcile its fine-tune with the status the watch delivered."""
         try:
-            record = self._load(finetune_id)
+            spec, current = self._load(finetune_id)
         except NotFound:
             return  # a Job we did not record (or a deleted fine-tune)
-        self.reconcile(record, status)
+        self.reconcile(spec, current, status)
 
     def require(self, finetune_id: str) -> None:
         """Raise ``NotFound`` unless the fine-tune exists (no reconciling: for routes about its children)."""
         self._load(finetune_id)
 
     def get(self, finetune_id: str) -> dict[str, Any]:
-        record, summary = self.reconcile(self._load(finetune_id))
-        return self._view(record, summary)
+        spec, status = self._load(finetune_id)
+        status, summary = self.reconcile(spec, status)
+        return self._view(spec, status, summary)
 
-    def _view(self, record: dict[str, Any], summary: progress_mod.ProgressSummary) -> dict[str, Any]:
+    def _view(
+        self, spec: FineTuneSpec, status: FineTuneStatus, summary: progress_mod.ProgressSummary
+    ) -> dict[str, Any]:
         return {
-            "id": record["id"],
-            "state": record["state"],
-            "reason": record.get("reason"),
-            "message": record.get("message"),
-            "created_at": record["created_at"],
-            "updated_at": record["updated_at"],
-            "finished_at": record.get("finished_at"),
-            **record["request"],
-            "lineage": record["lineage"],
-            "job": record.get("job"),
+            "id": spec.id,
+            "state": status.state,
+            "reason": status.reason,
+            "message": status.message,
+            "created_at": spec.created_at,
+            "updated_at": status.updated_at,
+            "finished_at": status.finished_at,
+            **spec.request(),
+            "lineage": spec.lineage,
+            "job": status.job,
             "progress": summary.to_dict(),
-            "checkpoints": self.checkpoint_ids(record["id"]),
+            "checkpoints": self.checkpoint_ids(spec.id),
+            "pairs": None if spec.pairs is None else spec.pairs.model_dump(mode="json"),
         }
 
     def checkpoint_ids(self, finetune_id: str) -> builtins.list[str]:
         return [cid for _, _, cid in published_checkpoints(self.store, finetune_id)]
+
+    def _ids(self) -> builtins.list[str]:
+        return [d[len(keys.FINETUNES) : -1] for d in self.store.list_dirs(keys.FINETUNES)]
 
     def list(
         self,
@@ -372,53 +432,57 @@ class FineTuneService:
     ) -> tuple[builtins.list[dict[str, Any]], str | None]:
         if state is not None and state not in STATES:
             raise InvalidRequest(f"state must be one of {', '.join(STATES)}", field="state")
-        records = []
-        for d in self.store.list_dirs(keys.FINETUNES):
-            rec = read_json_or_none(self.store, d + "record.json")
-            if rec is not None:
-                records.append(rec)
         views = []
-        for rec in records:
-            if dataset is not None and rec["request"]["dataset"] != dataset:
+        for finetune_id in self._ids():
+            spec = read_spec(self.store, finetune_id)
+            if spec is None:
                 continue
-            if base_model is not None and rec["request"]["base_model"] != base_model:
+            if dataset is not None and spec.dataset != dataset:
                 continue
-            rec, summary = self.reconcile(rec)
-            if state is not None and rec["state"] != state:
+            if base_model is not None and spec.base_model != base_model:
                 continue
-            views.append(self._view(rec, summary))
+            status = read_status(self.store, finetune_id) or self._initial_status(spec)
+            status, summary = self.reconcile(spec, status)
+            if state is not None and status.state != state:
+                continue
+            views.append(self._view(spec, status, summary))
         views.sort(key=_sort_key, reverse=True)
         return paginate(views, _sort_key, page_size, page_token, descending=True)
 
     def count_by_state(self) -> dict[str, int]:
         """Fine-tunes per recorded state (no reconciliation: cheap enough for a metrics scrape)."""
         counts = dict.fromkeys(STATES, 0)
-        for d in self.store.list_dirs(keys.FINETUNES):
-            rec = read_json_or_none(self.store, d + "record.json")
-            if rec is not None and rec.get("state") in counts:
-                counts[rec["state"]] += 1
+        for finetune_id in self._ids():
+            status = read_status(self.store, finetune_id)
+            if status is None and read_spec(self.store, finetune_id) is not None:
+                counts["queued"] += 1  # created, its first status not written yet
+            elif status is not None:
+                counts[status.state] += 1
         return counts
 
     # ------------------------------------------------------------------------------- cancel, logs
     def cancel(self, finetune_id: str) -> dict[str, Any]:
-        record, _ = self.reconcile(self._load(finetune_id))
-        if record["state"] in ("succeeded", "failed"):
-            raise Conflict(f"fine-tune {finetune_id} already {record['state']}; nothing to cancel")
-        if record["state"] != "cancelled":
-            now = iso(self.clock())
-            old = record["state"]
-            record = {
-                **record,
-                "cancel_requested_at": now,
-                "state": "cancelled",
-                "reason": "CancelledByUser",
-                "message": "cancelled on request",
-                "updated_at": now,
-                "finished_at": now,
-            }
-            self.store.put_json(record_key(finetune_id), record)
-            if self.on_transition is not None:
-                self.on_transition(old, "cancelled")
+        spec, status = self._load(finetune_id)
+        self.reconcile(spec, status)
+        now = iso(self.clock())
+
+        def change(cur: FineTuneStatus) -> FineTuneStatus | None:
+            if cur.state in ("succeeded", "failed"):
+                raise Conflict(f"fine-tune {finetune_id} already {cur.state}; nothing to cancel")
+            if cur.state == "cancelled":
+                return None
+            return cur.model_copy(
+                update={
+                    "cancel_requested_at": now,
+                    "state": "cancelled",
+                    "reason": "CancelledByUser",
+                    "message": "cancelled on request",
+                    "updated_at": now,
+                    "finished_at": now,
+                }
+            )
+
+        self._update(spec, change)
         self.executor.cancel(finetune_id)
         return self.get(finetune_id)
 
@@ -448,8 +512,9 @@ class FineTuneService:
                 f"fine-tune {finetune_id} still has checkpoint(s) {', '.join(view['checkpoints'])}; "
                 "delete them first (DELETE /v1/checkpoints/{id})"
             )
-        # The record first: the fine-tune stops existing before its progress and its reference go.
-        self.store.delete(record_key(finetune_id))
+        # The spec first: the fine-tune stops existing before its status, progress and reference go.
+        self.store.delete(keys.finetune_spec_key(finetune_id))
+        self.store.delete(keys.finetune_record_key(finetune_id))
         self.store.delete_prefix(keys.finetune_prefix(finetune_id))
         self.datasets.remove_reference(view["dataset"], finetune_id)
         if finetune_id.startswith("ft-"):

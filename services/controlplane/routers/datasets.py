@@ -262,7 +262,7 @@ def compile_pairs(
 ) -> dict[str, Any]:
     body = body or PairsRequest()
     return c.datasets.compile_pairs(
-        name, version, PairOptions(body.tie_policy, body.min_margin, body.margin_weighting)
+        name, version, PairOptions(body.tie_policy, body.min_margin, body.margin_weighting, body.seed)
     )
 
 
