@@ -156,10 +156,9 @@ def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
     client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
     version = _version(client, tmp_path)
-    # A version committed before versions recorded video stats: the submit-time check cannot see
+    # A version whose background validation has no result yet: the submit-time check cannot see
     # that its 4-frame clips are too short, so the trainer finds out.
-    key = f"datasets/cats/{version}/manifest.json"
-    store.put_json(key, {k: v for k, v in store.get_json(key).items() if k != "video_stats"})
+    store.delete(f"datasets/cats/{version}/validation.json")
     hp = {"max_steps": 2, "num_frames": 8, "height": 32, "width": 32, "plot": False}
     ft = client.post(
         "/v1/fine-tunes",
