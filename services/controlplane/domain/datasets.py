@@ -240,11 +240,14 @@ class DatasetService:
                     sha = meta["sha256"] or self._staged_sha256(key)
                     objects[path] = {"sha256": sha, "size": meta["size"], "key": key}
             version = self._publish(name, data, objects, {"upload_id": upload_id}, include_ratings)
-        manifest = self._manifest(name, version["id"])
-        if any(str(f.get("key", "")).startswith(staged) for f in manifest["files"].values()):
-            # The staged files are the version's now: the session ends, its files stay.
+        if any(str(f.get("key", "")).startswith(staged) for f in version["files"].values()):
+            # The staged videos are the version's now: the session ends, they stay. The records were
+            # copied into the version (ratings may have been added): their staged copies go.
             self.store.put_json(self._upload_prefix(name, upload_id) + COMMITTED, {"version": version["id"]})
             self.store.delete(self._upload_prefix(name, upload_id) + "session.json")
+            for path in session["files"]:
+                if _is_record_file(path):
+                    self.store.delete(staged + path)
         else:  # the same content was committed before: this staging is not needed
             self.store.delete_prefix(self._upload_prefix(name, upload_id))
         return version
