@@ -396,19 +396,26 @@ class DatasetService:
     def validation(self, name: str, digest: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """``{state: pending|passed|failed, video_stats, problems}`` of a version; schedules the
         validation when none is recorded and none runs in this process (e.g. after a restart)."""
-        recorded = read_json_or_none(self.store, version_prefix(name, digest) + VALIDATION)
+        key = version_prefix(name, digest) + VALIDATION
+        recorded = read_json_or_none(self.store, key)
         if isinstance(recorded, dict) and recorded.get("state") in ("passed", "failed"):
             return recorded
         if manifest.get("video_stats") is not None:  # committed when commit decoded the videos
             return {"state": "passed", "video_stats": manifest["video_stats"], "problems": []}
-        self._schedule_validation(name, digest)
+        if self._schedule_validation(name, digest):  # ran inline: its result is there now
+            recorded = read_json_or_none(self.store, key)
+            if isinstance(recorded, dict) and recorded.get("state") in ("passed", "failed"):
+                return recorded
         return {"state": "pending", "video_stats": None, "problems": []}
 
-    def _schedule_validation(self, name: str, digest: str) -> None:
+    def _schedule_validation(self, name: str, digest: str) -> bool:
+        """Start the version's validation unless it runs already; True when the runner returned
+        after it finished (the inline runner)."""
         with self._lock:
             if (name, digest) in self._validating:
-                return
+                return False
             self._validating.add((name, digest))
+        done = threading.Event()
 
         def run() -> None:
             try:
@@ -418,8 +425,10 @@ class DatasetService:
             finally:
                 with self._lock:
                     self._validating.discard((name, digest))
+                done.set()
 
         self._runner(run)
+        return done.is_set()
 
     def validate_version(self, name: str, digest: str) -> dict[str, Any]:
         """Decode every video of a version (frame counts, sizes) and record the result as the
