@@ -4,15 +4,21 @@ Store layout (bucket root)::
 
     datasets/{name}/dataset.json                      the dataset (name, description, created_at)
     datasets/{name}/uploads/{upload_id}/session.json  an open upload session
-    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT)
+    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT);
+                                                      a committed upload keeps the videos its version
+                                                      references (and committed.json instead of session.json)
     datasets/{name}/ratings/{rating_id}.json          rating/choice records (id = digest of the record)
-    datasets/{name}/{digest}/data/{path}              an immutable version: the dataset directory
-    datasets/{name}/{digest}/manifest.json            written LAST: files, digests, counts
+    datasets/{name}/{digest}/data/{path}              an immutable version's own files (its JSON(L) records)
+    datasets/{name}/{digest}/manifest.json            written LAST: files (each with its "key" when it lies
+                                                      elsewhere: a staged video, a base version's file),
+                                                      digests, counts
+    datasets/{name}/{digest}/validation.json          the background validation's result (videos decoded)
     datasets/{name}/compiled/{digest}/{options}/      compiled pairs + report
     datasets/{name}/refs/{finetune_id}.json           a fine-tune that uses a version (blocks deletion)
 
-A version's digest is the sha256 of its sorted ``path, sha256, size`` lines, so the same content
-always gets the same version and a commit can be retried safely.
+A version's digest is the sha256 of its sorted ``path, sha256, size`` lines (where a file lies is not
+part of it), so the same content always gets the same version and a commit can be retried safely.
+Commit moves no video byte: see :meth:`DatasetService.commit_upload`.
 """
 
 from __future__ import annotations
