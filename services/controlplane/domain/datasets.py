@@ -59,6 +59,7 @@ MANIFEST = "manifest.json"
 VALIDATION = "validation.json"  # next to the manifest: the background validation's result
 COMMITTED = "committed.json"  # in an upload whose staged files a version references
 RECORD_SUFFIXES = frozenset({".json", ".jsonl"})
+PENDING: Mapping[str, Any] = {"state": "pending", "video_stats": None, "problems": []}
 log = logging.getLogger(__name__)
 
 
@@ -377,8 +378,11 @@ class DatasetService:
             "created_at": iso(self.clock()),
         }
         self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
+        # A new version has no validation yet: start it (no read of a result that cannot be there).
+        ran = self._schedule_validation(name, digest)
+        view = self._view(manifest) if ran else {**manifest, "validation": dict(PENDING), "video_stats": None}
         # What was left out is an answer to this build, not part of the immutable version.
-        return {**self._view(manifest), "skipped_ratings": skipped}
+        return {**view, "skipped_ratings": skipped}
 
     def object_key(self, name: str, digest: str, rel: str, meta: Mapping[str, Any]) -> str:
         """The store key of a version's file: its own (``{version}/data/...``) or the one it references
@@ -412,7 +416,7 @@ class DatasetService:
             recorded = read_json_or_none(self.store, key)
             if isinstance(recorded, dict) and recorded.get("state") in ("passed", "failed"):
                 return recorded
-        return {"state": "pending", "video_stats": None, "problems": []}
+        return dict(PENDING)
 
     def _schedule_validation(self, name: str, digest: str) -> bool:
         """Start the version's validation unless it runs already; True when the runner returned
