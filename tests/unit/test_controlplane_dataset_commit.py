@@ -177,3 +177,21 @@ def test_derive_references_the_base_videos_and_deletion_keeps_what_others_use(
     assert [o.key for o in store.list("datasets/cats/") if "/ratings/" not in o.key] == [
         "datasets/cats/dataset.json"
     ]
+
+
+def test_a_staged_video_overwritten_after_commit_fails_validation(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    import io
+
+    svc, store, deferred = _service(tmp_path)
+    files = _files(synthetic_dir)
+    upload = _stage(svc, files)
+    version = svc.commit_upload("cats", upload)
+    video = next(p for p in files if p.endswith(".mp4"))
+    # what a presigned PUT URL still valid after the commit could do
+    store.put_stream(f"datasets/cats/uploads/{upload}/files/{video}", io.BytesIO(b"other bytes"))
+    deferred.pop()()
+    checked = svc.get_version("cats", version["id"])
+    assert checked["validation"]["state"] == "failed", checked["validation"]
+    assert "altered" in checked["validation"]["problems"][0] and video in checked["validation"]["problems"][0]

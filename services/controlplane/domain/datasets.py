@@ -41,6 +41,7 @@ from typing import Any, BinaryIO
 from services.common.records import keys
 from services.common.records.keys import dataset_prefix
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
+from services.common.store.errors import ChecksumMismatch, ObjectNotFound
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
 from services.controlplane.domain.util import (
@@ -447,16 +448,20 @@ class DatasetService:
         from huvidpo.data import DatasetError, load_dataset
         from huvidpo.data.stats import video_stats
 
-        data = self.fetch_version(name, digest)
+        result: dict[str, Any]
         try:
-            result: dict[str, Any] = {
-                "state": "passed",
-                "video_stats": video_stats(load_dataset(data)),
-                "problems": [],
-            }
-        except DatasetError as exc:
-            problems = [user_message(Exception(str(i)), data) for i in exc.issues]
-            result = {"state": "failed", "video_stats": None, "problems": problems}
+            data = self.fetch_version(name, digest)
+        except (ChecksumMismatch, ObjectNotFound) as exc:
+            # e.g. a presigned PUT URL still valid after the commit overwrote a staged video
+            problem = f"a file of this version is missing or altered in the store: {exc}"
+            result = {"state": "failed", "video_stats": None, "problems": [problem]}
+        else:
+            try:
+                stats = video_stats(load_dataset(data))
+                result = {"state": "passed", "video_stats": stats, "problems": []}
+            except DatasetError as exc:
+                problems = [user_message(Exception(str(i)), data) for i in exc.issues]
+                result = {"state": "failed", "video_stats": None, "problems": problems}
         prefix = version_prefix(name, digest)
         if self.store.exists(prefix + MANIFEST):  # not for a version deleted meanwhile
             self.store.put_json(prefix + VALIDATION, {**result, "validated_at": iso(self.clock())})
