@@ -149,8 +149,10 @@ def _finished(client: TestClient, ft_id: str, timeout: float = 400) -> dict[str,
 
 @pytest.mark.slow
 def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from services.controlplane.domain.datasets import DatasetService
+
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
@@ -159,6 +161,7 @@ def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
     # A version whose background validation has no result yet: the submit-time check cannot see
     # that its 4-frame clips are too short, so the trainer finds out.
     store.delete(f"datasets/cats/{version}/validation.json")
+    monkeypatch.setattr(DatasetService, "validate_version", lambda self, name, digest: {})  # still running
     hp = {"max_steps": 2, "num_frames": 8, "height": 32, "width": 32, "plot": False}
     ft = client.post(
         "/v1/fine-tunes",
