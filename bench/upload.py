@@ -8,6 +8,11 @@ growth during the upload (the streaming path must not hold the file).
 
 Targets (issue 5): API/direct throughput ratio >= 0.8, RSS growth < 100 MB for a 500 MB upload.
 
+Each API upload is then committed into a dataset version (``POST .../commit``), timed with the
+control plane's RSS watched. Targets (issue 15): commit <= 0.1x the upload's time, RSS growth
+< 100 MB. The background validation that follows (it decodes the video: here random bytes, so it
+fails) is waited for and timed too, then the version is deleted so each round commits afresh.
+
 It runs in two CPU layouts, each with a fresh server and control plane, and prints both:
 
 - ``S3 server on its own CPUs``: the ceph daemons pinned to half of the CPUs, the client and the
@@ -39,7 +44,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -208,11 +213,33 @@ def direct_put(store: MinioStore, size: int) -> float:
     return seconds
 
 
-def api_upload(url: str, size: int, cp_pid: int) -> tuple[float, int, int]:
+@dataclass
+class ApiRun:
+    upload_s: float
+    upload_growth: int
+    commit_s: float
+    commit_growth: int
+    validation_s: float
+    validation: str
+
+
+MANIFEST = b'{"id": "big", "file": "videos/big.mp4", "prompt": "p"}\n'
+
+
+def api_upload(url: str, size: int, cp_pid: int, uploaded: Callable[[], None] = lambda: None) -> ApiRun:
+    """Upload, call ``uploaded`` (the CPU meter stops there), then commit and await the validation."""
     with httpx.Client(base_url=url, timeout=600) as c:
         up = c.post("/v1/datasets/bench/uploads").json()
 
         def body() -> Iterator[bytes]:
+            yield (
+                (
+                    f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="manifest.jsonl"\r\n'
+                    "Content-Type: application/jsonl\r\n\r\n"
+                ).encode()
+                + MANIFEST
+                + b"\r\n"
+            )
             yield (
                 f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="files"; filename="videos/big.mp4"\r\n'
                 "Content-Type: video/mp4\r\n\r\n"
@@ -230,8 +257,25 @@ def api_upload(url: str, size: int, cp_pid: int) -> tuple[float, int, int]:
             )
             seconds = time.perf_counter() - t0
         r.raise_for_status()
-        assert r.json()["files"][0]["size"] == size
-    return seconds, before, watch.peak
+        assert size in [f["size"] for f in r.json()["files"]], r.text
+        uploaded()
+        commit_before = psutil.Process(cp_pid).memory_info().rss
+        with RssWatch(cp_pid) as commit_watch:
+            t0 = time.perf_counter()
+            v = c.post(f"/v1/datasets/bench/uploads/{up['id']}/commit", json={"include_ratings": False})
+            commit_s = time.perf_counter() - t0
+        v.raise_for_status()
+        version = v.json()["id"]
+        t0 = time.perf_counter()
+        state = v.json()["validation"]["state"]
+        while state == "pending" and time.perf_counter() - t0 < 600:
+            time.sleep(0.1)
+            state = c.get(f"/v1/datasets/bench/versions/{version}").json()["validation"]["state"]
+        validation_s = time.perf_counter() - t0
+        c.delete(f"/v1/datasets/bench/versions/{version}").raise_for_status()
+    return ApiRun(
+        seconds, watch.peak - before, commit_s, commit_watch.peak - commit_before, validation_s, state
+    )
 
 
 @dataclass
@@ -286,6 +330,7 @@ def run_layout(layout: Layout, size: int, rounds: int) -> None:
             {"client": [psutil.Process()], "control plane": [psutil.Process(cp.pid)], "S3 server": servers}
         )
         directs, apis, growths = [], [], []
+        runs: list[ApiRun] = []
         cpu: dict[str, list[dict[str, float]]] = {"direct": [], "api": []}
         for r in range(rounds):
             # alternate the order (ABBA...) so a drift in machine load hits both paths alike
@@ -295,10 +340,10 @@ def run_layout(layout: Layout, size: int, rounds: int) -> None:
                     directs.append(direct_put(store, size))
                     cpu[path].append(meter.stop())
                 else:
-                    seconds, before, peak = api_upload(url, size, cp.pid)
-                    cpu[path].append(meter.stop())
-                    apis.append(seconds)
-                    growths.append(peak - before)
+                    run = api_upload(url, size, cp.pid, lambda: cpu["api"].append(meter.stop()))
+                    apis.append(run.upload_s)
+                    growths.append(run.upload_growth)
+                    runs.append(run)
                     store.delete_prefix("datasets/bench/uploads/")
     finally:
         if cp is not None:
@@ -326,6 +371,10 @@ def run_layout(layout: Layout, size: int, rounds: int) -> None:
     print(f"  ratio API / direct, {layout.name} : {(mb / a_best) / (mb / d_best):5.2f} best vs best, "
           f"{median:.2f} median of rounds (target >= 0.8)")  # fmt: skip
     print(f"  control plane peak RSS growth during upload: {max(growths) / 2**20:.1f} MiB (target < 100 MB)")
+    for run in runs:
+        print(f"  commit: {run.commit_s:.3f} s = {run.commit_s / run.upload_s:.4f}x the upload's "
+              f"{run.upload_s:.2f} s (target <= 0.1x), peak RSS growth {run.commit_growth / 2**20:.1f} MiB "
+              f"(target < 100 MB); background validation {run.validation}: {run.validation_s:.1f} s")  # fmt: skip
     # CPU seconds per upload, the median over rounds of each process group
     med = {
         path: {g: statistics.median_high(c[g] for c in runs) for g in runs[0]} for path, runs in cpu.items()

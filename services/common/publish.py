@@ -118,7 +118,8 @@ def fetch_published(store: ObjectStore, prefix: str, local_dir: str | os.PathLik
     root = Path(local_dir)
     for rel, entry in sorted(manifest["files"].items()):
         validate_key(rel)  # a manifest must not steer a write outside local_dir
-        key = prefix + rel
+        # A file the publication references where it already lies (a dataset version's staged upload).
+        key = validate_key(str(entry["key"])) if entry.get("key") else prefix + rel
         dest = root.joinpath(*rel.split("/"))
         info = store.get_file(key, dest, expected_sha256=str(entry["sha256"]))
         if info.size != int(entry["size"]):

@@ -30,7 +30,7 @@ from services.controlplane import problems
 from services.controlplane.auth import TokenTable
 from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
-from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.datasets import DatasetService, run_inline
 from services.controlplane.domain.finetunes import FineTuneService
 from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
@@ -55,10 +55,11 @@ def create_app(
     background: bool = True,
 ) -> FastAPI:
     """Build the app over ``store`` and ``executor``. With ``background``, executors that watch
-    (Kubernetes) run their watch loop for the app's lifetime."""
+    (Kubernetes) run their watch loop for the app's lifetime, and a committed dataset version is
+    validated (its videos decoded) on a thread; without, in the request that needs it."""
     metrics = Metrics()
     cache_dir = Path(settings.work_dir) / "cache"
-    ds = DatasetService(store, cache_dir, clock)
+    ds = DatasetService(store, cache_dir, clock, runner=None if background else run_inline)
     ckpts = CheckpointService(store, clock)
     fts = FineTuneService(
         store,

@@ -55,6 +55,13 @@ class SkippedRating(BaseModel):
     reason: str
 
 
+class VersionValidation(BaseModel):
+    state: Literal["pending", "passed", "failed"]
+    video_stats: dict[str, int | None] | None = None
+    problems: list[str] = Field(default_factory=list, description="each bad file, named as uploaded")
+    validated_at: str | None = None
+
+
 class DatasetVersion(BaseModel):
     id: str = Field(description="sha256 of the version's file listing; the version's immutable name")
     dataset: str
@@ -71,7 +78,13 @@ class DatasetVersion(BaseModel):
     )
     video_stats: dict[str, int | None] | None = Field(
         default=None,
-        description="videos, min_frames, min_height, min_width: the bounds of a fine-tune's clips",
+        description="videos, min_frames, min_height, min_width: the bounds of a fine-tune's clips "
+        "(null until the validation passed)",
+    )
+    validation: VersionValidation | None = Field(
+        default=None,
+        description="the background check that decodes every video (frame counts, sizes); commit "
+        "answers before it ran",
     )
     size: int
     source: dict[str, Any]

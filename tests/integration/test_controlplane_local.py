@@ -149,17 +149,19 @@ def _finished(client: TestClient, ft_id: str, timeout: float = 400) -> dict[str,
 
 @pytest.mark.slow
 def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
-    tmp_path: Path, tiny_model_dir: Path
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    from services.controlplane.domain.datasets import DatasetService
+
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
     client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
     version = _version(client, tmp_path)
-    # A version committed before versions recorded video stats: the submit-time check cannot see
+    # A version whose background validation has no result yet: the submit-time check cannot see
     # that its 4-frame clips are too short, so the trainer finds out.
-    key = f"datasets/cats/{version}/manifest.json"
-    store.put_json(key, {k: v for k, v in store.get_json(key).items() if k != "video_stats"})
+    store.delete(f"datasets/cats/{version}/validation.json")
+    monkeypatch.setattr(DatasetService, "validate_version", lambda self, name, digest: {})  # still running
     hp = {"max_steps": 2, "num_frames": 8, "height": 32, "width": 32, "plot": False}
     ft = client.post(
         "/v1/fine-tunes",
@@ -202,3 +204,38 @@ def test_logs_tell_each_step_checkpoint_upload_and_a_cancel(tmp_path: Path, tiny
     logs = client.get(f"/v1/fine-tunes/{long['id']}/logs").text
     assert "cancelled on request" in logs, logs
     assert "ERROR" not in logs and "retry resumes" not in logs, logs
+
+
+@pytest.mark.slow
+def test_a_broken_video_is_reported_by_validation_and_refused_by_the_trainer(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    from huvidpo.data import make_synthetic_dataset
+
+    store_root = tmp_path / "store"
+    store = LocalStore(store_root)
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    broken = sorted(ds.rglob("*.mp4"))[0]
+    broken.write_bytes(b"not a video at all")
+    assert client.post("/v1/datasets", json={"name": "cats"}).status_code == 201
+    files = [
+        ("files", (p.relative_to(ds).as_posix(), p.read_bytes(), "video/mp4"))
+        for p in sorted(ds.rglob("*"))
+        if p.is_file()
+    ]
+    committed = client.post("/v1/datasets/cats/versions", files=files)
+    assert committed.status_code == 201, committed.text  # commit decodes nothing
+    version = client.get(f"/v1/datasets/cats/versions/{committed.json()['id']}").json()
+    assert version["validation"]["state"] == "failed" and version["video_stats"] is None
+    assert broken.relative_to(ds).as_posix() in "\n".join(version["validation"]["problems"])
+    hp = {"max_steps": 2, "num_frames": 4, "height": 32, "width": 32, "plot": False}
+    ft = client.post(
+        "/v1/fine-tunes",
+        json={"dataset": "cats", "version": version["id"], "base_model": "tiny", "hyperparameters": hp},
+    )
+    assert ft.status_code == 201, ft.text
+    view = _finished(client, ft.json()["id"])
+    assert view["state"] == "failed" and view["progress"]["attempts"] == 1, view
+    assert view["reason"] in ("DatasetError", "VideoDecodeError"), view

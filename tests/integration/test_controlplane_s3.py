@@ -129,4 +129,14 @@ def test_dataset_version_from_upload_and_from_presigned_puts(served: dict[str, A
         v2 = c.post(f"/v1/datasets/s3big/uploads/{up['id']}/commit", json={})
         assert v2.status_code == 201, v2.text
         assert v2.json()["id"] == v1["id"]  # same content, same digest, whatever the path it came by
-        assert c.get(f"/v1/datasets/s3big/uploads/{up['id']}").status_code == 404  # staging cleaned up
+        assert c.get(f"/v1/datasets/s3big/uploads/{up['id']}").status_code == 404  # the session is over
+        # the presigned videos stay where they were put (hashed at commit: S3 holds them without a
+        # sha256); the validation fetched them from there and decoded them
+        manifest = store.get_json(f"datasets/s3big/{v2.json()['id']}/manifest.json")
+        assert all(
+            f["key"].startswith(f"datasets/s3big/uploads/{up['id']}/files/")
+            for rel, f in manifest["files"].items()
+            if rel.endswith(".mp4")
+        )
+        checked = c.get(f"/v1/datasets/s3big/versions/{v2.json()['id']}").json()
+        assert checked["validation"]["state"] == "passed", checked["validation"]

@@ -24,6 +24,7 @@ from tests.unit.test_controlplane_api import (
     assert_problem,
     publish_checkpoint,
     upload_files,
+    validated,
 )
 
 
@@ -202,9 +203,17 @@ def test_upload_errors_name_the_users_files_not_server_paths(
         ],
         headers=AUTH,
     )
-    detail = assert_problem(broken, 422, "validation-error")["detail"]
+    # Commit does not decode videos: it answers at once, and the background validation reports the
+    # bad video (the version is not lost; a fine-tune of it is refused by the trainer, exit 2).
+    assert broken.status_code == 201, broken.text
+    assert broken.json()["validation"]["state"] in ("pending", "failed")
+    checked = validated(client, "cats", broken.json()["id"])
+    assert checked["validation"]["state"] == "failed", checked["validation"]
+    assert checked["video_stats"] is None
+    detail = "\n".join(checked["validation"]["problems"])
     assert "manifest.jsonl: line 1: field 'file'" in detail and "'videos/a.mp4'" in detail
     _assert_no_server_path(detail)
+    assert client.delete(f"/v1/datasets/cats/versions/{checked['id']}", headers=AUTH).status_code == 204
 
     # with stored ratings, a JSON-list manifest's problem still names that file and its own line
     _upload(client, synthetic_dir, create=False)

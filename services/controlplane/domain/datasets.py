@@ -4,15 +4,21 @@ Store layout (bucket root)::
 
     datasets/{name}/dataset.json                      the dataset (name, description, created_at)
     datasets/{name}/uploads/{upload_id}/session.json  an open upload session
-    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT)
+    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT);
+                                                      a committed upload keeps the videos its version
+                                                      references (and committed.json instead of session.json)
     datasets/{name}/ratings/{rating_id}.json          rating/choice records (id = digest of the record)
-    datasets/{name}/{digest}/data/{path}              an immutable version: the dataset directory
-    datasets/{name}/{digest}/manifest.json            written LAST: files, digests, counts
+    datasets/{name}/{digest}/data/{path}              an immutable version's own files (its JSON(L) records)
+    datasets/{name}/{digest}/manifest.json            written LAST: files (each with its "key" when it lies
+                                                      elsewhere: a staged video, a base version's file),
+                                                      digests, counts
+    datasets/{name}/{digest}/validation.json          the background validation's result (videos decoded)
     datasets/{name}/compiled/{digest}/{options}/      compiled pairs + report
     datasets/{name}/refs/{finetune_id}.json           a fine-tune that uses a version (blocks deletion)
 
-A version's digest is the sha256 of its sorted ``path, sha256, size`` lines, so the same content
-always gets the same version and a commit can be retried safely.
+A version's digest is the sha256 of its sorted ``path, sha256, size`` lines (where a file lies is not
+part of it), so the same content always gets the same version and a commit can be retried safely.
+Commit moves no video byte: see :meth:`DatasetService.commit_upload`.
 """
 
 from __future__ import annotations
@@ -22,9 +28,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +42,7 @@ from services.common.records import keys
 from services.common.records.keys import dataset_prefix
 from services.common.records.lineage import content_digest
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
+from services.common.store.errors import ChecksumMismatch, ObjectNotFound
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
 from services.controlplane.domain.util import (
@@ -49,6 +58,11 @@ from services.controlplane.domain.util import (
 RATING_ID_RE = re.compile(r"^[A-Za-z0-9-]{1,80}$")
 ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif", ".json", ".jsonl"})
 MANIFEST = "manifest.json"
+VALIDATION = "validation.json"  # next to the manifest: the background validation's result
+COMMITTED = "committed.json"  # in an upload whose staged files a version references
+RECORD_SUFFIXES = frozenset({".json", ".jsonl"})
+PENDING: Mapping[str, Any] = {"state": "pending", "video_stats": None, "problems": []}
+log = logging.getLogger(__name__)
 
 
 version_prefix = keys.dataset_version_prefix
@@ -84,10 +98,20 @@ class PairOptions:
 class DatasetService:
     """Datasets, uploads, ratings and versions over an ``ObjectStore``. Knows nothing of HTTP."""
 
-    def __init__(self, store: ObjectStore, cache_dir: Path, clock: Clock = utcnow) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache_dir: Path,
+        clock: Clock = utcnow,
+        runner: Callable[[Callable[[], None]], None] | None = None,
+    ) -> None:
+        """``runner(fn)`` runs a version's validation (default: on a daemon thread)."""
         self.store = store
         self.cache_dir = Path(cache_dir)
         self.clock = clock
+        self._runner = runner or _thread_runner
+        self._lock = threading.Lock()
+        self._validating: set[tuple[str, str]] = set()
 
     # ------------------------------------------------------------------------------- datasets
     def create(self, name: str, description: str = "") -> dict[str, Any]:
@@ -102,7 +126,7 @@ class DatasetService:
     def get(self, name: str) -> dict[str, Any]:
         validate_name(name, "dataset")
         record = read_json(self.store, dataset_prefix(name) + "dataset.json", f"dataset {name!r}")
-        return {**record, "versions": [v["id"] for v in self.list_versions(name)]}
+        return {**record, "versions": [v["id"] for v in self._manifests(name)]}
 
     def list(
         self, page_size: int = 50, page_token: str | None = None
@@ -113,7 +137,7 @@ class DatasetService:
         for n in page:
             rec = read_json_or_none(self.store, dataset_prefix(n) + "dataset.json")
             if rec is not None:
-                out.append({**rec, "versions": [v["id"] for v in self.list_versions(n)]})
+                out.append({**rec, "versions": [v["id"] for v in self._manifests(n)]})
         return out, token
 
     def delete(self, name: str, holds: Callable[[str], str | None] | None = None) -> None:
@@ -169,7 +193,10 @@ class DatasetService:
         return {**session, "files": files}
 
     def discard_upload(self, name: str, upload_id: str) -> None:
-        """Delete an upload session and its staged files (idempotent)."""
+        """Delete an upload session and its staged files (idempotent). The files of a committed
+        upload belong to its version and stay."""
+        if self.store.exists(self._upload_prefix(name, upload_id) + COMMITTED):
+            return
         self.store.delete_prefix(self._upload_prefix(name, upload_id))
 
     def staged_key(self, name: str, upload_id: str, path: str) -> str:
@@ -194,43 +221,109 @@ class DatasetService:
         }
 
     def commit_upload(self, name: str, upload_id: str, include_ratings: bool = True) -> dict[str, Any]:
-        """Validate the staged files as a dataset and publish them as an immutable version."""
+        """Publish the staged files as an immutable version without moving a video byte.
+
+        Only the JSON(L) files (the manifest: small) are read back and validated; every other file is
+        referenced where it was staged, with the sha256 and size recorded while it streamed in (a file
+        sent by presigned PUT, which the store may hold without a digest, is hashed here: those files
+        only). Checks that need decoding run afterwards in the background (:meth:`validate_version`)."""
         session = self.get_upload(name, upload_id)
         if not session["files"]:
             raise InvalidRequest(
                 "the upload has no files; upload the manifest and the videos first", field="upload"
             )
+        staged = self._upload_prefix(name, upload_id) + "files/"
         with tempfile.TemporaryDirectory(prefix="huvidpo-commit-") as tmp:
             data = Path(tmp) / "data"
-            self.store.download_prefix(self._upload_prefix(name, upload_id) + "files/", data)
-            version = self.publish_version(name, data, {"upload_id": upload_id}, include_ratings)
-        self.store.delete_prefix(self._upload_prefix(name, upload_id))
+            objects: dict[str, dict[str, Any]] = {}
+            for path, meta in sorted(session["files"].items()):
+                key = staged + path
+                if _is_record_file(path):
+                    self.store.get_file(key, data / path)
+                else:
+                    sha = meta["sha256"] or self._staged_sha256(key)
+                    objects[path] = {"sha256": sha, "size": meta["size"], "key": key}
+            version = self._publish(name, data, objects, {"upload_id": upload_id}, include_ratings)
+        if any(str(f.get("key", "")).startswith(staged) for f in version["files"].values()):
+            # The staged videos are the version's now: the session ends, they stay. The records were
+            # copied into the version (ratings may have been added): their staged copies go.
+            self.store.put_json(self._upload_prefix(name, upload_id) + COMMITTED, {"version": version["id"]})
+            self.store.delete(self._upload_prefix(name, upload_id) + "session.json")
+            for path in session["files"]:
+                if _is_record_file(path):
+                    self.store.delete(staged + path)
+        else:  # the same content was committed before: this staging is not needed
+            self.store.delete_prefix(self._upload_prefix(name, upload_id))
         return version
 
+    def _staged_sha256(self, key: str) -> str:
+        """The recorded sha256 of a staged object, or (a presigned PUT the store holds without one) the
+        sha256 of its bytes, streamed (memory bounded)."""
+        info = self.store.stat(key)
+        if info is not None and info.sha256:
+            return info.sha256
+        h = hashlib.sha256()
+        with self.store.open_read(key) as reader:
+            for chunk in reader.iter_chunks(CHUNK_SIZE):
+                h.update(chunk)
+        return h.hexdigest()
+
     def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
-        """A new version: the files of ``base`` plus the dataset's rating records."""
-        base = self.get_version(name, base)["id"]
+        """A new version: the files of ``base`` (its videos by reference) plus the dataset's rating records."""
+        manifest = self._manifest(name, base)
+        base = manifest["id"]
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"
-            shutil.copytree(self.fetch_version(name, base), data)
-            return self.publish_version(name, data, {"base": base}, include_ratings)
+            objects: dict[str, dict[str, Any]] = {}
+            for rel, meta in manifest["files"].items():
+                path = rel[len("data/") :]
+                key = self.object_key(name, base, rel, meta)
+                if _is_record_file(path):
+                    self.store.get_file(key, data / path, expected_sha256=meta["sha256"])
+                else:
+                    objects[path] = {"sha256": meta["sha256"], "size": meta["size"], "key": key}
+            return self._publish(name, data, objects, {"base": base}, include_ratings)
 
     def publish_version(
         self, name: str, data: Path, source: dict[str, Any], include_ratings: bool
     ) -> dict[str, Any]:
-        """Validate the dataset directory ``data`` (plus the dataset's rating records when
-        ``include_ratings``) and publish it as an immutable version named by its content digest,
-        manifest last; the same content returns the existing version. ``source`` is recorded as the
-        version's lineage. Raises ``InvalidRequest`` naming the file and field of a bad dataset."""
-        from huvidpo.data import DatasetError, load_dataset, reference_problems
-        from huvidpo.data.stats import video_stats
+        """Publish the dataset directory ``data`` (plus the dataset's rating records when
+        ``include_ratings``) as an immutable version named by its content digest, manifest last; the
+        same content returns the existing version. ``source`` is recorded as the version's lineage; a
+        file equal (sha256) to one of ``source["base"]``'s is referenced, not uploaded again. Raises
+        ``InvalidRequest`` naming the file and field of a bad dataset."""
+        reuse: dict[str, dict[str, Any]] = {}
+        if source.get("base"):
+            base = self._manifest(name, str(source["base"]))
+            for rel, meta in base["files"].items():
+                if not _is_record_file(rel):
+                    key = self.object_key(name, base["id"], rel, meta)
+                    reuse[meta["sha256"]] = {"sha256": meta["sha256"], "size": meta["size"], "key": key}
+        return self._publish(name, data, {}, source, include_ratings, reuse)
 
+    def _publish(
+        self,
+        name: str,
+        data: Path,
+        objects: Mapping[str, Mapping[str, Any]],
+        source: dict[str, Any],
+        include_ratings: bool,
+        reuse: Mapping[str, Mapping[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """Publish ``data`` plus ``objects`` (``{path: {sha256, size, key}}``: files already in the
+        store, referenced by key, never read) as a version. Validates the records without decoding
+        videos; decoding is :meth:`validate_version`'s, in the background."""
+        from huvidpo.data import DatasetError, load_dataset, reference_problems
+
+        for path in objects:  # empty stand-ins: the records are checked against the file names
+            validate_relative_path(path)
+            _mkdir((data / path).parent)
+            (data / path).write_bytes(b"")
         try:
             # The files as sent first, so a problem names the caller's own file and line.
-            ds = load_dataset(data)
+            ds = load_dataset(data, check_videos=False)
         except DatasetError as exc:
             raise InvalidRequest(user_message(exc, data), field="files") from exc
-        stats = video_stats(ds)  # from this load, the one that decoded every video
         prompts = {vid: v.prompt for vid, v in ds.videos.items()}
         ratings: builtins.list[dict[str, Any]] = []
         skipped: builtins.list[dict[str, str]] = []
@@ -253,18 +346,21 @@ class DatasetService:
                 ) from exc
         files: dict[str, dict[str, Any]] = {}
         for p in sorted(q for q in data.rglob("*") if q.is_file()):
+            path = p.relative_to(data).as_posix()
+            if path in objects:
+                files["data/" + path] = dict(objects[path])
+                continue
             digest, size = sha256_file(p)
-            files["data/" + p.relative_to(data).as_posix()] = {"sha256": digest, "size": size}
+            ref = (reuse or {}).get(digest)
+            files["data/" + path] = dict(ref) if ref else {"sha256": digest, "size": size}
         digest = content_digest(files)
         prefix = version_prefix(name, digest)
         existing = read_json_or_none(self.store, prefix + MANIFEST)
         if existing is not None:  # same content: the same immutable version
-            if "video_stats" not in existing:  # committed before versions recorded them
-                existing = {**existing, "video_stats": stats}
-                self.store.put_json(prefix + MANIFEST, existing)
-            return {**existing, "skipped_ratings": skipped}
-        for rel in files:
-            self.store.put_file(prefix + rel, data / rel[len("data/") :])
+            return {**self._view(existing), "skipped_ratings": skipped}
+        for rel, meta in files.items():
+            if "key" not in meta:
+                self.store.put_file(prefix + rel, data / rel[len("data/") :])
         manifest = {
             "id": digest,
             "dataset": name,
@@ -274,17 +370,104 @@ class DatasetService:
             "prompts": len(ds.prompts),
             "raters": len(ds.raters),
             "rating_records": len(ratings),
-            "video_stats": stats,  # what fine-tunes may ask for (frames, size)
             "size": sum(f["size"] for f in files.values()),
             "source": source,
             "created_at": iso(self.clock()),
         }
         self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
+        # A new version has no validation yet: start it (no read of a result that cannot be there).
+        ran = self._schedule_validation(name, digest)
+        view = self._view(manifest) if ran else {**manifest, "validation": dict(PENDING), "video_stats": None}
         # What was left out is an answer to this build, not part of the immutable version.
-        return {**manifest, "skipped_ratings": skipped}
+        return {**view, "skipped_ratings": skipped}
+
+    def object_key(self, name: str, digest: str, rel: str, meta: Mapping[str, Any]) -> str:
+        """The store key of a version's file: its own (``{version}/data/...``) or the one it references
+        (a staged upload, a base version's file), which must lie inside the dataset."""
+        key = meta.get("key")
+        if key is None:
+            return version_prefix(name, digest) + rel
+        if not isinstance(key, str) or not key.startswith(dataset_prefix(name)) or ".." in key.split("/"):
+            raise InvalidRequest(
+                f"version {digest} of dataset {name!r}: {rel} names a bad key", field="version"
+            )
+        return key
+
+    # ------------------------------------------------------------------------------- validation
+    def _view(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        """The version as the API answers it: the manifest plus its validation (scheduled if pending)."""
+        validation = self.validation(manifest["dataset"], manifest["id"], manifest)
+        stats = validation["video_stats"] if validation["state"] == "passed" else None
+        return {**manifest, "validation": validation, "video_stats": stats}
+
+    def validation(self, name: str, digest: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
+        """``{state: pending|passed|failed, video_stats, problems}`` of a version; schedules the
+        validation when none is recorded and none runs in this process (e.g. after a restart)."""
+        key = version_prefix(name, digest) + VALIDATION
+        recorded = read_json_or_none(self.store, key)
+        if isinstance(recorded, dict) and recorded.get("state") in ("passed", "failed"):
+            return recorded
+        if manifest.get("video_stats") is not None:  # committed when commit decoded the videos
+            return {"state": "passed", "video_stats": manifest["video_stats"], "problems": []}
+        if self._schedule_validation(name, digest):  # ran inline: its result is there now
+            recorded = read_json_or_none(self.store, key)
+            if isinstance(recorded, dict) and recorded.get("state") in ("passed", "failed"):
+                return recorded
+        return dict(PENDING)
+
+    def _schedule_validation(self, name: str, digest: str) -> bool:
+        """Start the version's validation unless it runs already; True when the runner returned
+        after it finished (the inline runner)."""
+        with self._lock:
+            if (name, digest) in self._validating:
+                return False
+            self._validating.add((name, digest))
+        done = threading.Event()
+
+        def run() -> None:
+            try:
+                self.validate_version(name, digest)
+            except Exception:  # a later read schedules it again
+                log.exception("validating version %s of dataset %r failed", digest, name)
+            finally:
+                with self._lock:
+                    self._validating.discard((name, digest))
+                done.set()
+
+        self._runner(run)
+        return done.is_set()
+
+    def validate_version(self, name: str, digest: str) -> dict[str, Any]:
+        """Decode every video of a version (frame counts, sizes) and record the result as the
+        version's ``validation``. A bad video fails the validation (``problems`` names it); the
+        version stays, and a fine-tune of it is refused by the trainer (exit 2)."""
+        from huvidpo.data import DatasetError, load_dataset
+        from huvidpo.data.stats import video_stats
+
+        result: dict[str, Any]
+        try:
+            data = self.fetch_version(name, digest)
+        except (ChecksumMismatch, ObjectNotFound) as exc:
+            # e.g. a presigned PUT URL still valid after the commit overwrote a staged video
+            problem = f"a file of this version is missing or altered in the store: {exc}"
+            result = {"state": "failed", "video_stats": None, "problems": [problem]}
+        else:
+            try:
+                stats = video_stats(load_dataset(data))
+                result = {"state": "passed", "video_stats": stats, "problems": []}
+            except DatasetError as exc:
+                problems = [user_message(Exception(str(i)), data) for i in exc.issues]
+                result = {"state": "failed", "video_stats": None, "problems": problems}
+        prefix = version_prefix(name, digest)
+        if self.store.exists(prefix + MANIFEST):  # not for a version deleted meanwhile
+            self.store.put_json(prefix + VALIDATION, {**result, "validated_at": iso(self.clock())})
+        return result
 
     # ------------------------------------------------------------------------------- versions
     def list_versions(self, name: str) -> builtins.list[dict[str, Any]]:
+        return [self._view(m) for m in self._manifests(name)]
+
+    def _manifests(self, name: str) -> builtins.list[dict[str, Any]]:
         out = []
         for d in self.store.list_dirs(dataset_prefix(name)):
             seg = d[len(dataset_prefix(name)) : -1]
@@ -295,6 +478,10 @@ class DatasetService:
         return sorted(out, key=lambda m: (m["created_at"], m["id"]))
 
     def get_version(self, name: str, digest: str) -> dict[str, Any]:
+        """The version's manifest with its ``validation`` (and ``video_stats`` once that passed)."""
+        return self._view(self._manifest(name, digest))
+
+    def _manifest(self, name: str, digest: str) -> dict[str, Any]:
         validate_name(name, "dataset")
         digest = validate_digest(digest)
         manifest: dict[str, Any] = read_json(
@@ -306,19 +493,38 @@ class DatasetService:
         self, name: str, digest: str, holds: Callable[[str], str | None] | None = None
     ) -> None:
         """Delete one version (and its compiled pairs); ``holds`` as for :meth:`delete`."""
-        digest = self.get_version(name, digest)["id"]
+        manifest = self._manifest(name, digest)
+        digest = manifest["id"]
         held = _holders(self.references(name, digest), holds)
         if held:
             raise Conflict(f"version {digest} is still in use and cannot be deleted: {'; '.join(held)}")
         # manifest first: the version stops existing before its files go
         self.store.delete(version_prefix(name, digest) + MANIFEST)
-        self.store.delete_prefix(version_prefix(name, digest))
+        # Its own files and the staged files it referenced, unless another version references them.
+        kept = {
+            self.object_key(name, m["id"], rel, meta)
+            for m in self._manifests(name)
+            for rel, meta in m["files"].items()
+        }
+        for obj in self.store.list(version_prefix(name, digest)):
+            if obj.key not in kept:
+                self.store.delete(obj.key)
+        uploads = set()
+        for rel, meta in manifest["files"].items():
+            key = self.object_key(name, digest, rel, meta)
+            if key not in kept:
+                self.store.delete(key)
+            if key.startswith(dataset_prefix(name) + "uploads/"):
+                uploads.add(key.split("/files/", 1)[0] + "/")
+        for upload in uploads:  # an upload none of whose files is referenced any more goes
+            if not self.store.list(upload + "files/"):
+                self.store.delete_prefix(upload)
         with contextlib.suppress(Exception):
             self.store.delete_prefix(dataset_prefix(name) + f"compiled/{digest}/")
 
     def fetch_version(self, name: str, digest: str) -> Path:
         """A verified local copy of a version's dataset directory (cached by digest)."""
-        manifest = self.get_version(name, digest)
+        manifest = self._manifest(name, digest)
         digest = manifest["id"]
         dest = self.cache_dir / "datasets" / name / digest
         if (dest / ".complete").exists():
@@ -327,7 +533,7 @@ class DatasetService:
         try:
             for rel, meta in manifest["files"].items():
                 self.store.get_file(
-                    version_prefix(name, digest) + rel, tmp / rel, expected_sha256=meta["sha256"]
+                    self.object_key(name, digest, rel, meta), tmp / rel, expected_sha256=meta["sha256"]
                 )
             (tmp / "data").mkdir(exist_ok=True)
             (tmp / ".complete").write_text(digest)
@@ -395,7 +601,7 @@ class DatasetService:
         one published before a rule was added must still answer."""
         from huvidpo.data import find_manifest
 
-        versions = self.list_versions(name)
+        versions = self._manifests(name)
         if not versions:
             return None, {}
         version = str(versions[-1]["id"])
@@ -433,7 +639,7 @@ class DatasetService:
         """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
-        digest = self.get_version(name, digest)["id"]
+        digest = self._manifest(name, digest)["id"]
         prefix = self.pairs_prefix(name, digest, options)
         cached = read_json_or_none(self.store, prefix + "report.json")
         if cached is not None:
@@ -462,6 +668,22 @@ class DatasetService:
         }
         self.store.put_json(prefix + "report.json", report)
         return report
+
+
+def _thread_runner(fn: Callable[[], None]) -> None:
+    # Not a daemon: an exit waits for the validation rather than killing a decoder mid-frame (a
+    # validation cut short, e.g. by SIGKILL, is scheduled again by the next read of the version).
+    threading.Thread(target=fn, name="dataset-validation").start()
+
+
+def run_inline(fn: Callable[[], None]) -> None:
+    """A ``DatasetService`` runner that validates in the calling thread (no background threads)."""
+    fn()
+
+
+def _is_record_file(path: str) -> bool:
+    """A JSON(L) file (manifest, ratings, lineage): small, read at commit. Every other file is a video."""
+    return Path(path).suffix.lower() in RECORD_SUFFIXES
 
 
 def _holders(refs: Mapping[str, str], holds: Callable[[str], str | None] | None) -> builtins.list[str]:
@@ -517,4 +739,5 @@ __all__ = [
     "PairOptions",
     "check_file_type",
     "content_digest",
+    "run_inline",
 ]
