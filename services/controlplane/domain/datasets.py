@@ -646,7 +646,9 @@ class DatasetService:
             return dict(cached)
         data = self.fetch_version(name, digest)
         try:
-            ds = load_dataset(data)
+            # Pairs come from the records; a video that does not decode is the version's validation's
+            # to report (and the trainer's to refuse), and the motion check below skips it.
+            ds = load_dataset(data, check_videos=False)
             pairset = compile_pairs(
                 ds, options.tie_policy, options.min_margin, options.margin_weighting, seed=options.seed
             )
