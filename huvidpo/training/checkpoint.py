@@ -1,18 +1,24 @@
 """Atomic, pickle-free training checkpoints.
 
-A checkpoint is a directory ``ckpt-<step:06d>/`` under ``<output_dir>/checkpoints``::
+A checkpoint is a directory ``ckpt-<step:06d>/`` under ``<output_dir>/checkpoints``, laid out as it
+is published to the store (``checkpoints/{id}/``, docs/CONTRACTS.md), so the trainer uploads it and
+downloads it as is::
 
-    adapter/adapter_config.json          LoRA (DPO) ...
+    adapter/adapter_config.json                   LoRA (DPO): what inference serves
     adapter/adapter_model.safetensors
-    trainable.safetensors                ... or the trained parameters (stage 1)
-    optimizer.safetensors  optimizer.json   AdamW state: tensors / param groups and scalars
-    rng.safetensors        rng.json         torch (CPU, CUDA), numpy and python RNG states
-    trainer_state.json                      step, epoch, scheduler state, metrics
-    manifest.json                           sha256 and size of every file above, written LAST
+    state/trainable.safetensors                   the trained parameters (stage 1)
+    state/optimizer.safetensors  state/optimizer.json   AdamW state: tensors / param groups and scalars
+    state/rng.safetensors        state/rng.json         torch (CPU, CUDA), numpy and python RNG states
+    state/trainer_state.json                      step, epoch, scheduler state, metrics
+    manifest.json                                 {"id", "step", "files": {relpath: {"sha256", "size"}},
+                                                  "lineage", "created_at"}, written LAST
 
 It is written under ``ckpt-<step>.tmp/`` and renamed into place once complete, and the manifest comes
 last, so a directory without ``manifest.json`` (a crash mid-write) is never loaded. Nothing is
-pickled: tensors go to safetensors and everything else to JSON.
+pickled: tensors go to safetensors and everything else to JSON. The manifest has the shape of the
+store's publication manifest (``CheckpointManifest``): a published checkpoint downloaded with its
+manifest is a checkpoint directory. Checkpoints written before ``state/`` existed (its files at the
+top level) are still read.
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 PREFIX = "ckpt-"
+STATE_DIR = "state"  # resume-only files; ``adapter/`` beside it is what inference serves
 
 
 class CheckpointError(ValueError):
@@ -42,6 +49,12 @@ class CheckpointError(ValueError):
 
 def checkpoint_name(step: int) -> str:
     return f"{PREFIX}{step:06d}"
+
+
+def state_file(checkpoint: Path, name: str) -> Path:
+    """``checkpoint/state/<name>``, or ``checkpoint/<name>`` in a checkpoint from before ``state/``."""
+    path = checkpoint / STATE_DIR / name
+    return path if path.exists() or not (checkpoint / name).exists() else checkpoint / name
 
 
 def sha256_file(path: Path) -> str:
@@ -142,9 +155,9 @@ def write_checkpoint(
 ) -> Path:
     """Write checkpoint ``step`` atomically and return its final path.
 
-    ``write_weights(tmp_dir)`` writes the model weights (LoRA adapter or trained parameters) into the
-    temporary directory; optimizer and RNG state, ``trainer_state`` (JSON-serialisable) and the
-    manifest are added here.
+    ``write_weights(tmp_dir)`` writes the model weights (``adapter/``, or trained parameters under
+    ``state/``) into the temporary checkpoint directory; optimizer and RNG state, ``trainer_state``
+    (JSON-serialisable) under ``state/`` and the manifest are added here.
     """
     root = Path(checkpoints_dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -152,15 +165,16 @@ def write_checkpoint(
     tmp = root / f"{checkpoint_name(step)}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    state = tmp / STATE_DIR
+    state.mkdir(parents=True)
     write_weights(tmp)
     opt_tensors, opt_meta = flatten_optimizer_state(optimizer.state_dict())
-    save_file(opt_tensors, str(tmp / "optimizer.safetensors"), metadata={"format": "pt"})
-    _write_json(tmp / "optimizer.json", opt_meta)
+    save_file(opt_tensors, str(state / "optimizer.safetensors"), metadata={"format": "pt"})
+    _write_json(state / "optimizer.json", opt_meta)
     rng_tensors, rng_meta = capture_rng()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"), metadata={"format": "pt"})
-    _write_json(tmp / "rng.json", rng_meta)
-    _write_json(tmp / "trainer_state.json", dict(trainer_state))
+    save_file(rng_tensors, str(state / "rng.safetensors"), metadata={"format": "pt"})
+    _write_json(state / "rng.json", rng_meta)
+    _write_json(state / "trainer_state.json", dict(trainer_state))
     files = {}
     for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         files[p.relative_to(tmp).as_posix()] = {"sha256": sha256_file(p), "size": p.stat().st_size}
@@ -241,13 +255,14 @@ def read_checkpoint(path: str | os.PathLike[str]) -> CheckpointData:
         raise CheckpointError(f"{p} is not a complete checkpoint (missing manifest or digest mismatch)")
     manifest = json.loads((p / MANIFEST).read_text())
     opt = unflatten_optimizer_state(
-        load_file(str(p / "optimizer.safetensors")), json.loads((p / "optimizer.json").read_text())
+        load_file(str(state_file(p, "optimizer.safetensors"))),
+        json.loads(state_file(p, "optimizer.json").read_text()),
     )
     return CheckpointData(
         path=p,
         step=int(manifest["step"]),
-        trainer_state=json.loads((p / "trainer_state.json").read_text()),
+        trainer_state=json.loads(state_file(p, "trainer_state.json").read_text()),
         optimizer_state=opt,
-        rng_tensors=load_file(str(p / "rng.safetensors")),
-        rng_meta=json.loads((p / "rng.json").read_text()),
+        rng_tensors=load_file(str(state_file(p, "rng.safetensors"))),
+        rng_meta=json.loads(state_file(p, "rng.json").read_text()),
     )

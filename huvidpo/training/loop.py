@@ -79,7 +79,8 @@ class Task(Protocol):
         ...
 
     def write_weights(self, directory: Path) -> None:
-        """Write the trained weights into a checkpoint directory being built."""
+        """Write the trained weights into a checkpoint directory being built (``adapter/`` if they
+        are what inference serves, else under ``state/``)."""
         ...
 
     def load_weights(self, checkpoint: Path) -> None:

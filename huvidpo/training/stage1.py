@@ -19,7 +19,7 @@ from huvidpo.losses import masked_diffusion_error
 from huvidpo.models import directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
 from huvidpo.training.callbacks import TrainingCallback
-from huvidpo.training.checkpoint import CheckpointError
+from huvidpo.training.checkpoint import STATE_DIR, CheckpointError, state_file
 from huvidpo.training.common import (
     VIDEO_SUFFIXES,
     ClipSource,
@@ -88,7 +88,7 @@ def prepare_clips(cfg: Stage1Config) -> tuple[list[tuple[str, str]], dict[str, i
 class Stage1Task:
     """Stage 1 for :func:`huvidpo.training.loop.train`: batches of clips, the eps-prediction loss and
     the UNet parameters matching ``trainable_patterns`` as the trainable set (checkpointed as
-    ``trainable.safetensors``, saved at the end as a whole VideoUNet directory)."""
+    ``state/trainable.safetensors``, saved at the end as a whole VideoUNet directory)."""
 
     stage = "stage1"
 
@@ -148,10 +148,11 @@ class Stage1Task:
 
     def write_weights(self, directory: Path) -> None:
         tensors = {n: p.detach().to("cpu", torch.float32).contiguous() for n, p in self.trainable.items()}
-        save_file(tensors, str(directory / TRAINABLE_FILE), metadata={"format": "pt"})
+        (directory / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(directory / STATE_DIR / TRAINABLE_FILE), metadata={"format": "pt"})
 
     def load_weights(self, checkpoint: Path) -> None:
-        state = load_file(str(checkpoint / TRAINABLE_FILE))
+        state = load_file(str(state_file(checkpoint, TRAINABLE_FILE)))
         if set(state) != set(self.trainable):
             raise CheckpointError(f"{checkpoint}: trained parameter names differ from this run's")
         with torch.no_grad():

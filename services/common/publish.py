@@ -15,6 +15,7 @@ wins; the others get ``RevisionConflict`` and their change is not stored (no los
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.records import keys
+from services.common.records.lineage import CheckpointManifest, Lineage
 from services.common.store import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -80,13 +82,56 @@ def publish_dir(
     extra = dict(extra_manifest or {})
     if "files" in extra:
         raise ValueError("extra_manifest must not define 'files'")
+    manifest = {**extra, "files": _upload_files(store, root, prefix)}
+    store.put_json(prefix + MANIFEST_NAME, manifest)
+    return manifest
+
+
+def _upload_files(store: ObjectStore, root: Path, prefix: str) -> dict[str, dict[str, Any]]:
+    """Upload every file of ``root`` but a top-level ``manifest.json``; their ``{sha256, size}``."""
     files: dict[str, dict[str, Any]] = {}
     for path in sorted(p for p in root.rglob("*") if p.is_file()):
         rel = path.relative_to(root).as_posix()
+        if rel == MANIFEST_NAME:
+            continue
         info = store.put_file(join_key(prefix, rel), path)
         files[rel] = {"sha256": info.sha256, "size": info.size}
-    manifest = {**extra, "files": files}
-    store.put_json(prefix + MANIFEST_NAME, manifest)
+    return files
+
+
+def publish_checkpoint(
+    store: ObjectStore,
+    checkpoint_dir: str | os.PathLike[str],
+    checkpoint_id: str,
+    lineage: Lineage,
+    created_at: str | None = None,
+) -> CheckpointManifest:
+    """Upload a training checkpoint directory (``huvidpo.training.checkpoint``: ``adapter/``,
+    ``state/``, ``manifest.json``) to ``checkpoints/{checkpoint_id}/`` as it lies, then the
+    publication manifest last, in place of the library's own: ``id`` and ``lineage`` are the
+    publication's, ``step`` and ``files`` the checkpoint's. A file that no longer matches the
+    checkpoint's manifest (changed on disk since it was written) raises ``ChecksumMismatch`` and
+    nothing is published."""
+    root = Path(checkpoint_dir)
+    local = json.loads((root / MANIFEST_NAME).read_text())
+    prefix = _dir_prefix(keys.checkpoint_prefix(checkpoint_id))
+    files = _upload_files(store, root, prefix)
+    for rel in sorted(set(files) | set(local["files"])):
+        want, got = local["files"].get(rel), files.get(rel)
+        if want != got:
+            raise ChecksumMismatch(
+                join_key(prefix, rel), str((want or {}).get("sha256")), str((got or {}).get("sha256"))
+            )
+    manifest = CheckpointManifest.model_validate(
+        {
+            "id": checkpoint_id,
+            "step": local["step"],
+            "lineage": lineage,
+            "created_at": created_at,
+            "files": files,
+        }
+    )
+    store.put_json(prefix + MANIFEST_NAME, manifest.model_dump(mode="json"))
     return manifest
 
 
@@ -106,8 +151,12 @@ def is_published(store: ObjectStore, prefix: str) -> bool:
     return store.exists(_dir_prefix(prefix) + MANIFEST_NAME)
 
 
-def fetch_published(store: ObjectStore, prefix: str, local_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Download a publication into ``local_dir``, verifying each file's sha256 and size.
+def fetch_published(
+    store: ObjectStore, prefix: str, local_dir: str | os.PathLike[str], keep_manifest: bool = False
+) -> dict[str, Any]:
+    """Download a publication into ``local_dir``, verifying each file's sha256 and size (with
+    ``keep_manifest`` its ``manifest.json`` too, written last: a published checkpoint downloaded so
+    is a ``huvidpo.training`` checkpoint directory).
 
     Raises ``NotPublished`` without a manifest, ``ChecksumMismatch`` (naming the file) if a file
     differs from its manifest entry, ``InvalidKey`` if the manifest names an unsafe path. Each file
@@ -125,6 +174,8 @@ def fetch_published(store: ObjectStore, prefix: str, local_dir: str | os.PathLik
         if info.size != int(entry["size"]):
             dest.unlink()
             raise ChecksumMismatch(key, f"{entry['size']} bytes", f"{info.size} bytes")
+    if keep_manifest:
+        (root / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True))
     return manifest
 
 
@@ -283,6 +334,7 @@ __all__ = [
     "RolloutRecord",
     "fetch_published",
     "is_published",
+    "publish_checkpoint",
     "publish_dir",
     "read_manifest",
     "read_rollout",

@@ -5,9 +5,9 @@
 2. Fetch the dataset version and the base model from the store, verifying every digest.
 3. If the store already holds checkpoints of this fine-tune (a previous attempt was killed), restore
    the newest one and resume from it.
-4. Run ``huvidpo.training``; each checkpoint is published to ``checkpoints/ckpt-{id}-{step}/`` with
-   its manifest written last (adapter/ for inference, state/ for resuming), and progress records go
-   to ``finetunes/{id}/progress.jsonl``.
+4. Run ``huvidpo.training``; each checkpoint directory (adapter/ for inference, state/ for resuming)
+   is uploaded as is to ``checkpoints/ckpt-{id}-{step}/`` with its manifest written last, and a
+   resume downloads it as is; progress records go to ``finetunes/{id}/progress.jsonl``.
 
 Exit codes (``ExitCode``, docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried:
 podFailurePolicy FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
@@ -19,12 +19,11 @@ import logging
 import shutil
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from services.common.publish import NotPublished, fetch_published, publish_dir, read_manifest
+from services.common.publish import NotPublished, fetch_published, publish_checkpoint, read_manifest
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
 from services.common.records.finetune import PairsRef, read_spec, read_status
@@ -120,19 +119,20 @@ def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
 
 
 def restore_checkpoint(store: ObjectStore, finetune_id: str, step: int, checkpoints_dir: Path) -> Path:
-    """Rebuild the training library's checkpoint directory from a published checkpoint."""
+    """Download a published checkpoint as is, with its manifest, into the training library's
+    checkpoint directory (the two layouts are one; a checkpoint published before that, with the
+    library's manifest under ``state/``, reads the same way)."""
     from huvidpo.training.checkpoint import checkpoint_name
 
-    with tempfile.TemporaryDirectory(dir=checkpoints_dir.parent) as tmp:
-        fetched = Path(tmp) / "fetched"
-        fetch_published(store, keys.checkpoint_prefix(keys.checkpoint_id(finetune_id, step)), fetched)
-        target = checkpoints_dir / checkpoint_name(step)
-        staging = Path(tmp) / "ckpt"
-        shutil.copytree(fetched / "state", staging)
-        if (fetched / "adapter").exists():
-            shutil.copytree(fetched / "adapter", staging / "adapter")
-        checkpoints_dir.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
+    target = checkpoints_dir / checkpoint_name(step)
+    tmp = checkpoints_dir / f"{checkpoint_name(step)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    fetch_published(
+        store, keys.checkpoint_prefix(keys.checkpoint_id(finetune_id, step)), tmp, keep_manifest=True
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
     return target
 
 
@@ -173,22 +173,8 @@ class StoreCallback:
         if self.store.exists(keys.checkpoint_manifest_key(cid)):
             return  # published by an earlier attempt (the resume point)
         started = time.monotonic()
-        with tempfile.TemporaryDirectory(dir=path.parent.parent) as tmp:
-            stage = Path(tmp)
-            for item in path.iterdir():
-                dest = stage / ("adapter" if item.name == "adapter" else f"state/{item.name}")
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if item.is_dir():
-                    shutil.copytree(item, dest)
-                else:
-                    shutil.copy2(item, dest)
-            publish_dir(
-                self.store,
-                stage,
-                keys.checkpoint_prefix(cid),
-                {"id": cid, "step": step, "lineage": self.lineage.model_dump(), "created_at": now()},
-            )
-            size = sum(f.stat().st_size for f in stage.rglob("*") if f.is_file())
+        manifest = publish_checkpoint(self.store, path, cid, self.lineage, now())
+        size = sum(f.size for f in manifest.files.values())
         log.info("checkpoint %s uploaded (%.1f MB in %.1f s)", cid, size / 1e6, time.monotonic() - started)
         self.progress.add(CheckpointEvent(step=step, checkpoint_id=cid))
 

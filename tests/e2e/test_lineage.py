@@ -45,12 +45,12 @@ def test_dataset_and_base_model_digests_are_equal_at_every_link_of_the_walk(
     assert ft["lineage"]["dataset_digest"] == dataset_digest
     assert ft["lineage"]["base_model_digest"] == base_model_digest
 
-    # checkpoint: the publication manifest (REST and store) and the library's state/manifest.json
+    # checkpoint: its one manifest, the publication's (REST and store); no second one under state/
     ckpt_id = summary["checkpoint"]["id"]
     published = CheckpointManifest.model_validate(store.get_json(keys.checkpoint_manifest_key(ckpt_id)))
-    state = store.get_json(keys.checkpoint_prefix(ckpt_id) + "state/manifest.json")
+    assert not store.exists(keys.checkpoint_prefix(ckpt_id) + "state/manifest.json")
     rest = running.cp.checkpoint(ckpt_id)
-    for lineage in (published.lineage.model_dump(), state["lineage"], rest["lineage"]):
+    for lineage in (published.lineage.model_dump(), rest["lineage"]):
         assert lineage["dataset_digest"] == dataset_digest
         assert lineage["base_model_digest"] == base_model_digest
     assert published.lineage.finetune_id == ft["id"]

@@ -40,7 +40,8 @@ def _trained_optimizer() -> tuple[torch.nn.Linear, torch.optim.AdamW]:
 def _write(root: Path, step: int, model: torch.nn.Module, opt: torch.optim.Optimizer) -> Path:
     def weights(d: Path) -> None:
         save_file(
-            {k: v.contiguous() for k, v in model.state_dict().items()}, str(d / "trainable.safetensors")
+            {k: v.contiguous() for k, v in model.state_dict().items()},
+            str(d / "state" / "trainable.safetensors"),
         )
 
     return write_checkpoint(root, step, weights, opt, {"step": step, "scheduler": {"last_epoch": step}})
@@ -82,10 +83,14 @@ def test_checkpoint_is_complete_pickle_free_and_verified(tmp_path: Path) -> None
     files = {p.relative_to(path).as_posix() for p in path.rglob("*") if p.is_file()} - {MANIFEST}
     assert set(manifest["files"]) == files
     assert {Path(f).suffix for f in files} <= {".json", ".safetensors"}
+    # The published layout: resume-only files under state/, the manifest beside them (and adapter/).
+    assert {f.split("/")[0] for f in files} == {"state"}
+    assert {"state/optimizer.safetensors", "state/rng.json", "state/trainer_state.json"} <= files
+    assert manifest["id"] == "ckpt-000007" and manifest["step"] == 7
     data = read_checkpoint(path)
     assert data.step == 7 and data.trainer_state["scheduler"] == {"last_epoch": 7}
     # A flipped byte is caught by the digests and such a checkpoint is never picked for resume.
-    target = path / "optimizer.safetensors"
+    target = path / "state" / "optimizer.safetensors"
     raw = bytearray(target.read_bytes())
     raw[-1] ^= 0xFF
     target.write_bytes(bytes(raw))
@@ -114,3 +119,18 @@ def test_latest_skips_incomplete_and_prune_keeps_last_n(tmp_path: Path) -> None:
     prune_checkpoints(tmp_path, keep_last=2)
     assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000006", "ckpt-000008"]
     assert not (tmp_path / "ckpt-000010.tmp").exists()
+
+
+def test_checkpoint_from_before_state_dir_is_still_read(tmp_path: Path) -> None:
+    """A local checkpoint written with its files at the top level (before ``state/``) still resumes."""
+    model, opt = _trained_optimizer()
+    path = _write(tmp_path, 3, model, opt)
+    for f in (path / "state").iterdir():
+        f.rename(path / f.name)
+    (path / "state").rmdir()
+    manifest = json.loads((path / MANIFEST).read_text())
+    manifest["files"] = {k.removeprefix("state/"): v for k, v in manifest["files"].items()}
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    assert latest_checkpoint(tmp_path) == path
+    data = read_checkpoint(path)
+    assert data.step == 3 and data.trainer_state["scheduler"] == {"last_epoch": 3}

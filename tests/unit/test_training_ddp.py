@@ -322,7 +322,7 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     s1 = run_stage1(Stage1Config(model=str(tiny_model_dir), dataset=str(pref_data), batch_size=2, max_steps=2,
                                  output_dir=str(tmp_path / "s1-single"), cache_dir=str(s1_out / "cache"),
                                  **STAGE1))  # type: ignore[arg-type]  # fmt: skip
-    trained = [load_file(str(d / "checkpoints" / "ckpt-000002" / "trainable.safetensors"))
+    trained = [load_file(str(d / "checkpoints" / "ckpt-000002" / "state" / "trainable.safetensors"))
                for d in (s1_out, s1.output_dir)]  # fmt: skip
     assert trained[0].keys() == trained[1].keys() and len(trained[0]) > 0
     for name, ref in trained[1].items():

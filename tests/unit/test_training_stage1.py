@@ -48,7 +48,7 @@ def test_cli_stage1_trains_only_the_selected_parameters(
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["loss"] > 0 and r["peak_memory_bytes"] > 0 and r["samples_per_second"] > 0 for r in rows)
     assert (out / "metrics.png").stat().st_size > 0
-    assert (out / "checkpoints" / "ckpt-000003" / "trainable.safetensors").is_file()
+    assert (out / "checkpoints" / "ckpt-000003" / "state" / "trainable.safetensors").is_file()
 
 
 def test_custom_patterns_on_a_plain_video_folder(tiny_model_dir: Path, clips: Path, tmp_path: Path) -> None:

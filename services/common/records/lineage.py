@@ -70,7 +70,9 @@ class DatasetVersionManifest(_Manifest):
 
 
 class CheckpointManifest(_Manifest):
-    """``checkpoints/{id}/manifest.json``: ``adapter/`` for inference, ``state/`` for resuming."""
+    """``checkpoints/{id}/manifest.json``: ``adapter/`` for inference, ``state/`` for resuming. The
+    published directory is ``huvidpo.training``'s checkpoint directory as written, and this is its
+    ``manifest.json`` too (the library writes the same shape; publishing sets ``id`` and ``lineage``)."""
 
     id: str
     step: int
