@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import os
 import threading
 import time
 from datetime import UTC, datetime
@@ -153,3 +154,22 @@ def image_bytes(width: int = 64, height: int = 64, fmt: str = "PNG", seed: int =
     buf = io.BytesIO()
     im.save(buf, format=fmt)
     return buf.getvalue()
+
+
+def inference_env(tmp: Path, model_dir: Path, **overrides: str) -> dict[str, str]:
+    """The environment of a `python -m services.inference` subprocess on 127.0.0.1 (ports chosen by the
+    OS unless overridden), local store and cache under ``tmp``, base model ``model_dir``."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[2]),
+        "HF_HUB_OFFLINE": "1",
+        "HUVIDPO_STORE_BACKEND": "local",
+        "HUVIDPO_STORE_ROOT": str(tmp / "store"),
+        "HUVIDPO_INFERENCE_HOST": "127.0.0.1",
+        "HUVIDPO_INFERENCE_PORT": "0",
+        "HUVIDPO_INFERENCE_METRICS_PORT": "0",
+        "HUVIDPO_INFERENCE_BASE_MODEL": str(model_dir),
+        "HUVIDPO_INFERENCE_CACHE_DIR": str(tmp / "cache"),
+    }
+    env.update(overrides)
+    return env

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import re
 import shutil
 import signal
@@ -20,7 +19,13 @@ import pytest
 
 from huvidpo.video_io import read_video
 from services.common.store import LocalStore
-from services.inference.testing import image_bytes, make_adapter, publish_checkpoint, set_rollout
+from services.inference.testing import (
+    image_bytes,
+    inference_env,
+    make_adapter,
+    publish_checkpoint,
+    set_rollout,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 # Starting the server process (torch import, model load) takes 10-40 s on a shared 2-core machine.
@@ -39,18 +44,7 @@ def served(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> It
     store = LocalStore(tmp / "store")
     publish_checkpoint(store, "ckpt-ft-g-1", make_adapter(tiny_model_dir, tmp / "g", seed=5).parent)
     set_rollout(store, "default", "ckpt-ft-g-1")
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HUVIDPO_STORE_BACKEND": "local",
-        "HUVIDPO_STORE_ROOT": str(tmp / "store"),
-        "HUVIDPO_INFERENCE_HOST": "127.0.0.1",
-        "HUVIDPO_INFERENCE_PORT": "0",
-        "HUVIDPO_INFERENCE_METRICS_PORT": "0",
-        "HUVIDPO_INFERENCE_BASE_MODEL": str(tiny_model_dir),
-        "HUVIDPO_INFERENCE_CACHE_DIR": str(tmp / "cache"),
-        "HUVIDPO_INFERENCE_POLL_SECONDS": "0.5",
-    }
+    env = inference_env(tmp, tiny_model_dir, HUVIDPO_INFERENCE_POLL_SECONDS="0.5")
     proc = subprocess.Popen(
         [sys.executable, "-m", "services.inference"],
         cwd=REPO,

@@ -3,7 +3,6 @@ already taken, or an invalid setting, ends the process at once with one line tha
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -14,24 +13,9 @@ from pathlib import Path
 
 import pytest
 
+from services.inference.testing import inference_env
+
 REPO = Path(__file__).resolve().parents[2]
-
-
-def inference_env(tmp: Path, model_dir: Path, **overrides: str) -> dict[str, str]:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "HF_HUB_OFFLINE": "1",
-        "HUVIDPO_STORE_BACKEND": "local",
-        "HUVIDPO_STORE_ROOT": str(tmp / "store"),
-        "HUVIDPO_INFERENCE_HOST": "127.0.0.1",
-        "HUVIDPO_INFERENCE_PORT": "0",
-        "HUVIDPO_INFERENCE_METRICS_PORT": "0",
-        "HUVIDPO_INFERENCE_BASE_MODEL": str(model_dir),
-        "HUVIDPO_INFERENCE_CACHE_DIR": str(tmp / "cache"),
-    }
-    env.update(overrides)
-    return env
 
 
 @pytest.fixture(scope="module")
