@@ -126,7 +126,7 @@ class DatasetService:
     def get(self, name: str) -> dict[str, Any]:
         validate_name(name, "dataset")
         record = read_json(self.store, dataset_prefix(name) + "dataset.json", f"dataset {name!r}")
-        return {**record, "versions": [v["id"] for v in self._manifests(name)]}
+        return {**record, "versions": [v["id"] for v in self.manifests(name)]}
 
     def list(
         self, page_size: int = 50, page_token: str | None = None
@@ -137,7 +137,7 @@ class DatasetService:
         for n in page:
             rec = read_json_or_none(self.store, dataset_prefix(n) + "dataset.json")
             if rec is not None:
-                out.append({**rec, "versions": [v["id"] for v in self._manifests(n)]})
+                out.append({**rec, "versions": [v["id"] for v in self.manifests(n)]})
         return out, token
 
     def delete(self, name: str, holds: Callable[[str], str | None] | None = None) -> None:
@@ -270,7 +270,7 @@ class DatasetService:
 
     def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
         """A new version: the files of ``base`` (its videos by reference) plus the dataset's rating records."""
-        manifest = self._manifest(name, base)
+        manifest = self.manifest(name, base)
         base = manifest["id"]
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"
@@ -294,7 +294,7 @@ class DatasetService:
         ``InvalidRequest`` naming the file and field of a bad dataset."""
         reuse: dict[str, dict[str, Any]] = {}
         if source.get("base"):
-            base = self._manifest(name, str(source["base"]))
+            base = self.manifest(name, str(source["base"]))
             for rel, meta in base["files"].items():
                 if not _is_record_file(rel):
                     key = self.object_key(name, base["id"], rel, meta)
@@ -465,9 +465,9 @@ class DatasetService:
 
     # ------------------------------------------------------------------------------- versions
     def list_versions(self, name: str) -> builtins.list[dict[str, Any]]:
-        return [self._view(m) for m in self._manifests(name)]
+        return [self._view(m) for m in self.manifests(name)]
 
-    def _manifests(self, name: str) -> builtins.list[dict[str, Any]]:
+    def manifests(self, name: str) -> builtins.list[dict[str, Any]]:
         out = []
         for d in self.store.list_dirs(dataset_prefix(name)):
             seg = d[len(dataset_prefix(name)) : -1]
@@ -479,9 +479,9 @@ class DatasetService:
 
     def get_version(self, name: str, digest: str) -> dict[str, Any]:
         """The version's manifest with its ``validation`` (and ``video_stats`` once that passed)."""
-        return self._view(self._manifest(name, digest))
+        return self._view(self.manifest(name, digest))
 
-    def _manifest(self, name: str, digest: str) -> dict[str, Any]:
+    def manifest(self, name: str, digest: str) -> dict[str, Any]:
         validate_name(name, "dataset")
         digest = validate_digest(digest)
         manifest: dict[str, Any] = read_json(
@@ -493,7 +493,7 @@ class DatasetService:
         self, name: str, digest: str, holds: Callable[[str], str | None] | None = None
     ) -> None:
         """Delete one version (and its compiled pairs); ``holds`` as for :meth:`delete`."""
-        manifest = self._manifest(name, digest)
+        manifest = self.manifest(name, digest)
         digest = manifest["id"]
         held = _holders(self.references(name, digest), holds)
         if held:
@@ -503,7 +503,7 @@ class DatasetService:
         # Its own files and the staged files it referenced, unless another version references them.
         kept = {
             self.object_key(name, m["id"], rel, meta)
-            for m in self._manifests(name)
+            for m in self.manifests(name)
             for rel, meta in m["files"].items()
         }
         for obj in self.store.list(version_prefix(name, digest)):
@@ -524,7 +524,7 @@ class DatasetService:
 
     def fetch_version(self, name: str, digest: str) -> Path:
         """A verified local copy of a version's dataset directory (cached by digest)."""
-        manifest = self._manifest(name, digest)
+        manifest = self.manifest(name, digest)
         digest = manifest["id"]
         dest = self.cache_dir / "datasets" / name / digest
         if (dest / ".complete").exists():
@@ -599,23 +599,37 @@ class DatasetService:
         """``(version, {video_id: prompt})`` of the dataset's current (latest) version; ``(None, {})``
         while it has none. Read without validating: the version was valid when it was published, and
         one published before a rule was added must still answer."""
-        from huvidpo.data import find_manifest
-
-        versions = self._manifests(name)
+        versions = self.manifests(name)
         if not versions:
             return None, {}
         version = str(versions[-1]["id"])
-        manifest = find_manifest(self.fetch_version(name, version))
-        text = manifest.read_text(encoding="utf-8-sig")
-        if manifest.suffix == ".jsonl":
-            records = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-        else:
-            records = json.loads(text)
         prompts = {}
-        for r in records:
+        for r in self.version_records(name, version):
             if isinstance(r, dict) and r.get("type", "video") == "video" and "file" in r and "id" in r:
                 prompts[str(r["id"])] = str(r.get("prompt", r.get("category")))
         return version, prompts
+
+    def version_records(self, name: str, version: str) -> builtins.list[Any]:
+        """The records of a version's manifest file (``manifest.jsonl`` or ``manifest.json``), read from
+        the store alone and checked against the version's digest: no video is fetched."""
+        manifest = self.manifest(name, version)
+        for rel in ("data/manifest.jsonl", "data/manifest.json"):
+            meta = manifest["files"].get(rel)
+            if meta is None:
+                continue
+            data = self.store.get_bytes(self.object_key(name, manifest["id"], rel, meta))
+            if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+                raise InvalidRequest(
+                    f"version {manifest['id']} of dataset {name!r}: {rel[len('data/') :]} differs from "
+                    "its recorded digest",
+                    field="version",
+                )
+            text = data.decode("utf-8-sig")
+            if rel.endswith(".jsonl"):
+                return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
+            records = json.loads(text)
+            return records if isinstance(records, list) else []
+        return []
 
     def delete_rating(self, name: str, rating_id: str) -> None:
         """Delete one stored rating, choice or tie record; ``NotFound`` when there is none."""
@@ -639,7 +653,7 @@ class DatasetService:
         """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
-        digest = self._manifest(name, digest)["id"]
+        digest = self.manifest(name, digest)["id"]
         prefix = self.pairs_prefix(name, digest, options)
         cached = read_json_or_none(self.store, prefix + "report.json")
         if cached is not None:

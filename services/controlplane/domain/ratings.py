@@ -147,7 +147,7 @@ class RatingService:
 
     # ------------------------------------------------------------------------------ reading
     def latest_version(self, name: str) -> str:
-        versions = self.datasets.list_versions(name)
+        versions = self.datasets.manifests(name)
         if not versions:
             raise NotFound(f"dataset {name!r} has no version yet; upload one first")
         return str(versions[-1]["id"])
@@ -155,15 +155,7 @@ class RatingService:
     def videos(self, name: str, version: str) -> list[VideoInfo]:
         """The videos of a version in manifest order, with the A/B fields of on-policy sample sets
         (``checkpoint``, ``first_frame``, ``sample``) when the manifest has them."""
-        from huvidpo.data import find_manifest
-
-        data = self.datasets.fetch_version(name, version)
-        manifest = find_manifest(data)
-        text = manifest.read_text(encoding="utf-8")
-        if manifest.suffix == ".jsonl":
-            records = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-        else:
-            records = json.loads(text)
+        records = self.datasets.version_records(name, version)
         out: list[VideoInfo] = []
         for r in records:
             if not isinstance(r, dict) or "file" not in r or r.get("type", "video") != "video":
@@ -201,7 +193,7 @@ class RatingService:
         validate_relative_path(path, "path")
         if Path(path).suffix.lower() not in VIDEO_EXTENSIONS:
             raise NotFound(f"{path!r} is not a video of version {version}")
-        manifest = self.datasets.get_version(name, version)
+        manifest = self.datasets.manifest(name, version)
         if "data/" + path not in manifest["files"]:
             raise NotFound(f"file {path!r} not found in version {version} of dataset {name!r}")
         return self.datasets.fetch_version(name, version) / path
@@ -324,7 +316,7 @@ class RatingService:
         seen = set()
         while version not in seen:
             seen.add(version)
-            src = self.datasets.get_version(name, version).get("source", {})
+            src = self.datasets.manifest(name, version).get("source", {})
             base = src.get("ratings", {}).get("base") if isinstance(src.get("ratings"), dict) else None
             if not isinstance(base, str):
                 return version
