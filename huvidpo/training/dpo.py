@@ -332,7 +332,8 @@ class DPOTask:
             sparse_causal=cast(SparseCausalMode, cfg.sparse_causal),
             unet_dir=cfg.unet_dir,
         )
-        self.model_digest = directory_digest(cfg.model)
+        # The trainer passes the publication digest; only library use hashes the model directory.
+        self.model_digest = cfg.base_model_digest or directory_digest(cfg.model)
         self.source = make_clip_source(
             components, cfg, device, f"{self.model_digest}:{components.vae.dtype}", data.frame_counts
         )

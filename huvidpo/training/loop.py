@@ -126,7 +126,7 @@ def train(
     model, optimizer = accelerator.prepare(task.unet, optimizer)
     start_step = _restore(resume_from, task, cfg, optimizer, lr_sched) if resume_from is not None else 0
     # The caller's digests when it has them (the trainer: the ones the store publishes them under).
-    lineage = {"base_model_digest": cfg.base_model_digest or task.model_digest,
+    lineage = {"base_model_digest": task.model_digest,
                "dataset_digest": cfg.dataset_digest or directory_digest(cfg.dataset),
                "config": cfg.to_dict(), "stage": task.stage}  # fmt: skip
     cb = run_callbacks(out, cfg, accelerator, start_step if resume_from else None, callbacks)

@@ -11,9 +11,10 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from services.common.publish import RolloutRecord
+from services.common.records.keys import BASE_MODEL
 from services.inference.errors import UnknownCheckpoint
 
-BASE_ID = "base"
+BASE_ID = BASE_MODEL
 ROLES = ("base", "current", "canary", "pinned", "retiring")
 
 

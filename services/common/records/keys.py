@@ -17,6 +17,9 @@ ROLLOUTS = "rollouts/"
 GENERATIONS = "generations/"
 IDEMPOTENCY_FINETUNES = "idempotency/finetunes/"
 MANIFEST = "manifest.json"
+# The name a rollout gives the base model itself, in place of a checkpoint id (REST, the rollout record
+# and the inference service agree on it).
+BASE_MODEL = "base"
 
 # ``ckpt-<finetune_id>-<step>``: the fine-tune id may hold dashes, so the step is the last dash's tail.
 CHECKPOINT_ID_RE = re.compile(r"^ckpt-(?P<finetune>[a-z0-9-]{1,63})-(?P<step>[0-9]{1,10})$")

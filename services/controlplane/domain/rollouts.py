@@ -18,15 +18,12 @@ import builtins
 from typing import Any
 
 from services.common.publish import RevisionConflict, RolloutRecord, read_rollout, write_rollout
-from services.common.records.keys import ROLLOUTS
+from services.common.records.keys import BASE_MODEL, ROLLOUTS
 from services.common.store import ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_name
 from services.controlplane.domain.util import Clock, paginate, utcnow
-
-# The checkpoint id that names the base model itself (the inference service's ``BASE_ID``).
-BASE_MODEL = "base"
 
 
 class RolloutService:
