@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from services.common.publish import MANIFEST_NAME, NotPublished, fetch_published
+from services.common.publish import NotPublished, fetch_published
 from services.common.records import keys
 from services.common.store import ChecksumMismatch, InvalidKey, ObjectStore
 from services.inference.errors import CheckpointRefused
@@ -56,7 +56,6 @@ def fetch_base_model(store: ObjectStore, source: str, cache_dir: Path) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=_ensure(cache_dir)))
     try:
         fetch_published(store, source, tmp)
-        (tmp / MANIFEST_NAME).unlink(missing_ok=True)
         if model_dir.exists():
             shutil.rmtree(model_dir)
         model_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +94,7 @@ def fetch_checkpoint(store: ObjectStore, checkpoint_id: str, cache_dir: Path) ->
         missing = sorted(CHECKPOINT_FILES - files)
         if missing:
             raise CheckpointRefused(checkpoint_id, f"missing files {missing}", "files")
-        info = store.stat(prefix + MANIFEST_NAME)
+        info = store.stat(keys.checkpoint_manifest_key(checkpoint_id))
         manifest_sha = (info.sha256 if info else None) or ""
         if dest.exists():
             shutil.rmtree(dest)

@@ -39,15 +39,13 @@ from services.common.settings import InferenceSettings
 from services.common.store import ObjectStore
 from services.inference.batcher import Job, ProgressFn, StopFn
 from services.inference.errors import CheckpointRefused, ModelNotReady, UnknownCheckpoint
-from services.inference.fetch import CHECKPOINT_FILES, fetch_base_model, fetch_checkpoint
+from services.inference.fetch import fetch_base_model, fetch_checkpoint
 from services.inference.follow import RolloutFollower
 from services.inference.metrics import InferenceMetrics
-from services.inference.routing import BASE_ID, ROLES, RoutingTable, canary_arm, roles_after, route
+from services.inference.routing import BASE_ID, RoutingTable, canary_arm, roles_after, route
 
 __all__ = [
     "BASE_ID",
-    "CHECKPOINT_FILES",
-    "ROLES",
     "CanaryRouter",
     "LoadedModel",
     "ModelManager",
@@ -272,10 +270,6 @@ class ModelManager:
             exc.stage,
             exc.reason,
         )
-
-    def sync_rollout(self) -> None:
-        """Apply the rollout record if its revision changed (what the follower does on each poll)."""
-        self.follower.sync()
 
     def apply_rollout(self, record: RolloutRecord) -> None:
         """Load and verify the record's checkpoints, then swap the routing table and the roles.

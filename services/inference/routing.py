@@ -15,7 +15,6 @@ from services.common.records.keys import BASE_MODEL
 from services.inference.errors import UnknownCheckpoint
 
 BASE_ID = BASE_MODEL
-ROLES = ("base", "current", "canary", "pinned", "retiring")
 
 
 @dataclass(frozen=True)

@@ -64,8 +64,7 @@ class CheckpointService:
 
     def delete(self, checkpoint_id: str) -> None:
         """Delete a checkpoint, manifest first (it stops existing before its files go). Whether it may
-        be deleted is ``domain/retention.py``'s question, asked before this."""
-        self.manifest(checkpoint_id)
+        be deleted is ``domain/retention.py``'s question, asked (NotFound included) before this."""
         self.store.delete(manifest_key(checkpoint_id))
         self.store.delete_prefix(keys.checkpoint_prefix(checkpoint_id))
 
