@@ -277,9 +277,7 @@ class DPOConfig(TrainConfig):
     stage: ClassVar[str] = "dpo"
 
     def validate(self) -> None:
-        super().validate()
-        if self.beta <= 0:
-            raise ConfigError(f"beta must be > 0, got {self.beta}", field="beta")
+        super().validate()  # the documented bounds (beta > 0, lora_rank >= 1, eval_draws >= 1, ...) included
         if self.reference not in ("adapter_disabled", "frozen_copy"):
             raise ConfigError(
                 f"reference must be 'adapter_disabled' or 'frozen_copy', got {self.reference!r}",
@@ -287,14 +285,8 @@ class DPOConfig(TrainConfig):
             )
         if self.sft_weight < 0:
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", field="sft_weight")
-        if self.lora_rank < 1 or self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            bad = (
-                "lora_rank"
-                if self.lora_rank < 1
-                else "lora_alpha"
-                if self.lora_alpha <= 0
-                else "lora_dropout"
-            )
+        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
+            bad = "lora_alpha" if self.lora_alpha <= 0 else "lora_dropout"
             raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1", field=bad)
         if self.tie_policy not in ("drop", "keep"):
             raise ConfigError(
@@ -308,8 +300,6 @@ class DPOConfig(TrainConfig):
             raise ConfigError(
                 f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}", field="holdout_fraction"
             )
-        if self.eval_draws < 1:
-            raise ConfigError(f"eval_draws must be >= 1, got {self.eval_draws}", field="eval_draws")
 
 
 C = TypeVar("C", bound=TrainConfig)

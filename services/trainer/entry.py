@@ -88,13 +88,13 @@ class ProgressWriter:
             self.lines = [ln for ln in text.splitlines() if ln.strip()]
         except ObjectNotFound:
             self.lines = []
-        self.events: list[ProgressEvent] = parse_progress("\n".join(self.lines))
+        self._attempts = attempts(parse_progress("\n".join(self.lines)))
         self._dirty = False
 
     def add(self, event: ProgressEvent, flush: bool = True) -> None:
         if event.time is None:
             event.time = now()
-        self.events.append(event)
+        self._attempts += isinstance(event, StartEvent)
         self.lines.append(event.to_line())
         self._dirty = True
         if flush or time.monotonic() - self._last_flush >= self.min_interval:
@@ -110,7 +110,8 @@ class ProgressWriter:
         self._last_flush = time.monotonic()
 
     def attempts(self) -> int:
-        return attempts(self.events)
+        """Attempts started so far: the start events read at open plus those added since."""
+        return self._attempts
 
 
 def published_steps(store: ObjectStore, finetune_id: str) -> list[int]:
