@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.publish import NotPublished, fetch_published, publish_checkpoint, read_manifest
-from services.common.records import keys
+from services.common.records import hyperparameters, keys
 from services.common.records.exit_codes import ExitCode
 from services.common.records.finetune import PairsRef, read_spec, read_status
 from services.common.records.lineage import (
@@ -259,7 +259,6 @@ def _run(
     spec = read_spec(store, finetune_id)
     if spec is None:
         raise BadInput(f"fine-tune {finetune_id} has no spec in the store")
-    req = spec.request()
     work = Path(settings.work_dir) / finetune_id
     work.mkdir(parents=True, exist_ok=True)
     dataset_dir = work / "dataset"
@@ -267,41 +266,34 @@ def _run(
     try:
         if not (dataset_dir / ".complete").exists():
             shutil.rmtree(dataset_dir, ignore_errors=True)
-            fetch_published(store, keys.dataset_version_prefix(req["dataset"], req["version"]), dataset_dir)
+            fetch_published(store, keys.dataset_version_prefix(spec.dataset, spec.version), dataset_dir)
             (dataset_dir / ".complete").write_text("")
         if not (model_dir / ".complete").exists():
             shutil.rmtree(model_dir, ignore_errors=True)
-            fetch_published(store, keys.model_prefix(req["base_model"]), model_dir)
+            fetch_published(store, keys.model_prefix(spec.base_model), model_dir)
             (model_dir / ".complete").write_text("")
         # Identity of what this run trains on: the one digest of the publications just verified.
         dataset_digest = DatasetVersionManifest.model_validate(
-            read_manifest(store, keys.dataset_version_prefix(req["dataset"], req["version"]))
+            read_manifest(store, keys.dataset_version_prefix(spec.dataset, spec.version))
         ).content_digest()
-        base_model_digest = content_digest(
-            read_manifest(store, keys.model_prefix(req["base_model"]))["files"]
-        )
+        base_model_digest = content_digest(read_manifest(store, keys.model_prefix(spec.base_model))["files"])
     except NotPublished as exc:
         raise BadInput(str(exc)) from exc
     out = work / "out"
-    hp = dict(req.get("hyperparameters") or {})
+    inputs: dict[str, Any] = {
+        "model": str(model_dir),
+        "dataset": str(dataset_dir / "data"),
+        "output_dir": str(out),
+        "device": settings.device,
+        "plot": False,
+        "dataset_digest": dataset_digest,
+        "base_model_digest": base_model_digest,
+    }
     if spec.pairs is not None:
-        hp["pairs_file"] = str(_fetch_pairs(store, spec.pairs, work / "pairs.jsonl"))
-    if settings.checkpoint_every and "checkpoint_every" not in hp:
-        hp["checkpoint_every"] = settings.checkpoint_every
-    cls = DPOConfig if req["stage"] == "dpo" else Stage1Config
-    cfg = cls.from_mapping(
-        {
-            **hp,
-            "model": str(model_dir),
-            "dataset": str(dataset_dir / "data"),
-            "output_dir": str(out),
-            "device": settings.device,
-            "plot": False,
-            "dataset_digest": dataset_digest,
-            "base_model_digest": base_model_digest,
-        },
-        source="fine-tune hyperparameters",
-    )
+        inputs["pairs_file"] = str(_fetch_pairs(store, spec.pairs, work / "pairs.jsonl"))
+    if settings.checkpoint_every and "checkpoint_every" not in spec.hyperparameters.model_fields_set:
+        inputs["checkpoint_every"] = settings.checkpoint_every
+    cfg = hyperparameters.to_config(spec.stage, spec.hyperparameters, **inputs)
     cfg.validate()
 
     # Resume from the newest *published* checkpoint only: a local one may never have reached the store.
@@ -328,7 +320,7 @@ def _run(
     )
     log.info(
         "fine-tune %s: %s on dataset %s version %s, base model %s, %s steps, attempt %d%s",
-        finetune_id, req["stage"], req["dataset"], str(req["version"])[:12], req["base_model"],
+        finetune_id, spec.stage, spec.dataset, str(spec.version)[:12], spec.base_model,
         total if total is not None else f"{cfg.epochs} epochs of", progress.attempts(),
         f", resuming at step {resume_step}" if resume_step is not None else "",
     )  # fmt: skip
@@ -338,6 +330,7 @@ def _run(
     if isinstance(cfg, DPOConfig):
         result = run_dpo(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     else:
+        assert isinstance(cfg, Stage1Config)
         result = run_stage1(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     progress.flush()
     if result.stopped and _cancel_requested(store, finetune_id):

@@ -121,7 +121,7 @@ def test_content_digest_depends_on_content_not_order() -> None:
 
 
 def test_hyperparameters_are_checked_by_the_training_config() -> None:
-    assert validate_hyperparameters("dpo", {"max-steps": 5})["max_steps"] == 5
+    assert validate_hyperparameters("dpo", {"max-steps": 5}).max_steps == 5  # type: ignore[attr-defined]
     with pytest.raises(InvalidRequest) as err:
         validate_hyperparameters("dpo", {"beta": 0})
     assert err.value.field == "hyperparameters.beta"

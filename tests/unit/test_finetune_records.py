@@ -13,7 +13,7 @@ import pytest
 
 from services.common.records import finetune as records
 from services.common.records import keys
-from services.common.records.finetune import FineTuneSpec, FineTuneStatus, read_spec, read_status
+from services.common.records.finetune import FineTuneSpec, FineTuneStatus, read_spec, read_status, write_spec
 from services.common.store import LocalStore, ObjectStore
 from services.controlplane.domain.datasets import DatasetService
 from services.controlplane.domain.errors import Conflict
@@ -208,3 +208,74 @@ def test_an_older_stores_single_record_reads_as_spec_and_status(tmp_path: Path) 
     assert store.get_json(keys.finetune_status_key("ft-old"))["state"] == "cancelled"
     assert store.get_json(keys.finetune_record_key("ft-old"))["state"] == "running"
     assert svc.get("ft-old")["state"] == "cancelled"
+
+
+# ------------------------------------------------------------------ typed hyperparameters in the spec
+def _typed_spec(stage: str, hyperparameters: dict[str, object]) -> FineTuneSpec:
+    from services.common.records import hyperparameters as hp_mod
+
+    return FineTuneSpec(
+        id="ft-typed",
+        created_at="2026-12-03T00:00:00Z",
+        dataset="cats",
+        version="0" * 64,
+        base_model="tiny",
+        stage=stage,  # type: ignore[arg-type]
+        hyperparameters=hp_mod.parse(stage, hyperparameters),
+    )
+
+
+def test_a_spec_holds_typed_hyperparameters_and_stores_only_those_set(tmp_path: Path) -> None:
+    from huvidpo.training.config import DPOConfig, Stage1Config
+    from services.common.records import hyperparameters as hp_mod
+
+    store = LocalStore(tmp_path)
+    # As a YAML file or a JSON client may send them: 1e4 for an int, a string for a float, "-" keys.
+    spec = write_spec(store, _typed_spec("dpo", {"max-steps": 1e4, "beta": "25", "lora_rank": 8}))
+    stored = store.get_json(keys.finetune_spec_key(spec.id))
+    assert stored["hyperparameters"] == {"max_steps": 10000, "beta": 25.0, "lora_rank": 8}
+    back = read_spec(store, spec.id)
+    assert back is not None and isinstance(back.hyperparameters, hp_mod.DPOHyperparameters)
+    assert back.hyperparameters.model_fields_set == {"max_steps", "beta", "lora_rank"}
+    # Unset options are the library's defaults, typed: the trainer's config comes from the spec alone.
+    cfg = hp_mod.to_config("dpo", back.hyperparameters, model="m", dataset="d", output_dir="o")
+    assert isinstance(cfg, DPOConfig)
+    assert (cfg.max_steps, cfg.beta, cfg.lora_rank, cfg.lora_alpha) == (10000, 25.0, 8, DPOConfig.lora_alpha)
+
+    stage1 = write_spec(store, _typed_spec("stage1", {"max_steps": 7}).model_copy(update={"id": "ft-s1"}))
+    back1 = read_spec(store, stage1.id)
+    assert back1 is not None and isinstance(back1.hyperparameters, hp_mod.Stage1Hyperparameters)
+    assert isinstance(
+        hp_mod.to_config("stage1", back1.hyperparameters, model="m", dataset="d", output_dir="o"),
+        Stage1Config,
+    )
+
+
+def test_the_typed_models_are_the_library_config_less_what_the_trainer_sets() -> None:
+    import dataclasses
+
+    from huvidpo.training.config import ConfigError, DPOConfig, Stage1Config
+    from services.common.records import hyperparameters as hp_mod
+
+    for stage, cls in (("dpo", DPOConfig), ("stage1", Stage1Config)):
+        names = {f.name for f in dataclasses.fields(cls)}
+        assert set(hp_mod.MODELS[stage].model_fields) == names - hp_mod.RESERVED
+    # A stage-1 spec cannot carry a DPO option; a stored spec with one does not read as valid.
+    with pytest.raises(ConfigError) as err:
+        hp_mod.parse("stage1", {"beta": 10})
+    assert err.value.field == "beta"
+    with pytest.raises(ConfigError) as err:
+        hp_mod.parse("dpo", {"pairs_file": "/etc/passwd"})
+    assert err.value.field == "pairs_file"
+    with pytest.raises(ValueError):
+        FineTuneSpec.model_validate(
+            {
+                "id": "x",
+                "created_at": "",
+                "dataset": "d",
+                "version": "v",
+                "base_model": "b",
+                "stage": "stage1",
+                "hyperparameters": {"beta": 10},
+            }
+        )

@@ -111,13 +111,17 @@ def test_one_checkpoint_listing_for_trainer_finetunes_and_checkpoints(tmp_path: 
     assert len(CheckpointService(store).list()[0]) == 4
 
 
-def test_records_import_neither_torch_nor_the_library() -> None:
-    """The supervisor and the control plane import these at start: they must stay light."""
+def test_records_import_neither_torch_nor_the_libraries_heavy_parts() -> None:
+    """The supervisor and the control plane import these at start: they must stay light. Of the
+    library they import only the training config (the typed hyperparameters are made from it), which
+    imports neither torch, diffusers nor numpy."""
     code = (
         "import sys, services.common.records.keys, services.common.records.exit_codes, "
         "services.common.records.listing, services.common.records.progress, services.common.records.lineage, "
-        "services.common.records.finetune; "
-        "print(sorted(m for m in ('torch', 'diffusers', 'huvidpo') if m in sys.modules))"
+        "services.common.records.finetune, services.common.records.hyperparameters; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'numpy', 'peft')"
+        " or (m.startswith('huvidpo.') and m not in ('huvidpo._lazy', 'huvidpo.bounds', 'huvidpo.models',"
+        " 'huvidpo.models.patterns', 'huvidpo.training', 'huvidpo.training.config'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr

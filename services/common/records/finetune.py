@@ -15,9 +15,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, model_validator
 
 from services.common.records import keys
+from services.common.records.hyperparameters import MODELS, Hyperparameters
 from services.common.store import ObjectNotFound, ObjectStore, PreconditionFailed, StoreError
 
 State = Literal["queued", "running", "succeeded", "failed", "cancelled"]
@@ -48,7 +49,10 @@ class PairsRef(BaseModel):
 
 class FineTuneSpec(BaseModel):
     """What to train: the dataset version (and its compiled pairs), the base model, the stage and
-    hyperparameters the control plane validated against the training library's config."""
+    hyperparameters the control plane validated against the training library's config.
+
+    ``hyperparameters`` is the stage's typed model (``records.hyperparameters``); the stored JSON holds
+    only the options that were set, so the library's defaults apply to the rest."""
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
@@ -58,12 +62,25 @@ class FineTuneSpec(BaseModel):
     version: str
     base_model: str
     stage: Stage = "dpo"
-    # Keys as ``huvidpo.training.config`` names them (``_``), already validated with
-    # ``validate_hyperparameters``; kept a mapping so that reading a spec needs no torch.
-    hyperparameters: dict[str, Any] = Field(default_factory=dict)
+    hyperparameters: Hyperparameters
     lineage: dict[str, str] = Field(default_factory=dict)
     fingerprint: str = ""
     pairs: PairsRef | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _typed_hyperparameters(cls, data: Any) -> Any:
+        # The model depends on the stage: a mapping (as stored) becomes that stage's typed model.
+        if isinstance(data, dict):
+            stage = data.get("stage", "dpo")
+            hp = data.get("hyperparameters") or {}
+            if stage in MODELS and not isinstance(hp, BaseModel):
+                data = {**data, "hyperparameters": MODELS[stage].model_validate(hp)}
+        return data
+
+    @field_serializer("hyperparameters")
+    def _set_only(self, hp: Hyperparameters) -> dict[str, Any]:
+        return hp.as_mapping()
 
     def request(self) -> dict[str, Any]:
         """The request fields as the REST view shows them."""
@@ -72,7 +89,7 @@ class FineTuneSpec(BaseModel):
             "version": self.version,
             "base_model": self.base_model,
             "stage": self.stage,
-            "hyperparameters": self.hyperparameters,
+            "hyperparameters": self.hyperparameters.as_mapping(),
         }
 
 

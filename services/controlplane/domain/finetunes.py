@@ -27,6 +27,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from huvidpo.training.config import ConfigError
+from services.common.records import hyperparameters as hyperparameters_mod
 from services.common.records import keys
 from services.common.records.finetune import (
     FineTuneSpec,
@@ -38,6 +40,7 @@ from services.common.records.finetune import (
     update_status,
     write_spec,
 )
+from services.common.records.hyperparameters import Hyperparameters
 from services.common.records.lineage import content_digest
 from services.common.records.listing import published_checkpoints
 from services.common.records.progress import EndEvent
@@ -67,10 +70,6 @@ STATES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ACTIVE = frozenset({"queued", "running"})
 STAGES = ("dpo", "stage1")
-# Set by the trainer from the fine-tune's inputs, never by the caller.
-RESERVED_HYPERPARAMETERS = frozenset(
-    {"model", "dataset", "output_dir", "unet_dir", "cache_dir", "device", "pairs_file"}
-)
 MAX_IDEMPOTENCY_KEY = 255
 
 
@@ -98,36 +97,21 @@ class FineTuneRequest:
         return hashlib.sha256(blob).hexdigest()
 
 
-def validate_hyperparameters(stage: str, hyperparameters: dict[str, Any]) -> dict[str, Any]:
-    """Check hyperparameters against the training library's own config (same rules as its CLI).
-
-    Returns the normalised mapping (keys with ``_``). Raises :class:`InvalidRequest` naming the field."""
+def validate_hyperparameters(stage: str, hyperparameters: dict[str, Any]) -> Hyperparameters:
+    """Check hyperparameters against the training library's own config (same rules as its CLI) and
+    return them typed (``records.hyperparameters``). Raises :class:`InvalidRequest` naming the field."""
     if stage not in STAGES:
         raise InvalidRequest(f"stage must be one of {', '.join(STAGES)}", field="stage")
-    normalised = {str(k).replace("-", "_"): v for k, v in hyperparameters.items()}
-    reserved = sorted(RESERVED_HYPERPARAMETERS & set(normalised))
-    if reserved:
-        raise InvalidRequest(
-            f"hyperparameters may not set {', '.join(reserved)}: the trainer sets them from the fine-tune's inputs",
-            field=f"hyperparameters.{reserved[0]}",
-        )
-    from huvidpo.training.config import ConfigError, DPOConfig, Stage1Config
-
-    cls = DPOConfig if stage == "dpo" else Stage1Config
     try:
-        cfg = cls.from_mapping(
-            {**normalised, "model": "m", "dataset": "d", "output_dir": "o"}, source="hyperparameters"
-        )
-        cfg.validate()
+        return hyperparameters_mod.parse(stage, hyperparameters)
     except ConfigError as exc:
         field = f"hyperparameters.{exc.field}" if exc.field else "hyperparameters"
         raise InvalidRequest(str(exc), field=field) from exc
     except (TypeError, ValueError) as exc:
         raise InvalidRequest(str(exc), field="hyperparameters") from exc
-    return normalised
 
 
-def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str, Any] | None) -> None:
+def check_clips_fit(hp: Hyperparameters, stats: dict[str, Any] | None) -> None:
     """Refuse clips the dataset version's videos cannot give (``stats``: the version's
     ``video_stats``): too many frames, or frames larger than the smallest video. Raises
     :class:`InvalidRequest` naming the option. A version without stats is not checked here (the
@@ -135,27 +119,21 @@ def check_clips_fit(stage: str, hyperparameters: dict[str, Any], stats: dict[str
     if not stats:
         return
     from huvidpo.data.stats import frames_problem, size_problem
-    from huvidpo.training.config import DPOConfig, Stage1Config
 
-    cls = DPOConfig if stage == "dpo" else Stage1Config
-    cfg = cls.from_mapping({**hyperparameters, "model": "m", "dataset": "d", "output_dir": "o"})
-    problem = frames_problem(stats.get("min_frames"), cfg.num_frames, cfg.frame_stride)
+    problem = frames_problem(stats.get("min_frames"), hp.num_frames, hp.frame_stride)  # type: ignore[attr-defined]
     if problem:
         raise InvalidRequest(problem, field="hyperparameters.num_frames")
-    size = size_problem(stats, cfg.height, cfg.width)
+    size = size_problem(stats, hp.height, hp.width)  # type: ignore[attr-defined]
     if size:
         raise InvalidRequest(size[1], field=f"hyperparameters.{size[0]}")
 
 
-def pair_options(stage: str, hyperparameters: dict[str, Any]) -> PairOptions | None:
-    """The pair-compiler options a fine-tune's (validated) hyperparameters give; None for stage 1,
-    which trains on single clips."""
+def pair_options(stage: str, hp: Hyperparameters) -> PairOptions | None:
+    """The pair-compiler options a fine-tune's hyperparameters give; None for stage 1, which trains
+    on single clips."""
     if stage != "dpo":
         return None
-    from huvidpo.training.config import DPOConfig
-
-    cfg = DPOConfig.from_mapping({**hyperparameters, "model": "m", "dataset": "d", "output_dir": "o"})
-    return PairOptions(cfg.tie_policy, cfg.min_margin, cfg.margin_weighting, cfg.seed)
+    return PairOptions(hp.tie_policy, hp.min_margin, hp.margin_weighting, hp.seed)  # type: ignore[attr-defined]
 
 
 def derive_state(
@@ -209,8 +187,9 @@ class FineTuneService:
         self.on_transition = on_transition
 
     # ------------------------------------------------------------------------------- create
-    def validate(self, req: FineTuneRequest) -> tuple[FineTuneRequest, dict[str, Any]]:
-        """Check every input exists and every hyperparameter is valid; returns (normalised request, lineage)."""
+    def validate(self, req: FineTuneRequest) -> tuple[FineTuneRequest, Hyperparameters, dict[str, Any]]:
+        """Check every input exists and every hyperparameter is valid; returns (normalised request,
+        typed hyperparameters, lineage)."""
         validate_name(req.dataset, "dataset")
         req = FineTuneRequest(
             req.dataset,
@@ -227,7 +206,7 @@ class FineTuneService:
             raise InvalidRequest(
                 f"dataset {req.dataset!r} has no version {req.version}", field="version"
             ) from exc
-        check_clips_fit(req.stage, hp, dataset_manifest.get("video_stats"))
+        check_clips_fit(hp, dataset_manifest.get("video_stats"))
         model_manifest = read_json_or_none(self.store, keys.model_manifest_key(req.base_model))
         if model_manifest is None:
             raise InvalidRequest(
@@ -240,8 +219,10 @@ class FineTuneService:
             "base_model": req.base_model,
             "base_model_digest": _model_digest(model_manifest),
         }
-        normalised = FineTuneRequest(req.dataset, req.version, req.base_model, req.stage, hp)
-        return normalised, lineage
+        # Keys as the library names them (``_``), values as sent: the fingerprint of a retry is the same.
+        as_sent = {str(k).replace("-", "_"): v for k, v in req.hyperparameters.items()}
+        normalised = FineTuneRequest(req.dataset, req.version, req.base_model, req.stage, as_sent)
+        return normalised, hp, lineage
 
     def create(self, req: FineTuneRequest, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
         """Validate, record and submit a fine-tune. Returns (view, created); a retried key returns the first one."""
@@ -253,7 +234,7 @@ class FineTuneService:
                     field="Idempotency-Key",
                 )
             idem_key = hashlib.sha256(idempotency_key.encode()).hexdigest()
-        req, lineage = self.validate(req)
+        req, hp, lineage = self.validate(req)
         fingerprint = req.fingerprint()
         if idem_key is not None:
             finetune_id = "ft-" + idem_key[:20]
@@ -274,7 +255,7 @@ class FineTuneService:
                 )
         else:
             finetune_id = new_id("ft", 10)
-        pairs = self._compile_pairs(req)
+        pairs = self._compile_pairs(req, hp)
         spec = FineTuneSpec(
             id=finetune_id,
             created_at=iso(self.clock()),
@@ -282,7 +263,7 @@ class FineTuneService:
             version=req.version,
             base_model=req.base_model,
             stage=req.stage,  # type: ignore[arg-type]  # checked by validate_hyperparameters
-            hyperparameters=req.hyperparameters,
+            hyperparameters=hp,
             lineage={**lineage, "finetune_id": finetune_id},
             fingerprint=fingerprint,
             pairs=pairs,
@@ -296,10 +277,10 @@ class FineTuneService:
         status = self._submit(spec)
         return self._view(spec, status, progress_mod.summarize([])), True
 
-    def _compile_pairs(self, req: FineTuneRequest) -> PairsRef | None:
+    def _compile_pairs(self, req: FineTuneRequest, hp: Hyperparameters) -> PairsRef | None:
         """Compile (or find already compiled, e.g. by a preview with the same options) the pairs a
         DPO fine-tune trains on; the trainer reads exactly these."""
-        options = pair_options(req.stage, req.hyperparameters)
+        options = pair_options(req.stage, hp)
         if options is None:
             return None
         try:
