@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.records import keys
-from services.common.records.lineage import CheckpointManifest, Lineage
+from services.common.records.lineage import CheckpointManifest, DatasetVersionManifest, Lineage
 from services.common.store import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -99,6 +99,15 @@ def _upload_files(store: ObjectStore, root: Path, prefix: str) -> dict[str, dict
     return files
 
 
+def write_manifest(
+    store: ObjectStore, prefix: str, manifest: CheckpointManifest | DatasetVersionManifest
+) -> None:
+    """The last write of a publication (a checkpoint, a dataset version): its typed manifest at
+    ``prefix/manifest.json``. Until it lands nothing is published there; every file it names must be
+    stored already."""
+    store.put_json(_dir_prefix(prefix) + MANIFEST_NAME, manifest.model_dump(mode="json"))
+
+
 def publish_checkpoint(
     store: ObjectStore,
     checkpoint_dir: str | os.PathLike[str],
@@ -131,7 +140,7 @@ def publish_checkpoint(
             "files": files,
         }
     )
-    store.put_json(prefix + MANIFEST_NAME, manifest.model_dump(mode="json"))
+    write_manifest(store, prefix, manifest)
     return manifest
 
 
@@ -340,5 +349,6 @@ __all__ = [
     "read_rollout",
     "rollout_key",
     "validate_deployment",
+    "write_manifest",
     "write_rollout",
 ]

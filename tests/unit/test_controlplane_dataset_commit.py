@@ -195,3 +195,45 @@ def test_a_staged_video_overwritten_after_commit_fails_validation(
     checked = svc.get_version("cats", version["id"])
     assert checked["validation"]["state"] == "failed", checked["validation"]
     assert "altered" in checked["validation"]["problems"][0] and video in checked["validation"]["problems"][0]
+
+
+def test_a_version_manifest_is_the_typed_record_checkpoints_are_published_with(
+    tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Commit and derive write the version manifest through ``publish.write_manifest`` (the path a
+    checkpoint's manifest takes), as a ``DatasetVersionManifest`` with no field outside the type."""
+    from services.common import publish
+    from services.common.records.keys import dataset_version_prefix
+    from services.common.records.lineage import DatasetVersionManifest
+    from services.controlplane.domain import datasets as datasets_mod
+
+    written: list[tuple[str, object]] = []
+    real = publish.write_manifest
+
+    def spy(store, prefix, manifest):  # type: ignore[no-untyped-def]
+        written.append((prefix, manifest))
+        real(store, prefix, manifest)
+
+    monkeypatch.setattr(datasets_mod, "write_manifest", spy)
+    svc, store, _ = _service(tmp_path)
+    files = _files(synthetic_dir)
+    base = svc.commit_upload("cats", _stage(svc, files))
+    vid = next(iter(svc.current_prompts("cats")[1]))
+    svc.add_ratings("cats", [{"type": "rating", "video_id": vid, "rater_id": "zoe", "score": 7}])
+    derived = svc.derive_version("cats", base["id"])
+    assert [p for p, _ in written] == [
+        dataset_version_prefix("cats", base["id"]),
+        dataset_version_prefix("cats", derived["id"]),
+    ]
+    sources = []
+    for version in (base, derived):
+        stored = store.get_json(dataset_version_prefix("cats", version["id"]) + "manifest.json")
+        typed = DatasetVersionManifest.model_validate(stored)
+        assert typed.model_extra == {}, typed.model_extra  # every field is the type's
+        assert typed.content_digest() == typed.id == version["id"]
+        assert typed.model_dump(mode="json") == stored
+        # videos stay where they were staged: referenced by key, never copied
+        videos = {rel: f for rel, f in typed.files.items() if rel.endswith(".mp4")}
+        assert videos and all(f.key and "/uploads/" in f.key for f in videos.values())
+        sources.append(typed.source)
+    assert sources[0].keys() == {"upload_id"} and sources[1] == {"base": base["id"]}

@@ -17,7 +17,7 @@ import hashlib
 from collections.abc import Mapping
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, model_serializer
 
 
 def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
@@ -30,10 +30,22 @@ def content_digest(files: Mapping[str, Mapping[str, Any]]) -> str:
 
 
 class FileEntry(BaseModel):
+    """One file of a publication. ``key``: where the bytes are when they are not under the
+    publication's own prefix (a dataset version referencing its staged upload or a base version's
+    file); absent otherwise."""
+
     model_config = ConfigDict(extra="ignore")
 
     sha256: str
     size: int
+    key: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _without_absent_key(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        out: dict[str, Any] = handler(self)
+        if out.get("key") is None:
+            out.pop("key", None)
+        return out
 
 
 class Lineage(BaseModel):
@@ -62,10 +74,20 @@ class _Manifest(BaseModel):
 
 
 class DatasetVersionManifest(_Manifest):
-    """``datasets/{name}/{digest}/manifest.json``: ``id`` is the version's ``content_digest``."""
+    """``datasets/{name}/{digest}/manifest.json``: ``id`` is the version's ``content_digest``, written
+    by the control plane's commit through ``services.common.publish.write_manifest`` (the checkpoint's
+    path too). The counts describe the records; ``source`` is how the version was made (an upload, a
+    base version plus changes)."""
 
     id: str
     dataset: str
+    digest: str | None = None
+    videos: int = 0
+    prompts: int = 0
+    raters: int = 0
+    rating_records: int = 0
+    size: int = 0
+    source: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
 
 

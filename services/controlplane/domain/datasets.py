@@ -38,9 +38,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from services.common.publish import write_manifest
 from services.common.records import keys
 from services.common.records.keys import dataset_prefix
-from services.common.records.lineage import content_digest
+from services.common.records.lineage import DatasetVersionManifest, FileEntry, content_digest
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
 from services.common.store.errors import ChecksumMismatch, ObjectNotFound
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
@@ -361,20 +362,21 @@ class DatasetService:
         for rel, meta in files.items():
             if "key" not in meta:
                 self.store.put_file(prefix + rel, data / rel[len("data/") :])
-        manifest = {
-            "id": digest,
-            "dataset": name,
-            "digest": "sha256:" + digest,
-            "files": files,
-            "videos": len(ds.videos),
-            "prompts": len(ds.prompts),
-            "raters": len(ds.raters),
-            "rating_records": len(ratings),
-            "size": sum(f["size"] for f in files.values()),
-            "source": source,
-            "created_at": iso(self.clock()),
-        }
-        self.store.put_json(prefix + MANIFEST, manifest)  # last: the version exists from now on
+        typed = DatasetVersionManifest(
+            id=digest,
+            dataset=name,
+            digest="sha256:" + digest,
+            files={rel: FileEntry.model_validate(meta) for rel, meta in files.items()},
+            videos=len(ds.videos),
+            prompts=len(ds.prompts),
+            raters=len(ds.raters),
+            rating_records=len(ratings),
+            size=sum(f["size"] for f in files.values()),
+            source=source,
+            created_at=iso(self.clock()),
+        )
+        write_manifest(self.store, prefix, typed)  # last: the version exists from now on
+        manifest = typed.model_dump(mode="json")
         # A new version has no validation yet: start it (no read of a result that cannot be there).
         ran = self._schedule_validation(name, digest)
         view = self._view(manifest) if ran else {**manifest, "validation": dict(PENDING), "video_stats": None}
