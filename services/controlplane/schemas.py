@@ -186,6 +186,9 @@ class PairsReport(BaseModel):
     pairs_sha256: str | None
     report: dict[str, Any]
     text: str
+    # False while the version's validation has not measured its videos' motion: the report's motion
+    # check is pending (the pairs are the same either way; the report is compiled again after).
+    motion_measured: bool = True
 
 
 # --------------------------------------------------------------------------------------- fine-tunes

@@ -237,3 +237,50 @@ def test_a_version_manifest_is_the_typed_record_checkpoints_are_published_with(
         assert videos and all(f.key and "/uploads/" in f.key for f in videos.values())
         sources.append(typed.source)
     assert sources[0].keys() == {"upload_id"} and sources[1] == {"base": base["id"]}
+
+
+def test_pairs_compile_and_a_finetune_create_read_no_video_and_motion_comes_from_validation(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """A fine-tune's create compiles its pairs from the records alone (fast whatever the videos'
+    size); the report's motion check uses what the version's validation measured, and the report
+    compiled before that is compiled again afterwards with the same pairs."""
+    from services.common.publish import publish_dir
+    from services.controlplane.domain.datasets import PairOptions
+    from services.controlplane.domain.finetunes import FineTuneRequest, FineTuneService
+    from tests.doubles import IdleExecutor
+
+    svc, store, deferred = _service(tmp_path)
+    version = svc.commit_upload("cats", _stage(svc, _files(synthetic_dir)))
+    _reset(store)
+    early = svc.compile_pairs("cats", version["id"], PairOptions())
+    assert store.video_bytes(store.read) == 0, store.read
+    assert early["pairs"] > 0 and early["motion_measured"] is False
+    assert early["report"]["motion"] is None and "motion check: pending" in early["text"]
+
+    deferred.pop()()  # the background validation decodes every video once
+    _reset(store)
+    later = svc.compile_pairs("cats", version["id"], PairOptions())
+    assert store.video_bytes(store.read) == 0, store.read
+    assert later["motion_measured"] is True and later["report"]["motion"]["pairs"] == later["pairs"]
+    assert later["pairs_sha256"] == early["pairs_sha256"]  # the same pairs either way
+    assert "pending" not in later["text"]
+
+    # A DPO fine-tune's create with other options compiles its own pairs, again without a video.
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model_index.json").write_text("{}")
+    publish_dir(store, model, "models/tiny/")
+    finetunes = FineTuneService(store, IdleExecutor(), svc)
+    _reset(store)
+    view, created = finetunes.create(
+        FineTuneRequest(
+            "cats",
+            version["id"],
+            "tiny",
+            "dpo",
+            {"max_steps": 1, "num_frames": 4, "height": 32, "width": 32, "tie_policy": "keep"},
+        )
+    )
+    assert created and view["pairs"]["options"]["tie_policy"] == "keep"
+    assert store.video_bytes(store.read) == 0, store.read

@@ -400,7 +400,8 @@ class DatasetService:
         """The version as the API answers it: the manifest plus its validation (scheduled if pending)."""
         validation = self.validation(manifest["dataset"], manifest["id"], manifest)
         stats = validation["video_stats"] if validation["state"] == "passed" else None
-        return {**manifest, "validation": validation, "video_stats": stats}
+        shown = {k: v for k, v in validation.items() if k != "motion"}  # per video: the pairs report's
+        return {**manifest, "validation": shown, "video_stats": stats}
 
     def validation(self, name: str, digest: str, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """``{state: pending|passed|failed, video_stats, problems}`` of a version; schedules the
@@ -453,8 +454,10 @@ class DatasetService:
             result = {"state": "failed", "video_stats": None, "problems": [problem]}
         else:
             try:
-                stats = video_stats(load_dataset(data))
-                result = {"state": "passed", "video_stats": stats, "problems": []}
+                ds = load_dataset(data)
+                # Each video's motion, measured by this decode, so compiling pairs never decodes again.
+                motion = {vid: v.motion for vid, v in sorted(ds.videos.items()) if v.motion is not None}
+                result = {"state": "passed", "video_stats": video_stats(ds), "problems": [], "motion": motion}
             except DatasetError as exc:
                 problems = [user_message(Exception(str(i)), data) for i in exc.issues]
                 result = {"state": "failed", "video_stats": None, "problems": problems}
@@ -650,29 +653,46 @@ class DatasetService:
         return dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
 
     def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
-        """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report."""
+        """Compile a version's ratings into DPO pairs; stores pairs.jsonl and the report; returns the report.
+
+        Reads the version's record files only, never a video: the pairs come from the records, and
+        the report's motion check uses the motion the version's validation measured when it decoded
+        the videos. Compiled before that validation passed, the report says the check is pending and
+        is compiled again (same pairs, same digest) once it has passed."""
         from huvidpo.data import DatasetError, compile_pairs, load_dataset, write_pairs
 
-        digest = self.manifest(name, digest)["id"]
+        manifest = self.manifest(name, digest)
+        digest = manifest["id"]
         prefix = self.pairs_prefix(name, digest, options)
+        recorded = read_json_or_none(self.store, version_prefix(name, digest) + VALIDATION) or {}
+        motion = recorded.get("motion") if recorded.get("state") == "passed" else None
         cached = read_json_or_none(self.store, prefix + "report.json")
-        if cached is not None:
+        if cached is not None and (cached.get("motion_measured", True) or motion is None):
             return dict(cached)
-        data = self.fetch_version(name, digest)
-        try:
-            # Pairs come from the records; a video that does not decode is the version's validation's
-            # to report (and the trainer's to refuse), and the motion check below skips it.
-            ds = load_dataset(data, check_videos=False)
-            pairset = compile_pairs(
-                ds, options.tie_policy, options.min_margin, options.margin_weighting, seed=options.seed
-            )
-        except DatasetError as exc:
-            raise InvalidRequest(user_message(exc, data), field="version") from exc
-        except ValueError as exc:
-            raise InvalidRequest(str(exc), field="options") from exc
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="huvidpo-pairs-") as tmp:
+            data = self._records_only(name, manifest, Path(tmp) / "data")
+            try:
+                ds = load_dataset(data, check_videos=False)
+                for vid, score in (motion or {}).items():
+                    if vid in ds.videos:
+                        ds.videos[vid].motion = float(score)
+                pairset = compile_pairs(
+                    ds,
+                    options.tie_policy,
+                    options.min_margin,
+                    options.margin_weighting,
+                    seed=options.seed,
+                    motion_check=motion is not None,
+                )
+            except DatasetError as exc:
+                raise InvalidRequest(user_message(exc, data), field="version") from exc
+            except ValueError as exc:
+                raise InvalidRequest(str(exc), field="options") from exc
             path = write_pairs(pairset, Path(tmp) / "pairs.jsonl")
             info = self.store.put_file(prefix + "pairs.jsonl", path, content_type="application/jsonl")
+        text = pairset.report.format()
+        if motion is None:
+            text += "\nmotion check: pending (it runs on the motion the version's validation measures)"
         report = {
             "dataset": name,
             "version": digest,
@@ -680,10 +700,29 @@ class DatasetService:
             "pairs": len(pairset.pairs),
             "pairs_sha256": info.sha256,
             "report": pairset.report.to_dict(),
-            "text": pairset.report.format(),
+            "text": text,
+            "motion_measured": motion is not None,
         }
         self.store.put_json(prefix + "report.json", report)
         return report
+
+    def _records_only(self, name: str, manifest: Mapping[str, Any], data: Path) -> Path:
+        """The version's dataset directory at ``data`` with its record files (JSON(L), digest-checked)
+        and an empty stand-in for each video: enough to read the records, nothing decoded."""
+        for rel, meta in manifest["files"].items():
+            if not rel.startswith("data/"):
+                continue
+            path = rel[len("data/") :]
+            validate_relative_path(path)
+            dest = data / path
+            _mkdir(dest.parent)
+            if _is_record_file(path):
+                key = self.object_key(name, manifest["id"], rel, meta)
+                self.store.get_file(key, dest, expected_sha256=meta["sha256"])
+            else:
+                dest.write_bytes(b"")
+        _mkdir(data)
+        return data
 
 
 def _thread_runner(fn: Callable[[], None]) -> None:
