@@ -284,3 +284,23 @@ def test_pairs_compile_and_a_finetune_create_read_no_video_and_motion_comes_from
     )
     assert created and view["pairs"]["options"]["tie_policy"] == "keep"
     assert store.video_bytes(store.read) == 0, store.read
+
+
+def test_an_oversized_record_file_is_refused_at_commit_before_it_is_read(
+    tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from services.controlplane.domain import datasets as datasets_mod
+    from services.controlplane.domain.errors import InvalidRequest
+
+    svc, store, _ = _service(tmp_path)
+    files = _files(synthetic_dir)
+    upload = _stage(svc, files)
+    monkeypatch.setattr(datasets_mod, "MAX_RECORD_FILE_BYTES", len(files["manifest.jsonl"]) - 1)
+    _reset(store)
+    with pytest.raises(InvalidRequest) as err:
+        svc.commit_upload("cats", upload)
+    assert err.value.field == "files" and "manifest.jsonl" in str(err.value)
+    assert not any("manifest.jsonl" in k for k in store.read), store.read  # refused unread
+    assert svc.list_versions("cats") == [] and svc.get_upload("cats", upload)["files"]  # nothing lost
+    monkeypatch.setattr(datasets_mod, "MAX_RECORD_FILE_BYTES", 2**20)
+    assert svc.commit_upload("cats", upload)["videos"] == 3  # the same staging commits within the cap

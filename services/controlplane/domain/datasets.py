@@ -62,6 +62,9 @@ MANIFEST = "manifest.json"
 VALIDATION = "validation.json"  # next to the manifest: the background validation's result
 COMMITTED = "committed.json"  # in an upload whose staged files a version references
 RECORD_SUFFIXES = frozenset({".json", ".jsonl"})
+# A record file (manifest, ratings) is read whole at commit: far above any real manifest (a million
+# records of ~200 bytes), far below what would hurt the control plane.
+MAX_RECORD_FILE_BYTES = 256 * 2**20
 PENDING: Mapping[str, Any] = {"state": "pending", "video_stats": None, "problems": []}
 log = logging.getLogger(__name__)
 
@@ -240,6 +243,16 @@ class DatasetService:
             for path, meta in sorted(session["files"].items()):
                 key = staged + path
                 if _is_record_file(path):
+                    size = meta.get("size")
+                    if size is None:  # a presigned PUT: the store knows the size
+                        info = self.store.stat(key)
+                        size = info.size if info is not None else 0
+                    if size > MAX_RECORD_FILE_BYTES:
+                        raise InvalidRequest(
+                            f"{path} is {size} bytes; a JSON(L) record file may have at most "
+                            f"{MAX_RECORD_FILE_BYTES} bytes (split the ratings into several files)",
+                            field="files",
+                        )
                     self.store.get_file(key, data / path)
                 else:
                     sha = meta["sha256"] or self._staged_sha256(key)
