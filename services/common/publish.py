@@ -100,12 +100,18 @@ def _upload_files(store: ObjectStore, root: Path, prefix: str) -> dict[str, dict
 
 
 def write_manifest(
-    store: ObjectStore, prefix: str, manifest: CheckpointManifest | DatasetVersionManifest
+    store: ObjectStore,
+    prefix: str,
+    manifest: CheckpointManifest | DatasetVersionManifest,
+    if_none_match: bool = False,
 ) -> None:
     """The last write of a publication (a checkpoint, a dataset version): its typed manifest at
     ``prefix/manifest.json``. Until it lands nothing is published there; every file it names must be
-    stored already."""
-    store.put_json(_dir_prefix(prefix) + MANIFEST_NAME, manifest.model_dump(mode="json"))
+    stored already. ``if_none_match``: only if none is there yet (``PreconditionFailed`` otherwise),
+    for publications named by their content, which two writers may race to publish."""
+    store.put_json(
+        _dir_prefix(prefix) + MANIFEST_NAME, manifest.model_dump(mode="json"), if_none_match=if_none_match
+    )
 
 
 def publish_checkpoint(

@@ -210,9 +210,9 @@ def test_a_version_manifest_is_the_typed_record_checkpoints_are_published_with(
     written: list[tuple[str, object]] = []
     real = publish.write_manifest
 
-    def spy(store, prefix, manifest):  # type: ignore[no-untyped-def]
+    def spy(store, prefix, manifest, **kw):  # type: ignore[no-untyped-def]
         written.append((prefix, manifest))
-        real(store, prefix, manifest)
+        real(store, prefix, manifest, **kw)
 
     monkeypatch.setattr(datasets_mod, "write_manifest", spy)
     svc, store, _ = _service(tmp_path)
@@ -304,3 +304,32 @@ def test_an_oversized_record_file_is_refused_at_commit_before_it_is_read(
     assert svc.list_versions("cats") == [] and svc.get_upload("cats", upload)["files"]  # nothing lost
     monkeypatch.setattr(datasets_mod, "MAX_RECORD_FILE_BYTES", 2**20)
     assert svc.commit_upload("cats", upload)["videos"] == 3  # the same staging commits within the cap
+
+
+def test_two_commits_of_the_same_content_racing_leave_one_version_and_no_orphan(
+    tmp_path: Path, synthetic_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The second commit reaches its publish after the first's manifest landed but checked for it
+    before (the race window, made here by hiding the first manifest from that one check)."""
+    from services.controlplane.domain import datasets as datasets_mod
+
+    svc, store, _ = _service(tmp_path)
+    files = _files(synthetic_dir)
+    first_upload, second_upload = _stage(svc, files), _stage(svc, files)
+    first = svc.commit_upload("cats", first_upload)
+    real = datasets_mod.read_json_or_none
+    hidden = []
+
+    def stale_check(st, key):  # type: ignore[no-untyped-def]
+        if key.endswith(f"/{first['id']}/manifest.json") and not hidden:
+            hidden.append(key)
+            return None
+        return real(st, key)
+
+    monkeypatch.setattr(datasets_mod, "read_json_or_none", stale_check)
+    second = svc.commit_upload("cats", second_upload)
+    assert hidden and second["id"] == first["id"]
+    stored = store.get_json(f"datasets/cats/{first['id']}/manifest.json")
+    keys = [f["key"] for f in stored["files"].values() if "key" in f]
+    assert keys and all(f"/uploads/{first_upload}/" in k for k in keys)  # the first's files, unchanged
+    assert store.list(f"datasets/cats/uploads/{second_upload}/") == []  # nothing of the loser is left

@@ -43,7 +43,7 @@ from services.common.records import keys
 from services.common.records.keys import dataset_prefix
 from services.common.records.lineage import DatasetVersionManifest, FileEntry, content_digest
 from services.common.store import CHUNK_SIZE, ObjectInfo, ObjectStore, sha256_file
-from services.common.store.errors import ChecksumMismatch, ObjectNotFound
+from services.common.store.errors import ChecksumMismatch, ObjectNotFound, PreconditionFailed
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
 from services.controlplane.domain.util import (
@@ -388,7 +388,13 @@ class DatasetService:
             source=source,
             created_at=iso(self.clock()),
         )
-        write_manifest(self.store, prefix, typed)  # last: the version exists from now on
+        try:
+            write_manifest(self.store, prefix, typed, if_none_match=True)  # last: the version exists now
+        except PreconditionFailed:
+            # Another commit of the same content published it between the check above and here: that
+            # version is this one (its files are the ones referenced; this caller's staging goes).
+            existing = read_json(self.store, prefix + MANIFEST, f"version {digest} of dataset {name!r}")
+            return {**self._view(existing), "skipped_ratings": skipped}
         manifest = typed.model_dump(mode="json")
         # A new version has no validation yet: start it (no read of a result that cannot be there).
         ran = self._schedule_validation(name, digest)
