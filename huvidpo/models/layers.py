@@ -30,6 +30,10 @@ class FrameContext:
 
     num_frames: int = 1
     spatial_only: bool = False
+    attention_block_budget: int = 32768
+    """Most ``sequences x heads`` one temporal-attention call may hand to scaled-dot-product attention.
+    CUDA kernels launch a block per (sequence, head) and a grid dimension holds at most 65,535, which
+    real-size batches reach (``b * h * w`` sequences); larger batches run in chunks under this budget."""
 
 
 class InflatedConv(nn.Module):
@@ -136,12 +140,14 @@ class SparseCausalAttnProcessor:
 
     def _gather(self, x: torch.Tensor, b: int, f: int) -> torch.Tensor:
         """(b*f, n, c) -> (b*f, m*n, c): the keys/values each frame attends to."""
+        # Slices and expand only: an index built from a Python list is a host-to-device copy (a sync
+        # on CUDA) in every attention layer of every forward, and stops CUDA graphs.
         x = x.reshape(b, f, *x.shape[1:])
-        first = x[:, [0] * f]
+        first = x[:, :1].expand(-1, f, -1, -1)
         if self.mode == "first":
             out = first
         else:
-            prev = x[:, [max(i - 1, 0) for i in range(f)]]
+            prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)  # frame max(i-1, 0)
             out = torch.cat([first, prev], dim=2)
         return out.reshape(b * f, -1, x.shape[-1])
 
@@ -185,5 +191,9 @@ class VideoTransformerBlock(BasicTransformerBlock):
         bf, n, c = hidden_states.shape
         b = bf // f
         h = hidden_states.reshape(b, f, n, c).permute(0, 2, 1, 3).reshape(b * n, f, c)
-        h = self.attn_temp(self.norm_temp(h)) + h
+        rows = max(1, ctx.attention_block_budget // self.attn_temp.heads)
+        if h.shape[0] <= rows:
+            h = self.attn_temp(self.norm_temp(h)) + h
+        else:  # each sequence attends over its own frames only: chunks along the batch are exact
+            h = torch.cat([self.attn_temp(self.norm_temp(part)) + part for part in h.split(rows)])
         return h.reshape(b, n, f, c).permute(0, 2, 1, 3).reshape(bf, n, c)

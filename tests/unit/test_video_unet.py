@@ -195,3 +195,83 @@ def test_real_size_inflation_matches_the_reference_architecture() -> None:
     assert sum(p.numel() for n, p in video.named_parameters() if n in stage1) / 1e6 == pytest.approx(
         254, abs=0.5
     )
+
+
+def _ops_of_forward(video: VideoUNet, clip: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> list[str]:
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Record() as rec:
+        video(clip, t, text)
+    return rec.ops
+
+
+# Ops that copy host data to the device (an index or tensor built from a Python list) or read a
+# device value on the host: each one blocks a CUDA stream and rules out CUDA graphs.
+HOST_SYNC_OPS = (
+    "aten.index.Tensor",
+    "aten.lift_fresh",
+    "aten._local_scalar_dense",
+    "aten.nonzero",
+    "aten.item",
+)
+
+
+@pytest.mark.parametrize("mode", ["first+prev", "first"])
+def test_the_video_unet_forward_builds_no_index_on_the_host(mode: str) -> None:
+    _, video = make_pair(mode)
+    ops = _ops_of_forward(video, torch.randn(1, 4, 5, 8, 8), torch.tensor([10]), torch.randn(1, 16, 32))
+    assert ops, "the recorder saw nothing"
+    synced = sorted({op for op in ops if op.startswith(HOST_SYNC_OPS)})
+    assert synced == [], synced
+
+
+@pytest.mark.parametrize("mode", ["first+prev", "first"])
+def test_the_sparse_causal_gather_equals_indexing_frame_0_and_the_previous_frame(mode: str) -> None:
+    from huvidpo.models.layers import FrameContext, SparseCausalAttnProcessor
+
+    b, f, n, c = 2, 5, 3, 4
+    x = torch.randn(b * f, n, c)
+    got = SparseCausalAttnProcessor(FrameContext(num_frames=f), mode)._gather(x, b, f)  # type: ignore[arg-type]
+    xs = x.reshape(b, f, n, c)
+    first = xs[:, [0] * f]
+    want = first if mode == "first" else torch.cat([first, xs[:, [max(i - 1, 0) for i in range(f)]]], dim=2)
+    assert torch.equal(got, want.reshape(b * f, -1, c))
+
+
+def test_temporal_attention_in_chunks_under_the_block_budget_matches_one_call() -> None:
+    from huvidpo.models.layers import VideoTransformerBlock
+
+    _, video = make_pair()
+    randomise_temporal(video)
+    # In float64, so that matrix products blocked differently for another batch size round alike.
+    video = video.double()
+    clip, t, text = (
+        torch.randn(2, 4, 5, 8, 8).double(),
+        torch.tensor([10, 500]),
+        torch.randn(2, 16, 32).double(),
+    )
+    with torch.no_grad():
+        whole = video(clip, t, text)
+    calls: list[int] = []
+    blocks = [m for m in video.modules() if isinstance(m, VideoTransformerBlock)]
+    hooks = [
+        blk.attn_temp.register_forward_hook(lambda m, a, o: calls.append(a[0].shape[0])) for blk in blocks
+    ]
+    video.ctx.attention_block_budget = 3 * blocks[0].attn_temp.heads  # 3 sequences per call
+    try:
+        with torch.no_grad():
+            chunked = video(clip, t, text)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert max(calls) <= 3 and len(calls) > len(blocks)  # it did run in chunks, none over budget
+    torch.testing.assert_close(chunked, whole, rtol=0, atol=1e-12)
