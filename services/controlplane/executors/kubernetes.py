@@ -132,6 +132,8 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
         pod_spec["tolerations"] = [dict(t) for t in settings.tolerations]
     if settings.service_account:
         pod_spec["serviceAccountName"] = settings.service_account
+    if settings.priority_class:
+        pod_spec["priorityClassName"] = settings.priority_class
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
