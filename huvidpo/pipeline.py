@@ -82,24 +82,39 @@ class GenerationResult:
 
 
 def adain(x: torch.Tensor, ref: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """Match per-channel mean and std over (h, w) of ``x (b, c, h, w)`` to ``ref (b, c, h, w)``."""
+    """Match per-channel mean and std over (h, w) of ``x (b, c, [f,] h, w)`` to ``ref`` (the same
+    shape, or ``f == 1`` to match every frame to one)."""
     mx, sx = x.mean(dim=(-2, -1), keepdim=True), x.std(dim=(-2, -1), keepdim=True)
     mr, sr = ref.mean(dim=(-2, -1), keepdim=True), ref.std(dim=(-2, -1), keepdim=True)
     return (x - mx) / (sx + eps) * sr + mr
 
 
-def histogram_match(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
-    """Per-RGB-channel CDF matching of ``frame (h, w, 3) uint8`` to ``reference``."""
-    out = np.empty_like(frame)
+def _cdf(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(grey levels present, their cumulative share) of a 256-bin histogram."""
+    present = np.flatnonzero(counts)
+    return present, np.cumsum(counts[present]) / counts.sum()
+
+
+def histogram_match_frames(frames: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-RGB-channel CDF matching of every frame of ``frames (f, h, w, 3) uint8`` to ``reference
+    (h, w, 3)``, in place, returned. Each frame and channel gets a 256-entry lookup table from the
+    two histograms (one pass of counting, one of lookup), the reference's CDF computed once."""
+    f = frames.shape[0]
     for c in range(3):
-        src, ref = frame[..., c].ravel(), reference[..., c].ravel()
-        _, s_idx, s_counts = np.unique(src, return_inverse=True, return_counts=True)
-        r_vals, r_counts = np.unique(ref, return_counts=True)
-        s_cdf = np.cumsum(s_counts) / src.size
-        r_cdf = np.cumsum(r_counts) / ref.size
-        mapped = np.interp(s_cdf, r_cdf, r_vals)
-        out[..., c] = np.clip(np.rint(mapped[s_idx]), 0, 255).reshape(frame.shape[:2]).astype(np.uint8)
-    return out
+        r_vals, r_cdf = _cdf(np.bincount(reference[..., c].ravel(), minlength=256))
+        channel = frames[..., c].reshape(f, -1)
+        counts = np.bincount((channel + np.arange(f)[:, None] * 256).ravel(), minlength=256 * f)
+        for i, hist in enumerate(counts.reshape(f, 256)):
+            s_vals, s_cdf = _cdf(hist)
+            lut = np.zeros(256, dtype=np.uint8)
+            lut[s_vals] = np.clip(np.rint(np.interp(s_cdf, r_cdf, r_vals)), 0, 255).astype(np.uint8)
+            frames[i, ..., c] = lut[frames[i, ..., c]]
+    return frames
+
+
+def histogram_match(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """Per-RGB-channel CDF matching of ``frame (h, w, 3) uint8`` to ``reference`` (a new array)."""
+    return histogram_match_frames(frame[None].copy(), reference)[0]
 
 
 class HuViDPOPipeline:
@@ -314,19 +329,17 @@ class HuViDPOPipeline:
             if cfg.latent_adain and cfg.num_frames > 1:
                 if i >= adain_from:
                     latents[:, :, 1] = adain(latents[:, :, 1], latents[:, :, 0])
-                for fidx in range(2, cfg.num_frames):
-                    latents[:, :, fidx] = adain(latents[:, :, fidx], latents[:, :, 1])
+                # every later frame at once: (b, c, f-2, h, w) against frame 1, broadcast
+                latents[:, :, 2:] = adain(latents[:, :, 2:], latents[:, :, 1:2])
             if progress is not None:
                 progress(i + 1, total)
         if cfg.latent_adain:
-            for fidx in range(1, cfg.num_frames):
-                latents[:, :, fidx] = adain(latents[:, :, fidx], latents[:, :, 0])
+            latents[:, :, 1:] = adain(latents[:, :, 1:], latents[:, :, 0:1])
         t_denoise = time.perf_counter()
         videos = self.decode_latents(latents)
         if cfg.hist_match:
             for v in videos:
-                for fidx in range(1, v.shape[0]):
-                    v[fidx] = histogram_match(v[fidx], v[0])
+                histogram_match_frames(v[1:], v[0])
         t_end = time.perf_counter()
         timings = {
             "first_frame_s": t_first - t0,

@@ -189,3 +189,42 @@ def test_mp4_and_gif_outputs(pipe: HuViDPOPipeline, tmp_path: Path) -> None:
         assert im.n_frames == 5
         assert im.info["duration"] == 100  # milliseconds per frame at 10 fps
         assert im.info["loop"] == 0
+
+
+def _histogram_match_by_unique(frame: np.ndarray, reference: np.ndarray) -> np.ndarray:
+    """The per-pixel implementation the lookup tables replaced (the reference for equality)."""
+    out = np.empty_like(frame)
+    for c in range(3):
+        src, ref = frame[..., c].ravel(), reference[..., c].ravel()
+        _, s_idx, s_counts = np.unique(src, return_inverse=True, return_counts=True)
+        r_vals, r_counts = np.unique(ref, return_counts=True)
+        s_cdf = np.cumsum(s_counts) / src.size
+        r_cdf = np.cumsum(r_counts) / ref.size
+        mapped = np.interp(s_cdf, r_cdf, r_vals)
+        out[..., c] = np.clip(np.rint(mapped[s_idx]), 0, 255).reshape(frame.shape[:2]).astype(np.uint8)
+    return out
+
+
+def test_histogram_matching_by_lookup_table_equals_the_per_pixel_matching() -> None:
+    from huvidpo.pipeline import histogram_match, histogram_match_frames
+
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, (6, 24, 32, 3), dtype=np.uint8)
+    video[2] //= 7  # few grey levels
+    video[3, ..., 1] = 200  # one level only
+    video[4] = np.clip(video[4].astype(int) + 90, 0, 255).astype(np.uint8)  # shifted
+    reference = video[0].copy()
+    want = np.stack([video[0]] + [_histogram_match_by_unique(f, reference) for f in video[1:]])
+    assert np.array_equal(histogram_match(video[2], reference), want[2])
+    got = video.copy()
+    histogram_match_frames(got[1:], got[0])
+    assert np.array_equal(got, want)
+
+
+def test_adain_over_all_frames_at_once_equals_frame_by_frame() -> None:
+    from huvidpo.pipeline import adain
+
+    x = torch.randn(2, 4, 6, 8, 8) * 3 + 1
+    ref = x[:, :, 1:2]
+    want = torch.stack([adain(x[:, :, f], x[:, :, 1]) for f in range(2, 6)], dim=2)
+    torch.testing.assert_close(adain(x[:, :, 2:], ref), want, rtol=0, atol=1e-6)
