@@ -205,12 +205,20 @@ def load_image(image: ImageInput) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image {_name(image)}: {exc}") from exc
 
 
+def cover_size(src_width: int, src_height: int, height: int, width: int) -> tuple[int, int]:
+    """``(width, height)`` in px an image of ``src_width x src_height`` is resized to (aspect kept) so it
+    covers ``height x width``: what :func:`resize_center_crop` allocates before its crop. A thin image
+    grows in both directions (600x1 to cover 32x1024 is 614400x1024), so a limit on decoded pixels must
+    check this size, not only the image's own."""
+    scale = max(width / src_width, height / src_height)
+    return max(width, round(src_width * scale)), max(height, round(src_height * scale))
+
+
 def resize_center_crop(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
     """Aspect-preserving resize so the image covers ``height x width``, then a centre crop.
     Returns ``(height, width, 3)`` uint8."""
     im = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    scale = max(width / im.width, height / im.height)
-    new_w, new_h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+    new_w, new_h = cover_size(im.width, im.height, height, width)
     im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     return np.array(im.crop((left, top, left + width, top + height)).convert("RGB"), dtype=np.uint8)
