@@ -171,3 +171,11 @@ def test_a_committed_oversized_video_fails_validation_naming_file_and_limit_with
     assert "videos/ok.mp4" not in problems
     assert str(tmp_path) not in problems
     assert grown < 100 * MIB, f"peak RSS grew by {grown / MIB:.0f} MiB"
+
+
+def test_the_trainers_frame_count_is_bounded_too(videos: dict[str, Path]) -> None:
+    from huvidpo.training.common import count_frames
+
+    assert count_frames(videos["raw"]) == 50  # no count in the container: decoded, under the limit
+    with pytest.raises(VideoTooLarge, match="5000 frames are more than max_frames = 4096"):
+        count_frames(videos["long"])
