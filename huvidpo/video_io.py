@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import io
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO
@@ -161,24 +163,103 @@ def write_video(frames: np.ndarray, path: str | os.PathLike[str], fps: float = 8
     return p
 
 
-def read_video(source: str | os.PathLike[str] | bytes | BinaryIO) -> tuple[np.ndarray, float]:
-    """Decode every frame of a video. Returns ``(frames (f, h, w, 3) uint8, fps)``."""
+@dataclass(frozen=True)
+class VideoLimits:
+    """What decoding one video may cost. Checked from the container's metadata before the first frame
+    is decoded (frame count, or duration x frame rate; frame size), and again while decoding, where the
+    decoder stops at the first frame past a limit (metadata can be missing or lie)."""
+
+    max_frames: int = 4096
+    # one frame's width x height (4K UHD)
+    max_frame_pixels: int = 3840 * 2160
+    # width x height summed over every frame: what :func:`read_video` holds (3 bytes each, about 805 MB)
+    max_decoded_pixels: int = 2**28
+
+
+DEFAULT_VIDEO_LIMITS = VideoLimits()
+
+
+class VideoTooLarge(VideoDecodeError):
+    """A video past one of its :class:`VideoLimits`; the message names the file and the limit."""
+
+
+def _declared_frames(stream: av.video.stream.VideoStream) -> int:
+    """The frame count the container states (its frame count, else duration x frame rate; 0: none)."""
+    if stream.frames:
+        return int(stream.frames)
+    rate = stream.average_rate or stream.guessed_rate
+    if stream.duration and stream.time_base and rate:
+        return int(float(stream.duration * stream.time_base * rate))
+    return 0
+
+
+def _check_limits(name: str, frames: int, width: int, height: int, limits: VideoLimits, when: str) -> None:
+    if width * height > limits.max_frame_pixels:
+        raise VideoTooLarge(
+            f"{name}: frames of {width}x{height} = {width * height} pixels ({when}) are more than "
+            f"max_frame_pixels = {limits.max_frame_pixels}"
+        )
+    if frames > limits.max_frames:
+        raise VideoTooLarge(
+            f"{name}: {frames} frames ({when}) are more than max_frames = {limits.max_frames}"
+        )
+    if frames * width * height > limits.max_decoded_pixels:
+        raise VideoTooLarge(
+            f"{name}: {frames} frames of {width}x{height} = {frames * width * height} decoded pixels ({when}) "
+            f"are more than max_decoded_pixels = {limits.max_decoded_pixels}"
+        )
+
+
+def decode_frames(
+    source: str | os.PathLike[str] | bytes | BinaryIO,
+    on_frame: Callable[[np.ndarray], None],
+    limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
+) -> tuple[int, float]:
+    """Decode a video frame by frame, handing each ``(h, w, 3)`` uint8 frame to ``on_frame`` (which
+    keeps what it needs); returns ``(frames, fps)``. Raises :class:`VideoTooLarge` from the container's
+    metadata before decoding, or at the first frame past ``limits``; ``VideoDecodeError`` otherwise."""
     src: str | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source  # type: ignore[assignment]
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
+    name = _name(source)
+    count, pixels = 0, 0
     try:
         with av.open(src, mode="r") as container:
             if not container.streams.video:
-                raise VideoDecodeError(f"{_name(source)} has no video stream")
+                raise VideoDecodeError(f"{name} has no video stream")
             stream = container.streams.video[0]
             fps = float(stream.average_rate or stream.guessed_rate or 8)
-            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            ctx = stream.codec_context
+            _check_limits(
+                name, _declared_frames(stream), int(ctx.width), int(ctx.height), limits, "container"
+            )
+            for frame in container.decode(stream):
+                count += 1
+                pixels += frame.width * frame.height
+                if count > limits.max_frames or pixels > limits.max_decoded_pixels:
+                    _check_limits(name, count, frame.width, frame.height, limits, "decoded so far")
+                    raise VideoTooLarge(  # frames of varying size: the sum is what counts
+                        f"{name}: {pixels} decoded pixels in {count} frames are more than "
+                        f"max_decoded_pixels = {limits.max_decoded_pixels}"
+                    )
+                _check_limits(name, 1, frame.width, frame.height, limits, "decoded")
+                on_frame(frame.to_ndarray(format="rgb24"))
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:
-        raise VideoDecodeError(f"cannot decode video {_name(source)}: {exc}") from exc
-    if not frames:
-        raise VideoDecodeError(f"{_name(source)} has no decodable frames")
+        raise VideoDecodeError(f"cannot decode video {name}: {exc}") from exc
+    if not count:
+        raise VideoDecodeError(f"{name} has no decodable frames")
+    return count, fps
+
+
+def read_video(
+    source: str | os.PathLike[str] | bytes | BinaryIO, limits: VideoLimits = DEFAULT_VIDEO_LIMITS
+) -> tuple[np.ndarray, float]:
+    """Decode every frame of a video. Returns ``(frames (f, h, w, 3) uint8, fps)``. Raises
+    :class:`VideoTooLarge` past ``limits`` (before decoding when the container says so)."""
+    frames: list[np.ndarray] = []
+    _, fps = decode_frames(source, frames.append, limits)
     return np.stack(frames), fps
 
 
@@ -205,12 +286,20 @@ def load_image(image: ImageInput) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image {_name(image)}: {exc}") from exc
 
 
+def cover_size(src_width: int, src_height: int, height: int, width: int) -> tuple[int, int]:
+    """``(width, height)`` in px an image of ``src_width x src_height`` is resized to (aspect kept) so it
+    covers ``height x width``: what :func:`resize_center_crop` allocates before its crop. A thin image
+    grows in both directions (600x1 to cover 32x1024 is 614400x1024), so a limit on decoded pixels must
+    check this size, not only the image's own."""
+    scale = max(width / src_width, height / src_height)
+    return max(width, round(src_width * scale)), max(height, round(src_height * scale))
+
+
 def resize_center_crop(image: Image.Image | np.ndarray, height: int, width: int) -> np.ndarray:
     """Aspect-preserving resize so the image covers ``height x width``, then a centre crop.
     Returns ``(height, width, 3)`` uint8."""
     im = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    scale = max(width / im.width, height / im.height)
-    new_w, new_h = max(width, round(im.width * scale)), max(height, round(im.height * scale))
+    new_w, new_h = cover_size(im.width, im.height, height, width)
     im = im.resize((new_w, new_h), Image.Resampling.BICUBIC)
     left, top = (new_w - width) // 2, (new_h - height) // 2
     return np.array(im.crop((left, top, left + width, top + height)).convert("RGB"), dtype=np.uint8)

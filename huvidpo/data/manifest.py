@@ -559,26 +559,39 @@ def reference_problems(record: Mapping[str, Any], prompts: Mapping[str, str]) ->
     return []
 
 
-def _inspect_video(entry: VideoEntry) -> tuple[int, float, float]:
-    """Decode the whole video: ``(frames, fps, motion)``. Raises ``VideoDecodeError``."""
-    from huvidpo.video_io import read_video
+def inspect_video(path: str | os.PathLike[str]) -> tuple[int, float, float]:
+    """Decode a whole video within ``huvidpo.video_io.DEFAULT_VIDEO_LIMITS``, holding one frame at a
+    time (and a small grey thumbnail of each): ``(frames, fps, motion)`` with motion as
+    :func:`motion_score` gives it. Raises ``VideoDecodeError`` (``VideoTooLarge`` past a limit)."""
+    from huvidpo.video_io import decode_frames
 
-    frames, fps = read_video(entry.path)
-    return int(frames.shape[0]), fps, motion_score(frames)
+    thumbs: list[np.ndarray] = []
+    n, fps = decode_frames(path, lambda frame: thumbs.append(_grey(frame, MOTION_SIZE)))
+    return n, fps, _motion_of(thumbs, MOTION_SAMPLES)
 
 
 def _check_videos(p: _Parser, min_frames: int) -> None:
-    """Decode every video whose file exists; record frame count, fps and motion, or the problem."""
-    from huvidpo.video_io import VideoDecodeError
+    """Decode every video whose file exists (each file once, however many records name it); record
+    frame count, fps and motion, or the problem."""
+    from huvidpo.video_io import VideoDecodeError, VideoTooLarge
 
+    seen: dict[Path, tuple[int, float, float] | Exception] = {}
     for v in p.videos.values():
         if v.path == p.root:  # its 'file' problem is already reported
             continue
-        try:
-            n, fps, motion = _inspect_video(v)
-        except (VideoDecodeError, OSError) as exc:
-            p.err(v.line, "file", f"undecodable video {v.file!r} (video {v.id!r}): {exc}")
+        if v.path not in seen:
+            try:
+                seen[v.path] = inspect_video(v.path)
+            except (VideoDecodeError, OSError) as exc:
+                seen[v.path] = exc
+        got = seen[v.path]
+        if isinstance(got, VideoTooLarge):
+            p.err(v.line, "file", f"video {v.file!r} (video {v.id!r}) is too large to decode: {got}")
             continue
+        if isinstance(got, Exception):
+            p.err(v.line, "file", f"undecodable video {v.file!r} (video {v.id!r}): {got}")
+            continue
+        n, fps, motion = got
         v.num_frames, v.fps, v.motion = n, fps, motion
         if n < min_frames:
             p.err(
@@ -709,20 +722,29 @@ def motion_score(frames: np.ndarray, samples: int = MOTION_SAMPLES, size: int = 
     flickering or jittering clip as "moving more" than a smoothly moving one, whereas the bias we look
     for is raters preferring clips in which little moves at all.
     """
-    from PIL import Image
-
     f = frames.shape[0]
     if f < 2:
         return 0.0
-    idx = np.unique(np.linspace(0, f - 1, num=min(samples, f)).round().astype(int))
-    grey = np.stack(
-        [
-            np.asarray(
-                Image.fromarray(frames[i]).convert("L").resize((size, size), Image.Resampling.BILINEAR),
-                dtype=np.float32,
-            )
-            for i in idx
-        ]
+    return _motion_of([_grey(frames[i], size) for i in _motion_indices(f, samples)], samples, sampled=True)
+
+
+def _motion_indices(f: int, samples: int) -> np.ndarray:
+    return np.unique(np.linspace(0, f - 1, num=min(samples, f)).round().astype(int))
+
+
+def _grey(frame: np.ndarray, size: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(
+        Image.fromarray(frame).convert("L").resize((size, size), Image.Resampling.BILINEAR), dtype=np.float32
     )
-    gap = max(1, len(idx) // 2)
+
+
+def _motion_of(greys: list[np.ndarray], samples: int, sampled: bool = False) -> float:
+    """:func:`motion_score` from grey thumbnails: of every frame, or (``sampled``) of the sampled ones."""
+    if len(greys) < 2 and not sampled:
+        return 0.0
+    picked = greys if sampled else [greys[i] for i in _motion_indices(len(greys), samples)]
+    grey = np.stack(picked)
+    gap = max(1, len(picked) // 2)
     return float(np.abs(grey[gap:] - grey[:-gap]).mean())

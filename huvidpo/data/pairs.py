@@ -36,7 +36,6 @@ from huvidpo.data.manifest import (
     DatasetIssue,
     PreferenceDataset,
     atomic_write_bytes,
-    motion_score,
 )
 
 TiePolicy = Literal["drop", "keep"]
@@ -167,23 +166,27 @@ def _choice_votes(ds: PreferenceDataset) -> dict[tuple[str, str], dict[str, str]
     return votes
 
 
-def _video_motion(ds: PreferenceDataset, vid: str) -> float | None:
+def _video_motion(ds: PreferenceDataset, vid: str, by_file: dict[Path, float | None]) -> float | None:
+    """The video's motion score; each file decoded once (``by_file``), one frame held at a time."""
     v = ds.videos[vid]
     if v.motion is None:
-        from huvidpo.video_io import VideoDecodeError, read_video
+        from huvidpo.data.manifest import inspect_video
+        from huvidpo.video_io import VideoDecodeError
 
-        try:
-            frames, _ = read_video(v.path)
-        except (VideoDecodeError, OSError):
-            return None
-        v.motion = motion_score(frames)
+        if v.path not in by_file:
+            try:
+                by_file[v.path] = inspect_video(v.path)[2]
+            except (VideoDecodeError, OSError):
+                by_file[v.path] = None
+        v.motion = by_file[v.path]
     return v.motion
 
 
 def check_motion(ds: PreferenceDataset, pairs: list[Pair]) -> tuple[MotionCheck | None, int]:
     """Compare the motion of chosen and rejected clips; ``(check or None, videos without motion)``."""
     ids = sorted({i for p in pairs for i in (p.chosen_id, p.rejected_id)})
-    motion = {i: _video_motion(ds, i) for i in ids}
+    by_file: dict[Path, float | None] = {}
+    motion = {i: _video_motion(ds, i, by_file) for i in ids}
     usable = [(motion[p.chosen_id], motion[p.rejected_id]) for p in pairs]
     pairs_m = [(w, lo) for w, lo in usable if w is not None and lo is not None]
     missing = sum(m is None for m in motion.values())

@@ -193,14 +193,23 @@ def check_clip_frames(ds: Any, cfg: TrainConfig) -> None:
 
 
 def count_frames(path: str | os.PathLike[str]) -> int:
-    """Number of frames of a video file (container metadata, or a decode when it has none)."""
+    """Number of frames of a video file (container metadata, or a decode when it has none, stopped
+    past ``DEFAULT_VIDEO_LIMITS.max_frames``: ``VideoTooLarge``, as loading its clips would raise)."""
+    import itertools
+
     import av
 
+    from huvidpo.video_io import DEFAULT_VIDEO_LIMITS, VideoTooLarge
+
+    limit = DEFAULT_VIDEO_LIMITS.max_frames
     with av.open(os.fspath(path)) as container:
         stream = container.streams.video[0]
-        if stream.frames:
-            return int(stream.frames)
-        return sum(1 for _ in container.decode(stream))
+        n = int(stream.frames) or sum(1 for _ in itertools.islice(container.decode(stream), limit + 1))
+    if n > limit:
+        raise VideoTooLarge(
+            f"{path}: {n if stream.frames else 'more than ' + str(limit)} frames are more than max_frames = {limit}"
+        )
+    return n
 
 
 class ClipSource:

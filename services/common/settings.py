@@ -55,6 +55,10 @@ class ControlPlaneSettings(BaseSettings):
     trainer_image: str = "huvidpo-trainer:latest"
     gpu_count: int = Field(default=0, ge=0)
     max_upload_bytes: int = Field(default=10 * 1024**3, gt=0)
+    # Every other request body (JSON): counted while it arrives, 413 past it.
+    max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
+    # Concurrent streamed responses (log follows) per bearer token; more get 429.
+    max_streams_per_token: int = Field(default=4, ge=1)
     # Read-only bearer tokens (sha256 digests): GETs pass, writes get 403.
     read_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Local scratch space of the control plane (dataset commits, pair compiles, local executor runs).

@@ -35,6 +35,7 @@ from services.controlplane.domain.finetunes import FineTuneService
 from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
 from services.controlplane.domain.util import Clock, utcnow
+from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_limit
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
 from services.controlplane.ui import router as ui_router
@@ -103,6 +104,7 @@ def create_app(
         responses=problems.common_responses(500),
     )
     app.state.ctx = context
+    app.state.streams = StreamSlots(settings.max_streams_per_token)
     app.state.tokens = TokenTable(tuple(settings.tokens), tuple(settings.read_tokens))
     if not app.state.tokens.enabled:
         log.warning(
@@ -121,6 +123,7 @@ def create_app(
         ui_router,
     ):
         app.include_router(r)
+    app.add_middleware(BodyLimitMiddleware, limit=lambda method, path: body_limit(settings, method, path))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

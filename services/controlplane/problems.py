@@ -39,6 +39,7 @@ STATUS_BY_KIND: dict[str, int] = {
     "not-acceptable": 406,
     "internal-error": 500,
     "invalid-json": 400,
+    "too-many-requests": 429,
 }
 
 
@@ -196,6 +197,7 @@ def install(app: FastAPI) -> None:
             403: "forbidden",
             406: "not-acceptable",
             413: errors.PayloadTooLarge.kind,
+            429: "too-many-requests",
             415: errors.UnsupportedMediaType.kind,
             400: errors.BadUpload.kind,
         }.get(exc.status_code, "http-error")

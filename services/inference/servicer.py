@@ -166,9 +166,13 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         check_prompt_tokens(spec, self.manager.count_tokens, self.manager.max_tokens)
         if spec.image_uri:
             data = await asyncio.to_thread(self._read_uri, spec.image_uri)
-            spec.image = await asyncio.to_thread(decode_first_frame, data, s, "first_frame_uri")
+            spec.image = await asyncio.to_thread(
+                decode_first_frame, data, s, "first_frame_uri", spec.height, spec.width
+            )
         elif spec.image_bytes is not None:
-            spec.image = await asyncio.to_thread(decode_first_frame, spec.image_bytes, s, "first_frame_image")
+            spec.image = await asyncio.to_thread(
+                decode_first_frame, spec.image_bytes, s, "first_frame_image", spec.height, spec.width
+            )
             spec.image_bytes = None
         checkpoint = self.manager.resolve(spec.checkpoint_id)
         served.append(checkpoint)  # released by Generate once counted

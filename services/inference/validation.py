@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from PIL import Image, UnidentifiedImageError
 
+from huvidpo.video_io import cover_size
 from services.common.settings import InferenceSettings
 from services.inference.errors import InvalidRequest
 from services.inference.gen import inference_pb2 as pb
@@ -148,9 +149,17 @@ def parse_store_uri(uri: str, bucket: str) -> str:
     return uri[len(prefix) :]
 
 
-def decode_first_frame(data: bytes, s: InferenceSettings, field: str = "first_frame_image") -> Image.Image:
+def decode_first_frame(
+    data: bytes,
+    s: InferenceSettings,
+    field: str = "first_frame_image",
+    height: int | None = None,
+    width: int | None = None,
+) -> Image.Image:
     """Decode PNG/JPEG/WebP bytes into an RGB image, refusing oversized bytes or pixel counts before
-    decoding the pixels (the header gives the size)."""
+    decoding the pixels (the header gives the size). With ``height`` and ``width`` (the video's frame
+    size) the image resized to cover that frame must fit ``max_image_pixels`` too: a thin image
+    grows in both directions when it is resized (see ``huvidpo.video_io.cover_size``)."""
     if len(data) > s.max_image_bytes:
         raise InvalidRequest(f"{field} is {len(data)} bytes; at most {s.max_image_bytes} bytes are accepted")
     try:
@@ -165,6 +174,14 @@ def decode_first_frame(data: bytes, s: InferenceSettings, field: str = "first_fr
                 raise InvalidRequest(
                     f"{field} is {w}x{h} = {w * h} pixels; at most {s.max_image_pixels} pixels are accepted"
                 )
+            if height is not None and width is not None:
+                cw, ch = cover_size(w, h, height, width)
+                if cw * ch > s.max_image_pixels:
+                    raise InvalidRequest(
+                        f"{field} is {w}x{h}: resized to cover the {width}x{height} frame it would be "
+                        f"{cw}x{ch} = {cw * ch} pixels; at most {s.max_image_pixels} pixels "
+                        "(max_image_pixels) are accepted: send an image closer to the frame's aspect ratio"
+                    )
             im.load()
             return im.convert("RGB")
     except InvalidRequest:

@@ -140,3 +140,14 @@ def test_dataset_version_from_upload_and_from_presigned_puts(served: dict[str, A
         )
         checked = c.get(f"/v1/datasets/s3big/versions/{v2.json()['id']}").json()
         assert checked["validation"]["state"] == "passed", checked["validation"]
+
+        # A presigned URL cannot be revoked on S3, but it dies at commit all the same: it names a key
+        # under the upload's presigned/ (moved into files/ at commit), which no version references.
+        video = next(rel for rel in rels if rel.endswith(".mp4"))
+        assert httpx.put(urls[video], content=b"other bytes", timeout=30).status_code == 200
+        key = manifest["files"]["data/" + video]["key"]
+        assert store.get_bytes(key) == (ds / video).read_bytes()
+        assert store.get_bytes(f"datasets/s3big/uploads/{up['id']}/presigned/{video}") == b"other bytes"
+        # deleting the version removes the upload, stray presigned objects included
+        assert c.delete(f"/v1/datasets/s3big/versions/{v2.json()['id']}").status_code == 204
+        assert store.list(f"datasets/s3big/uploads/{up['id']}/") == []

@@ -282,6 +282,44 @@ def test_first_frame_from_the_store(stub, server: ServerThread) -> None:  # type
     assert read_video(result.video_bytes)[0].shape == (4, 64, 64, 3)
 
 
+def _thin_png() -> bytes:
+    """The 72-byte-class probe: a 600x1 PNG (600 pixels, far under any limit on its own)."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (600, 1), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _peak_rss_reset() -> None:
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := the current RSS
+
+
+def _peak_rss() -> int:
+    line = next(ln for ln in Path("/proc/self/status").read_text().splitlines() if ln.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_a_thin_first_frame_is_refused_by_its_resized_pixel_count(stub, server: ServerThread) -> None:  # type: ignore[no-untyped-def]
+    """600x1 resized to cover 32x1024 is 614400x1024 pixels (2.4 GB decoded): refused from the header,
+    by upload and by store URI, and the server's memory (this process) does not grow for it."""
+    png = _thin_png()
+    server.server.store.put_bytes("frames/thin.png", png)
+    _peak_rss_reset()
+    before = _peak_rss()
+    for first in ({"first_frame_image": png}, {"first_frame_uri": "s3://huvidpo/frames/thin.png"}):
+        with pytest.raises(grpc.RpcError) as err:
+            run(stub, request(**first, height=1024, width=32), timeout=20)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details() or ""
+        assert "is 600x1" in details and "614400x1024" in details, details
+        assert "at most 262144 pixels (max_image_pixels)" in details, details
+    grown = _peak_rss() - before
+    assert grown < 64 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+
+
 # --------------------------------------------------------------------------------------- cancel, queue
 def _wait_first_step(stream: Iterator[pb.GenerateResponse]) -> None:
     for event in stream:

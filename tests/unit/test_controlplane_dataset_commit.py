@@ -189,7 +189,8 @@ def test_a_staged_video_overwritten_after_commit_fails_validation(
     upload = _stage(svc, files)
     version = svc.commit_upload("cats", upload)
     video = next(p for p in files if p.endswith(".mp4"))
-    # what a presigned PUT URL still valid after the commit could do
+    # what anything that rewrites a staged video in the store could do (presigned URLs no longer can:
+    # they write under presigned/, see test_controlplane_bounds.py)
     store.put_stream(f"datasets/cats/uploads/{upload}/files/{video}", io.BytesIO(b"other bytes"))
     deferred.pop()()
     checked = svc.get_version("cats", version["id"])

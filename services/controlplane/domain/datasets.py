@@ -4,9 +4,13 @@ Store layout (bucket root)::
 
     datasets/{name}/dataset.json                      the dataset (name, description, created_at)
     datasets/{name}/uploads/{upload_id}/session.json  an open upload session
-    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload or presigned PUT);
-                                                      a committed upload keeps the videos its version
-                                                      references (and committed.json instead of session.json)
+    datasets/{name}/uploads/{upload_id}/files/{path}  staged files (multipart upload, or moved here from
+                                                      presigned/ at commit); a committed upload keeps the
+                                                      videos its version references (and committed.json
+                                                      instead of session.json)
+    datasets/{name}/uploads/{upload_id}/presigned/{path}  where presigned PUT URLs write: no version ever
+                                                      references a key here, so a URL still valid after
+                                                      the commit cannot change a version
     datasets/{name}/ratings/{rating_id}.json          rating/choice records (id = digest of the record)
     datasets/{name}/{digest}/data/{path}              an immutable version's own files (its JSON(L) records)
     datasets/{name}/{digest}/manifest.json            written LAST: files (each with its "key" when it lies
@@ -61,6 +65,8 @@ ALLOWED_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif",
 MANIFEST = "manifest.json"
 VALIDATION = "validation.json"  # next to the manifest: the background validation's result
 COMMITTED = "committed.json"  # in an upload whose staged files a version references
+PRESIGNED = "presigned/"  # in an upload: what presigned PUT URLs write (moved to files/ at commit)
+_PRESIGNED_KEY = re.compile(r"^datasets/([^/]+)/uploads/([^/]+)/presigned/")
 RECORD_SUFFIXES = frozenset({".json", ".jsonl"})
 # A record file (manifest, ratings) is read whole at commit: far above any real manifest (a million
 # records of ~200 bytes), far below what would hurt the control plane.
@@ -190,9 +196,11 @@ class DatasetService:
         session = read_json(
             self.store, self._upload_prefix(name, upload_id) + "session.json", f"upload {upload_id!r}"
         )
+        prefix = self._upload_prefix(name, upload_id)
         files = {
-            o.key.split("/files/", 1)[1]: {"size": o.size, "sha256": o.sha256}
-            for o in self.store.list(self._upload_prefix(name, upload_id) + "files/")
+            o.key[len(prefix + sub) :]: {"size": o.size, "sha256": o.sha256}
+            for sub in ("files/", PRESIGNED)  # a file sent both ways: the presigned PUT's
+            for o in self.store.list(prefix + sub)
         }
         return {**session, "files": files}
 
@@ -218,19 +226,44 @@ class DatasetService:
     def presign_upload(
         self, name: str, upload_id: str, paths: Iterable[str], expires, base_url: str | None = None
     ) -> dict[str, str]:  # type: ignore[no-untyped-def]
+        """PUT URLs for ``paths``, writing under the upload's ``presigned/`` (see :meth:`commit_upload`)."""
         self.get_upload(name, upload_id)
-        return {
-            p: self.store.presigned_put_url(self.staged_key(name, upload_id, p), expires, base_url)
-            for p in paths
-        }
+        out = {}
+        for p in paths:
+            key = self.staged_key(name, upload_id, p).replace("/files/", "/" + PRESIGNED, 1)
+            out[p] = self.store.presigned_put_url(key, expires, base_url)
+        return out
+
+    def accepts_presigned_put(self, key: str) -> bool:
+        """Whether a presigned PUT to ``key`` may still write: not into an upload that was committed or
+        discarded (its URLs die with it). Other keys: yes."""
+        m = _PRESIGNED_KEY.match(key)
+        if m is None:
+            return True
+        return self.store.exists(self._upload_prefix(m.group(1), m.group(2)) + "session.json")
+
+    def _adopt_presigned(self, name: str, upload_id: str) -> None:
+        """Move the files presigned PUTs wrote into ``files/``, hashing them as they stream (the only
+        bytes a commit copies). A URL still valid afterwards writes under ``presigned/`` again, where
+        no version looks; the commit deletes what is there when it ends."""
+        prefix = self._upload_prefix(name, upload_id)
+        for obj in self.store.list(prefix + PRESIGNED):
+            path = obj.key[len(prefix + PRESIGNED) :]
+            with self.store.open_read(obj.key) as reader:
+                self.store.put_stream(prefix + "files/" + path, reader, None)  # type: ignore[arg-type]
+            self.store.delete(obj.key)
 
     def commit_upload(self, name: str, upload_id: str, include_ratings: bool = True) -> dict[str, Any]:
         """Publish the staged files as an immutable version without moving a video byte.
 
         Only the JSON(L) files (the manifest: small) are read back and validated; every other file is
         referenced where it was staged, with the sha256 and size recorded while it streamed in (a file
-        sent by presigned PUT, which the store may hold without a digest, is hashed here: those files
-        only). Checks that need decoding run afterwards in the background (:meth:`validate_version`)."""
+        sent by presigned PUT, which the store may hold without a digest, is moved from ``presigned/``
+        into ``files/`` and hashed on the way: those files only, so no presigned URL names a key a
+        version references). Checks that need decoding run afterwards in the background
+        (:meth:`validate_version`)."""
+        self.get_upload(name, upload_id)
+        self._adopt_presigned(name, upload_id)
         session = self.get_upload(name, upload_id)
         if not session["files"]:
             raise InvalidRequest(
@@ -266,6 +299,7 @@ class DatasetService:
             for path in session["files"]:
                 if _is_record_file(path):
                     self.store.delete(staged + path)
+            self.store.delete_prefix(self._upload_prefix(name, upload_id) + PRESIGNED)
         else:  # the same content was committed before: this staging is not needed
             self.store.delete_prefix(self._upload_prefix(name, upload_id))
         return version

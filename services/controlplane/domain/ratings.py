@@ -40,6 +40,12 @@ VIDEO_EXTENSIONS = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi", ".gif"})
 Winner = Literal["left", "right", "tie"]
 
 
+# A/B pairs each video of a large prompt group meets (see ``ab_pairs``), and pairs per session page.
+PAIRS_PER_VIDEO = 8
+SESSION_PAGE_SIZE = 500
+SESSION_MAX_PAGE_SIZE = 2000
+
+
 def _h(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()
 
@@ -199,9 +205,19 @@ class RatingService:
         return self.datasets.fetch_version(name, version) / path
 
     # ------------------------------------------------------------------------------ sessions
-    def session(self, name: str, version: str | None, rater_id: str) -> dict[str, Any]:
-        """What a rater needs to rate a version: its videos with this rater's scores, the A/B pairs
-        with this rater's choices, progress in both modes and where to resume."""
+    def session(
+        self,
+        name: str,
+        version: str | None,
+        rater_id: str,
+        page_size: int = SESSION_PAGE_SIZE,
+        page_token: str | None = None,
+    ) -> dict[str, Any]:
+        """What a rater needs to rate a version: its videos with this rater's scores, one page of the
+        A/B pairs (``page_size`` from ``page_token``; ``next_page_token`` names the next page) with
+        this rater's choices, progress in both modes over all pairs, and where to resume (an index
+        into all pairs)."""
+        start = _page_start(page_token)
         self.datasets.get(name)
         version = validate_digest(version) if version else self.latest_version(name)
         videos = self.videos(name, version)
@@ -218,13 +234,16 @@ class RatingService:
             }
             for v in videos
         ]
-        pairs = []
-        for left, right in ab_pairs(videos):
+        pairs: list[dict[str, Any]] = []
+        for index, (left, right) in enumerate(ab_pairs(videos)):
             key = pair_key(left.id, right.id)
             j = choices.get(key)
             choice: str | None = None
             if j is not None:
                 choice = "tie" if j.kind == "tie" else "left" if j.record["chosen"] == left.id else "right"
+            if not start <= index < start + page_size:  # only what progress and resume need
+                pairs.append({"choice": choice, "time": j.time if j is not None else None})
+                continue
             pairs.append(
                 {
                     "key": key,
@@ -242,7 +261,9 @@ class RatingService:
             "version": version,
             "rater_id": rater_id,
             "videos": items,
-            "pairs": pairs,
+            "pairs": pairs[start : start + page_size],
+            "pairs_offset": start,
+            "next_page_token": str(start + page_size) if start + page_size < len(pairs) else None,
             "progress": {
                 "absolute": {"done": sum(i["score"] is not None for i in items), "total": len(items)},
                 "ab": {"done": sum(p["choice"] is not None for p in pairs), "total": len(pairs)},
@@ -418,13 +439,25 @@ def _append(data: Path, records: list[dict[str, Any]]) -> None:
     manifest.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
+def _page_start(page_token: str | None) -> int:
+    if page_token is None:
+        return 0
+    if not page_token.isdigit() or len(page_token) > 9:
+        raise InvalidRequest("page_token is not one this API returned", field="page_token")
+    return int(page_token)
+
+
 def ab_pairs(videos: list[VideoInfo]) -> list[tuple[VideoInfo, VideoInfo]]:
     """The A/B comparisons of a version, in a fixed order.
 
     Videos are grouped by prompt and first frame. In a group whose videos come from exactly two
     checkpoints (an on-policy sample set), each sample of one checkpoint meets the same-numbered
-    sample of the other; otherwise every two videos of the group meet once. Which clip is shown left
-    is fixed per pair by a hash, so neither checkpoint (nor manifest order) always sits on one side.
+    sample of the other; otherwise every two videos of the group meet once while the group has at
+    most ``2 * PAIRS_PER_VIDEO + 1`` videos. A larger group is sampled, not squared: its videos in a
+    fixed pseudo-random order (a hash of their ids) stand in a ring, and each meets the
+    ``PAIRS_PER_VIDEO`` next ones (every video in ``2 * PAIRS_PER_VIDEO`` pairs; n videos give
+    ``n * PAIRS_PER_VIDEO`` pairs, where all pairs would be ``n * (n - 1) / 2``). Which clip is shown
+    left is fixed per pair by a hash, so neither checkpoint (nor manifest order) always sits on one side.
     """
     groups: dict[tuple[str, str | None], list[VideoInfo]] = {}
     for v in videos:
@@ -439,8 +472,12 @@ def ab_pairs(videos: list[VideoInfo]) -> list[tuple[VideoInfo, VideoInfo]]:
             a.sort(key=lambda v: (v.sample if v.sample is not None else 0, v.id))
             b.sort(key=lambda v: (v.sample if v.sample is not None else 0, v.id))
             raw = list(zip(a, b, strict=False))
-        else:
+        elif len(vs) <= 2 * PAIRS_PER_VIDEO + 1:
             raw = [(vs[i], vs[j]) for i in range(len(vs)) for j in range(i + 1, len(vs))]
+        else:
+            ring = sorted(vs, key=lambda v: (_h(v.id), v.id))
+            n = len(ring)
+            raw = [(ring[i], ring[(i + d) % n]) for d in range(1, PAIRS_PER_VIDEO + 1) for i in range(n)]
         for x, y in raw:
             flip = int(_h(x.id, y.id)[:2], 16) % 2 == 1
             out.append((y, x) if flip else (x, y))

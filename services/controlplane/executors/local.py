@@ -157,7 +157,9 @@ class LocalExecutor:
                             fh.seek(pos)
                             yield from iter(lambda: fh.read(64 * 1024), b"")
                     return
-                time.sleep(0.5)
+                # Nothing new yet: an empty chunk, and the caller waits before asking again (the REST
+                # route sleeps on the event loop, so no thread is held while the trainer is quiet).
+                yield b""
 
         return gen()
 

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
-from fastapi import APIRouter, Depends, Header, Query, Response
+import anyio
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
 from services.controlplane.domain.finetunes import FineTuneRequest
 from services.controlplane.domain.retention import Retention
+from services.controlplane.limits import StreamSlots
 from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
 
 router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"], dependencies=[Authed])
+LOG_POLL_SECONDS = 0.5
 
 
 @router.post(
@@ -83,14 +89,45 @@ def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, An
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/plain": {}}, "description": "the trainer's output"},
-        **problems.common_responses(401, 404),
+        **problems.common_responses(401, 404, 429),
     },
 )
-def finetune_logs(
-    finetune_id: str, follow: bool = Query(False), c: Context = Depends(ctx)
+async def finetune_logs(
+    finetune_id: str, request: Request, follow: bool = Query(False), c: Context = Depends(ctx)
 ) -> StreamingResponse:
-    chunks = c.finetunes.logs(finetune_id, follow=follow)
-    return StreamingResponse(chunks, media_type="text/plain; charset=utf-8")
+    """The executor's chunks are pulled one at a time on a thread of their own pool (a blocking read
+    never takes a thread the other routes need); an empty chunk means "nothing yet", and the wait
+    before the next pull is an ``asyncio.sleep``, so a quiet follower holds no thread at all. Each
+    token may hold ``max_streams_per_token`` streams (429 beyond)."""
+    slots: StreamSlots = request.app.state.streams
+    key = StreamSlots.key(request.headers)
+    slots.acquire(key)
+    try:
+        chunks = await run_in_threadpool(c.finetunes.logs, finetune_id, follow)
+    except BaseException:
+        slots.release(key)
+        raise
+
+    async def body() -> AsyncIterator[bytes]:
+        try:
+            while True:
+                chunk = await anyio.to_thread.run_sync(next, chunks, None, limiter=slots.reads)
+                if chunk is None:
+                    return
+                if chunk:
+                    yield chunk
+                elif await request.is_disconnected():  # nothing to send would notice it: free the slot
+                    return
+                else:
+                    await asyncio.sleep(LOG_POLL_SECONDS)
+        finally:
+            slots.release(key)
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(close, limiter=slots.reads)
+
+    return StreamingResponse(body(), media_type="text/plain; charset=utf-8")
 
 
 @router.get(

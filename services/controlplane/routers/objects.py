@@ -77,6 +77,10 @@ async def put_object(
 ) -> dict[str, Any]:
     store = _local(c)
     await run_in_threadpool(store.verify_presigned, key, expires, signature, "PUT")
+    if not await run_in_threadpool(c.datasets.accepts_presigned_put, key):
+        raise PresignedUrlInvalid(
+            "this presigned URL's upload was committed or discarded; its URLs no longer accept files"
+        )
     info = await stream_raw(
         request,
         lambda reader: store.put_stream(key, reader, None, request.headers.get("content-type")),

@@ -18,7 +18,7 @@ from services.controlplane import problems
 from services.controlplane.deps import Authed, Context, ctx
 from services.controlplane.domain.datasets import PairOptions
 from services.controlplane.domain.names import VERSION_PATTERN
-from services.controlplane.domain.ratings import RatingService
+from services.controlplane.domain.ratings import SESSION_MAX_PAGE_SIZE, SESSION_PAGE_SIZE, RatingService
 from services.controlplane.schemas import DatasetVersion, PairsReport, Strict, VersionRef
 
 router = APIRouter(prefix="/v1/datasets", tags=["ratings"], dependencies=[Authed])
@@ -111,7 +111,9 @@ class RatingSession(BaseModel):
     version: str
     rater_id: str
     videos: list[SessionVideo]
-    pairs: list[SessionPair]
+    pairs: list[SessionPair] = Field(description="one page of the A/B pairs, from index pairs_offset")
+    pairs_offset: int = 0
+    next_page_token: str | None = Field(default=None, description="the next page of pairs (page_token)")
     progress: dict[str, Progress]
     resume: dict[str, int]
 
@@ -130,9 +132,13 @@ def rating_session(
     name: str,
     rater_id: str = Query(..., min_length=1, max_length=256),
     version: str | None = Query(None, pattern=VERSION_PATTERN),
+    page_size: int = Query(
+        SESSION_PAGE_SIZE, ge=1, le=SESSION_MAX_PAGE_SIZE, description="A/B pairs per page"
+    ),
+    page_token: str | None = Query(None, max_length=20),
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
-    return _svc(c).session(name, version, rater_id)
+    return _svc(c).session(name, version, rater_id, page_size, page_token)
 
 
 @router.put(

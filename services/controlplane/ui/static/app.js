@@ -138,6 +138,12 @@
     const q = "?rater_id=" + seg(rater) + "&version=" + seg(state.version);
     try {
       state.session = await api("/v1/datasets/" + seg(state.dataset) + "/rating-session" + q);
+      // the pairs come in pages; resume.ab indexes all of them
+      for (let page = state.session; page.next_page_token; ) {
+        page = await api("/v1/datasets/" + seg(state.dataset) + "/rating-session" + q +
+          "&page_token=" + seg(page.next_page_token));
+        state.session.pairs = state.session.pairs.concat(page.pairs);
+      }
     } catch (e) {
       setStatus("Could not load the ratings: " + e.message, "error");
       return;
