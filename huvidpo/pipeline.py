@@ -211,15 +211,30 @@ class HuViDPOPipeline:
     ) -> torch.Tensor:
         """A first-frame latent ``(1, 4, h, w)`` from the prompt, by the same backbone run as the 2D
         Stable Diffusion UNet (all temporal layers bypassed)."""
+        return self.text_to_image_latents(text, cfg, [generator])
+
+    @torch.no_grad()
+    def text_to_image_latents(
+        self, text: torch.Tensor, cfg: GenerationConfig, generators: list[torch.Generator]
+    ) -> torch.Tensor:
+        """First-frame latents ``(k, 4, h, w)`` for ``k`` prompts in one UNet batch (``text``:
+        ``[uncond x k; cond x k]``); each sample's noise comes from its own generator, as one at a
+        time would draw it."""
         f = self.components.vae_scale_factor
-        shape = (1, 4, 1, cfg.height // f, cfg.width // f)
-        latents = torch.randn(shape, generator=generator, dtype=torch.float32).to(self.device, self.dtype)
+        shape = (4, 1, cfg.height // f, cfg.width // f)
+
+        def noise() -> torch.Tensor:
+            draws = [torch.randn(shape, generator=g, dtype=torch.float32) for g in generators]
+            return torch.stack(draws).to(self.device, self.dtype)
+
+        latents = noise()
         scheduler = self.components.ddim()
         scheduler.set_timesteps(cfg.first_frame_steps or cfg.steps, device=self.device)
         latents = latents * scheduler.init_noise_sigma
         for t in scheduler.timesteps:
             eps = self._guided_eps(latents, t, text, cfg, spatial_only=True)
-            latents = scheduler.step(eps, t, latents, eta=cfg.eta, generator=generator).prev_sample
+            variance = noise() if cfg.eta > 0 else None
+            latents = scheduler.step(eps, t, latents, eta=cfg.eta, variance_noise=variance).prev_sample
         return latents[:, :, 0]
 
     @torch.no_grad()
@@ -289,14 +304,19 @@ class HuViDPOPipeline:
         generators = [torch.Generator("cpu").manual_seed(s) for s in seeds]
         sf = self.components.vae_scale_factor
         lh, lw = cfg.height // sf, cfg.width // sf
-        firsts = []
+        firsts: list[torch.Tensor | None] = [None] * b
+        from_text = [i for i, image in enumerate(first_frames) if image is None]
+        if from_text:  # every first frame drawn from its prompt, in one UNet batch
+            sub = torch.cat(
+                [text[i : i + 1] for i in from_text] + [text[b + i : b + i + 1] for i in from_text]
+            )
+            drawn = self.text_to_image_latents(sub, cfg, [generators[i] for i in from_text])
+            for j, i in enumerate(from_text):
+                firsts[i] = drawn[j : j + 1]
         for i, image in enumerate(first_frames):
-            if image is None:
-                sub = torch.cat([text[i : i + 1], text[b + i : b + i + 1]])
-                firsts.append(self.text_to_image_latent(sub, cfg, generators[i]))
-            else:
-                firsts.append(self.prepare_first_frame(image, cfg.height, cfg.width))
-        first = torch.cat(firsts)  # (b, 4, lh, lw)
+            if image is not None:
+                firsts[i] = self.prepare_first_frame(image, cfg.height, cfg.width)
+        first = torch.cat([x for x in firsts if x is not None])  # (b, 4, lh, lw)
         t_first = time.perf_counter()
 
         noise = torch.stack(

@@ -228,3 +228,33 @@ def test_adain_over_all_frames_at_once_equals_frame_by_frame() -> None:
     ref = x[:, :, 1:2]
     want = torch.stack([adain(x[:, :, f], x[:, :, 1]) for f in range(2, 6)], dim=2)
     torch.testing.assert_close(adain(x[:, :, 2:], ref), want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_first_frames_from_text_run_in_one_batch_and_match_one_at_a_time(
+    pipe: HuViDPOPipeline, eta: float
+) -> None:
+    cfg = small(eta=eta)
+    prompts, seeds = ["a red kite", "waves at night", "a dog runs"], [3, 11, 5]
+    image = np.full((32, 32, 3), 120, dtype=np.uint8)
+    frames: list[np.ndarray | None] = [None, image, None]
+    calls: list[int] = []
+    unet = pipe.components.unet
+    real = unet.forward
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if kwargs.get("spatial_only"):
+            calls.append(args[0].shape[0])
+        return real(*args, **kwargs)
+
+    unet.forward = counting  # type: ignore[method-assign]
+    try:
+        batch = pipe.generate_batch(prompts, frames, cfg, seeds=seeds)  # type: ignore[arg-type]
+    finally:
+        del unet.forward
+    steps = cfg.first_frame_steps or cfg.steps
+    assert len(calls) == steps and set(calls) == {4}  # one UNet call per step for both prompts (x2 for CFG)
+    for i in (0, 2):
+        alone = pipe.generate_batch([prompts[i]], [None], cfg, seeds=[seeds[i]])[0]
+        torch.testing.assert_close(batch[i].latents[:, :, 0], alone.latents[:, :, 0], rtol=1e-4, atol=1e-4)
+        assert np.abs(batch[i].frames.astype(int) - alone.frames.astype(int)).max() <= 2
