@@ -269,6 +269,9 @@ class DPOConfig(TrainConfig):
     prompts (pairs mixing a held-out and a training video are dropped)."""
     eval_draws: int = 4
     """(t, noise) draws averaged per held-out pair."""
+    eval_batch_pixels: int = 8 * 16 * 320 * 512
+    """Cost budget of one evaluation forward, in pixels (clips x frames x height x width; a pair
+    sends ``2 x eval_draws`` clips): at most 4 pairs, fewer as clips grow (one at the method's size)."""
     lr: float = 1e-4
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
@@ -285,6 +288,10 @@ class DPOConfig(TrainConfig):
             )
         if self.sft_weight < 0:
             raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", field="sft_weight")
+        if self.eval_batch_pixels < 1:
+            raise ConfigError(
+                f"eval_batch_pixels must be >= 1, got {self.eval_batch_pixels}", field="eval_batch_pixels"
+            )
         if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
             bad = "lora_alpha" if self.lora_alpha <= 0 else "lora_dropout"
             raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1", field=bad)

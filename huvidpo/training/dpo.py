@@ -283,6 +283,8 @@ def evaluate_pairs(
     was_training = unet.training
     unet.eval()
     k = cfg.eval_draws
+    per_pair = 2 * k * cfg.num_frames * cfg.height * cfg.width
+    pairs_per_forward = max(1, min(pairs_per_forward, cfg.eval_batch_pixels // per_pair))
     span = (cfg.timestep_max - cfg.timestep_min) / k
     t_draws = torch.tensor([int(cfg.timestep_min + (j + 0.5) * span) for j in range(k)])
     rank, world = (0, 1) if accelerator is None else (accelerator.process_index, accelerator.num_processes)

@@ -125,6 +125,9 @@ class InferenceSettings(BaseSettings):
     poll_seconds: float = Field(default=5.0, gt=0)
     max_queue: int = Field(default=16, ge=1)
     max_batch: int = Field(default=4, ge=1)
+    # Cost budget of one batch in decoded pixels (frames x height x width over its videos): the
+    # default holds max_batch videos of 16 frames at 512x512, or one 32-frame 1024x1024 video.
+    max_batch_pixels: int = Field(default=4 * 16 * 512 * 512, ge=1)
     # Videos up to this size come back inline, larger ones as a download URL. Below gRPC's default
     # 4 MiB receive limit so a client with default options can take any inline result.
     inline_limit_bytes: int = Field(default=3 * 1024 * 1024, ge=0)

@@ -133,10 +133,14 @@ class Batcher:
         batch_wait_s: float,
         metrics: InferenceMetrics,
         after_batch: Callable[[], None] | None = None,
+        max_batch_pixels: int | None = None,
     ) -> None:
         self._execute = execute
         self.max_queue = max_queue
         self.max_batch = max_batch
+        # Cost budget of one batch, in decoded pixels (frames x height x width summed over its videos):
+        # a batch of large videos holds fewer of them. None: ``max_batch`` alone.
+        self.max_batch_pixels = max_batch_pixels
         self.batch_wait_s = batch_wait_s
         self._metrics = metrics
         self._after_batch = after_batch
@@ -229,17 +233,25 @@ class Batcher:
                 continue
             head = self._pending[0]
             compatible = [j for j in self._pending if j.key == head.key]
+            limit = self.batch_limit(head.key)
             wait = head.enqueued_at + self.batch_wait_s - time.monotonic()
-            if len(compatible) < self.max_batch and wait > 0 and self.max_batch > 1:
+            if len(compatible) < limit and wait > 0 and limit > 1:
                 # Give companions a moment to arrive; loop to re-check (cancellations, new arrivals).
                 self._cond.wait(wait)
                 continue
-            batch = compatible[: self.max_batch]
+            batch = compatible[:limit]
             for job in batch:
                 self._pending.remove(job)
             self._running = batch
             self._positions_changed()
             return batch
+
+    def batch_limit(self, key: BatchKey) -> int:
+        """How many videos of ``key``'s shape one batch may hold: ``max_batch``, fewer when their
+        pixels exceed ``max_batch_pixels`` (at least one)."""
+        if self.max_batch_pixels is None:
+            return self.max_batch
+        return max(1, min(self.max_batch, self.max_batch_pixels // (key.frames * key.height * key.width)))
 
     def _worker(self) -> None:
         while True:

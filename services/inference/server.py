@@ -67,6 +67,7 @@ class InferenceServer:
             self.manager.run_batch,
             max_queue=settings.max_queue,
             max_batch=settings.max_batch,
+            max_batch_pixels=settings.max_batch_pixels,
             batch_wait_s=settings.batch_wait_ms / 1000.0,
             metrics=self.metrics,
             after_batch=self.manager.retire_idle,

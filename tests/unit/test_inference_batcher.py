@@ -161,3 +161,26 @@ def test_deadline_stops_a_queued_request() -> None:
         assert len(model.batches) == 1
 
     asyncio.run(run())
+
+
+def test_a_pixel_budget_holds_fewer_large_videos_per_batch() -> None:
+    async def run() -> None:
+        model = FakeModel()
+        # 4 frames of 64x64 = 16,384 pixels a video: a budget of 2.5 videos takes 2 of the small
+        # ones per batch, and a 128-high video (twice the pixels) alone.
+        b = Batcher(
+            model, max_queue=16, max_batch=4, batch_wait_s=0.05, metrics=InferenceMetrics(),
+            max_batch_pixels=int(2.5 * 4 * 64 * 64),
+        )  # fmt: skip
+        b.start()
+        loop = asyncio.get_running_loop()
+        small = [Job(spec(seed=i), "ck", loop) for i in range(5)]
+        large = [Job(spec(height=160), "ck", loop) for _ in range(2)]
+        for j in [*small, *large]:
+            b.submit(j)
+        await asyncio.gather(*(drain(j) for j in [*small, *large]))
+        b.stop()
+        assert [len(x) for x in model.batches] == [2, 2, 1, 1, 1]
+        assert b.batch_limit(small[0].key) == 2 and b.batch_limit(large[0].key) == 1
+
+    asyncio.run(run())

@@ -74,3 +74,35 @@ def test_held_out_margin_is_the_training_steps_reward_margin_on_the_same_draws()
     assert got["eval_pairs"] == 2
     assert got["eval_reward_margin"] == pytest.approx(sum(margins) / 2, rel=1e-5, abs=1e-7)
     assert got["eval_implicit_acc"] == sum(m > 0 for m in margins) / 2
+
+
+def test_evaluation_forwards_stay_under_the_pixel_budget_and_give_the_same_result() -> None:
+    comps = tiny_components(seed=0)
+    unet = comps.unet
+    unet.add_adapter(lora_config(rank=4, alpha=4, dropout=0.0), adapter_name="dpo")
+    g = torch.Generator().manual_seed(3)
+    clips = {name: torch.randn(4, 4, 8, 8, generator=g) for name in "abcdef"}
+    text = torch.randn(16, 32, generator=g)
+    source = SimpleNamespace(clip=lambda path, start, flip: clips[path], text=lambda prompt: text)
+    pairs = [SimpleNamespace(chosen_id=w, rejected_id=lo, prompt="p") for w, lo in ("ab", "cd", "ef")]
+    paths = {k: k for k in clips}
+    sizes: list[int] = []
+    hook = unet.register_forward_hook(lambda m, args, out: sizes.append(args[0].shape[0]))
+    try:
+        whole = evaluate_pairs(
+            unet,
+            pairs,
+            paths,
+            source,
+            comps.ddpm(),
+            DPOConfig(eval_draws=2, num_frames=4, height=64, width=64),
+        )  # type: ignore[arg-type]
+        big = len(sizes)
+        per_pair = 2 * 2 * 4 * 64 * 64  # 2 clips x 2 draws, 4 frames of 64x64
+        cfg = DPOConfig(eval_draws=2, num_frames=4, height=64, width=64, eval_batch_pixels=per_pair)
+        sizes.clear()
+        budgeted = evaluate_pairs(unet, pairs, paths, source, comps.ddpm(), cfg)  # type: ignore[arg-type]
+    finally:
+        hook.remove()
+    assert big < len(sizes) and max(sizes) * 4 * 64 * 64 <= 2 * per_pair  # each forward: one pair's clips
+    assert budgeted == pytest.approx(whole, rel=1e-5, abs=1e-6)
