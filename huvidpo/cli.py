@@ -93,9 +93,10 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from huvidpo.lora import load_lora
     from huvidpo.pipeline import HuViDPOPipeline
+    from huvidpo.precision import resolve_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    dtype = resolve_dtype(args.dtype, device)
     pipe = HuViDPOPipeline.from_pretrained(args.model, device=device, dtype=dtype)
     if args.lora:
         load_lora(pipe.components.unet, args.lora, adapter="cli", scale=args.lora_scale)
@@ -136,7 +137,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fps", type=float, default=8.0)
     p.add_argument("--device", default=None)
-    p.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default="fp32")
+    p.add_argument(
+        "--dtype",
+        choices=("auto", "fp32", "fp16", "bf16"),
+        default="auto",
+        help="auto: bf16 on CUDA, fp32 on the CPU (the VAE is never fp16 unless asked)",
+    )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")
     p.set_defaults(func=_cmd_generate)

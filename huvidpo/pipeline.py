@@ -174,6 +174,10 @@ class HuViDPOPipeline:
         images = torch.cat(
             [vae.decode(flat[i : i + chunk].to(vae.dtype)).sample for i in range(0, b * f, chunk)]
         )
+        if not torch.isfinite(images).all():  # fp16 VAE decoders overflow: black frames otherwise
+            raise GenerationError(
+                f"the VAE decoded non-finite pixels in {vae.dtype}; run the VAE in bf16 or fp32"
+            )
         images = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
         return images.permute(0, 2, 3, 1).reshape(b, f, *images.shape[2:], 3).cpu().numpy()
 

@@ -92,8 +92,16 @@ def load_components(
     dtype: torch.dtype = torch.float32,
     sparse_causal: SparseCausalMode = "first+prev",
     unet_dir: str | os.PathLike[str] | None = None,
+    vae_dtype: torch.dtype | None = None,
 ) -> ModelComponents:
-    """Load a model directory (local path). ``unet_dir`` overrides ``<directory>/unet`` (a stage-1 UNet)."""
+    """Load a model directory (local path). ``unet_dir`` overrides ``<directory>/unet`` (a stage-1 UNet).
+
+    ``dtype`` is the UNet's and the text encoder's; the VAE takes ``vae_dtype``, by default
+    ``huvidpo.precision.vae_dtype(dtype)`` (never fp16 unless asked: fp16 decodes black frames)."""
+    from huvidpo.precision import enable_tf32
+    from huvidpo.precision import vae_dtype as default_vae_dtype
+
+    enable_tf32(device)
     d = Path(directory)
     if not d.is_dir():
         raise FileNotFoundError(f"model directory not found: {d}")
@@ -105,7 +113,9 @@ def load_components(
     unet = VideoUNet.from_pretrained_any(
         unet_dir or d / "unet", sparse_causal=sparse_causal, torch_dtype=dtype
     )
-    vae = AutoencoderKL.from_pretrained(d / "vae", use_safetensors=True, torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(
+        d / "vae", use_safetensors=True, torch_dtype=vae_dtype or default_vae_dtype(dtype)
+    )
     text_encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True, torch_dtype=dtype)
     tokenizer = CLIPTokenizer.from_pretrained(d / "tokenizer")
     if len(tokenizer) < 10:

@@ -135,6 +135,8 @@ class InferenceSettings(BaseSettings):
     # Where the base model and checkpoints fetched from the store are kept; torch device of the model.
     cache_dir: Path = Path("./var/inference")
     device: str = "cpu"
+    # Model precision (huvidpo.precision): auto is bf16 on CUDA, fp32 on the CPU; the VAE never fp16.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     # Checkpoint ids loaded at start besides the rollout's (served when a request names them).
     checkpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # How long the worker waits for compatible requests to fill a batch (0: run what is queued).

@@ -33,6 +33,7 @@ from PIL import Image
 from huvidpo.lora import load_lora
 from huvidpo.models import directory_digest
 from huvidpo.pipeline import GenerationConfig, GenerationResult, HuViDPOPipeline
+from huvidpo.precision import resolve_dtype
 from services.common.publish import RolloutRecord
 from services.common.records import keys
 from services.common.settings import InferenceSettings
@@ -43,6 +44,9 @@ from services.inference.fetch import fetch_base_model, fetch_checkpoint
 from services.inference.follow import RolloutFollower
 from services.inference.metrics import InferenceMetrics
 from services.inference.routing import BASE_ID, RoutingTable, canary_arm, roles_after, route
+
+# A smoke video whose brightest pixel is this dark is black: its first frame is a mid-grey colour.
+BLACK_LEVEL = 2
 
 __all__ = [
     "BASE_ID",
@@ -150,7 +154,10 @@ class ModelManager:
         """Load the base model from a local directory or a ``models/{id}`` publication in the store."""
         src = self.settings.base_model
         model_dir = fetch_base_model(self.store, src, self.cache_dir)
-        pipe = HuViDPOPipeline.from_pretrained(model_dir, device=self.settings.device)
+        device = self.settings.device
+        pipe = HuViDPOPipeline.from_pretrained(
+            model_dir, device=device, dtype=resolve_dtype(self.settings.dtype, device)
+        )
         digest = directory_digest(model_dir)
         with self._model_lock:
             self._smoke(pipe, None, BASE_ID)
@@ -258,6 +265,10 @@ class ModelManager:
         ):
             raise CheckpointRefused(
                 model_id, f"smoke generation returned frames {result.frames.shape}", "smoke"
+            )
+        if int(result.frames.max()) <= BLACK_LEVEL:  # the smoke's first frame is not black
+            raise CheckpointRefused(
+                model_id, "smoke generation decoded black frames (a VAE overflow or broken weights?)", "smoke"
             )
 
     # -- rollouts ----------------------------------------------------------------------------------
