@@ -73,7 +73,7 @@ class ControlPlaneSettings(BaseSettings):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, str]] = Field(default_factory=list)
     service_account: str | None = None
-    store_secret: str = "huvidpo-store"
+    store_secret: str = "huvidpo-store-trainer"
     job_backoff_limit: int = Field(default=3, ge=0)
     job_active_deadline_seconds: int = Field(default=7 * 24 * 3600, ge=60)
     job_ttl_seconds: int = Field(default=7 * 24 * 3600, ge=0)

@@ -385,14 +385,13 @@ def test_every_reference_resolves(rendered: dict[str, list[Obj]]) -> None:
 def test_secrets_come_from_committed_dev_env_files_not_literals(rendered: dict[str, list[Obj]]) -> None:
     base = yaml.safe_load((ROOT / "deploy/base/kustomization.yaml").read_text())
     generated = {g["name"]: g for g in base["secretGenerator"]}
-    assert set(generated) == {"huvidpo-store-credentials", "huvidpo-controlplane-auth"}
+    stores = {f"huvidpo-store-{c}" for c in ("root", "controlplane", "trainer", "inference")}
+    assert set(generated) == {*stores, "huvidpo-controlplane-auth"}
     for g in generated.values():
         assert "literals" not in g and all(f.endswith(".dev.env") for f in g["envs"])
     for env in ENVIRONMENTS:
         secret_names = set(by_kind(rendered[env], "Secret"))
-        assert {
-            n.rsplit("-", 1)[0] if n.startswith("huvidpo-controlplane-auth") else n for n in secret_names
-        } == set(generated)
+        assert {re.sub(r"-[a-z0-9]{10}$", "", n) for n in secret_names} == set(generated)
 
 
 def test_services_and_budgets_select_their_pods(rendered: dict[str, list[Obj]]) -> None:
