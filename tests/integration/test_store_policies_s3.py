@@ -12,14 +12,12 @@ names what was refused and where the policy lives, and never a key.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import uuid
 from collections.abc import Callable, Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from fastapi.testclient import TestClient
@@ -27,14 +25,15 @@ from fastapi.testclient import TestClient
 from services.common.publish import publish_dir, read_rollout
 from services.common.records import keys
 from services.common.records.exit_codes import ExitCode
-from services.common.settings import ControlPlaneSettings, StoreSettings, TrainerSettings
+from services.common.settings import ControlPlaneSettings, InferenceSettings, StoreSettings, TrainerSettings
 from services.common.store import ObjectStore, StoreAccessDenied, make_store
-from services.common.store.policies import COMPONENTS, bucket_policy, user_name
+from services.common.store.policies import COMPONENTS, user_name
 from services.common.store.s3 import MinioStore
 from services.controlplane.app import create_app
 from tests.doubles import IdleExecutor
 
 MakeStore = Callable[..., MinioStore]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _secret(component: str) -> str:
@@ -66,7 +65,11 @@ def stores(s3_endpoint: dict[str, str], make_s3_store: MakeStore) -> Iterator[di
     """The root store (the bucket's owner: the bucket-init Job's role) and one store per component."""
     root = make_s3_store(s3_endpoint)
     root.check()  # creates the bucket
-    root.client.set_bucket_policy(root.bucket, json.dumps(bucket_policy(root.bucket)))
+    # The committed, generated bucket policy (a unit test keeps it equal to bucket_policy()), for this bucket.
+    policy = (REPO / "deploy/base/store-policies/bucket-policy.json").read_text()
+    root.client.set_bucket_policy(
+        root.bucket, policy.replace("arn:aws:s3:::huvidpo", f"arn:aws:s3:::{root.bucket}")
+    )
     out: dict[str, Any] = {"root": root, "bucket": root.bucket}
     for component in COMPONENTS:
         _ensure_user(s3_endpoint["cluster_dir"], component)
@@ -150,20 +153,34 @@ def test_each_component_does_its_work_and_nothing_outside_its_prefixes(
     r = client.put("/v1/rollouts/default?create=true", json={"checkpoint": cid})
     assert r.status_code == 200, r.text
 
-    # --- inference: follows the rollout, fetches model and checkpoint, writes a generation
-    from services.inference.fetch import fetch_base_model, fetch_checkpoint
+    # --- inference: the real server on inference's key follows the rollout, loads the base model and
+    # the checkpoint, and puts a video over the inline limit behind a URL signed with its key
+    from services.inference.gen import inference_pb2 as pb
+    from services.inference.testing import ServerThread, image_bytes
 
-    record = read_rollout(inference, "default")
-    assert record is not None and record.current == cid
     assert read_rollout(inference, "absent") is None  # missing, not refused
-    assert (fetch_base_model(inference, "models/tiny", tmp_path / "cache") / "model_index.json").exists()
-    fetched = fetch_checkpoint(inference, cid, tmp_path / "cache")
-    assert fetched.manifest_sha256
-    key = keys.generation_key("default", uuid.uuid4().hex, "mp4")
-    inference.put_bytes(key, b"\x00video", content_type="video/mp4")
-    url = inference.presigned_get_url(key, timedelta(minutes=5))
-    assert httpx.get(url, timeout=20).content == b"\x00video"  # the URL acts with inference's key
     assert inference.stat(keys.generation_key("default", "none", "mp4")) is None
+    settings = InferenceSettings(
+        port=0, metrics_port=0, base_model="models/tiny", cache_dir=tmp_path / "cache", inline_limit_bytes=100,
+        default_frames=4, default_height=64, default_width=64, default_steps=2,
+    )  # fmt: skip
+    req = pb.GenerateRequest(prompt="a red ball", first_frame_image=image_bytes(seed=1), seed=11, steps=2)
+    with ServerThread(settings, inference, bucket=stores["bucket"]).start() as srv, srv.channel() as channel:
+        events = list(srv.stub(channel).Generate(req, timeout=120))
+        # A first frame from a prefix inference may not read (datasets/) is refused by the store.
+        frame_key = keys.dataset_version_prefix("cats", version) + "manifest.json"
+        probe = pb.GenerateRequest(
+            prompt="x", first_frame_uri=f"s3://{stores['bucket']}/{frame_key}", steps=2
+        )
+        with pytest.raises(grpc.RpcError) as refused:
+            list(srv.stub(channel).Generate(probe, timeout=60))
+        details = refused.value.details() or ""
+        assert _secret("inference") not in details and _access("inference") not in details
+    result = events[-1].result
+    assert result.checkpoint_id == cid and result.download_url, result
+    video = httpx.get(result.download_url, timeout=20)
+    assert video.status_code == 200 and len(video.content) == result.size_bytes
+    assert inference.exists(keys.generation_key("default", result.request_id, "mp4"))
 
     # --- and nothing else
     manifest = keys.checkpoint_manifest_key(keys.checkpoint_id(ft, 99))
