@@ -34,6 +34,9 @@ trainer
     ``checkpoints/``: lists the published steps (its resume point), downloads one to resume,
     publishes new ones: read, write, delete (``put_file`` deletes an object whose file changed while
     it was sent; a writer can overwrite anyway, so delete adds no power).
+    One user serves every trainer Job, so these cover every fine-tune's checkpoints and progress, not
+    only the Job's own: narrowing them to one fine-tune needs a credential per Job (e.g. STS
+    AssumeRole with a session policy on ``checkpoints/ckpt-<id>-*``), which this split does not do.
 inference
     ``models/``, ``checkpoints/`` and ``rollouts/``: the base model, the adapters it serves and the
     rollout record it follows: read.
