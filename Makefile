@@ -9,7 +9,7 @@ export DIFFUSERS_VERBOSITY := error
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench proto deploy-check clean
+.PHONY: install test test-fast lint demo bench proto deploy-check store-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -51,6 +51,11 @@ proto: $(STAMP)
 # check/test the monitoring files, hadolint the Dockerfile. Needs Debian's prometheus (promtool).
 deploy-check: $(STAMP)
 	$(BIN)/python deploy/tools/check.py
+
+# The per-component store policies (deploy/base/store-policies/, deploy/README.md's table), generated
+# from services/common/store/policies.py; a test fails when the committed ones are stale.
+store-policies: $(STAMP)
+	$(BIN)/python -m services.common.store.policies --write
 
 clean:
 	rm -rf out build dist *.egg-info .pytest_cache .mypy_cache .ruff_cache

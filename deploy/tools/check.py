@@ -66,10 +66,10 @@ DEV_RENDERS = ("deploy", "deploy/base", "deploy/overlays/cpu-dev")
 # values where a check needs the settings a container would get.
 EXTERNAL_SECRETS = {
     "huvidpo-controlplane-auth": {"tokens": "0" * 64},
-    "huvidpo-store-controlplane": {"access-key": "external", "secret-key": "external"},
-    "huvidpo-store-trainer": {"access-key": "external", "secret-key": "external"},
-    "huvidpo-store-inference": {"access-key": "external", "secret-key": "external"},
-    "huvidpo-store-root": {"access-key": "external", "secret-key": "external"},
+    **{
+        f"huvidpo-store-{c}": {"access-key": f"external-{c}", "secret-key": f"external-{c}-secret"}
+        for c in ("root", "controlplane", "trainer", "inference")
+    },
 }
 CHECKOV_VERSION = "3.3.30"
 CHECKOV_SKIPS = DEPLOY / "checkov-skips.yaml"

@@ -77,7 +77,7 @@ class ControlPlaneSettings(BaseSettings):
     node_selector: dict[str, str] = Field(default_factory=dict)
     tolerations: list[dict[str, str]] = Field(default_factory=list)
     service_account: str | None = None
-    store_secret: str = "huvidpo-store"
+    store_secret: str = "huvidpo-store-trainer"
     # PriorityClass of trainer Jobs (deploy/ creates huvidpo-training; empty: the cluster's default).
     priority_class: str | None = None
     job_backoff_limit: int = Field(default=3, ge=0)

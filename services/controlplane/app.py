@@ -145,7 +145,9 @@ def _install_store_errors(app: FastAPI) -> None:
     handlers: dict[type[Exception], Any] = {
         StoreUnavailable: handler(503, "service-unavailable", "the object store is unavailable; retry later"),
         StoreAccessDenied: handler(
-            503, "service-unavailable", "the object store refused the control plane's credentials"
+            503,
+            "service-unavailable",
+            "the object store refused the control plane's request (its key or its store policy); see the server log",
         ),
         ObjectNotFound: handler(404, "not-found", "not found"),
         InvalidKey: handler(422, "validation-error"),

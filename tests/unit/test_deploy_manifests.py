@@ -9,6 +9,7 @@ files against the metric names the services register.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -403,7 +404,8 @@ def test_only_cpu_dev_generates_secrets_from_committed_dev_env_files(rendered: d
     assert "secretGenerator" not in base
     dev = yaml.safe_load((ROOT / "deploy/overlays/cpu-dev/kustomization.yaml").read_text())
     generated = {g["name"]: g for g in dev["secretGenerator"]}
-    assert set(generated) == set(check.EXTERNAL_SECRETS)
+    stores = {f"huvidpo-store-{c}" for c in ("root", "controlplane", "trainer", "inference")}
+    assert set(generated) == set(check.EXTERNAL_SECRETS) == {*stores, "huvidpo-controlplane-auth"}
     for g in generated.values():
         assert "literals" not in g and all(f.endswith(".dev.env") for f in g["envs"])
     for env in ("deploy", "deploy/overlays/cpu-dev"):
@@ -419,6 +421,27 @@ def test_only_cpu_dev_generates_secrets_from_committed_dev_env_files(rendered: d
     }
     for env, objs in production.items():
         assert not by_kind(objs, "Secret"), env
+
+
+def test_cpu_dev_gives_each_store_user_its_own_key(rendered: dict[str, list[Obj]]) -> None:
+    """Distinct dev keys per component (the bucket-init Job makes each its own MinIO user), none the root's."""
+    for env in ("deploy", "deploy/overlays/cpu-dev"):
+        secrets = by_kind(rendered[env], "Secret")
+        for name, stand_in in check.EXTERNAL_SECRETS.items():  # the keys require-secrets demands
+            if name.startswith("huvidpo-store-"):
+                assert set(secrets[name]["data"]) == set(stand_in), name
+        keys = {
+            c: base64.b64decode(secrets[f"huvidpo-store-{c}"]["data"]["access-key"]).decode()
+            for c in ("root", "controlplane", "trainer", "inference")
+        }
+        assert len(set(keys.values())) == 4, keys
+        job = one(rendered[env], "Job", "huvidpo-bucket-init")
+        refs = {
+            v["valueFrom"]["secretKeyRef"]["name"]
+            for v in job["spec"]["template"]["spec"]["containers"][0]["env"]
+            if "secretKeyRef" in v.get("valueFrom", {})
+        }
+        assert refs == {f"huvidpo-store-{c}" for c in keys}
 
 
 def test_services_and_budgets_select_their_pods(rendered: dict[str, list[Obj]]) -> None:

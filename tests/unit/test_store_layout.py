@@ -12,7 +12,7 @@ import services.common.store as store_pkg
 PACKAGE = "services.common.store"
 PACKAGE_DIR = Path(store_pkg.__file__).parent
 # Lower layers first; a module may import only modules of a lower layer.
-LAYERS = [{"errors"}, {"helpers"}, {"port"}, {"local", "s3"}, {"factory"}]
+LAYERS = [{"errors"}, {"helpers"}, {"port", "policies"}, {"local", "s3"}, {"factory"}]
 
 
 def _package_imports(module: str) -> set[str]:

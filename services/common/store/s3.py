@@ -74,8 +74,8 @@ from services.common.store.helpers import (
 from services.common.store.port import ObjectInfo, ObjectReader, ObjectStore
 
 _NOT_FOUND = {"NoSuchKey", "NoSuchBucket", "NoSuchObject", "ResourceNotFound", "NoSuchUpload"}
-_DENIED = {
-    "AccessDenied",
+# The key itself was refused (authentication): wrong key, wrong secret, wrong region or clock.
+_UNAUTHENTICATED = {
     "SignatureDoesNotMatch",
     "InvalidAccessKeyId",
     "InvalidToken",
@@ -83,6 +83,9 @@ _DENIED = {
     "AuthorizationHeaderMalformed",
     "RequestTimeTooSkewed",
 }
+# The key was accepted but its policy does not allow the request (authorization).
+_FORBIDDEN = "AccessDenied"
+POLICY_HINT = "deploy/README.md, 'Store access per component'"
 _PRECONDITION = {"PreconditionFailed", "ConditionalRequestConflict"}
 _TRANSIENT = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "ServiceUnavailableError"}
 _META_PREFIX = "x-amz-meta-"
@@ -193,7 +196,7 @@ class MinioStore(ObjectStore):
         return f"MinioStore({self.endpoint!r}, bucket={self.bucket!r})"
 
     # --- error mapping
-    def _raise(self, exc: BaseException, key: str | None) -> NoReturn:
+    def _raise(self, exc: BaseException, key: str | None, op: str = "access") -> NoReturn:
         where = f"{self.endpoint}/{self.bucket}" + (f"/{key}" if key else "")
         if isinstance(exc, S3Error):
             code = exc.code or ""
@@ -201,7 +204,13 @@ class MinioStore(ObjectStore):
                 raise ObjectNotFound(key or self.bucket) from exc
             if code in _PRECONDITION:
                 raise PreconditionFailed(key or self.bucket, f"{code}: {exc.message}") from exc
-            if code in _DENIED:
+            if code == _FORBIDDEN:
+                what = f"{key!r}" if key else f"bucket {self.bucket!r}"
+                raise StoreAccessDenied(
+                    f"the store at {self.endpoint} refused to let this service {op} {what} (AccessDenied): "
+                    f"its store user's policy does not allow it; see {POLICY_HINT}"
+                ) from exc
+            if code in _UNAUTHENTICATED:
                 raise StoreAccessDenied(
                     f"S3 refused the request to {where}: {code}: {exc.message} "
                     "(check HUVIDPO_STORE_ACCESS_KEY / HUVIDPO_STORE_SECRET_KEY and the region)"
@@ -220,13 +229,41 @@ class MinioStore(ObjectStore):
         raise exc
 
     @contextlib.contextmanager
-    def _errors(self, key: str | None = None) -> Iterator[None]:
+    def _errors(self, key: str | None = None, op: str = "access") -> Iterator[None]:
+        """Map the SDK's errors to the store's; ``op`` (read, write, delete, list) names the request in
+        an AccessDenied message."""
         try:
             yield
         # Only the SDK's and urllib3's errors: an OSError raised by the caller's stream (a client
         # that went away) is not the store's fault and propagates unchanged.
         except (MinioException, urllib3.exceptions.HTTPError) as exc:
-            self._raise(exc, key)
+            self._raise(exc, key, op)
+
+    @staticmethod
+    def _forbidden(exc: StoreAccessDenied) -> bool:
+        """Whether ``exc`` is a policy refusal (the key was accepted), not a bad key or signature."""
+        return getattr(exc.__cause__, "code", None) == _FORBIDDEN
+
+    def _missing_or_denied(self, key: str, denied: StoreAccessDenied) -> NoReturn:
+        """A read of ``key`` got AccessDenied. S3 (and radosgw) answer that, not 404, for a missing
+        key to a user without list rights on it, so list the one key: absent and listable means
+        ``ObjectNotFound``; otherwise the refusal stands."""
+        if self._forbidden(denied):
+            try:
+                with self._errors(key, "list"):
+                    listed = any(
+                        o.object_name == key
+                        for o in self.client.list_objects(self.bucket, prefix=key, recursive=True)
+                    )
+            except StoreAccessDenied as refused:
+                if not self._forbidden(refused):
+                    raise  # a bad key or signature (a HEAD's bare 403 cannot say so; a listing can)
+                raise denied from denied.__cause__
+            except StoreError:
+                raise denied from denied.__cause__
+            if not listed:
+                raise ObjectNotFound(key) from None
+        raise denied from denied.__cause__
 
     def _ensure_bucket(self) -> None:
         if self._bucket_ready or not self.create_bucket:
@@ -234,7 +271,15 @@ class MinioStore(ObjectStore):
         with self._bucket_lock, self._errors():
             if self._bucket_ready:
                 return
-            if not self.client.bucket_exists(self.bucket):
+            try:
+                exists = self.client.bucket_exists(self.bucket)
+            except S3Error as exc:
+                # A least-privilege user may not look at the bucket (it could not create one either):
+                # the bucket is the bucket-init Job's business, and a bad key fails the first request.
+                if exc.code != _FORBIDDEN:
+                    raise
+                exists = True
+            if not exists:
                 try:
                     self.client.make_bucket(self.bucket)
                 except S3Error as exc:
@@ -246,7 +291,7 @@ class MinioStore(ObjectStore):
     def _put_once(
         self, key: str, data: BinaryIO, length: int, content_type: str | None, meta: dict[str, str]
     ) -> Any:
-        with self._errors(key):
+        with self._errors(key, "write"):
             return self.client.put_object(
                 self.bucket,
                 key,
@@ -285,7 +330,7 @@ class MinioStore(ObjectStore):
             reader.check_complete()
             meta[SHA256_METADATA_KEY] = reader.sha256
             headers = {**meta, "Content-Type": content_type or _OCTET}
-            with self._errors(key):
+            with self._errors(key, "write"):
                 res = self.client.copy_object(
                     self.bucket,
                     key,
@@ -308,7 +353,7 @@ class MinioStore(ObjectStore):
         sent as they are. At most ``num_parallel_uploads`` parts are in flight and one more is being read.
         """
         client, bucket = self.client, self.bucket
-        with self._errors(key):
+        with self._errors(key, "write"):
             upload_id = client._create_multipart_upload(bucket, key, {"Content-Type": content_type or _OCTET})
         workers = max(1, self.num_parallel_uploads)
         slots = threading.BoundedSemaphore(workers)
@@ -316,7 +361,7 @@ class MinioStore(ObjectStore):
 
         def upload(number: int, data: bytes) -> Part:
             try:
-                with self._errors(key):
+                with self._errors(key, "write"):
                     return Part(number, client._upload_part(bucket, key, data, None, upload_id, number))
             except BaseException:
                 failed.set()
@@ -337,7 +382,7 @@ class MinioStore(ObjectStore):
                     futures.append(pool.submit(upload, number, data))
                     del data
                 parts = [f.result() for f in futures]  # the first failure, if any, is raised here
-            with self._errors(key):
+            with self._errors(key, "write"):
                 client._complete_multipart_upload(bucket, key, upload_id, parts)
         except BaseException:
             with contextlib.suppress(MinioException, urllib3.exceptions.HTTPError):
@@ -364,7 +409,7 @@ class MinioStore(ObjectStore):
         else:
             headers["If-None-Match"] = "*"
         try:
-            with self._errors(key):
+            with self._errors(key, "write"):
                 # The SDK's put_object has no way to pass request headers; _put_object is its one-PUT call.
                 res = self.client._put_object(self.bucket, key, data, headers)
         except ObjectNotFound as exc:  # AWS and moto: If-Match on a missing key is a 404
@@ -397,8 +442,11 @@ class MinioStore(ObjectStore):
     # --- reads
     def open_read(self, key: str) -> ObjectReader:
         validate_key(key)
-        with self._errors(key):
-            resp = self.client.get_object(self.bucket, key)
+        try:
+            with self._errors(key, "read"):
+                resp = self.client.get_object(self.bucket, key)
+        except StoreAccessDenied as exc:
+            self._missing_or_denied(key, exc)
         headers = resp.headers
         last_modified = headers.get("last-modified")
         info = _info_from(
@@ -411,7 +459,7 @@ class MinioStore(ObjectStore):
         )
 
         def read(n: int) -> bytes:
-            with self._errors(key):
+            with self._errors(key, "read"):
                 return resp.read(n)  # type: ignore[no-any-return]
 
         def close() -> None:
@@ -423,8 +471,11 @@ class MinioStore(ObjectStore):
     def stat(self, key: str) -> ObjectInfo | None:
         validate_key(key)
         try:
-            with self._errors(key):
-                obj = self.client.stat_object(self.bucket, key)
+            try:
+                with self._errors(key, "read"):
+                    obj = self.client.stat_object(self.bucket, key)
+            except StoreAccessDenied as exc:
+                self._missing_or_denied(key, exc)
         except ObjectNotFound:
             return None
         return _info_from(
@@ -435,7 +486,7 @@ class MinioStore(ObjectStore):
         prefix = validate_prefix(prefix)
         out = []
         try:
-            with self._errors(prefix):
+            with self._errors(prefix, "list"):
                 for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=recursive):
                     name = obj.object_name or ""
                     if obj.is_dir or name.startswith(RESERVED_PREFIX):
@@ -449,7 +500,7 @@ class MinioStore(ObjectStore):
         prefix = validate_prefix(prefix)
         out = []
         try:
-            with self._errors(prefix):
+            with self._errors(prefix, "list"):
                 for obj in self.client.list_objects(self.bucket, prefix=prefix or None, recursive=False):
                     name = obj.object_name or ""
                     if obj.is_dir and not name.startswith(RESERVED_PREFIX):
@@ -465,7 +516,7 @@ class MinioStore(ObjectStore):
     def _remove(self, key: str) -> None:
         """Delete without key validation (also reaches the reserved temp prefix)."""
         try:
-            with self._errors(key):
+            with self._errors(key, "delete"):
                 self.client.remove_object(self.bucket, key)
         except ObjectNotFound:
             pass
@@ -474,8 +525,23 @@ class MinioStore(ObjectStore):
         if validate_prefix(prefix) == "":
             return super().delete_prefix(prefix)  # refuses ""
         keys = [o.key for o in self.list(prefix, recursive=True)]
-        with self._errors(prefix):
-            errors = list(self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+        try:
+            with self._errors(prefix, "delete"):
+                errors = list(self.client.remove_objects(self.bucket, (DeleteObject(k) for k in keys)))
+        except StoreAccessDenied as exc:
+            if not self._forbidden(exc):
+                raise
+            # radosgw 16 checks a multi-object delete against the bucket, not each key, so a user that
+            # may delete only under some prefixes is refused the whole request; a DELETE per key is
+            # checked per key (and refused, by name, where the policy says no).
+            for key in keys:
+                self.delete(key)
+            return len(keys)
+        if errors and errors[0].code == _FORBIDDEN:
+            raise StoreAccessDenied(
+                f"the store at {self.endpoint} refused to let this service delete {errors[0].name!r} "
+                f"(AccessDenied): its store user's policy does not allow it; see {POLICY_HINT}"
+            )
         if errors:
             raise StoreError(f"could not delete {len(errors)} objects under {prefix}: {errors[0]}")
         return len(keys)
@@ -493,8 +559,22 @@ class MinioStore(ObjectStore):
             return self._presigner.presigned_put_object(self.bucket, key, expires=check_expiry(expires))
 
     def check(self) -> None:
-        with self._errors():
-            exists = self.client.bucket_exists(self.bucket)
+        """The bucket answers to this key. A least-privilege user may not look at the bucket itself
+        (HEAD answers a bare 403, whatever the reason), so a refusal is followed by a listing, whose
+        answer tells a key the store accepted (AccessDenied: a policy matter, ready) from a bad one."""
+        try:
+            with self._errors(None, "look at"):
+                exists = self.client.bucket_exists(self.bucket)
+        except StoreAccessDenied as exc:
+            if not self._forbidden(exc):
+                raise
+            try:
+                with self._errors(None, "list"):
+                    next(iter(self.client.list_objects(self.bucket, prefix=_TMP_PREFIX + "check/")), None)
+            except StoreAccessDenied as listed:
+                if not self._forbidden(listed):
+                    raise
+            return
         if not exists:
             if not self.create_bucket:
                 raise StoreUnavailable(f"bucket {self.bucket!r} does not exist at {self.endpoint}")
