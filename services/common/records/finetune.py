@@ -64,6 +64,8 @@ class FineTuneSpec(BaseModel):
     lineage: dict[str, str] = Field(default_factory=dict)
     fingerprint: str = ""
     pairs: PairsRef | None = None
+    # The name of the token that created it ("" on records written before tokens had names).
+    created_by: str = ""
 
     def request(self) -> dict[str, Any]:
         """The request fields as the REST view shows them."""
