@@ -14,8 +14,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from pydantic import SecretStr
 
-from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.auth import load_table
+from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.settings import ControlPlaneSettings, InferenceSettings, StoreSettings
 from services.common.store import (
     InvalidKey,
