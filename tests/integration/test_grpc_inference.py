@@ -79,6 +79,8 @@ def settings(tmp: Path, model_dir: Path, **kw: object) -> InferenceSettings:
         "default_width": 64,
         "default_steps": 2,
         "max_steps": 500,
+        "dev_mode": True,
+        "first_frame_prefixes": ["frames/"],
     }
     base.update(kw)
     return InferenceSettings(**base)  # type: ignore[arg-type]
@@ -262,7 +264,7 @@ BAD: dict[str, tuple[dict[str, object], str]] = {
     ),
     "uri_missing_object": (
         {"first_frame_uri": "s3://huvidpo/frames/missing.png"},
-        "does not exist in the store",
+        "does not exist or may not be read",
     ),
 }
 
@@ -280,6 +282,22 @@ def test_first_frame_from_the_store(stub, server: ServerThread) -> None:  # type
     server.server.store.put_bytes("frames/first.webp", image_bytes(80, 64, "WEBP", seed=3))
     _, result = run(stub, request(first_frame_uri="s3://huvidpo/frames/first.webp"))
     assert read_video(result.video_bytes)[0].shape == (4, 64, 64, 3)
+
+
+def test_first_frame_uri_outside_the_readable_prefixes_answers_like_a_missing_key(  # type: ignore[no-untyped-def]
+    stub, server: ServerThread
+) -> None:
+    """An existing object outside ``first_frame_prefixes`` (500 KB of
+    bytes) and a key that does not exist get the same code and message, and no size."""
+    server.server.store.put_bytes("secret/exists.png", b"\x89PNG" + b"\0" * 500_000)
+    answers = []
+    for key in ("secret/exists.png", "secret/missing.png"):
+        with pytest.raises(grpc.RpcError) as err:
+            run(stub, request(first_frame_uri=f"s3://huvidpo/{key}"), timeout=20)
+        answers.append((err.value.code(), (err.value.details() or "").replace(key, "KEY")))
+    assert answers[0] == answers[1], answers
+    assert answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "500" not in answers[0][1] and "bytes" not in answers[0][1]
 
 
 # --------------------------------------------------------------------------------------- cancel, queue
