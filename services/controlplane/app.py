@@ -121,6 +121,7 @@ def create_app(
         ui_router,
     ):
         app.include_router(r)
+    auth.document_auth(app)
     app.add_middleware(auth.AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app

@@ -7,14 +7,18 @@ lacks the scope gets 403 naming the scope. Every mutating request leaves one aud
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Iterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.auth import Principal, TokenTable, bearer
+from services.controlplane import problems
 from services.controlplane.metrics import route_template
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -102,6 +106,46 @@ class WhoAmI(BaseModel):
     anonymous: bool = Field(description="true only in dev mode with no token configured (open access)")
 
 
-@router.get("/whoami", response_model=WhoAmI, summary="The caller's token name and scopes")
+@router.get(
+    "/whoami",
+    response_model=WhoAmI,
+    responses=problems.common_responses(401),
+    summary="The caller's token name and scopes",
+)
 def whoami(who: Principal = needs()) -> dict[str, Any]:
     return {"name": who.name, "scopes": sorted(who.scopes), "anonymous": who.anonymous}
+
+
+def route_scopes(route: APIRoute) -> tuple[str, ...] | None:
+    """The scopes ``route`` declares (through ``needs``), or None for an open route."""
+    stack = [route.dependant]
+    while stack:
+        d = stack.pop()
+        if isinstance(d.call, ScopeCheck):
+            return d.call.scopes
+        stack += d.dependencies
+    return None
+
+
+def api_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
+    """Every ``APIRoute`` under ``routes``, through included routers (FastAPI includes them lazily)."""
+    for route in routes:
+        if isinstance(route, APIRoute):
+            yield route
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from api_routes(inner.routes)
+
+
+def document_auth(app: FastAPI) -> None:
+    """Every route behind a token documents 401 and 403 (problem+json), and its scopes."""
+    for route in api_routes(app.routes):
+        scopes = route_scopes(route)
+        if scopes is None:
+            continue
+        for status, problem in problems.common_responses(401, 403).items():
+            route.responses.setdefault(status, problem)
+        needed = " or ".join(f"`{s}`" for s in scopes) if scopes else "any valid token"
+        note = f"Scope: {needed} (or `admin`)."
+        if note not in (route.description or ""):  # the routers are module-level: once per route
+            route.description = ((route.description or "") + "\n\n" + note).strip()

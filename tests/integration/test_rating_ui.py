@@ -40,6 +40,8 @@ def rater_token(rater: str) -> str:
 
 def as_rater(rater: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {rater_token(rater)}"}
+
+
 XSS = "<img src=x onerror=alert(1)>"
 DATASET = "clips"
 

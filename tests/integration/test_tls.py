@@ -148,12 +148,12 @@ def https_s3(cert: tuple[Path, Path]) -> Iterator[str]:
     missing key (404, no body): enough for the client's TLS handshake and one ``stat``."""
 
     class Handler(http.server.BaseHTTPRequestHandler):
-        def do_HEAD(self) -> None:  # noqa: N802
+        def do_HEAD(self) -> None:
             self.send_response(404)
             self.send_header("Content-Length", "0")
             self.end_headers()
 
-        do_GET = do_HEAD  # noqa: N815
+        do_GET = do_HEAD
 
         def log_message(self, *args: object) -> None:
             pass
