@@ -21,8 +21,8 @@ from types import ModuleType
 from typing import Any
 
 import pytest
-from pydantic import AliasChoices
 import yaml
+from pydantic import AliasChoices
 
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
