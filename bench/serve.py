@@ -98,6 +98,7 @@ def main() -> int:
             batch_wait_ms=50,
             max_frames=max(32, args.frames),
             max_steps=max(100, args.steps),
+            dev_mode=True,  # a loopback benchmark: no token
         )
         servers[mode] = ServerThread(s, LocalStore(tmp / "store")).start()
     times: dict[str, list[float]] = {m: [] for m in servers}

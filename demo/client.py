@@ -36,6 +36,7 @@ class ControlPlaneClient:
     """The REST API with a bearer token (``/v1/...``)."""
 
     def __init__(self, base_url: str, token: str | None, timeout: float = 120.0) -> None:
+        self.token = token
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
 
@@ -133,8 +134,26 @@ class ControlPlaneClient:
 
 
 # ------------------------------------------------------------------------------------ gRPC
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Adds ``authorization: Bearer <token>`` to every call (the inference service checks it)."""
+
+    def __init__(self, token: str) -> None:
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, details: Any) -> Any:
+        return details._replace(metadata=[*(details.metadata or ()), self.header])
+
+    def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def channel(address: str, token: str | None = None) -> grpc.Channel:
+    """A channel to the inference service; with ``token``, every call carries it."""
+    ch = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    return grpc.intercept_channel(ch, _Bearer(token)) if token else ch
 
 
 def stub(ch: grpc.Channel) -> pb_grpc.VideoGenerationServiceStub:

@@ -207,7 +207,7 @@ def run_loop(
     # The demo starts the deployment it serves on a fresh stack, so it asks for creation explicitly.
     rollout = cp.set_rollout(opts.deployment, ckpt_id, create=True)
     log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
-    with channel(grpc_address) as ch:
+    with channel(grpc_address, cp.token) as ch:
         s = stub(ch)
         wait_serving_checkpoint(s, ckpt_id, timeout=opts.timeout)
         log(f"[rollout] the inference service serves {ckpt_id}")

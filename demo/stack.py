@@ -125,6 +125,8 @@ class Stack:
                 "PYTHONPATH": os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep),
             }
         )
+        # One token table for both services: the demo's own token, named "demo", with every scope.
+        env["HUVIDPO_TOKENS"] = f"demo:admin:{hashlib.sha256(self.token.encode()).hexdigest()}"
         env.update(self.store_env)
         env.update(self.extra_env)
         env.update(own)
@@ -149,7 +151,6 @@ class Stack:
             {
                 "HUVIDPO_CONTROLPLANE_HOST": "127.0.0.1",
                 "HUVIDPO_CONTROLPLANE_PORT": str(self.controlplane_port),
-                "HUVIDPO_CONTROLPLANE_TOKENS": hashlib.sha256(self.token.encode()).hexdigest(),
                 "HUVIDPO_CONTROLPLANE_WORK_DIR": str(self.work_dir / "controlplane"),
                 "HUVIDPO_STORE_PUBLIC_BASE_URL": self.controlplane_url,
             }

@@ -216,6 +216,8 @@ class RolloutEvent(BaseModel):
     canary_percent: int = 0
     updated_at: datetime
     reason: str | None = None
+    # The name of the token that made the change ("" when written by a tool or before names).
+    actor: str = ""
 
 
 class RolloutRecord(BaseModel):
@@ -255,6 +257,7 @@ class RolloutRecord(BaseModel):
         canary_percent: int = 0,
         reason: str | None = None,
         now: datetime | None = None,
+        actor: str = "",
     ) -> RolloutRecord:
         """The record after this change: revision + 1, a new ``updated_at``, the event appended."""
         when = now or datetime.now(UTC)
@@ -266,6 +269,7 @@ class RolloutRecord(BaseModel):
             canary_percent=canary_percent,
             updated_at=when,
             reason=reason,
+            actor=actor,
         )
         return RolloutRecord(
             deployment=self.deployment,

@@ -10,9 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
+
+from services.common.auth import AuthConfig, AuthConfigError, parse_entries
 
 
 class StoreSettings(BaseSettings):
@@ -29,6 +31,8 @@ class StoreSettings(BaseSettings):
     secret_key: SecretStr = SecretStr("")
     bucket: str = "huvidpo"
     secure: bool = False
+    # PEM bundle of the CA that signed the S3 endpoint's certificate (https); empty: public roots.
+    ca_bundle: Path | None = None
     region: str = "us-east-1"
     create_bucket: bool = True
     # Multipart part size for streamed uploads; S3 requires at least 5 MiB for every part but the last.
@@ -41,15 +45,77 @@ class StoreSettings(BaseSettings):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
-class ControlPlaneSettings(BaseSettings):
+class AuthFields(BaseSettings):
+    """Who may call a service and how it is reached: one token table for REST and gRPC (parsed by
+    ``services.common.auth``), dev mode, and TLS. The token settings and ``HUVIDPO_DEV_MODE`` carry no
+    service prefix (both services read the same variables); TLS files are per service."""
+
+    model_config = SettingsConfigDict(populate_by_name=True)
+
+    # Entries ``name:scope[,scope...]:sha256hex`` (or plain digests, admin); see services/common/auth.py.
+    # ``HUVIDPO_CONTROLPLANE_TOKENS`` is the older name, still read.
+    tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("tokens", "HUVIDPO_TOKENS", "HUVIDPO_CONTROLPLANE_TOKENS"),
+    )
+    # Older read-only tokens (comma-separated sha256 digests): each a ``read`` token.
+    read_tokens: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        validation_alias=AliasChoices("read_tokens", "HUVIDPO_CONTROLPLANE_READ_TOKENS"),
+    )
+    # A file of entries, one per line (a mounted Secret), read at start.
+    tokens_file: Path | None = Field(
+        default=None, validation_alias=AliasChoices("tokens_file", "HUVIDPO_TOKENS_FILE")
+    )
+    # Development only: allows running without tokens on a loopback address, the public dev token
+    # and the dev store key, and gRPC reflection by default.
+    dev_mode: bool = Field(default=False, validation_alias=AliasChoices("dev_mode", "HUVIDPO_DEV_MODE"))
+    # Serve TLS with this certificate chain and key (PEM files, e.g. a mounted Secret); both or neither.
+    tls_certfile: Path | None = None
+    tls_keyfile: Path | None = None
+
+    @field_validator("tokens", "read_tokens", mode="before")
+    @classmethod
+    def _one_entry_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [value] if value.strip() else []
+        return value
+
+    @field_validator("tokens")
+    @classmethod
+    def _entries_parse(cls, value: list[str]) -> list[str]:
+        for raw in value:
+            try:
+                parse_entries(raw, "the token table")
+            except AuthConfigError as exc:
+                raise ValueError(str(exc).removeprefix("the token table: ")) from None
+        return value
+
+    @field_validator("read_tokens")
+    @classmethod
+    def _split_read(cls, value: list[str]) -> list[str]:
+        return [d.strip().lower() for v in value for d in v.split(",") if d.strip()]
+
+    @field_validator("tls_keyfile")
+    @classmethod
+    def _tls_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (value is None) != (info.data.get("tls_certfile") is None):
+            raise ValueError(
+                "TLS needs both a certificate file (_TLS_CERTFILE) and a key file (_TLS_KEYFILE)"
+            )
+        return value
+
+    def auth_config(self) -> AuthConfig:
+        return AuthConfig(list(self.tokens), list(self.read_tokens), self.tokens_file, self.dev_mode)
+
+
+class ControlPlaneSettings(AuthFields):
     """``HUVIDPO_CONTROLPLANE_*``: the REST control plane."""
 
     model_config = SettingsConfigDict(env_prefix="HUVIDPO_CONTROLPLANE_", extra="ignore")
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    # sha256 hex digests of accepted bearer tokens (comma-separated in the environment).
-    tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
     executor: Literal["local", "kubernetes"] = "local"
     namespace: str = "huvidpo"
     trainer_image: str = "huvidpo-trainer:latest"
@@ -59,8 +125,6 @@ class ControlPlaneSettings(BaseSettings):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # Concurrent streamed responses (log follows) per bearer token; more get 429.
     max_streams_per_token: int = Field(default=4, ge=1)
-    # Read-only bearer tokens (sha256 digests): GETs pass, writes get 403.
-    read_tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # Local scratch space of the control plane (dataset commits, pair compiles, local executor runs).
     work_dir: Path = Path("./var/controlplane")
     # LocalExecutor: retries of the trainer after a transient failure (exit 75 or a crash).
@@ -95,23 +159,8 @@ class ControlPlaneSettings(BaseSettings):
             return value.split()
         return value
 
-    @field_validator("tokens", "read_tokens", mode="before")
-    @classmethod
-    def _split_tokens(cls, value: object) -> object:
-        if isinstance(value, str):
-            return [t.strip().lower() for t in value.split(",") if t.strip()]
-        return value
 
-    @field_validator("tokens", "read_tokens")
-    @classmethod
-    def _tokens_are_sha256(cls, value: list[str]) -> list[str]:
-        for token in value:
-            if len(token) != 64 or any(c not in "0123456789abcdef" for c in token.lower()):
-                raise ValueError("each token must be a sha256 hex digest (64 hex characters)")
-        return [t.lower() for t in value]
-
-
-class InferenceSettings(BaseSettings):
+class InferenceSettings(AuthFields):
     """``HUVIDPO_INFERENCE_*``: the gRPC inference service."""
 
     model_config = SettingsConfigDict(env_prefix="HUVIDPO_INFERENCE_", extra="ignore")
@@ -165,8 +214,16 @@ class InferenceSettings(BaseSettings):
     routing_seed: int | None = None
     # Seconds in-flight requests get to finish on shutdown.
     grace_seconds: float = Field(default=10.0, ge=0)
+    # gRPC server reflection (grpcurl list/describe); unset: on in dev mode only. Needs a valid token.
+    reflection: bool | None = None
+    # grpc.health.v1 without a token (kubelet gRPC probes carry none).
+    health_open: bool = True
+    # Store key prefixes a first_frame_uri may name; any other key answers like a missing one.
+    first_frame_prefixes: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["first-frames/", "datasets/"]
+    )
 
-    @field_validator("checkpoints", mode="before")
+    @field_validator("checkpoints", "first_frame_prefixes", mode="before")
     @classmethod
     def _split_checkpoints(cls, value: object) -> object:
         if isinstance(value, str):

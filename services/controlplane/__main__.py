@@ -8,6 +8,7 @@ import sys
 
 import uvicorn
 
+from services.common.auth import AuthConfigError, check_store_key
 from services.common.records.exit_codes import ExitCode
 from services.common.settings import ControlPlaneSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
@@ -34,11 +35,30 @@ def main() -> None:
     except SettingsError as exc:
         print(f"huvidpo-controlplane: {exc}", file=sys.stderr)
         sys.exit(ExitCode.BAD_INPUT)
-    store = make_store(store_settings)
-    # The trainer subprocesses inherit this process's environment (store settings, PATH).
-    executor = build_executor(settings, dict(os.environ))
-    app = create_app(settings, store, executor)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="info", access_log=False)
+    try:
+        check_store_key(
+            store_settings.access_key.get_secret_value(),
+            store_settings.secret_key.get_secret_value(),
+            settings.dev_mode,
+            "huvidpo-controlplane",
+        )
+        store = make_store(store_settings)
+        # The trainer subprocesses inherit this process's environment (store settings, PATH).
+        executor = build_executor(settings, dict(os.environ))
+        app = create_app(settings, store, executor)
+    except AuthConfigError as exc:  # fail closed: no token, the dev token or the dev store key
+        print(f"huvidpo-controlplane: {exc}", file=sys.stderr)
+        sys.exit(ExitCode.BAD_INPUT)
+    tls = settings.tls_certfile
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        access_log=False,
+        ssl_certfile=str(tls) if tls else None,
+        ssl_keyfile=str(settings.tls_keyfile) if settings.tls_keyfile else None,
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from services.common.auth import load_table
 from services.common.settings import ControlPlaneSettings
 from services.common.store import (
     ChecksumMismatch,
@@ -26,8 +27,7 @@ from services.common.store import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from services.controlplane import problems
-from services.controlplane.auth import TokenTable
+from services.controlplane import auth, problems
 from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, run_inline
@@ -105,11 +105,10 @@ def create_app(
     )
     app.state.ctx = context
     app.state.streams = StreamSlots(settings.max_streams_per_token)
-    app.state.tokens = TokenTable(tuple(settings.tokens), tuple(settings.read_tokens))
-    if not app.state.tokens.enabled:
-        log.warning(
-            "no bearer tokens configured (HUVIDPO_CONTROLPLANE_TOKENS): the API is open to anyone who can reach it"
-        )
+    # fail closed: no token is an error (AuthConfigError) unless dev mode on a loopback host
+    app.state.tokens = load_table(settings.auth_config(), settings.host, "huvidpo-controlplane")
+    if app.state.tokens.open:
+        log.warning("dev mode with no bearer token: the API on %s is open to local callers", settings.host)
     problems.install(app)
     _install_store_errors(app)
     for r in (
@@ -120,10 +119,15 @@ def create_app(
         rollouts.router,
         objects.router,
         ratings.router,
+        auth.router,
         ui_router,
     ):
         app.include_router(r)
+    auth.document_auth(app)
+    # Bodies are bounded (and need a valid token) before a route reads them; the audit line, outside
+    # it, records refused writes too.
     app.add_middleware(BodyLimitMiddleware, limit=lambda method, path: body_limit(settings, method, path))
+    app.add_middleware(auth.AuditMiddleware)
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     return app
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from fastapi import Depends, Request
+from fastapi import Request
 
 from services.common.settings import ControlPlaneSettings
 from services.common.store import ObjectStore
-from services.controlplane.auth import require_auth
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService
 from services.controlplane.domain.finetunes import FineTuneService
@@ -34,6 +33,3 @@ class Context:
 def ctx(request: Request) -> Context:
     context: Context = request.app.state.ctx
     return context
-
-
-Authed = Depends(require_auth)

@@ -27,6 +27,7 @@ from fastapi import HTTPException
 from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from services.common.auth import TokenTable, bearer
 from services.common.settings import ControlPlaneSettings
 from services.controlplane import problems
 
@@ -55,13 +56,13 @@ def body_limit(settings: ControlPlaneSettings, method: str, path: str) -> int:
 
 
 def bearer_is_valid(app: Any, headers: Headers) -> bool:
-    """Whether the request holds a token the app accepts (any token when auth is off). Only validity:
-    what the token may do is the route's check (``auth.require_auth``)."""
-    table = app.state.tokens
-    if not table.enabled:
+    """Whether the request holds a token the app accepts (anyone in open dev mode). Only validity:
+    what the token may do is the route's check (``auth.needs``)."""
+    table: TokenTable = app.state.tokens
+    if table.open:
         return True
-    scheme, _, token = headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and bool(token.strip()) and table.role(token.strip()) is not None
+    token = bearer(headers.get("authorization", ""))
+    return token is not None and table.verify(token) is not None
 
 
 class BodyLimitMiddleware:

@@ -71,6 +71,7 @@ class DatasetVersion(BaseModel):
     prompts: int
     raters: int
     rating_records: int
+    created_by: str = Field(default="", description="name of the token that built the version")
     skipped_ratings: list[SkippedRating] = Field(
         default_factory=list,
         description="in the answer to the request that built the version: the stored rating records "
@@ -263,6 +264,7 @@ class FineTune(BaseModel):
     reason: str | None
     message: str | None
     created_at: str
+    created_by: str = Field(default="", description="name of the token that created it")
     updated_at: str
     finished_at: str | None
     dataset: str
@@ -313,6 +315,7 @@ class RolloutHistoryEntry(BaseModel):
     canary_percent: int
     updated_at: str
     reason: str | None = None
+    actor: str = Field(default="", description="name of the token that made the change")
 
 
 class Rollout(BaseModel):

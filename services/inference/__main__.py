@@ -7,6 +7,7 @@ import logging
 import signal
 import sys
 
+from services.common.auth import AuthConfigError, check_store_key
 from services.common.records.exit_codes import ExitCode
 from services.common.settings import InferenceSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
@@ -38,7 +39,16 @@ def main() -> None:
         print(f"huvidpo-inference: {exc}", file=sys.stderr)
         sys.exit(ExitCode.BAD_INPUT)
     try:
+        check_store_key(
+            store_settings.access_key.get_secret_value(),
+            store_settings.secret_key.get_secret_value(),
+            settings.dev_mode,
+            "huvidpo-inference",
+        )
         asyncio.run(serve(settings, store_settings))
+    except AuthConfigError as exc:  # fail closed: no token, the dev token or the dev store key
+        print(f"huvidpo-inference: {exc}", file=sys.stderr)
+        sys.exit(ExitCode.BAD_INPUT)
     except BindError as exc:
         # One line, like uvicorn's for the control plane: a traceback says nothing more here.
         print(f"huvidpo-inference: {exc}", file=sys.stderr)

@@ -13,8 +13,10 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from services.common.auth import load_table
 from services.common.settings import InferenceSettings
 from services.common.store import ObjectStore
+from services.inference.auth import AuthInterceptor
 from services.inference.batcher import Batcher
 from services.inference.gen import inference_pb2 as pb
 from services.inference.gen import inference_pb2_grpc as pb_grpc
@@ -76,6 +78,8 @@ class InferenceServer:
         self.servicer = VideoGenerationServicer(
             settings, store, bucket, self.manager, self.batcher, self.metrics
         )
+        # fail closed (AuthConfigError) before anything listens: see services/common/auth.py
+        self.tokens = load_table(settings.auth_config(), settings.host, "huvidpo-inference")
         self.port = 0
         self.metrics_port = 0
         self._server: grpc.aio.Server | None = None
@@ -102,27 +106,35 @@ class InferenceServer:
         # the limit in the message) instead of gRPC's own RESOURCE_EXHAUSTED.
         receive_limit = max(4 * 1024 * 1024, 2 * s.max_image_bytes + 8 * s.max_prompt_chars + 65536)
         server = grpc.aio.server(
+            interceptors=[AuthInterceptor(self.tokens, SERVICE_NAME, health_open=s.health_open)],
             options=[
                 # gRPC's default SO_REUSEPORT would let a second server share the port silently and
                 # split the clients between the two; a clash must be an error instead.
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", s.inline_limit_bytes + 1024 * 1024),
-            ]
+            ],
         )
         pb_grpc.add_VideoGenerationServiceServicer_to_server(self.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            [
-                SERVICE_NAME,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-        )
+        if s.dev_mode if s.reflection is None else s.reflection:
+            reflection.enable_server_reflection(
+                [
+                    SERVICE_NAME,
+                    health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME,
+                ],
+                server,
+            )
         _check_free("HUVIDPO_INFERENCE_PORT", s.host, s.port)
         try:
-            self.port = server.add_insecure_port(f"{s.host}:{s.port}")
+            if s.tls_certfile and s.tls_keyfile:
+                creds = grpc.ssl_server_credentials(
+                    [(s.tls_keyfile.read_bytes(), s.tls_certfile.read_bytes())]
+                )
+                self.port = server.add_secure_port(f"{s.host}:{s.port}", creds)
+            else:
+                self.port = server.add_insecure_port(f"{s.host}:{s.port}")
         except RuntimeError:  # grpc >= 1.5x raises instead of returning 0
             self.port = 0
         if self.port == 0:

@@ -204,20 +204,28 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
 
     def _read_uri(self, uri: str) -> bytes:
         key = parse_store_uri(uri, self.bucket)
+        # A key outside the readable prefixes answers exactly like a missing one (same code and
+        # message, no size), so the URI cannot probe which objects exist.
+        hidden = InvalidRequest(
+            f"first_frame_uri {uri} does not exist or may not be read "
+            f"(readable prefixes: {', '.join(self.settings.first_frame_prefixes) or 'none'})"
+        )
+        if not any(key.startswith(p) for p in self.settings.first_frame_prefixes):
+            raise hidden
         try:
             info = self.store.stat(key)
         except ValueError as exc:
             raise InvalidRequest(f"first_frame_uri: {exc}") from exc
         if info is None:
-            raise InvalidRequest(f"first_frame_uri {uri} does not exist in the store")
+            raise hidden
         if info.size > self.settings.max_image_bytes:
             raise InvalidRequest(
-                f"first_frame_uri is {info.size} bytes; at most {self.settings.max_image_bytes} bytes are accepted"
+                f"first_frame_uri names an image over the limit of {self.settings.max_image_bytes} bytes"
             )
         try:
             return self.store.get_bytes(key)
         except ObjectNotFound as exc:
-            raise InvalidRequest(f"first_frame_uri {uri} does not exist in the store") from exc
+            raise hidden from exc
 
     def _result(self, job: Job, event: ResultEvent) -> pb.GenerationResult:
         """(worker thread) Encode the frames and put the video inline or behind a download URL."""

@@ -170,6 +170,8 @@ def inference_env(tmp: Path, model_dir: Path, **overrides: str) -> dict[str, str
         "HUVIDPO_INFERENCE_METRICS_PORT": "0",
         "HUVIDPO_INFERENCE_BASE_MODEL": str(model_dir),
         "HUVIDPO_INFERENCE_CACHE_DIR": str(tmp / "cache"),
+        # loopback test servers: no token needed unless the test sets HUVIDPO_TOKENS
+        "HUVIDPO_DEV_MODE": "1",
     }
     env.update(overrides)
     return env

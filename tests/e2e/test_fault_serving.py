@@ -65,7 +65,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adap
             }
         )
         running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
-        with channel(stack.grpc_address) as ch:
+        with channel(stack.grpc_address, stack.token) as ch:
             wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
         yield running
     finally:
@@ -93,7 +93,7 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
     stop = threading.Event()
 
     def client(i: int) -> None:
-        with channel(stack.grpc_address) as ch:
+        with channel(stack.grpc_address, stack.token) as ch:
             s = stub(ch)
             n = 0
             while not stop.is_set():
@@ -111,7 +111,7 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
         while served.count("ckpt-ft-e2e-1") < 3 and not errors and time.monotonic() < deadline:
             time.sleep(0.1)
         serving.cp.set_rollout("default", "ckpt-ft-e2e-2")
-        with channel(stack.grpc_address) as ch:
+        with channel(stack.grpc_address, stack.token) as ch:
             wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-2", timeout=120)
         mark = len(served)
         while len(served) < mark + 3 and not errors and time.monotonic() < deadline + 120:
@@ -129,7 +129,7 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
     assert all(c == "ckpt-ft-e2e-2" for c in served[last_a + 1 :])
     # restore A for the next tests
     serving.cp.set_rollout("default", "ckpt-ft-e2e-1")
-    with channel(stack.grpc_address) as ch:
+    with channel(stack.grpc_address, stack.token) as ch:
         wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
 
 
@@ -160,7 +160,7 @@ def test_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
     while _refused_count(stack.inference_metrics_url) <= before:  # ...the service refuses it
         assert time.monotonic() < deadline, "the corrupt checkpoint was not refused"
         time.sleep(0.3)
-    with channel(stack.grpc_address) as ch:
+    with channel(stack.grpc_address, stack.token) as ch:
         s = stub(ch)
         models = s.ListModels(pb.ListModelsRequest(), timeout=10)
         assert "ckpt-ft-e2e-9" not in {m.id for m in models.models}
@@ -289,7 +289,7 @@ def test_bad_grpc_inputs_get_clear_status_codes_and_crash_nothing(serving: Any) 
         ({"checkpoint_id": "ckpt-does-not-exist-1"}, grpc.StatusCode.NOT_FOUND, "ckpt-does-not-exist-1"),
         ({"first_frame_uri": "s3://elsewhere/x.png"}, grpc.StatusCode.INVALID_ARGUMENT, "first_frame_uri"),
     ]
-    with channel(serving.stack.grpc_address) as ch:
+    with channel(serving.stack.grpc_address, serving.stack.token) as ch:
         s = stub(ch)
         for kw, code, mention in cases:
             with pytest.raises(grpc.RpcError) as info:

@@ -58,7 +58,7 @@ def test_dataset_and_base_model_digests_are_equal_at_every_link_of_the_walk(
     # rollout and generation: the service generated with the rolled-out checkpoint, on the same base
     assert store.get_json(keys.rollout_key(opts.deployment))["current"] == ckpt_id
     assert summary["generation"]["checkpoint_id"] == ckpt_id
-    with channel(running.stack.grpc_address) as ch:
+    with channel(running.stack.grpc_address, running.stack.token) as ch:
         s = stub(ch)
         served = s.GetModel(pb.GetModelRequest(id=summary["generation"]["checkpoint_id"]), timeout=30)
         models = {m.id: m for m in s.ListModels(pb.ListModelsRequest(), timeout=30).models}

@@ -61,7 +61,7 @@ def test_killed_trainer_resumes_and_a_restarted_control_plane_loses_nothing(
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
-    settings = ControlPlaneSettings(work_dir=tmp_path / "work")
+    settings = ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True)
     c1 = _app(store, settings, store_root)
 
     ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
@@ -156,7 +156,7 @@ def test_a_config_the_data_cannot_serve_fails_on_the_first_attempt(
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
-    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True), store_root)
     version = _version(client, tmp_path)
     # A version whose background validation has no result yet: the submit-time check cannot see
     # that its 4-frame clips are too short, so the trainer finds out.
@@ -181,7 +181,7 @@ def test_logs_tell_each_step_checkpoint_upload_and_a_cancel(tmp_path: Path, tiny
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
-    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True), store_root)
     version = _version(client, tmp_path)
     hp = {"max_steps": 2, "checkpoint_every": 1, "num_frames": 4, "height": 32, "width": 32, "plot": False}
     body = {"dataset": "cats", "version": version, "base_model": "tiny", "hyperparameters": hp}
@@ -215,7 +215,7 @@ def test_a_broken_video_is_reported_by_validation_and_refused_by_the_trainer(
     store_root = tmp_path / "store"
     store = LocalStore(store_root)
     publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
-    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work"), store_root)
+    client = _app(store, ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True), store_root)
     ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
     broken = sorted(ds.rglob("*.mp4"))[0]
     broken.write_bytes(b"not a video at all")

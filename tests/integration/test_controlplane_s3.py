@@ -37,7 +37,9 @@ def _free_port() -> int:
 @pytest.fixture
 def served(s3_endpoint: dict[str, str], make_s3_store: MakeStore, tmp_path: Path) -> Iterator[dict[str, Any]]:
     store = make_s3_store(s3_endpoint)
-    settings = ControlPlaneSettings(work_dir=tmp_path / "work", max_upload_bytes=200 * 1024 * 1024)
+    settings = ControlPlaneSettings(
+        work_dir=tmp_path / "work", dev_mode=True, max_upload_bytes=200 * 1024 * 1024
+    )
     app = create_app(settings, store, IdleExecutor(), background=False)
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))

@@ -41,7 +41,9 @@ class SlowStore(LocalStore):
 
 def test_many_concurrent_streamed_uploads_all_complete(tmp_path: Path) -> None:
     store = SlowStore(tmp_path / "store")
-    app = create_app(ControlPlaneSettings(work_dir=tmp_path / "w"), store, IdleExecutor(), background=False)
+    app = create_app(
+        ControlPlaneSettings(work_dir=tmp_path / "w", dev_mode=True), store, IdleExecutor(), background=False
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

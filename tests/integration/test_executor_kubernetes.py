@@ -37,6 +37,7 @@ def _settings(tmp: Path, **kw: Any) -> ControlPlaneSettings:
         "work_dir": tmp / "work",
         "watch_timeout_seconds": 2,
         "resync_seconds": 1.0,
+        "dev_mode": True,
     }
     base.update(kw)
     return ControlPlaneSettings(**base)

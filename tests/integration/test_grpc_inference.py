@@ -79,6 +79,8 @@ def settings(tmp: Path, model_dir: Path, **kw: object) -> InferenceSettings:
         "default_width": 64,
         "default_steps": 2,
         "max_steps": 500,
+        "dev_mode": True,
+        "first_frame_prefixes": ["frames/"],
     }
     base.update(kw)
     return InferenceSettings(**base)  # type: ignore[arg-type]
@@ -262,7 +264,7 @@ BAD: dict[str, tuple[dict[str, object], str]] = {
     ),
     "uri_missing_object": (
         {"first_frame_uri": "s3://huvidpo/frames/missing.png"},
-        "does not exist in the store",
+        "does not exist or may not be read",
     ),
 }
 
@@ -306,10 +308,10 @@ def test_a_thin_first_frame_is_refused_by_its_resized_pixel_count(stub, server: 
     """600x1 resized to cover 32x1024 is 614400x1024 pixels (2.4 GB decoded): refused from the header,
     by upload and by store URI, and the server's memory (this process) does not grow for it."""
     png = _thin_png()
-    server.server.store.put_bytes("frames/thin.png", png)
+    server.server.store.put_bytes("first-frames/thin.png", png)
     _peak_rss_reset()
     before = _peak_rss()
-    for first in ({"first_frame_image": png}, {"first_frame_uri": "s3://huvidpo/frames/thin.png"}):
+    for first in ({"first_frame_image": png}, {"first_frame_uri": "s3://huvidpo/first-frames/thin.png"}):
         with pytest.raises(grpc.RpcError) as err:
             run(stub, request(**first, height=1024, width=32), timeout=20)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -318,6 +320,22 @@ def test_a_thin_first_frame_is_refused_by_its_resized_pixel_count(stub, server: 
         assert "at most 262144 pixels (max_image_pixels)" in details, details
     grown = _peak_rss() - before
     assert grown < 64 * 1024 * 1024, f"peak RSS grew by {grown / 2**20:.0f} MiB"
+
+
+def test_first_frame_uri_outside_the_readable_prefixes_answers_like_a_missing_key(  # type: ignore[no-untyped-def]
+    stub, server: ServerThread
+) -> None:
+    """An existing object outside ``first_frame_prefixes`` (500 KB of
+    bytes) and a key that does not exist get the same code and message, and no size."""
+    server.server.store.put_bytes("secret/exists.png", b"\x89PNG" + b"\0" * 500_000)
+    answers = []
+    for key in ("secret/exists.png", "secret/missing.png"):
+        with pytest.raises(grpc.RpcError) as err:
+            run(stub, request(first_frame_uri=f"s3://huvidpo/{key}"), timeout=20)
+        answers.append((err.value.code(), (err.value.details() or "").replace(key, "KEY")))
+    assert answers[0] == answers[1], answers
+    assert answers[0][0] == grpc.StatusCode.INVALID_ARGUMENT
+    assert "500" not in answers[0][1] and "bytes" not in answers[0][1]
 
 
 # --------------------------------------------------------------------------------------- cancel, queue

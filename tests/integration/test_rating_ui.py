@@ -30,6 +30,18 @@ ARTIFACTS = REPO / "tests" / "artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TOKEN = "rating-ui-test-token"
+# Raters sign in with `rate` tokens named after them (cy also curates: `data` compiles the ratings).
+RATERS = {"ann": "rate", "bob": "rate", "cy": "rate,data", "dee": "rate", "someone-else": "rate"}
+
+
+def rater_token(rater: str) -> str:
+    return f"rate-token-{rater}"
+
+
+def as_rater(rater: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {rater_token(rater)}"}
+
+
 XSS = "<img src=x onerror=alert(1)>"
 DATASET = "clips"
 
@@ -81,7 +93,10 @@ def server() -> Iterator[dict[str, Any]]:
         "HUVIDPO_STORE_ROOT": str(tmp / "store"),
         "HUVIDPO_CONTROLPLANE_HOST": "127.0.0.1",
         "HUVIDPO_CONTROLPLANE_PORT": str(port),
-        "HUVIDPO_CONTROLPLANE_TOKENS": hashlib.sha256(TOKEN.encode()).hexdigest(),
+        "HUVIDPO_TOKENS": ";".join(
+            [hashlib.sha256(TOKEN.encode()).hexdigest()]  # a plain digest: an admin token
+            + [f"{r}:{s}:{hashlib.sha256(rater_token(r).encode()).hexdigest()}" for r, s in RATERS.items()]
+        ),
         "HUVIDPO_CONTROLPLANE_WORK_DIR": str(tmp / "work"),
         "HUVIDPO_CONTROLPLANE_EXECUTOR": "local",
     }
@@ -190,11 +205,12 @@ def video_ready(driver: WebDriver, element_id: str, video_id: str) -> bool:
 
 
 def open_page(driver: WebDriver, url: str, rater: str, mode: str, dataset: str = DATASET) -> None:
-    """Load the page, sign in (the token goes to sessionStorage), set the rater id and the mode."""
+    """Load the page, sign in with the rater's token (it goes to sessionStorage; the rater id is the
+    token's name, shown read-only), and set the mode."""
     driver.get(url + "/ui/static/style.css")  # same origin, no script running: a clean slate
     driver.execute_script("sessionStorage.clear(); localStorage.clear();")
     driver.get(url + "/ui/")
-    driver.find_element(By.ID, "token").send_keys(TOKEN)
+    driver.find_element(By.ID, "token").send_keys(rater_token(rater))
     driver.find_element(By.ID, "signin-btn").click()
     wait(driver, lambda d: d.find_element(By.ID, "setup").is_displayed(), "sign-in")
     wait(
@@ -202,9 +218,8 @@ def open_page(driver: WebDriver, url: str, rater: str, mode: str, dataset: str =
     )
     Select(driver.find_element(By.ID, "dataset")).select_by_value(dataset)
     rater_box = driver.find_element(By.ID, "rater")
-    assert rater_box.get_attribute("value") == ""
-    rater_box.send_keys(rater)
-    rater_box.send_keys(Keys.TAB)  # 'change' loads the rater's session
+    wait(driver, lambda d: rater_box.get_attribute("value") == rater, "the rater id from the token")
+    assert rater_box.get_attribute("readonly") is not None
     wait(driver, lambda d: d.find_element(By.ID, "main").is_displayed(), "the rating view")
     driver.find_element(By.ID, "tab-ab" if mode == "ab" else "tab-absolute").click()
 
@@ -303,7 +318,7 @@ def test_absolute_scores_with_keys_and_mouse_then_resume(server: dict[str, Any],
     wait(browser, lambda d: video_ready(d, "abs-video", "p1_v0"), "video 4 to play")
 
     # A second rater in another browser profile would not see ann's progress: the session is per rater.
-    r = api.get(f"/v1/datasets/{DATASET}/rating-session", params={"rater_id": "someone-else"})
+    r = api.get(f"/v1/datasets/{DATASET}/rating-session", headers=as_rater("someone-else"))
     assert r.json()["progress"]["absolute"] == {"done": 0, "total": 6}
     assert r.json()["version"] == version
     save_screenshot(browser, "absolute")
@@ -313,7 +328,7 @@ def test_ab_mode_synced_playback_choices_and_resume(server: dict[str, Any], brow
     url, api = server["url"], server["api"]
     open_page(browser, url, "bob", "ab")
     wait_text(browser, "progress", "0 of 6 pairs judged")
-    session = api.get(f"/v1/datasets/{DATASET}/rating-session", params={"rater_id": "bob"}).json()
+    session = api.get(f"/v1/datasets/{DATASET}/rating-session", headers=as_rater("bob")).json()
     pairs = session["pairs"]
     assert all(p["left"]["id"][:2] == p["right"]["id"][:2] for p in pairs)  # same prompt in every pair
 
@@ -494,7 +509,7 @@ def test_on_policy_ab_of_current_vs_previous_checkpoint(
     assert version["videos"] == 4
 
     api = server["api"]
-    session = api.get("/v1/datasets/rollout/rating-session", params={"rater_id": "dee"}).json()
+    session = api.get("/v1/datasets/rollout/rating-session", headers=as_rater("dee")).json()
     pairs = session["pairs"]
     assert len(pairs) == 2 and all(p["on_policy"] and p["first_frame"] == "frame0" for p in pairs)
     for p in pairs:  # one clip of each checkpoint, same sample number

@@ -29,6 +29,12 @@ from services.controlplane.domain.ratings import (
 TOKEN = "t0ken"
 READ = "read-0nly"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+# Each rater signs in with a `rate` token named after them: the rater id is the token's name.
+RATERS = ["ann", "bob", "cy", "x", "zed", "other", "twin", *(f"r{i}" for i in range(8))]
+
+
+def rater_auth(rater: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer rate-{rater}"}
 
 
 class NoExecutor:
@@ -67,6 +73,8 @@ def env(tmp_path: Path, dataset_dir: Path) -> dict[str, Any]:
         read_tokens=[hashlib.sha256(READ.encode()).hexdigest()],
         work_dir=tmp_path / "work",
     )
+    rate_entries = [f"{r}:rate:{hashlib.sha256(f'rate-{r}'.encode()).hexdigest()}" for r in RATERS]
+    settings.tokens.append(";".join(rate_entries))
     client = TestClient(create_app(settings, store, NoExecutor(), background=False))
     assert client.post("/v1/datasets", json={"name": "d"}, headers=AUTH).status_code == 201
     files = [
@@ -81,16 +89,16 @@ def env(tmp_path: Path, dataset_dir: Path) -> dict[str, Any]:
 
 def score(env: dict[str, Any], rater: str, video: str, value: float) -> Any:
     body = {"version": env["v"], "rater_id": rater, "video_id": video, "score": value}
-    return env["c"].put("/v1/datasets/d/ratings/score", json=body, headers=AUTH)
+    return env["c"].put("/v1/datasets/d/ratings/score", json=body, headers=rater_auth(rater))
 
 
 def choice(env: dict[str, Any], rater: str, left: str, right: str, winner: str) -> Any:
     body = {"version": env["v"], "rater_id": rater, "left": left, "right": right, "winner": winner}
-    return env["c"].put("/v1/datasets/d/ratings/choice", json=body, headers=AUTH)
+    return env["c"].put("/v1/datasets/d/ratings/choice", json=body, headers=rater_auth(rater))
 
 
 def session(env: dict[str, Any], rater: str) -> dict[str, Any]:
-    r = env["c"].get("/v1/datasets/d/rating-session", params={"rater_id": rater}, headers=AUTH)
+    r = env["c"].get("/v1/datasets/d/rating-session", params={"rater_id": rater}, headers=rater_auth(rater))
     assert r.status_code == 200, r.text
     out: dict[str, Any] = r.json()
     return out
@@ -144,8 +152,44 @@ def test_read_only_tokens_cannot_rate_and_anonymous_get_401(env: dict[str, Any])
     assert c.put("/v1/datasets/d/ratings/score", json=body).status_code == 401
     ro = {"Authorization": f"Bearer {READ}"}
     assert c.put("/v1/datasets/d/ratings/score", json=body, headers=ro).status_code == 403
-    assert c.get("/v1/datasets/d/rating-session", params={"rater_id": "x"}, headers=ro).status_code == 200
+    # a rating session belongs to a rater: the `rate` scope, not `read`
+    assert c.get("/v1/datasets/d/rating-session", headers=ro).status_code == 403
     assert c.get(f"/v1/datasets/d/versions/{env['v']}/files/videos/p0_v0.mp4").status_code == 401
+
+
+def test_a_rate_token_rates_as_its_name_and_can_do_nothing_else(env: dict[str, Any]) -> None:
+    c, v, ann = env["c"], env["v"], rater_auth("ann")
+    assert c.get("/v1/whoami", headers=ann).json() == {"name": "ann", "scopes": ["rate"], "anonymous": False}
+    # what the rating page needs works, the rater id coming from the token
+    assert c.get("/v1/datasets", headers=ann).status_code == 200
+    assert c.get("/v1/datasets/d/versions", headers=ann).status_code == 200
+    assert c.get(f"/v1/datasets/d/versions/{v}/files/videos/p0_v0.mp4", headers=ann).status_code == 200
+    body = {"version": v, "video_id": "p0_v0", "score": 4}
+    r = c.put("/v1/datasets/d/ratings/score", json=body, headers=ann)
+    assert r.status_code == 200 and r.json()["record"]["rater_id"] == "ann", r.text
+    assert c.get("/v1/datasets/d/rating-session", headers=ann).json()["rater_id"] == "ann"
+    # someone else's id is refused, not silently replaced
+    r = c.put("/v1/datasets/d/ratings/score", json={**body, "rater_id": "bob"}, headers=ann)
+    assert r.status_code == 403 and "'ann'" in r.json()["detail"] and "'bob'" in r.json()["detail"]
+    assert c.get("/v1/datasets/d/rating-session", params={"rater_id": "bob"}, headers=ann).status_code == 403
+    # nothing else: each refusal names the scope it needs
+    refused = [
+        ("post", "/v1/datasets", {"name": "e"}, "'data'"),
+        ("post", "/v1/datasets/d/ratings/compile", {}, "'data'"),
+        ("post", "/v1/datasets/d/ratings", {"records": []}, "'data'"),
+        ("delete", "/v1/datasets/d", None, "'admin'"),
+        ("post", "/v1/fine-tunes", {"dataset": "d", "version": v, "base_model": "tiny"}, "'train'"),
+        ("put", "/v1/rollouts/default", {"checkpoint": "base"}, "'rollout'"),
+        ("get", "/v1/fine-tunes", None, "'read'"),
+        ("get", "/v1/datasets/d/ratings", None, "'read'"),
+        ("get", "/v1/checkpoints", None, "'read'"),
+    ]
+    for method, path, payload, scope in refused:
+        kw: dict[str, Any] = {"headers": ann} if payload is None else {"headers": ann, "json": payload}
+        r = c.request(method.upper(), path, **kw)
+        assert r.status_code == 403, (method, path, r.status_code, r.text)
+        assert r.headers["content-type"].startswith("application/problem+json")
+        assert scope in r.json()["detail"] and "token 'ann'" in r.json()["detail"], r.json()
 
 
 # ----------------------------------------------------------------------------------------- session

@@ -14,6 +14,7 @@ from urllib.parse import parse_qs, unquote, urlparse
 import pytest
 from pydantic import SecretStr
 
+from services.common.auth import load_table
 from services.common.publish import RolloutRecord, read_rollout, write_rollout
 from services.common.settings import ControlPlaneSettings, InferenceSettings, StoreSettings
 from services.common.store import (
@@ -238,7 +239,11 @@ def test_settings_come_from_the_environment_and_hide_secrets(monkeypatch: pytest
         "huvidpo",
     )
     assert isinstance(store.secret_key, SecretStr) and "very-secret" not in repr(store)
-    assert ControlPlaneSettings().tokens == [digest, "b" * 64]
+    table = load_table(ControlPlaneSettings().auth_config(), "0.0.0.0", "test")
+    assert [(e.name, e.digest, sorted(e.scopes)) for e in table.entries] == [
+        (f"token-{digest[:8]}", digest, ["admin"]),
+        ("token-bbbbbbbb", "b" * 64, ["admin"]),
+    ]
     assert InferenceSettings().port == 6000
     monkeypatch.setenv("HUVIDPO_CONTROLPLANE_TOKENS", "not-a-digest")
     with pytest.raises(ValueError, match="sha256"):

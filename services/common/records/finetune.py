@@ -66,6 +66,8 @@ class FineTuneSpec(BaseModel):
     lineage: dict[str, str] = Field(default_factory=dict)
     fingerprint: str = ""
     pairs: PairsRef | None = None
+    # The name of the token that created it ("" on records written before tokens had names).
+    created_by: str = ""
 
     @model_validator(mode="before")
     @classmethod

@@ -89,6 +89,8 @@ class DatasetVersionManifest(_Manifest):
     size: int = 0
     source: dict[str, Any] = Field(default_factory=dict)
     created_at: str | None = None
+    created_by: str = ""
+    """Who made the version (the bearer token's name); "" before versions recorded it."""
 
 
 class CheckpointManifest(_Manifest):

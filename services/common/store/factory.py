@@ -33,5 +33,6 @@ def make_store(settings: StoreSettings) -> ObjectStore:
             part_size=settings.part_size,
             timeout=settings.timeout_seconds,
             public_endpoint=settings.public_endpoint or None,
+            ca_bundle=str(settings.ca_bundle) if settings.ca_bundle else None,
         )
     raise ValueError(f"unknown store backend {settings.backend!r}")

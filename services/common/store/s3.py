@@ -135,7 +135,9 @@ class MinioStore(ObjectStore):
     the multipart part size; ``timeout`` seconds per connect/read; ``retries`` for idempotent
     requests on connection errors and 5xx. ``public_endpoint`` (``host:port`` or a URL) is the
     address presigned URLs name, when clients reach the server elsewhere than this process does
-    (in-cluster service vs ingress); it must route to the same server.
+    (in-cluster service vs ingress); it must route to the same server, and its scheme (``https://``)
+    is the presigned URLs' scheme. ``ca_bundle`` (a PEM file) is the CA the server's certificate is
+    verified against over https (default: the public roots of ``certifi``).
     """
 
     def __init__(
@@ -153,6 +155,7 @@ class MinioStore(ObjectStore):
         retries: int = 2,
         num_parallel_uploads: int = 3,
         public_endpoint: str | None = None,
+        ca_bundle: str | None = None,
     ) -> None:
         endpoint, secure = _split_endpoint(endpoint, secure)
         if part_size < 5 * 1024 * 1024:
@@ -166,7 +169,8 @@ class MinioStore(ObjectStore):
             timeout=Timeout(connect=min(timeout, 10.0), read=timeout),
             maxsize=max(10, num_parallel_uploads + 2),
             cert_reqs="CERT_REQUIRED",
-            ca_certs=certifi.where(),
+            # a private CA (an in-cluster store with its own certificate) instead of the public roots
+            ca_certs=ca_bundle or certifi.where(),
             retries=Retry(total=retries, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
         )
         self.client = Minio(

@@ -253,7 +253,9 @@ class DatasetService:
                 self.store.put_stream(prefix + "files/" + path, reader, None)  # type: ignore[arg-type]
             self.store.delete(obj.key)
 
-    def commit_upload(self, name: str, upload_id: str, include_ratings: bool = True) -> dict[str, Any]:
+    def commit_upload(
+        self, name: str, upload_id: str, include_ratings: bool = True, created_by: str = ""
+    ) -> dict[str, Any]:
         """Publish the staged files as an immutable version without moving a video byte.
 
         Only the JSON(L) files (the manifest: small) are read back and validated; every other file is
@@ -290,7 +292,9 @@ class DatasetService:
                 else:
                     sha = meta["sha256"] or self._staged_sha256(key)
                     objects[path] = {"sha256": sha, "size": meta["size"], "key": key}
-            version = self._publish(name, data, objects, {"upload_id": upload_id}, include_ratings)
+            version = self._publish(
+                name, data, objects, {"upload_id": upload_id}, include_ratings, created_by=created_by
+            )
         if any(str(f.get("key", "")).startswith(staged) for f in version["files"].values()):
             # The staged videos are the version's now: the session ends, they stay. The records were
             # copied into the version (ratings may have been added): their staged copies go.
@@ -316,7 +320,9 @@ class DatasetService:
                 h.update(chunk)
         return h.hexdigest()
 
-    def derive_version(self, name: str, base: str, include_ratings: bool = True) -> dict[str, Any]:
+    def derive_version(
+        self, name: str, base: str, include_ratings: bool = True, created_by: str = ""
+    ) -> dict[str, Any]:
         """A new version: the files of ``base`` (its videos by reference) plus the dataset's rating records."""
         manifest = self.manifest(name, base)
         base = manifest["id"]
@@ -330,10 +336,10 @@ class DatasetService:
                     self.store.get_file(key, data / path, expected_sha256=meta["sha256"])
                 else:
                     objects[path] = {"sha256": meta["sha256"], "size": meta["size"], "key": key}
-            return self._publish(name, data, objects, {"base": base}, include_ratings)
+            return self._publish(name, data, objects, {"base": base}, include_ratings, created_by=created_by)
 
     def publish_version(
-        self, name: str, data: Path, source: dict[str, Any], include_ratings: bool
+        self, name: str, data: Path, source: dict[str, Any], include_ratings: bool, created_by: str = ""
     ) -> dict[str, Any]:
         """Publish the dataset directory ``data`` (plus the dataset's rating records when
         ``include_ratings``) as an immutable version named by its content digest, manifest last; the
@@ -347,7 +353,7 @@ class DatasetService:
                 if not _is_record_file(rel):
                     key = self.object_key(name, base["id"], rel, meta)
                     reuse[meta["sha256"]] = {"sha256": meta["sha256"], "size": meta["size"], "key": key}
-        return self._publish(name, data, {}, source, include_ratings, reuse)
+        return self._publish(name, data, {}, source, include_ratings, reuse, created_by=created_by)
 
     def _publish(
         self,
@@ -357,6 +363,8 @@ class DatasetService:
         source: dict[str, Any],
         include_ratings: bool,
         reuse: Mapping[str, Mapping[str, Any]] | None = None,
+        *,
+        created_by: str = "",
     ) -> dict[str, Any]:
         """Publish ``data`` plus ``objects`` (``{path: {sha256, size, key}}``: files already in the
         store, referenced by key, never read) as a version. Validates the records without decoding
@@ -421,6 +429,7 @@ class DatasetService:
             size=sum(f["size"] for f in files.values()),
             source=source,
             created_at=iso(self.clock()),
+            created_by=created_by,  # a token name; the same content later keeps its first creator
         )
         try:
             write_manifest(self.store, prefix, typed, if_none_match=True)  # last: the version exists now

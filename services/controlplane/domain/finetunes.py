@@ -224,8 +224,11 @@ class FineTuneService:
         normalised = FineTuneRequest(req.dataset, req.version, req.base_model, req.stage, as_sent)
         return normalised, hp, lineage
 
-    def create(self, req: FineTuneRequest, idempotency_key: str | None = None) -> tuple[dict[str, Any], bool]:
-        """Validate, record and submit a fine-tune. Returns (view, created); a retried key returns the first one."""
+    def create(
+        self, req: FineTuneRequest, idempotency_key: str | None = None, created_by: str = ""
+    ) -> tuple[dict[str, Any], bool]:
+        """Validate, record and submit a fine-tune (``created_by``: the caller's token name). Returns
+        (view, created); a retried key returns the first one."""
         idem_key = None
         if idempotency_key is not None:
             if not 1 <= len(idempotency_key) <= MAX_IDEMPOTENCY_KEY or not idempotency_key.isprintable():
@@ -267,6 +270,7 @@ class FineTuneService:
             lineage={**lineage, "finetune_id": finetune_id},
             fingerprint=fingerprint,
             pairs=pairs,
+            created_by=created_by,
         )
         # The reference first, so the dataset cannot be deleted from under a recorded fine-tune.
         self.datasets.add_reference(req.dataset, req.version, finetune_id)
@@ -387,6 +391,7 @@ class FineTuneService:
             "reason": status.reason,
             "message": status.message,
             "created_at": spec.created_at,
+            "created_by": spec.created_by,
             "updated_at": status.updated_at,
             "finished_at": status.finished_at,
             **spec.request(),

@@ -344,7 +344,9 @@ class RatingService:
             version = base
         return version
 
-    def compile(self, name: str, base: str | None, options: PairOptions) -> dict[str, Any]:
+    def compile(
+        self, name: str, base: str | None, options: PairOptions, created_by: str = ""
+    ) -> dict[str, Any]:
         """A new immutable version: ``base``'s files plus the effective rating and choice records, with
         ``ratings-lineage.json`` naming every record id used; then its pairs compiled with ``options``.
 
@@ -412,7 +414,9 @@ class RatingService:
                     "lineage": "data/" + LINEAGE_FILE,
                 },
             }
-            version = self.datasets.publish_version(name, data, source, include_ratings=False)
+            version = self.datasets.publish_version(
+                name, data, source, include_ratings=False, created_by=created_by
+            )
         pairs = self.datasets.compile_pairs(name, version["id"], options)
         return {
             "version": version,

@@ -89,6 +89,7 @@ class RolloutService:
         canary: str | None,
         percent: int,
         expected_revision: int | None,
+        actor: str = "",
     ) -> dict[str, Any]:
         base = prev or RolloutRecord(deployment=deployment)
         if expected_revision is not None and expected_revision != base.revision:
@@ -96,7 +97,9 @@ class RolloutService:
                 f"rollout of {deployment!r} is at revision {base.revision}, not {expected_revision}; re-read and retry",
                 field="expected_revision",
             )
-        rec = base.next(action, current=current, canary=canary, canary_percent=percent, now=self.clock())
+        rec = base.next(
+            action, current=current, canary=canary, canary_percent=percent, now=self.clock(), actor=actor
+        )
         try:
             write_rollout(self.store, rec)
         except RevisionConflict as exc:
@@ -104,7 +107,12 @@ class RolloutService:
         return rec.model_dump(mode="json")
 
     def set_current(
-        self, deployment: str, checkpoint: str, expected_revision: int | None = None, create: bool = False
+        self,
+        deployment: str,
+        checkpoint: str,
+        expected_revision: int | None = None,
+        create: bool = False,
+        actor: str = "",
     ) -> dict[str, Any]:
         """Serve ``checkpoint`` (or ``"base"``, the base model) to all traffic (drops any canary).
         A deployment without a rollout record is created only with ``create``."""
@@ -115,10 +123,15 @@ class RolloutService:
                 f"deployment {deployment!r} has no rollout (existing: {self._names()}); "
                 "to start a new deployment, repeat the request with ?create=true"
             )
-        return self._write(deployment, prev, "set_current", checkpoint, None, 0, expected_revision)
+        return self._write(deployment, prev, "set_current", checkpoint, None, 0, expected_revision, actor)
 
     def set_canary(
-        self, deployment: str, checkpoint: str, percent: int, expected_revision: int | None = None
+        self,
+        deployment: str,
+        checkpoint: str,
+        percent: int,
+        expected_revision: int | None = None,
+        actor: str = "",
     ) -> dict[str, Any]:
         """Send ``percent`` of requests to ``checkpoint``; the rest keep the current one."""
         if not 0 < percent <= 100:
@@ -132,24 +145,30 @@ class RolloutService:
         if checkpoint == prev.current:
             raise InvalidRequest("the canary must differ from the current checkpoint", field="checkpoint")
         return self._write(
-            deployment, prev, "set_canary", prev.current, checkpoint, percent, expected_revision
+            deployment, prev, "set_canary", prev.current, checkpoint, percent, expected_revision, actor
         )
 
-    def promote(self, deployment: str, expected_revision: int | None = None) -> dict[str, Any]:
+    def promote(
+        self, deployment: str, expected_revision: int | None = None, actor: str = ""
+    ) -> dict[str, Any]:
         """The canary becomes the current checkpoint for all traffic."""
         prev = self._get(deployment)
         if not prev.canary:
             raise Conflict(f"deployment {deployment!r} has no canary to promote")
-        return self._write(deployment, prev, "promote", prev.canary, None, 0, expected_revision)
+        return self._write(deployment, prev, "promote", prev.canary, None, 0, expected_revision, actor)
 
-    def rollback(self, deployment: str, expected_revision: int | None = None) -> dict[str, Any]:
+    def rollback(
+        self, deployment: str, expected_revision: int | None = None, actor: str = ""
+    ) -> dict[str, Any]:
         """Drop the canary if there is one; otherwise go back to the previous current checkpoint."""
         prev = self._get(deployment)
         if prev.canary:
-            return self._write(deployment, prev, "rollback", prev.current, None, 0, expected_revision)
+            return self._write(deployment, prev, "rollback", prev.current, None, 0, expected_revision, actor)
         for event in reversed(prev.history):
             if event.current and event.current != prev.current and self._servable(event.current):
-                return self._write(deployment, prev, "rollback", event.current, None, 0, expected_revision)
+                return self._write(
+                    deployment, prev, "rollback", event.current, None, 0, expected_revision, actor
+                )
         raise Conflict(f"deployment {deployment!r} has no earlier checkpoint to roll back to")
 
     def history(self, deployment: str) -> builtins.list[dict[str, Any]]:

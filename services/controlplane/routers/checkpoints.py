@@ -7,14 +7,20 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from services.controlplane import problems
-from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.auth import needs
+from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.retention import Retention
 from services.controlplane.schemas import Checkpoint, CheckpointDownload, CheckpointList
 
-router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"], dependencies=[Authed])
+router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
 
 
-@router.get("", response_model=CheckpointList, responses=problems.common_responses(401, 422))
+@router.get(
+    "",
+    dependencies=[needs("read")],
+    response_model=CheckpointList,
+    responses=problems.common_responses(401, 422),
+)
 def list_checkpoints(
     finetune_id: str | None = Query(None, max_length=63),
     page_size: int = Query(50, ge=1, le=200),
@@ -25,13 +31,19 @@ def list_checkpoints(
     return {"items": items, "next_page_token": token}
 
 
-@router.get("/{checkpoint_id}", response_model=Checkpoint, responses=problems.common_responses(401, 404))
+@router.get(
+    "/{checkpoint_id}",
+    dependencies=[needs("read")],
+    response_model=Checkpoint,
+    responses=problems.common_responses(401, 404),
+)
 def get_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.checkpoints.get(checkpoint_id)
 
 
 @router.delete(
     "/{checkpoint_id}",
+    dependencies=[needs("admin")],
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 409),
     summary="Delete a checkpoint (409 naming the rollout while a deployment serves it)",
@@ -43,6 +55,7 @@ def delete_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> Response
 
 @router.get(
     "/{checkpoint_id}/download",
+    dependencies=[needs("read")],
     response_model=CheckpointDownload,
     responses=problems.common_responses(401, 404, 422),
 )

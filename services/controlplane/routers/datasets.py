@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response, status
 
+from services.common.auth import Principal
 from services.controlplane import problems
-from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.auth import needs
+from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.datasets import PairOptions
 from services.controlplane.domain.errors import InvalidRequest
 from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN, validate_name
@@ -32,7 +34,7 @@ from services.controlplane.schemas import (
 )
 from services.controlplane.uploads import MultipartStream, stream_multipart
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=[Authed])
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 NamePath = Query  # (kept for symmetry; path params use the patterns below)
 _name = {"pattern": NAME_PATTERN, "min_length": 1, "max_length": 63}
@@ -63,6 +65,7 @@ UPLOAD_ERRORS = problems.common_responses(400, 401, 403, 404, 413, 415, 422, 503
 
 @router.post(
     "",
+    dependencies=[needs("data")],
     status_code=status.HTTP_201_CREATED,
     response_model=Dataset,
     responses=problems.common_responses(401, 403, 409, 422),
@@ -72,7 +75,12 @@ def create_dataset(body: DatasetCreate, c: Context = Depends(ctx)) -> dict[str, 
     return c.datasets.get(body.name)
 
 
-@router.get("", response_model=DatasetList, responses=problems.common_responses(401, 422))
+@router.get(
+    "",
+    dependencies=[needs("read", "rate")],
+    response_model=DatasetList,
+    responses=problems.common_responses(401, 422),
+)
 def list_datasets(
     page_size: int = Query(50, ge=1, le=200),
     page_token: str | None = Query(None, max_length=500),
@@ -82,12 +90,22 @@ def list_datasets(
     return {"items": items, "next_page_token": token}
 
 
-@router.get("/{name}", response_model=Dataset, responses=problems.common_responses(401, 404, 422))
+@router.get(
+    "/{name}",
+    dependencies=[needs("read", "rate")],
+    response_model=Dataset,
+    responses=problems.common_responses(401, 404, 422),
+)
 def get_dataset(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.datasets.get(name)
 
 
-@router.delete("/{name}", status_code=204, responses=problems.common_responses(401, 403, 404, 409, 422))
+@router.delete(
+    "/{name}",
+    dependencies=[needs("admin")],
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 409, 422),
+)
 def delete_dataset(name: str, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_dataset(name)
     return Response(status_code=204)
@@ -128,6 +146,7 @@ async def upload_version(
     request: Request,
     include_ratings: bool = Query(True),
     c: Context = Depends(ctx),
+    who: Principal = needs("data"),
 ) -> dict[str, Any]:
     from starlette.concurrency import run_in_threadpool
 
@@ -140,7 +159,9 @@ async def upload_version(
             c.settings.max_upload_bytes,
             c.metrics.upload_bytes.inc,
         )
-        return await run_in_threadpool(c.datasets.commit_upload, name, session["id"], include_ratings)
+        return await run_in_threadpool(
+            c.datasets.commit_upload, name, session["id"], include_ratings, who.name
+        )
     except BaseException:
         # a one-shot upload that failed leaves nothing behind (the caller never saw the session)
         await run_in_threadpool(c.datasets.discard_upload, name, session["id"])
@@ -149,6 +170,7 @@ async def upload_version(
 
 @router.post(
     "/{name}/uploads",
+    dependencies=[needs("data")],
     status_code=201,
     response_model=UploadSession,
     responses=problems.common_responses(401, 403, 404, 422),
@@ -159,6 +181,7 @@ def start_upload(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
 
 @router.get(
     "/{name}/uploads/{upload_id}",
+    dependencies=[needs("read", "data")],
     response_model=UploadSession,
     responses=problems.common_responses(401, 404, 422),
 )
@@ -168,6 +191,7 @@ def get_upload(name: str, upload_id: str, c: Context = Depends(ctx)) -> dict[str
 
 @router.post(
     "/{name}/uploads/{upload_id}/files",
+    dependencies=[needs("data")],
     response_model=UploadResult,
     openapi_extra=MULTIPART_BODY,
     responses=UPLOAD_ERRORS,
@@ -187,6 +211,7 @@ async def upload_files(
 
 @router.post(
     "/{name}/uploads/{upload_id}/presign",
+    dependencies=[needs("data")],
     response_model=PresignResponse,
     responses=problems.common_responses(401, 403, 404, 415, 422),
     summary="Presigned PUT URLs for large files, uploaded straight to the object store",
@@ -208,15 +233,22 @@ def presign(
     responses=problems.common_responses(401, 403, 404, 422),
 )
 def commit(
-    name: str, upload_id: str, body: CommitRequest | None = None, c: Context = Depends(ctx)
+    name: str,
+    upload_id: str,
+    body: CommitRequest | None = None,
+    c: Context = Depends(ctx),
+    who: Principal = needs("data"),
 ) -> dict[str, Any]:
     include = body.include_ratings if body is not None else True
-    return c.datasets.commit_upload(name, upload_id, include)
+    return c.datasets.commit_upload(name, upload_id, include, created_by=who.name)
 
 
 # ----------------------------------------------------------------------------------------- versions
 @router.get(
-    "/{name}/versions", response_model=DatasetVersionList, responses=problems.common_responses(401, 404, 422)
+    "/{name}/versions",
+    dependencies=[needs("read", "rate")],
+    response_model=DatasetVersionList,
+    responses=problems.common_responses(401, 404, 422),
 )
 def list_versions(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     c.datasets.get(name)
@@ -229,12 +261,15 @@ def list_versions(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     response_model=DatasetVersion,
     responses=problems.common_responses(401, 403, 404, 422),
 )
-def derive(name: str, body: DeriveRequest, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.datasets.derive_version(name, body.base, body.include_ratings)
+def derive(
+    name: str, body: DeriveRequest, c: Context = Depends(ctx), who: Principal = needs("data")
+) -> dict[str, Any]:
+    return c.datasets.derive_version(name, body.base, body.include_ratings, created_by=who.name)
 
 
 @router.get(
     "/{name}/versions/{version}",
+    dependencies=[needs("read", "rate")],
     response_model=DatasetVersion,
     responses=problems.common_responses(401, 404, 422),
 )
@@ -244,6 +279,7 @@ def get_version(name: str, version: str, c: Context = Depends(ctx)) -> dict[str,
 
 @router.delete(
     "/{name}/versions/{version}",
+    dependencies=[needs("admin")],
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
@@ -254,6 +290,7 @@ def delete_version(name: str, version: str, c: Context = Depends(ctx)) -> Respon
 
 @router.post(
     "/{name}/versions/{version}/pairs",
+    dependencies=[needs("data")],
     response_model=PairsReport,
     responses=problems.common_responses(401, 403, 404, 422),
 )
@@ -269,6 +306,7 @@ def compile_pairs(
 # ------------------------------------------------------------------------------------------ ratings
 @router.post(
     "/{name}/ratings",
+    dependencies=[needs("data")],
     status_code=201,
     response_model=RatingsCreated,
     responses=problems.common_responses(401, 403, 404, 422),
@@ -279,14 +317,22 @@ def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> di
 
 
 @router.delete(
-    "/{name}/ratings/{rating_id}", status_code=204, responses=problems.common_responses(401, 403, 404, 422)
+    "/{name}/ratings/{rating_id}",
+    dependencies=[needs("admin")],
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 422),
 )
 def delete_rating(name: str, rating_id: str, c: Context = Depends(ctx)) -> Response:
     c.datasets.delete_rating(name, rating_id)
     return Response(status_code=204)
 
 
-@router.get("/{name}/ratings", response_model=RatingList, responses=problems.common_responses(401, 404, 422))
+@router.get(
+    "/{name}/ratings",
+    dependencies=[needs("read")],
+    response_model=RatingList,
+    responses=problems.common_responses(401, 404, 422),
+)
 def list_ratings(
     name: str,
     page_size: int = Query(100, ge=1, le=200),

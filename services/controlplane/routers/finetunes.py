@@ -11,14 +11,16 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
+from services.common.auth import Principal
 from services.controlplane import problems
-from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.auth import needs
+from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.finetunes import FineTuneRequest
 from services.controlplane.domain.retention import Retention
 from services.controlplane.limits import StreamSlots
 from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
 
-router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"], dependencies=[Authed])
+router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"])
 LOG_POLL_SECONDS = 0.5
 
 
@@ -39,16 +41,22 @@ def create_finetune(
     response: Response,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", min_length=1, max_length=255),
     c: Context = Depends(ctx),
+    who: Principal = needs("train"),
 ) -> dict[str, Any]:
     hp = body.hyperparameters.model_dump(exclude_unset=True)  # as sent: the fingerprint depends on it
     req = FineTuneRequest(body.dataset, body.version, body.base_model, body.stage, hp)
-    view, created = c.finetunes.create(req, idempotency_key)
+    view, created = c.finetunes.create(req, idempotency_key, created_by=who.name)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/fine-tunes/{view['id']}"
     return view
 
 
-@router.get("", response_model=FineTuneList, responses=problems.common_responses(401, 422))
+@router.get(
+    "",
+    dependencies=[needs("read")],
+    response_model=FineTuneList,
+    responses=problems.common_responses(401, 422),
+)
 def list_finetunes(
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None),
     dataset: str | None = Query(None, max_length=63),
@@ -61,13 +69,19 @@ def list_finetunes(
     return {"items": items, "next_page_token": token}
 
 
-@router.get("/{finetune_id}", response_model=FineTune, responses=problems.common_responses(401, 404))
+@router.get(
+    "/{finetune_id}",
+    dependencies=[needs("read")],
+    response_model=FineTune,
+    responses=problems.common_responses(401, 404),
+)
 def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.get(finetune_id)
 
 
 @router.delete(
     "/{finetune_id}",
+    dependencies=[needs("admin")],
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 409),
     summary="Delete a finished fine-tune without checkpoints (409 while active or while it has checkpoints)",
@@ -78,7 +92,10 @@ def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
 
 
 @router.post(
-    "/{finetune_id}/cancel", response_model=FineTune, responses=problems.common_responses(401, 403, 404, 409)
+    "/{finetune_id}/cancel",
+    dependencies=[needs("train")],
+    response_model=FineTune,
+    responses=problems.common_responses(401, 403, 404, 409),
 )
 def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.cancel(finetune_id)
@@ -86,6 +103,7 @@ def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, An
 
 @router.get(
     "/{finetune_id}/logs",
+    dependencies=[needs("read")],
     response_class=StreamingResponse,
     responses={
         200: {"content": {"text/plain": {}}, "description": "the trainer's output"},
@@ -132,6 +150,7 @@ async def finetune_logs(
 
 @router.get(
     "/{finetune_id}/checkpoints",
+    dependencies=[needs("read")],
     response_model=CheckpointList,
     responses=problems.common_responses(401, 404, 422),
 )

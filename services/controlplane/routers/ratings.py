@@ -13,17 +13,27 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException
 
+from services.common.auth import Principal
 from services.controlplane import problems
-from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.auth import needs
+from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.datasets import PairOptions
+from services.controlplane.domain.errors import InvalidRequest
 from services.controlplane.domain.names import VERSION_PATTERN
 from services.controlplane.domain.ratings import SESSION_MAX_PAGE_SIZE, SESSION_PAGE_SIZE, RatingService
 from services.controlplane.schemas import DatasetVersion, PairsReport, Strict, VersionRef
 
-router = APIRouter(prefix="/v1/datasets", tags=["ratings"], dependencies=[Authed])
+router = APIRouter(prefix="/v1/datasets", tags=["ratings"])
 
-RaterId = Field(min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$")
+RaterId = Field(
+    default=None,
+    min_length=1,
+    max_length=256,
+    pattern=r"^[^\x00-\x1f\x7f]+$",
+    description="optional: the rater is the token's name; a different id is refused (403)",
+)
 VideoId = Field(min_length=1, max_length=256)
 
 
@@ -31,7 +41,7 @@ class ScorePut(Strict):
     """A rater's absolute score of one video of a version (replaces their earlier score)."""
 
     version: VersionRef
-    rater_id: str = RaterId
+    rater_id: str | None = RaterId
     video_id: str = VideoId
     score: float = Field(ge=0, le=10)
 
@@ -40,7 +50,7 @@ class ChoicePut(Strict):
     """A rater's A/B judgment of two videos of one prompt (replaces their earlier judgment)."""
 
     version: VersionRef
-    rater_id: str = RaterId
+    rater_id: str | None = RaterId
     left: str = VideoId
     right: str = VideoId
     winner: Literal["left", "right", "tie"]
@@ -118,6 +128,24 @@ class RatingSession(BaseModel):
     resume: dict[str, int]
 
 
+def _rater(who: Principal, given: str | None) -> str:
+    """The rater id: the token's name. A different ``rater_id`` is refused, so nobody rates in
+    another's name; only the open dev mode (no token at all) takes the id the page sends."""
+    if who.anonymous:
+        if not given:
+            raise InvalidRequest(
+                "rater_id is required when the service runs without tokens", field="rater_id"
+            )
+        return given
+    if given is not None and given != who.name:
+        raise HTTPException(
+            403,
+            f"token '{who.name}' rates as '{who.name}'; rater_id '{given}' is someone else "
+            "(leave rater_id out, or sign in with that rater's token)",
+        )
+    return who.name
+
+
 def _svc(c: Context) -> RatingService:
     return RatingService(c.datasets, c.datasets.clock)
 
@@ -130,15 +158,16 @@ def _svc(c: Context) -> RatingService:
 )
 def rating_session(
     name: str,
-    rater_id: str = Query(..., min_length=1, max_length=256),
+    rater_id: str | None = Query(None, min_length=1, max_length=256),
     version: str | None = Query(None, pattern=VERSION_PATTERN),
     page_size: int = Query(
         SESSION_PAGE_SIZE, ge=1, le=SESSION_MAX_PAGE_SIZE, description="A/B pairs per page"
     ),
     page_token: str | None = Query(None, max_length=20),
     c: Context = Depends(ctx),
+    who: Principal = needs("rate"),
 ) -> dict[str, Any]:
-    return _svc(c).session(name, version, rater_id, page_size, page_token)
+    return _svc(c).session(name, version, _rater(who, rater_id), page_size, page_token)
 
 
 @router.put(
@@ -147,8 +176,10 @@ def rating_session(
     responses=problems.common_responses(401, 403, 404, 422),
     summary="Set a rater's 0-10 score of a video (an update when they rated it before)",
 )
-def put_score(name: str, body: ScorePut, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return _svc(c).put_score(name, body.version, body.rater_id, body.video_id, body.score)
+def put_score(
+    name: str, body: ScorePut, c: Context = Depends(ctx), who: Principal = needs("rate")
+) -> dict[str, Any]:
+    return _svc(c).put_score(name, body.version, _rater(who, body.rater_id), body.video_id, body.score)
 
 
 @router.put(
@@ -157,8 +188,11 @@ def put_score(name: str, body: ScorePut, c: Context = Depends(ctx)) -> dict[str,
     responses=problems.common_responses(401, 403, 404, 422),
     summary="Set a rater's A/B judgment (left, right or tie) of two videos of one prompt",
 )
-def put_choice(name: str, body: ChoicePut, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return _svc(c).put_choice(name, body.version, body.rater_id, body.left, body.right, body.winner)
+def put_choice(
+    name: str, body: ChoicePut, c: Context = Depends(ctx), who: Principal = needs("rate")
+) -> dict[str, Any]:
+    rater = _rater(who, body.rater_id)
+    return _svc(c).put_choice(name, body.version, rater, body.left, body.right, body.winner)
 
 
 @router.post(
@@ -169,15 +203,19 @@ def put_choice(name: str, body: ChoicePut, c: Context = Depends(ctx)) -> dict[st
     summary="Compile the ratings into a new dataset version (with lineage) and its DPO pairs",
 )
 def compile_ratings(
-    name: str, body: CompileRequest | None = None, c: Context = Depends(ctx)
+    name: str,
+    body: CompileRequest | None = None,
+    c: Context = Depends(ctx),
+    who: Principal = needs("data"),
 ) -> dict[str, Any]:
     body = body or CompileRequest()
     options = PairOptions(body.tie_policy, body.min_margin, body.margin_weighting)
-    return _svc(c).compile(name, body.base, options)
+    return _svc(c).compile(name, body.base, options, created_by=who.name)
 
 
 @router.get(
     "/{name}/versions/{version}/files/{path:path}",
+    dependencies=[needs("read", "rate")],
     response_class=FileResponse,
     responses={200: {"content": {"video/mp4": {}}}, **problems.common_responses(401, 404, 422)},
     summary="One video file of a version (for the rating page; supports Range requests)",

@@ -6,8 +6,10 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Query
 
+from services.common.auth import Principal
 from services.controlplane import problems
-from services.controlplane.deps import Authed, Context, ctx
+from services.controlplane.auth import needs
+from services.controlplane.deps import Context, ctx
 from services.controlplane.schemas import (
     Rollout,
     RolloutAction,
@@ -17,11 +19,16 @@ from services.controlplane.schemas import (
     SetCurrent,
 )
 
-router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"], dependencies=[Authed])
+router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
 WRITE_ERRORS = problems.common_responses(401, 403, 404, 409, 422)
 
 
-@router.get("", response_model=RolloutList, responses=problems.common_responses(401, 422))
+@router.get(
+    "",
+    dependencies=[needs("read")],
+    response_model=RolloutList,
+    responses=problems.common_responses(401, 422),
+)
 def list_rollouts(
     page_size: int = Query(50, ge=1, le=200),
     page_token: str | None = Query(None, max_length=500),
@@ -31,7 +38,12 @@ def list_rollouts(
     return {"items": items, "next_page_token": token}
 
 
-@router.get("/{deployment}", response_model=Rollout, responses=problems.common_responses(401, 404, 422))
+@router.get(
+    "/{deployment}",
+    dependencies=[needs("read")],
+    response_model=Rollout,
+    responses=problems.common_responses(401, 404, 422),
+)
 def get_rollout(deployment: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.rollouts.get(deployment)
 
@@ -49,27 +61,45 @@ def set_current(
         False, description="Create the deployment if it has no rollout yet (else 404: a mistyped name)"
     ),
     c: Context = Depends(ctx),
+    who: Principal = needs("rollout"),
 ) -> dict[str, Any]:
-    return c.rollouts.set_current(deployment, body.checkpoint, body.expected_revision, create=create)
+    return c.rollouts.set_current(
+        deployment, body.checkpoint, body.expected_revision, create=create, actor=who.name
+    )
 
 
 @router.post("/{deployment}/canary", response_model=Rollout, responses=WRITE_ERRORS)
-def set_canary(deployment: str, body: SetCanary, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.rollouts.set_canary(deployment, body.checkpoint, body.percent, body.expected_revision)
+def set_canary(
+    deployment: str, body: SetCanary, c: Context = Depends(ctx), who: Principal = needs("rollout")
+) -> dict[str, Any]:
+    return c.rollouts.set_canary(
+        deployment, body.checkpoint, body.percent, body.expected_revision, actor=who.name
+    )
 
 
 @router.post("/{deployment}/promote", response_model=Rollout, responses=WRITE_ERRORS)
-def promote(deployment: str, body: RolloutAction | None = None, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.rollouts.promote(deployment, body.expected_revision if body else None)
+def promote(
+    deployment: str,
+    body: RolloutAction | None = None,
+    c: Context = Depends(ctx),
+    who: Principal = needs("rollout"),
+) -> dict[str, Any]:
+    return c.rollouts.promote(deployment, body.expected_revision if body else None, actor=who.name)
 
 
 @router.post("/{deployment}/rollback", response_model=Rollout, responses=WRITE_ERRORS)
-def rollback(deployment: str, body: RolloutAction | None = None, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.rollouts.rollback(deployment, body.expected_revision if body else None)
+def rollback(
+    deployment: str,
+    body: RolloutAction | None = None,
+    c: Context = Depends(ctx),
+    who: Principal = needs("rollout"),
+) -> dict[str, Any]:
+    return c.rollouts.rollback(deployment, body.expected_revision if body else None, actor=who.name)
 
 
 @router.get(
     "/{deployment}/history",
+    dependencies=[needs("read")],
     response_model=list[RolloutHistoryEntry],
     responses=problems.common_responses(401, 404, 422),
 )

@@ -1,6 +1,8 @@
 // HuViDPO rating page. Plain JavaScript, no build step.
 // Every piece of data goes into the page through textContent (never innerHTML), and every request
-// carries the bearer token the rater typed in (sessionStorage), video downloads included.
+// carries the bearer token the rater typed in (sessionStorage), video downloads included. The rater id
+// is the token's name (GET /v1/whoami), shown read-only; only a server running open in dev mode (no
+// token at all) lets the rater type one.
 "use strict";
 
 (() => {
@@ -12,6 +14,7 @@
   const state = {
     token: sessionStorage.getItem("huvidpo.token") || "",
     rater: store.get("rater"),
+    identity: null, // {name, scopes, anonymous} of the signed-in token
     dataset: "",
     version: "",
     mode: store.get("mode") === "ab" ? "ab" : "absolute",
@@ -63,6 +66,7 @@
 
   function signOut() {
     state.token = "";
+    state.identity = null;
     sessionStorage.removeItem("huvidpo.token");
     showSignedIn(false);
     setStatus("Signed out: enter an API token to continue.", "error");
@@ -79,6 +83,13 @@
 
   async function start() {
     try {
+      state.identity = await api("/v1/whoami");
+      const box = $("rater");
+      box.readOnly = !state.identity.anonymous;
+      if (!state.identity.anonymous) {
+        box.value = state.identity.name;
+        box.title = "your rater id is the name of your token";
+      }
       const list = await api("/v1/datasets?page_size=200");
       showSignedIn(true);
       fillDatasets(list.items);
@@ -126,7 +137,8 @@
 
   // ------------------------------------------------------------------------------------ session
   async function loadSession() {
-    const rater = $("rater").value.trim();
+    const named = state.identity && !state.identity.anonymous;
+    const rater = named ? state.identity.name : $("rater").value.trim();
     if (!rater) {
       $("main").hidden = true;
       setStatus("Enter your rater id (it is remembered on this computer).", "error");
@@ -134,8 +146,8 @@
       return;
     }
     state.rater = rater;
-    store.set("rater", rater);
-    const q = "?rater_id=" + seg(rater) + "&version=" + seg(state.version);
+    if (!named) store.set("rater", rater);
+    const q = (named ? "?" : "?rater_id=" + seg(rater) + "&") + "version=" + seg(state.version);
     try {
       state.session = await api("/v1/datasets/" + seg(state.dataset) + "/rating-session" + q);
       // the pairs come in pages; resume.ab indexes all of them
