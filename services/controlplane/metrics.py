@@ -6,8 +6,10 @@ Names follow ``huvidpo_controlplane_<what>_<unit>``; labels are bounded: the rou
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -103,17 +105,36 @@ class MetricsMiddleware:
 
 
 def route_template(scope: Scope) -> str:
-    """The path template of the route that served ``scope``, or ``UNMATCHED``.
+    """The path template of the route that served ``scope`` (or would have: a request refused by a
+    middleware before routing), or ``UNMATCHED``.
 
-    FastAPI's own routes put themselves in ``scope["route"]``; the plain Starlette routes FastAPI adds
-    for ``/docs``, ``/redoc`` and ``/openapi.json`` (and mounts) do not, so they are matched here."""
+    FastAPI's own routes put themselves in ``scope["route"]``. Otherwise the path is matched against
+    the app's documented paths (its OpenAPI, built once) and then its plain Starlette routes
+    (``/docs``, ``/redoc``, ``/openapi.json``, mounts), which the OpenAPI does not list."""
     route = scope.get("route")
     path = getattr(route, "path", None)
     if path:
         return str(path)
     app = scope.get("app")
+    request_path = scope.get("path", "")
+    for template, pattern in _documented_paths(app):
+        if pattern.fullmatch(request_path):
+            return template
     for candidate in getattr(getattr(app, "router", None), "routes", ()):
         match, _ = candidate.matches(scope)
-        if match == Match.FULL:
-            return str(getattr(candidate, "path", None) or UNMATCHED)
+        if match == Match.FULL and getattr(candidate, "path", None):
+            return str(candidate.path)
     return UNMATCHED
+
+
+def _documented_paths(app: Any) -> list[tuple[str, re.Pattern[str]]]:
+    cached = getattr(getattr(app, "state", None), "path_templates", None)
+    if cached is None:
+        openapi = getattr(app, "openapi", None)
+        paths = openapi().get("paths", {}) if callable(openapi) else {}
+        # Literal paths first, so /v1/fine-tunes/x/cancel is not taken for /v1/fine-tunes/{id}.
+        ordered = sorted(paths, key=lambda t: (t.count("{"), -len(t)))
+        cached = [(t, re.compile(re.sub(r"\\\{[^}]+\\\}", "[^/]+", re.escape(t)))) for t in ordered]
+        if getattr(app, "state", None) is not None:
+            app.state.path_templates = cached
+    return list(cached)

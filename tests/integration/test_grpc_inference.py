@@ -308,10 +308,10 @@ def test_a_thin_first_frame_is_refused_by_its_resized_pixel_count(stub, server: 
     """600x1 resized to cover 32x1024 is 614400x1024 pixels (2.4 GB decoded): refused from the header,
     by upload and by store URI, and the server's memory (this process) does not grow for it."""
     png = _thin_png()
-    server.server.store.put_bytes("first-frames/thin.png", png)
+    server.server.store.put_bytes("frames/thin.png", png)
     _peak_rss_reset()
     before = _peak_rss()
-    for first in ({"first_frame_image": png}, {"first_frame_uri": "s3://huvidpo/first-frames/thin.png"}):
+    for first in ({"first_frame_image": png}, {"first_frame_uri": "s3://huvidpo/frames/thin.png"}):
         with pytest.raises(grpc.RpcError) as err:
             run(stub, request(**first, height=1024, width=32), timeout=20)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT

@@ -132,7 +132,7 @@ def test_the_rating_session_pages_and_samples_pairs_of_a_large_prompt(env: dict[
     url = "/v1/datasets/many/rating-session"
     tracemalloc.start()
     try:
-        first = c.get(url, params={"rater_id": "ann", "version": version}, headers=AUTH)
+        first = c.get(url, params={"version": version}, headers=AUTH)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
@@ -144,7 +144,6 @@ def test_the_rating_session_pages_and_samples_pairs_of_a_large_prompt(env: dict[
     pairs = list(page["pairs"])
     while page["next_page_token"]:
         params = {
-            "rater_id": "ann",
             "version": version,
             "page_token": page["next_page_token"],
             "page_size": 2000,
@@ -154,12 +153,12 @@ def test_the_rating_session_pages_and_samples_pairs_of_a_large_prompt(env: dict[
     assert len(pairs) == n * 8 == len({p["key"] for p in pairs})  # each pair once
     meets = Counter(side for p in pairs for side in (p["left"]["id"], p["right"]["id"]))
     assert set(meets.values()) == {16} and len(meets) == n
-    again = c.get(url, params={"rater_id": "ann", "version": version}, headers=AUTH).json()
+    again = c.get(url, params={"version": version}, headers=AUTH).json()
     assert again["pairs"] == first.json()["pairs"]  # the same sample every time
-    r = c.get(url, params={"rater_id": "ann", "page_size": 5000}, headers=AUTH)
+    r = c.get(url, params={"page_size": 5000}, headers=AUTH)
     assert_problem(r, 422, "validation-error")
     assert_problem(
-        c.get(url, params={"rater_id": "ann", "page_token": "x"}, headers=AUTH), 422, "validation-error"
+        c.get(url, params={"page_token": "x"}, headers=AUTH), 422, "validation-error"
     )
 
 
@@ -167,7 +166,7 @@ def test_a_small_prompt_group_still_meets_every_pair(env: dict[str, Any]) -> Non
     version = _one_prompt_version(env, 17)  # 2 * PAIRS_PER_VIDEO + 1: the largest full group
     page = (
         env["c"]
-        .get("/v1/datasets/many/rating-session", params={"rater_id": "ann", "version": version}, headers=AUTH)
+        .get("/v1/datasets/many/rating-session", params={"version": version}, headers=AUTH)
         .json()
     )
     assert len(page["pairs"]) == 17 * 16 // 2 and page["next_page_token"] is None
