@@ -157,18 +157,12 @@ def test_the_rating_session_pages_and_samples_pairs_of_a_large_prompt(env: dict[
     assert again["pairs"] == first.json()["pairs"]  # the same sample every time
     r = c.get(url, params={"page_size": 5000}, headers=AUTH)
     assert_problem(r, 422, "validation-error")
-    assert_problem(
-        c.get(url, params={"page_token": "x"}, headers=AUTH), 422, "validation-error"
-    )
+    assert_problem(c.get(url, params={"page_token": "x"}, headers=AUTH), 422, "validation-error")
 
 
 def test_a_small_prompt_group_still_meets_every_pair(env: dict[str, Any]) -> None:
     version = _one_prompt_version(env, 17)  # 2 * PAIRS_PER_VIDEO + 1: the largest full group
-    page = (
-        env["c"]
-        .get("/v1/datasets/many/rating-session", params={"version": version}, headers=AUTH)
-        .json()
-    )
+    page = env["c"].get("/v1/datasets/many/rating-session", params={"version": version}, headers=AUTH).json()
     assert len(page["pairs"]) == 17 * 16 // 2 and page["next_page_token"] is None
 
 
