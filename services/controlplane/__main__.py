@@ -47,7 +47,11 @@ def main() -> None:
         executor = build_executor(settings, dict(os.environ))
         app = create_app(settings, store, executor)
     except AuthConfigError as exc:  # fail closed: no token, the dev token or the dev store key
-        print(f"huvidpo-controlplane: {exc}", file=sys.stderr)
+        message = str(exc)  # most name the service already
+        print(
+            message if message.startswith("huvidpo-controlplane:") else f"huvidpo-controlplane: {message}",
+            file=sys.stderr,
+        )
         sys.exit(ExitCode.BAD_INPUT)
     tls = settings.tls_certfile
     uvicorn.run(

@@ -47,7 +47,11 @@ def main() -> None:
         )
         asyncio.run(serve(settings, store_settings))
     except AuthConfigError as exc:  # fail closed: no token, the dev token or the dev store key
-        print(f"huvidpo-inference: {exc}", file=sys.stderr)
+        message = str(exc)  # most name the service already
+        print(
+            message if message.startswith("huvidpo-inference:") else f"huvidpo-inference: {message}",
+            file=sys.stderr,
+        )
         sys.exit(ExitCode.BAD_INPUT)
     except BindError as exc:
         # One line, like uvicorn's for the control plane: a traceback says nothing more here.
