@@ -90,6 +90,7 @@ def test_every_flavour_has_a_lock_and_the_cpu_one_has_no_cuda() -> None:
     assert lock_cuda_version(cpu) is None
     assert not [n for n in cpu if n.startswith(("nvidia-", "cuda-"))]
     assert "NVIDIA_REQUIRE_CUDA" not in stages["runtime-cpu"]
+    assert "NVIDIA_REQUIRE_CUDA" in stages["runtime-cuda"]  # else the test below checks nothing
 
 
 @pytest.mark.parametrize(
