@@ -2,7 +2,7 @@
 # One image for the control plane, the inference server and the trainer (they differ only in command).
 #
 #   docker build -t huvidpo:0.1.0-cpu .                                   # CPU (default)
-#   docker build -t huvidpo:0.1.0-cuda --build-arg FLAVOR=cuda .          # CUDA 13.0 (driver >= 580)
+#   docker build -t huvidpo:0.1.0-cuda --build-arg FLAVOR=cuda .          # CUDA 13.0 (NVIDIA driver >= 580)
 #   docker build -t huvidpo:0.1.0-cuda126 --build-arg FLAVOR=cuda126 .    # CUDA 12.6, for older drivers:
 #       first `make lock CU126=1` (writes requirements/lock-cuda126.txt from PyTorch's cu126 index)
 #   build args: PYTHON_IMAGE, LOCK (another lock file under requirements/)
@@ -42,11 +42,13 @@ ENV HUVIDPO_LOCK=requirements/lock-cuda.txt \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
     PATH=/usr/local/nvidia/bin:$PATH
 
-# CUDA 12.6 (PyTorch's cu126 index, torch 2.13.0+cu126): the fallback for drivers older than CUDA 13's.
+# CUDA 12.6 (PyTorch's cu126 index, torch 2.13.0+cu126): the fallback for drivers older than CUDA 13's
+# (580). A 12.x build runs on any 12.x driver, 525 or newer (CUDA's minor-version compatibility), so
+# it requires 12.0, not 12.6.
 FROM ${PYTHON_IMAGE} AS runtime-cuda126
 ENV HUVIDPO_LOCK=requirements/lock-cuda126.txt \
     HUVIDPO_TORCH_INDEX=https://download.pytorch.org/whl/cu126 \
-    NVIDIA_REQUIRE_CUDA="cuda>=12.6" \
+    NVIDIA_REQUIRE_CUDA="cuda>=12.0" \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility \
     LD_LIBRARY_PATH=/usr/local/nvidia/lib:/usr/local/nvidia/lib64 \
     PATH=/usr/local/nvidia/bin:$PATH

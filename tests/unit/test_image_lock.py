@@ -97,35 +97,48 @@ def test_every_flavour_has_a_lock_and_the_cpu_one_has_no_cuda() -> None:
     "stage", sorted(n for n, e in runtime_stages().items() if "NVIDIA_REQUIRE_CUDA" in e)
 )
 def test_cuda_flavour_requires_the_cuda_version_its_torch_build_runs_on(stage: str) -> None:
+    """NVIDIA_REQUIRE_CUDA names the build's CUDA major version and at most its minor version.
+
+    A driver of that major version runs the build (CUDA's minor-version compatibility); an older one
+    does not, and the NVIDIA container toolkit then refuses to start the container, naming both,
+    instead of torch quietly finding no GPU.
+    """
     env = runtime_stages()[stage]
-    declared = re.fullmatch(r"cuda>=(\d+\.\d+)", env["NVIDIA_REQUIRE_CUDA"])
+    declared = re.fullmatch(r"cuda>=(\d+)\.(\d+)", env["NVIDIA_REQUIRE_CUDA"])
     assert declared, env["NVIDIA_REQUIRE_CUDA"]
-    cuda = declared.group(1)
-    major, minor = cuda.split(".")
     lock = ROOT / env["HUVIDPO_LOCK"]
-    if not lock.exists():
-        # The cu126 fallback's lock needs PyTorch's index (`make lock CU126=1`): its input must name
-        # the matching torch build, and the flavour must install from that index.
+    if lock.exists():
+        pins = read_lock(lock)
+        built = lock_cuda_version(pins)
+        assert built, f"{lock.name} installs no CUDA runtime"
+        torch = pins["torch"][0]
+        # PyPI's plain torch is a CUDA build (13.0 for 2.13); PyTorch's own index labels it (+cu126).
+        assert torch.local in (None, "cu" + built.replace(".", "")), (torch, built)
+        if torch.local is None:
+            assert not env["HUVIDPO_TORCH_INDEX"], "PyPI's torch, so no other index"
+        # Every CUDA library of the lock is built for that major version (nvidia-nccl-cu13, ...).
+        suffixed = {n: m.group(1) for n in pins if (m := re.search(r"-cu(\d+)$", n))}
+        assert suffixed and set(suffixed.values()) == {built.split(".")[0]}, suffixed
+        if "cuda-toolkit" in pins:
+            toolkit = pins["cuda-toolkit"][0]
+            assert f"{toolkit.major}.{toolkit.minor}" == built, toolkit
+    else:
+        # The cu126 fallback's lock needs PyTorch's index (`make lock CU126=1`): its input names the
+        # torch build, and the flavour installs from that build's index.
         (source,) = [p for p in REQUIREMENTS.glob("*.in") if f"lock-{p.stem}.txt" == lock.name]
-        (torch,) = [Requirement(ln) for ln in source.read_text().splitlines() if ln.startswith("torch")]
-        (pin,) = torch.specifier
-        assert Version(pin.version).local == f"cu{major}{minor}", (stage, pin)
-        assert env["HUVIDPO_TORCH_INDEX"].endswith(f"/cu{major}{minor}")
+        (torch_req,) = [Requirement(ln) for ln in source.read_text().splitlines() if ln.startswith("torch")]
+        (pin,) = torch_req.specifier
+        label = Version(pin.version).local or ""
+        m = re.fullmatch(r"cu(\d+)(\d)", label)
+        assert m, (stage, pin)
+        built = f"{m.group(1)}.{m.group(2)}"
+        assert env["HUVIDPO_TORCH_INDEX"].endswith("/" + label)
         assert f"-o requirements/{lock.name}" in (ROOT / "scripts" / "lock.sh").read_text()
-        return
-    pins = read_lock(lock)
-    assert lock_cuda_version(pins) == cuda, f"{stage} declares CUDA {cuda}, {lock.name} installs another"
-    torch = pins["torch"][0]
-    # PyPI's plain torch is a CUDA build (13.0 for 2.13); PyTorch's own index labels it (+cu126).
-    assert torch.local in (None, f"cu{major}{minor}"), torch
-    if torch.local is None:
-        assert not env["HUVIDPO_TORCH_INDEX"], "PyPI's torch, so no other index"
-    # Every CUDA library of the lock is built for that major version (nvidia-nccl-cu13, ...).
-    suffixed = {n: m.group(1) for n in pins if (m := re.search(r"-cu(\d+)$", n))}
-    assert suffixed and set(suffixed.values()) == {major}, suffixed
-    if "cuda-toolkit" in pins:
-        toolkit = pins["cuda-toolkit"][0]
-        assert f"{toolkit.major}.{toolkit.minor}" == cuda, toolkit
+    major, minor = (int(x) for x in built.split("."))
+    assert int(declared.group(1)) == major, (
+        f"{stage} requires CUDA {declared.group(1)}.x, its torch is {built}"
+    )
+    assert int(declared.group(2)) <= minor, f"{stage} requires more than its torch's CUDA {built}"
 
 
 def test_every_image_runs_the_python_the_locks_and_the_tests_are_for() -> None:
