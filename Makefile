@@ -2,6 +2,10 @@
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# What `make install` installs: the hashed lock of the tests' dependencies (x86-64 Linux, CPython 3.11,
+# torch's CPU build). LOCK= (empty) installs unlocked instead: TORCH_SPEC first, then the project's ranges
+# (another platform, or a CUDA wheel on a GPU host).
+LOCK ?= requirements/lock-dev.txt
 TORCH_SPEC ?= torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_VERBOSITY := error
@@ -9,21 +13,30 @@ export DIFFUSERS_VERBOSITY := error
 
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast lint demo bench proto deploy-check store-policies clean
+.PHONY: install lock test test-fast lint demo bench proto deploy-check store-policies clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# torch first (a CPU wheel here; a CUDA wheel on a GPU host), then the project, which accepts it, with the
-# services' dependencies (the `server` extra) and the tools and doubles the tests use (`dev`).
-# Re-run only when pyproject.toml changes (or with `make -B install`).
-$(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e ".[server,dev]"
+# The lock (every package pinned and hashed, with the services' `server` extra and the tools and doubles
+# the tests use, `dev`), then the project alone, editable. Re-run only when pyproject.toml or the lock
+# changes (or with `make -B install`).
+$(STAMP): pyproject.toml $(LOCK) | $(BIN)/python
+	if [ -n "$(LOCK)" ]; then \
+	  $(BIN)/pip install --quiet --require-hashes -r "$(LOCK)" \
+	  && $(BIN)/pip install --quiet --no-deps --no-build-isolation -e . ; \
+	else \
+	  $(BIN)/pip install --quiet "$(TORCH_SPEC)" && $(BIN)/pip install --quiet -e ".[server,dev]" ; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Regenerate requirements/lock-*.txt after a change to pyproject.toml's dependencies (uv in build/uv;
+# kept pins stay, UPGRADE=1 upgrades; CU126=1 adds the cu126 image's lock). See scripts/lock.sh.
+lock:
+	bash scripts/lock.sh
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

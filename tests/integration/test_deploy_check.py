@@ -277,6 +277,43 @@ def test_overlays_accept_digest_pinning(tmp_path: Path) -> None:
     assert policy["data"]["image"] == f"registry.example/huvidpo@{digest}"
 
 
+def test_trainer_jobs_run_the_inference_image_when_the_control_plane_runs_another(tmp_path: Path) -> None:
+    """Trainer Jobs need the GPU (CUDA) build the inference server runs, not the control plane's image."""
+    kubectl = _kubectl()
+    shutil.copytree(check.DEPLOY, tmp_path / "deploy", ignore=shutil.ignore_patterns("tools"))
+    gpu = tmp_path / "deploy" / "overlays" / "gpu" / "kustomization.yaml"
+    overlay = yaml.safe_load(gpu.read_text())
+    cpu_image = "registry.example/huvidpo-controlplane:0.1.0-cpu"
+    overlay["patches"].append(
+        {
+            "target": {"kind": "Deployment", "name": "huvidpo-controlplane"},
+            "patch": yaml.safe_dump(
+                [{"op": "replace", "path": "/spec/template/spec/containers/0/image", "value": cpu_image}]
+            ),
+        }
+    )
+    gpu.write_text(yaml.safe_dump(overlay, sort_keys=False))
+    objects = check.render(kubectl, gpu.parent)
+
+    def image(name: str) -> str:
+        deployment = next(o for o in objects if o["kind"] == "Deployment" and o["metadata"]["name"] == name)
+        return str(deployment["spec"]["template"]["spec"]["containers"][0]["image"])
+
+    assert image("huvidpo-controlplane") == cpu_image
+    inference = image("huvidpo-inference")
+    assert inference == "huvidpo:0.1.0-cuda"
+    config = next(
+        o
+        for o in objects
+        if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("huvidpo-controlplane-")
+    )
+    assert config["data"]["HUVIDPO_CONTROLPLANE_TRAINER_IMAGE"] == inference
+    policy = next(o for o in objects if o["metadata"]["name"] == "huvidpo-trainer-job-policy")
+    assert policy["data"]["image"] == inference
+    (job,) = check.trainer_jobs(objects)
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == inference
+
+
 @pytest.mark.slow
 def test_checkov_passes_on_production_renders_and_catches_a_new_finding(
     rendered: dict[str, list[dict[str, Any]]],

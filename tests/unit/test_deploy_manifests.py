@@ -207,7 +207,8 @@ def test_huvidpo_containers_share_one_image_that_trainer_jobs_also_get(
         assert len(deployed) == 1, f"{env}: several huvidpo images {deployed}"
         (image,) = deployed
         assert image.endswith(tags.get(env, "-cuda")), (env, image)
-        # Trainer Jobs get the image the control plane runs (a kustomize replacement keeps them equal).
+        # Trainer Jobs get the inference image (a kustomize replacement keeps them equal; see
+        # test_deploy_check.py for an overlay whose control plane runs another image).
         cp_config = configmap(objs, "huvidpo-controlplane")
         assert cp_config["data"]["HUVIDPO_CONTROLPLANE_TRAINER_IMAGE"] == image
         (job,) = check.trainer_jobs(objs)
