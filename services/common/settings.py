@@ -41,6 +41,14 @@ class StoreSettings(BaseSettings):
     timeout_seconds: float = Field(default=30.0, gt=0)
 
 
+def parse_shape(shape: str) -> tuple[int, int]:
+    """``"2x8"`` -> ``(2, 8)``: nodes and GPUs (trainer processes) per node, both >= 1."""
+    nodes, sep, gpus = shape.strip().lower().partition("x")
+    if not sep or not nodes.isdigit() or not gpus.isdigit() or int(nodes) < 1 or int(gpus) < 1:
+        raise ValueError(f"a shape is NODESxGPUS_PER_NODE with both at least 1 (e.g. 2x8), got {shape!r}")
+    return int(nodes), int(gpus)
+
+
 class ControlPlaneSettings(BaseSettings):
     """``HUVIDPO_CONTROLPLANE_*``: the REST control plane."""
 
@@ -50,7 +58,11 @@ class ControlPlaneSettings(BaseSettings):
     port: int = Field(default=8080, ge=0, le=65535)
     # sha256 hex digests of accepted bearer tokens (comma-separated in the environment).
     tokens: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    executor: Literal["local", "kubernetes"] = "local"
+    # local: a subprocess (world size 1 only); kubernetes: batch/v1 Jobs (an Indexed Job across
+    # nodes); trainjob: Kubeflow Trainer v2 TrainJobs (executors/trainjob.py).
+    executor: Literal["local", "kubernetes", "trainjob"] = "local"
+    # The fine-tune shapes a request may ask for, "NODESxGPUS_PER_NODE"; the first is the default.
+    shapes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["1x1"])
     namespace: str = "huvidpo"
     trainer_image: str = "huvidpo-trainer:latest"
     gpu_count: int = Field(default=0, ge=0)
@@ -87,6 +99,42 @@ class ControlPlaneSettings(BaseSettings):
     watch_timeout_seconds: int = Field(default=60, ge=1)
     resync_seconds: float = Field(default=300.0, gt=0)
     kube_context: str | None = None
+    # --- multi-process trainers (world size > 1) ---
+    # Kubeflow Trainer runtime a TrainJob refers to (a ClusterTrainingRuntime).
+    trainjob_runtime: str = "torch-distributed"
+    # Size of /dev/shm (a memory emptyDir) in every trainer pod: NCCL and DataLoader workers use it.
+    shm_size: str = "8Gi"
+    # Ephemeral storage of the trainer's work dir (inputs, checkpoints) per pod, requested and limited.
+    work_dir_size: str = "50Gi"
+    # Kueue LocalQueue trainer Jobs/TrainJobs are created in (suspended; Kueue admits the whole gang).
+    # Empty: no queue, created running.
+    queue_name: str = ""
+    # torchrun's rendezvous port on node 0 and the NCCL/gloo port range the trainers' NetworkPolicy opens.
+    rendezvous_port: int = Field(default=29500, ge=1024, le=65535)
+    collective_ports: tuple[int, int] = (29400, 29600)
+    # Attempts of a multi-process fine-tune the control plane starts (a failed Indexed Job or TrainJob
+    # is one attempt; its own retry counters are not a reliable budget).
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _split_shapes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [s.strip().lower() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("shapes")
+    @classmethod
+    def _shapes_are_nxg(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one shape is needed (e.g. 1x1)")
+        for shape in value:
+            parse_shape(shape)
+        return value
+
+    def allowed_shapes(self) -> list[tuple[int, int]]:
+        """(nodes, gpus_per_node) of every allowed shape, the default first."""
+        return [parse_shape(s) for s in self.shapes]
 
     @field_validator("trainer_command", mode="before")
     @classmethod
