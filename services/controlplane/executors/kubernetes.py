@@ -436,6 +436,7 @@ def load_api_client(context: str | None = None) -> Any:
 
 class KubernetesExecutor:
     kind = "kubernetes"
+    container = CONTAINER  # whose log ``logs`` reads
 
     def __init__(
         self, api_client: Any, settings: ControlPlaneSettings, store: StoreSettings | None = None
@@ -538,14 +539,18 @@ class KubernetesExecutor:
 
         try:
             pods: Any = self.core.list_namespaced_pod(
-                self.namespace, label_selector=f"job-name={name}", _request_timeout=30
+                self.namespace, label_selector=f"{self._pod_owner_label()}={name}", _request_timeout=30
             )
         except ApiException as exc:
             raise _unavailable(exc) from exc
         items = [self.api.sanitize_for_serialization(p) for p in pods.items or []]
         # Filter here too: the label selector is advisory for some API servers (and for test doubles).
-        mine = [p for p in items if _pod_job(p) == name]
+        mine = [p for p in items if _pod_job(p, self._pod_owner_label()) == name]
         return sorted(mine, key=_pod_age_key)
+
+    def _pod_owner_label(self) -> str:
+        """The pod label naming the object (Job, JobSet) a pod belongs to."""
+        return "job-name"
 
     def _open_log(self, pod: str, follow: bool) -> Any | None:
         """The pod's log as an unread HTTP response, or ``None`` when there is none (yet, or any more)."""
@@ -558,7 +563,7 @@ class KubernetesExecutor:
             return self.core.read_namespaced_pod_log(
                 pod,
                 self.namespace,
-                container=CONTAINER,
+                container=self.container,
                 follow=follow,
                 _preload_content=False,
                 _request_timeout=timeout,
@@ -670,9 +675,9 @@ class KubernetesExecutor:
         return thread
 
 
-def _pod_job(pod: Mapping[str, Any]) -> str | None:
+def _pod_job(pod: Mapping[str, Any], label: str = "job-name") -> str | None:
     labels = (pod.get("metadata") or {}).get("labels") or {}
-    value = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    value = labels.get(label) or (labels.get("batch.kubernetes.io/job-name") if label == "job-name" else None)
     return str(value) if value else None
 
 
