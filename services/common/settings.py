@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -131,6 +131,19 @@ class ControlPlaneSettings(BaseSettings):
         for shape in value:
             parse_shape(shape)
         return value
+
+    @model_validator(mode="after")
+    def _shapes_fit_a_node(self) -> ControlPlaneSettings:
+        # gpu_count is a trainer node's GPUs: a 1x1 trainer gets them all (as before shapes), a
+        # larger shape one per process, so no pod ever asks for more than gpu_count (the
+        # admission policy's per-pod ceiling, deploy/base/trainer/job-policy.yaml).
+        if self.gpu_count > 0:
+            for nodes, gpus in self.allowed_shapes():
+                if gpus > self.gpu_count:
+                    raise ValueError(
+                        f"shape {nodes}x{gpus} needs {gpus} GPUs per node; GPU_COUNT is {self.gpu_count}"
+                    )
+        return self
 
     def allowed_shapes(self) -> list[tuple[int, int]]:
         """(nodes, gpus_per_node) of every allowed shape, the default first."""
