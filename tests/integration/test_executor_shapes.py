@@ -342,3 +342,135 @@ async def test_the_trainjob_executor_creates_reads_cancels_and_reads_logs(
     await asyncio.to_thread(ex.cancel, FT)
     assert not _stored(kmock, "trainer.kubeflow.org/v1alpha1/trainjobs", name)
     assert (await asyncio.to_thread(ex.status, FT)).phase == "missing"
+
+
+# ------------------------------------------------------------------------- through the REST API
+@pytest.fixture
+def world(tmp_path: Path, tiny_model_dir: Path) -> dict[str, Any]:
+    from huvidpo.data import make_synthetic_dataset
+    from services.common.publish import publish_dir
+    from services.common.store import LocalStore
+
+    store = LocalStore(tmp_path / "store")
+    publish_dir(store, tiny_model_dir, "models/tiny/", {"id": "tiny"})
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
+    return {"store": store, "dataset_dir": ds, "tmp": tmp_path}
+
+
+def _upload_and_create(c: Any, ds: Path, **shape: int) -> dict[str, Any]:
+    assert c.post("/v1/datasets", json={"name": "cats"}).status_code == 201
+    files = [
+        ("files", (p.relative_to(ds).as_posix(), p.read_bytes(), "video/mp4"))
+        for p in sorted(ds.rglob("*"))
+        if p.is_file()
+    ]
+    r = c.post("/v1/datasets/cats/versions", files=files)
+    assert r.status_code == 201, r.text
+    body = {
+        "dataset": "cats",
+        "version": r.json()["id"],
+        "base_model": "tiny",
+        "hyperparameters": {"max_steps": 2, "num_frames": 4, "height": 32, "width": 32},
+        **shape,
+    }
+    r = c.post("/v1/fine-tunes", json=body)
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+@pytest.mark.asyncio
+async def test_a_failed_2_node_attempt_is_followed_by_the_next_attempt_the_control_plane_starts(
+    k8s: Any, kmock: Any, world: dict[str, Any]
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.controlplane.app import create_app
+
+    settings = _settings(world["tmp"], gpu_count=0, queue_name="", shapes="1x1,2x1", max_attempts=2)
+    app = create_app(
+        settings,
+        world["store"],
+        KubernetesExecutor(k8s, settings, StoreSettings(backend="s3")),
+        background=False,
+    )
+    c = TestClient(app)
+    ft = await asyncio.to_thread(_upload_and_create, c, world["dataset_dir"], nodes=2, gpus_per_node=1)
+    assert (ft["nodes"], ft["world_size"], ft["attempt"]) == (2, 2, 1)
+    first = job_name(ft["id"])
+    job = _stored(kmock, "batch/v1/jobs", first)
+    assert job is not None and job["spec"]["completionMode"] == "Indexed" and job["spec"]["completions"] == 2
+    assert _stored(kmock, "v1/services", first) and _stored(
+        kmock, "networking.k8s.io/v1/networkpolicies", first
+    )
+    batch = client.BatchV1Api(k8s)
+    failed = {"type": "Failed", "status": "True", "reason": "FailedIndexes", "message": "index 1 failed"}
+    await asyncio.to_thread(
+        batch.patch_namespaced_job_status, first, NS, {"status": {"failed": 1, "conditions": [failed]}}
+    )
+    got = (await asyncio.to_thread(c.get, f"/v1/fine-tunes/{ft['id']}")).json()
+    second = job_name(ft["id"], 2)
+    assert (got["state"], got["attempt"], got["job"]["name"]) == ("queued", 2, second)
+    job2 = _stored(kmock, "batch/v1/jobs", second)
+    assert job2 is not None and job2["metadata"]["labels"]["huvidpo.dev/attempt"] == "2"
+    kubernetes_validate.validate(job2, K8S_VERSION, strict=True)
+    # the second attempt fails as well: the budget (2 attempts) is spent
+    await asyncio.to_thread(
+        batch.patch_namespaced_job_status, second, NS, {"status": {"failed": 1, "conditions": [failed]}}
+    )
+    got = (await asyncio.to_thread(c.get, f"/v1/fine-tunes/{ft['id']}")).json()
+    assert (got["state"], got["attempt"], got["reason"]) == ("failed", 2, "FailedIndexes")
+    assert not _stored(kmock, "batch/v1/jobs", job_name(ft["id"], 3))
+
+
+@pytest.mark.asyncio
+async def test_the_trainjob_watch_moves_the_fine_tune_and_cancel_deletes_the_trainjob(
+    k8s: Any, kmock: Any, world: dict[str, Any]
+) -> None:
+    from fastapi.testclient import TestClient
+
+    from services.controlplane.app import create_app
+
+    settings = _settings(world["tmp"], executor="trainjob", gpu_count=8, queue_name="", shapes="1x1,2x8")
+    executor = TrainJobExecutor(k8s, settings, StoreSettings(backend="s3"))
+    custom = client.CustomObjectsApi(k8s)
+    with TestClient(create_app(settings, world["store"], executor, background=True)) as c:
+        ft = await asyncio.to_thread(_upload_and_create, c, world["dataset_dir"], nodes=2, gpus_per_node=8)
+        name = job_name(ft["id"])
+        assert ft["job"] == {"kind": "trainjob", "name": name, "namespace": NS}
+        done = {"type": "Complete", "status": "True", "reason": "JobsCompleted"}
+        await asyncio.to_thread(
+            custom.patch_namespaced_custom_object_status,
+            "trainer.kubeflow.org",
+            "v1alpha1",
+            NS,
+            "trainjobs",
+            name,
+            {"status": {"conditions": [done]}},
+        )
+        # the watch (no GET) records the end in the store
+        from services.common.records.finetune import read_status
+
+        deadline = asyncio.get_running_loop().time() + 10
+        while asyncio.get_running_loop().time() < deadline:
+            status = read_status(world["store"], ft["id"])
+            if status is not None and status.state == "succeeded":
+                break
+            await asyncio.sleep(0.1)
+        assert status is not None and status.state == "succeeded"
+        # a second fine-tune is cancelled: its TrainJob is deleted
+        ft2 = (
+            await asyncio.to_thread(
+                c.post,
+                "/v1/fine-tunes",
+                json={
+                    "dataset": "cats",
+                    "version": ft["version"],
+                    "base_model": "tiny",
+                    "hyperparameters": {"max_steps": 3, "num_frames": 4, "height": 32, "width": 32},
+                },
+            )
+        ).json()
+        assert ft2["job"]["kind"] == "trainjob"
+        r = await asyncio.to_thread(c.post, f"/v1/fine-tunes/{ft2['id']}/cancel")
+        assert r.json()["state"] == "cancelled"
+        assert not _stored(kmock, "trainer.kubeflow.org/v1alpha1/trainjobs", job_name(ft2["id"]))
