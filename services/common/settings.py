@@ -109,9 +109,8 @@ class ControlPlaneSettings(BaseSettings):
     # Kueue LocalQueue trainer Jobs/TrainJobs are created in (suspended; Kueue admits the whole gang).
     # Empty: no queue, created running.
     queue_name: str = ""
-    # torchrun's rendezvous port on node 0 and the NCCL/gloo port range the trainers' NetworkPolicy opens.
+    # torchrun's rendezvous port on node 0 (index 0 of a multi-node Indexed Job).
     rendezvous_port: int = Field(default=29500, ge=1024, le=65535)
-    collective_ports: tuple[int, int] = (29400, 29600)
     # Attempts of a multi-process fine-tune the control plane starts (a failed Indexed Job or TrainJob
     # is one attempt; its own retry counters are not a reliable budget).
     max_attempts: int = Field(default=3, ge=1)
