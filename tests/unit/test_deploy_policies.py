@@ -526,6 +526,63 @@ def test_trainer_job_policy_admits_a_multi_node_indexed_job_within_its_node_and_
     assert any("at most 1 pods" in m for m in evaluate(policy, plain, params, AS_CONTROLPLANE) or [])
 
 
+def _peer_objects() -> tuple[Obj, Obj]:
+    from services.controlplane.domain.ports import JobSpec
+    from services.controlplane.executors.kubernetes import build_network_policy, build_service
+
+    spec = JobSpec("ft-multinode0000000000000", nodes=4, gpus_per_node=8)
+    settings = ControlPlaneSettings(namespace="huvidpo")
+    return build_service(spec, settings), build_network_policy(spec, settings)
+
+
+def test_peer_services_and_network_policies_are_admitted_only_as_the_control_plane_builds_them(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    for env in ENVIRONMENTS:
+        policies = by_kind(rendered[env], "ValidatingAdmissionPolicy")
+        bindings = {
+            b["spec"]["policyName"]
+            for b in by_kind(rendered[env], "ValidatingAdmissionPolicyBinding").values()
+        }
+        assert {"huvidpo-trainer-services", "huvidpo-trainer-network-policies"} <= bindings, env
+    svc_policy = policies["huvidpo-trainer-services"]
+    net_policy = policies["huvidpo-trainer-network-policies"]
+    service, netpol = _peer_objects()
+    assert evaluate(svc_policy, service, {}, AS_CONTROLPLANE) == []
+    assert evaluate(net_policy, netpol, {}, AS_CONTROLPLANE) == []
+
+    def svc_variant(change: Any) -> list[str] | None:
+        bad = copy.deepcopy(service)
+        change(bad["spec"])
+        return evaluate(svc_policy, bad, {}, AS_CONTROLPLANE)
+
+    assert svc_variant(lambda s: s.update(type="LoadBalancer"))
+    assert svc_variant(lambda s: s.update(clusterIP="10.0.0.9"))
+    assert svc_variant(lambda s: s.update(type="NodePort", clusterIP="10.0.0.9"))
+    assert svc_variant(lambda s: s.update(selector={"app.kubernetes.io/component": "minio"}))
+    assert svc_variant(lambda s: s.update(externalIPs=["1.2.3.4"]))
+
+    def net_variant(change: Any) -> list[str] | None:
+        bad = copy.deepcopy(netpol)
+        change(bad["spec"])
+        return evaluate(net_policy, bad, {}, AS_CONTROLPLANE)
+
+    everyone = {"podSelector": {}}
+    assert net_variant(lambda s: s.update(podSelector={}))  # every pod of the namespace
+    assert net_variant(
+        lambda s: s.update(podSelector={"matchLabels": {"app.kubernetes.io/component": "minio"}})
+    )
+    assert net_variant(lambda s: s["ingress"][0].update({"from": [everyone]}))
+    assert net_variant(lambda s: s["egress"][0].update(to=[{"ipBlock": {"cidr": "0.0.0.0/0"}}]))
+    assert net_variant(
+        lambda s: s["ingress"][0]["from"][0].update(namespaceSelector={})  # any namespace's such pods
+    )
+    assert net_variant(lambda s: s["ingress"].append({"ports": [{"port": 9000}]}))  # from anywhere
+    # someone else's Services and policies are not these policies' business
+    other = {"userInfo": {"username": "kubernetes-admin"}, "namespace": "huvidpo"}
+    assert evaluate(svc_policy, {"spec": {"type": "LoadBalancer"}}, {}, other) is None
+
+
 def test_jobs_and_gpus_are_bounded_and_serving_outranks_training(rendered: dict[str, list[Obj]]) -> None:
     for env in ENVIRONMENTS:
         objs = rendered[env]

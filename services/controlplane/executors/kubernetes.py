@@ -331,7 +331,11 @@ def build_service(spec: JobSpec, settings: ControlPlaneSettings) -> dict[str, An
         "spec": {
             "clusterIP": "None",
             "publishNotReadyAddresses": True,
-            "selector": {LABEL_FINETUNE: spec.finetune_id, LABEL_ATTEMPT: str(spec.attempt)},
+            "selector": {
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                LABEL_FINETUNE: spec.finetune_id,
+                LABEL_ATTEMPT: str(spec.attempt),
+            },
             "ports": [
                 {"name": "rendezvous", "port": settings.rendezvous_port, "protocol": "TCP"},
             ],
