@@ -249,7 +249,8 @@ def controlplane_container(objects: Iterable[dict[str, Any]]) -> dict[str, Any] 
 
 
 def trainer_jobs(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trainer Job the control plane would create with the settings this rendering gives it.
+    """The trainer Jobs the control plane would create with the settings this rendering gives it,
+    one per allowed shape (HUVIDPO_CONTROLPLANE_SHAPES; the default shape first).
 
     The control plane builds every trainer Job itself (``build_job`` in
     services/controlplane/executors/kubernetes.py) from ``ControlPlaneSettings`` and
@@ -268,12 +269,20 @@ def trainer_jobs(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
     with environment(container_env(objects, container)):
         settings, store = ControlPlaneSettings(), StoreSettings()
-    spec = JobSpec(
-        "ft-deploycheck000000000000",
-        {"dataset": "cats", "dataset_digest": "a" * 64, "base_model": "tiny"},
-        {"stage": "dpo"},
-    )
-    return [build_job(spec, settings, store)]
+    return [
+        build_job(
+            JobSpec(
+                "ft-deploycheck000000000000",
+                {"dataset": "cats", "dataset_digest": "a" * 64, "base_model": "tiny"},
+                {"stage": "dpo"},
+                nodes=nodes,
+                gpus_per_node=gpus,
+            ),
+            settings,
+            store,
+        )
+        for nodes, gpus in settings.allowed_shapes()
+    ]
 
 
 # ------------------------------------------------------------------------------------------ checks

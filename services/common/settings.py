@@ -10,7 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal, TypeVar
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    AliasChoices,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as _SourceError
 
@@ -43,6 +51,14 @@ class StoreSettings(BaseSettings):
     public_base_url: str = ""
     # Seconds before a request to the S3 endpoint gives up (connect and read).
     timeout_seconds: float = Field(default=30.0, gt=0)
+
+
+def parse_shape(shape: str) -> tuple[int, int]:
+    """``"2x8"`` -> ``(2, 8)``: nodes and GPUs (trainer processes) per node, both >= 1."""
+    nodes, sep, gpus = shape.strip().lower().partition("x")
+    if not sep or not nodes.isdigit() or not gpus.isdigit() or int(nodes) < 1 or int(gpus) < 1:
+        raise ValueError(f"a shape is NODESxGPUS_PER_NODE with both at least 1 (e.g. 2x8), got {shape!r}")
+    return int(nodes), int(gpus)
 
 
 class AuthFields(BaseSettings):
@@ -116,7 +132,11 @@ class ControlPlaneSettings(AuthFields):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
-    executor: Literal["local", "kubernetes"] = "local"
+    # local: a subprocess (world size 1 only); kubernetes: batch/v1 Jobs (an Indexed Job across
+    # nodes); trainjob: Kubeflow Trainer v2 TrainJobs (executors/trainjob.py).
+    executor: Literal["local", "kubernetes", "trainjob"] = "local"
+    # The fine-tune shapes a request may ask for, "NODESxGPUS_PER_NODE"; the first is the default.
+    shapes: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["1x1"])
     namespace: str = "huvidpo"
     trainer_image: str = "huvidpo-trainer:latest"
     gpu_count: int = Field(default=0, ge=0)
@@ -151,6 +171,54 @@ class ControlPlaneSettings(AuthFields):
     watch_timeout_seconds: int = Field(default=60, ge=1)
     resync_seconds: float = Field(default=300.0, gt=0)
     kube_context: str | None = None
+    # --- multi-process trainers (world size > 1) ---
+    # Kubeflow Trainer runtime a TrainJob refers to (a ClusterTrainingRuntime).
+    trainjob_runtime: str = "torch-distributed"
+    # Size of /dev/shm (a memory emptyDir) in every trainer pod: NCCL and DataLoader workers use it.
+    shm_size: str = "8Gi"
+    # Ephemeral storage of the trainer's work dir (inputs, checkpoints) per pod, requested and limited.
+    work_dir_size: str = "50Gi"
+    # Kueue LocalQueue trainer Jobs/TrainJobs are created in (suspended; Kueue admits the whole gang).
+    # Empty: no queue, created running.
+    queue_name: str = ""
+    # torchrun's rendezvous port on node 0 (index 0 of a multi-node Indexed Job).
+    rendezvous_port: int = Field(default=29500, ge=1024, le=65535)
+    # Attempts of a multi-process fine-tune the control plane starts (a failed Indexed Job or TrainJob
+    # is one attempt; its own retry counters are not a reliable budget).
+    max_attempts: int = Field(default=3, ge=1)
+
+    @field_validator("shapes", mode="before")
+    @classmethod
+    def _split_shapes(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [s.strip().lower() for s in value.split(",") if s.strip()]
+        return value
+
+    @field_validator("shapes")
+    @classmethod
+    def _shapes_are_nxg(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one shape is needed (e.g. 1x1)")
+        for shape in value:
+            parse_shape(shape)
+        return value
+
+    @model_validator(mode="after")
+    def _shapes_fit_a_node(self) -> ControlPlaneSettings:
+        # gpu_count is a trainer node's GPUs: a 1x1 trainer gets them all (as before shapes), a
+        # larger shape one per process, so no pod ever asks for more than gpu_count (the
+        # admission policy's per-pod ceiling, deploy/base/trainer/job-policy.yaml).
+        if self.gpu_count > 0:
+            for nodes, gpus in self.allowed_shapes():
+                if gpus > self.gpu_count:
+                    raise ValueError(
+                        f"shape {nodes}x{gpus} needs {gpus} GPUs per node; GPU_COUNT is {self.gpu_count}"
+                    )
+        return self
+
+    def allowed_shapes(self) -> list[tuple[int, int]]:
+        """(nodes, gpus_per_node) of every allowed shape, the default first."""
+        return [parse_shape(s) for s in self.shapes]
 
     @field_validator("trainer_command", mode="before")
     @classmethod

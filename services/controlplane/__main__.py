@@ -17,6 +17,11 @@ from services.controlplane.domain.ports import Executor
 
 
 def build_executor(settings: ControlPlaneSettings, environ: dict[str, str]) -> Executor:
+    if settings.executor == "trainjob":
+        from services.controlplane.executors.kubernetes import load_api_client
+        from services.controlplane.executors.trainjob import TrainJobExecutor
+
+        return TrainJobExecutor(load_api_client(settings.kube_context), settings)
     if settings.executor == "kubernetes":
         from services.controlplane.executors.kubernetes import KubernetesExecutor, load_api_client
 

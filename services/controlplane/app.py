@@ -68,6 +68,8 @@ def create_app(
         ds,
         clock,
         on_transition=lambda a, b: metrics.finetune_transitions.labels(a, b).inc(),
+        shapes=settings.allowed_shapes(),
+        max_attempts=settings.max_attempts,
     )
     metrics.watch_finetunes(fts.count_by_state)
     context = Context(

@@ -244,6 +244,16 @@ class FineTuneCreate(Strict):
         default_factory=FineTuneHyperparameters,
         description="training options (huvidpo.training config keys)",
     )
+    nodes: int | None = Field(
+        default=None, ge=1, le=1024, description="nodes to train on (default: the default shape's)"
+    )
+    gpus_per_node: int | None = Field(
+        default=None,
+        ge=1,
+        le=64,
+        description="GPUs (trainer processes) per node; nodes x gpus_per_node must be one of the "
+        "control plane's allowed shapes (HUVIDPO_CONTROLPLANE_SHAPES)",
+    )
 
 
 class Progress(BaseModel):
@@ -272,8 +282,12 @@ class FineTune(BaseModel):
     base_model: str
     stage: str
     hyperparameters: dict[str, Any]
+    nodes: int = 1
+    gpus_per_node: int = 1
+    world_size: int = Field(default=1, description="trainer processes: nodes x gpus_per_node")
     lineage: dict[str, Any]
     job: dict[str, Any] | None
+    attempt: int = Field(default=1, description="attempts started (a failed group restarts whole)")
     progress: Progress
     checkpoints: list[str]
     # The compiled pairs a DPO fine-tune trains on: {"prefix", "digest" (pairs.jsonl's sha256), "options"}.

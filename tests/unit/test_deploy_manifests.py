@@ -566,7 +566,17 @@ _CLIENT_VERBS = {
     "patch": "patch",
     "replace": "update",
 }
-_CLIENT_RESOURCES = {"job": ("batch", "jobs"), "pod": ("", "pods")}
+# What follows ``_namespaced_`` in a client method's name: (api group, resource[/subresource]).
+# The executors' only custom objects are Kubeflow Trainer TrainJobs (executors/trainjob.py).
+_CLIENT_RESOURCES = {
+    "job": ("batch", "jobs"),
+    "job_status": ("batch", "jobs/status"),
+    "pod": ("", "pods"),
+    "pod_log": ("", "pods/log"),
+    "service": ("", "services"),
+    "network_policy": ("networking.k8s.io", "networkpolicies"),
+    "custom_object": ("trainer.kubeflow.org", "trainjobs"),
+}
 
 
 def _api_calls_of_the_control_plane() -> set[tuple[str, str, str]]:
@@ -578,12 +588,12 @@ def _api_calls_of_the_control_plane() -> set[tuple[str, str, str]]:
     needed = set()
     for path in (ROOT / "services/controlplane/executors").glob("*.py"):
         text = path.read_text()
-        for verb, resource, sub in re.findall(
-            r"\.(create|read|list|delete|patch|replace)_namespaced_([a-z]+?)(?:_([a-z]+))?\b", text
+        for verb, resource in re.findall(
+            r"\.(create|read|list|delete|patch|replace)_namespaced_([a-z_]+)\b", text
         ):
             group, plural = _CLIENT_RESOURCES[resource]
-            needed.add((group, plural + (f"/{sub}" if sub else ""), _CLIENT_VERBS[verb]))
-        for resource in re.findall(r"stream\(\s*self\.\w+\.list_namespaced_([a-z]+)", text):
+            needed.add((group, plural, _CLIENT_VERBS[verb]))
+        for resource in re.findall(r"stream\(\s*self\.\w+\.list_namespaced_([a-z_]+)", text):
             group, plural = _CLIENT_RESOURCES[resource]
             needed.add((group, plural, "watch"))
     return needed

@@ -39,6 +39,8 @@ from typing import Any
 import pytest
 import yaml
 
+from services.common.settings import ControlPlaneSettings
+
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
 CONTROLPLANE_SA = "system:serviceaccount:huvidpo:huvidpo-controlplane"
@@ -371,11 +373,14 @@ def test_trainer_job_policy_admits_exactly_the_job_the_control_plane_builds(
     for env in ENVIRONMENTS:
         objs = rendered[env]
         policy, params = _job_policy(objs)
-        (job,) = check.trainer_jobs(objs)
-        assert evaluate(policy, job, params, AS_CONTROLPLANE) == [], env
+        jobs = check.trainer_jobs(objs)
+        for job in jobs:  # one per allowed shape
+            assert evaluate(policy, job, params, AS_CONTROLPLANE) == [], env
         # The parameters are the control plane's own settings, not a second copy to keep in step.
         cp = check.controlplane_container(objs)
         settings = check.container_env(objs, cp)
+        shapes = [ControlPlaneSettings(shapes=settings["HUVIDPO_CONTROLPLANE_SHAPES"]).allowed_shapes()]
+        single_node = all(n == 1 for n, _ in shapes[0])
         assert params["data"] == {
             "image": cp["image"],
             "serviceAccount": settings["HUVIDPO_CONTROLPLANE_SERVICE_ACCOUNT"],
@@ -383,6 +388,11 @@ def test_trainer_job_policy_admits_exactly_the_job_the_control_plane_builds(
             "priorityClass": settings["HUVIDPO_CONTROLPLANE_PRIORITY_CLASS"],
             "gpuResource": settings["HUVIDPO_CONTROLPLANE_GPU_RESOURCE"],
             "maxGpus": settings["HUVIDPO_CONTROLPLANE_GPU_COUNT"],
+            # single-node shapes: one pod, at most GPU_COUNT GPUs
+            "maxNodes": "1" if single_node else params["data"]["maxNodes"],
+            "maxTotalGpus": settings["HUVIDPO_CONTROLPLANE_GPU_COUNT"]
+            if single_node
+            else params["data"]["maxTotalGpus"],
         }
         assert params["data"]["priorityClass"] in by_kind(objs, "PriorityClass")
         # Someone else creating a Job (an admin, another controller) is not this policy's business.
@@ -465,7 +475,7 @@ def test_trainer_job_policy_refuses_what_the_control_plane_must_not_create(
 ) -> None:
     objs = rendered[env]
     policy, params = _job_policy(objs)
-    (job,) = check.trainer_jobs(objs)
+    job = check.trainer_jobs(objs)[0]
     for what, change, expected in _refused_variants(int(params["data"]["maxGpus"])):
         bad = copy.deepcopy(job)
         pod = bad["spec"]["template"]["spec"]
@@ -475,6 +485,102 @@ def test_trainer_job_policy_refuses_what_the_control_plane_must_not_create(
         failed = evaluate(policy, bad, params, AS_CONTROLPLANE)
         assert failed, f"{env}: a Job with {what} was admitted"
         assert any(expected in m for m in failed), (what, failed)
+
+
+def _multinode_job(objs: list[Obj], nodes: int, gpus: int) -> Obj:
+    """The Indexed Job the control plane builds for ``nodes x gpus`` with this rendering's settings
+    (GPU_COUNT raised to a node's GPUs, as an overlay allowing that shape would)."""
+    from services.common.settings import StoreSettings
+    from services.controlplane.domain.ports import JobSpec
+    from services.controlplane.executors.kubernetes import build_job
+
+    env = check.container_env(objs, check.controlplane_container(objs))
+    with check.environment({**env, "HUVIDPO_CONTROLPLANE_GPU_COUNT": str(gpus)}):
+        settings, store = ControlPlaneSettings(), StoreSettings()
+    return build_job(JobSpec("ft-multinode0000000000000", nodes=nodes, gpus_per_node=gpus), settings, store)
+
+
+def test_trainer_job_policy_admits_a_multi_node_indexed_job_within_its_node_and_gpu_ceilings(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    objs = rendered["deploy/overlays/gpu"]
+    policy, params = _job_policy(objs)
+    # an overlay allowing 4x8 sets: 8 GPUs a pod, 4 pods, 32 GPUs in all
+    wide = copy.deepcopy(params)
+    wide["data"].update({"maxGpus": "8", "maxNodes": "4", "maxTotalGpus": "32"})
+    job = _multinode_job(objs, 4, 8)
+    assert job["spec"]["completionMode"] == "Indexed" and job["spec"]["parallelism"] == 4
+    assert evaluate(policy, job, wide, AS_CONTROLPLANE) == []
+    # the rendered parameters (single-node shapes) refuse it
+    assert any("at most 1 pods" in m for m in evaluate(policy, job, params, AS_CONTROLPLANE) or [])
+    # one node more than allowed
+    more = _multinode_job(objs, 5, 8)
+    assert any("at most 4 pods" in m for m in evaluate(policy, more, wide, AS_CONTROLPLANE) or [])
+    # each pod within the per-pod ceiling, but more GPUs in all than allowed
+    tight = copy.deepcopy(wide)
+    tight["data"]["maxTotalGpus"] = "24"
+    assert any("24 nvidia.com/gpu in all" in m for m in evaluate(policy, job, tight, AS_CONTROLPLANE) or [])
+    # a plain Job with a large parallelism is bounded the same way (pods at once)
+    plain = copy.deepcopy(check.trainer_jobs(objs)[0])
+    plain["spec"]["parallelism"] = 50
+    assert any("at most 1 pods" in m for m in evaluate(policy, plain, params, AS_CONTROLPLANE) or [])
+
+
+def _peer_objects() -> tuple[Obj, Obj]:
+    from services.controlplane.domain.ports import JobSpec
+    from services.controlplane.executors.kubernetes import build_network_policy, build_service
+
+    spec = JobSpec("ft-multinode0000000000000", nodes=4, gpus_per_node=8)
+    settings = ControlPlaneSettings(namespace="huvidpo")
+    return build_service(spec, settings), build_network_policy(spec, settings)
+
+
+def test_peer_services_and_network_policies_are_admitted_only_as_the_control_plane_builds_them(
+    rendered: dict[str, list[Obj]],
+) -> None:
+    for env in ENVIRONMENTS:
+        policies = by_kind(rendered[env], "ValidatingAdmissionPolicy")
+        bindings = {
+            b["spec"]["policyName"]
+            for b in by_kind(rendered[env], "ValidatingAdmissionPolicyBinding").values()
+        }
+        assert {"huvidpo-trainer-services", "huvidpo-trainer-network-policies"} <= bindings, env
+    svc_policy = policies["huvidpo-trainer-services"]
+    net_policy = policies["huvidpo-trainer-network-policies"]
+    service, netpol = _peer_objects()
+    assert evaluate(svc_policy, service, {}, AS_CONTROLPLANE) == []
+    assert evaluate(net_policy, netpol, {}, AS_CONTROLPLANE) == []
+
+    def svc_variant(change: Any) -> list[str] | None:
+        bad = copy.deepcopy(service)
+        change(bad["spec"])
+        return evaluate(svc_policy, bad, {}, AS_CONTROLPLANE)
+
+    assert svc_variant(lambda s: s.update(type="LoadBalancer"))
+    assert svc_variant(lambda s: s.update(clusterIP="10.0.0.9"))
+    assert svc_variant(lambda s: s.update(type="NodePort", clusterIP="10.0.0.9"))
+    assert svc_variant(lambda s: s.update(selector={"app.kubernetes.io/component": "minio"}))
+    assert svc_variant(lambda s: s.update(externalIPs=["1.2.3.4"]))
+
+    def net_variant(change: Any) -> list[str] | None:
+        bad = copy.deepcopy(netpol)
+        change(bad["spec"])
+        return evaluate(net_policy, bad, {}, AS_CONTROLPLANE)
+
+    everyone = {"podSelector": {}}
+    assert net_variant(lambda s: s.update(podSelector={}))  # every pod of the namespace
+    assert net_variant(
+        lambda s: s.update(podSelector={"matchLabels": {"app.kubernetes.io/component": "minio"}})
+    )
+    assert net_variant(lambda s: s["ingress"][0].update({"from": [everyone]}))
+    assert net_variant(lambda s: s["egress"][0].update(to=[{"ipBlock": {"cidr": "0.0.0.0/0"}}]))
+    assert net_variant(
+        lambda s: s["ingress"][0]["from"][0].update(namespaceSelector={})  # any namespace's such pods
+    )
+    assert net_variant(lambda s: s["ingress"].append({"ports": [{"port": 9000}]}))  # from anywhere
+    # someone else's Services and policies are not these policies' business
+    other = {"userInfo": {"username": "kubernetes-admin"}, "namespace": "huvidpo"}
+    assert evaluate(svc_policy, {"spec": {"type": "LoadBalancer"}}, {}, other) is None
 
 
 def test_jobs_and_gpus_are_bounded_and_serving_outranks_training(rendered: dict[str, list[Obj]]) -> None:
@@ -499,7 +605,7 @@ def test_jobs_and_gpus_are_bounded_and_serving_outranks_training(rendered: dict[
         container = next(lim for lim in limits["spec"]["limits"] if lim["type"] == "Container")
         assert {"cpu", "memory"} <= set(container["defaultRequest"]) and "memory" in container["default"]
         assert "cpu" not in container.get("default", {})  # trainer Jobs run without a CPU limit on purpose
-        (job,) = check.trainer_jobs(objs)
+        job = check.trainer_jobs(objs)[0]
         assert quantity(
             job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"]
         ) <= (quantity(container["max"]["memory"]))

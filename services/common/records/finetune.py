@@ -68,6 +68,13 @@ class FineTuneSpec(BaseModel):
     pairs: PairsRef | None = None
     # The name of the token that created it ("" on records written before tokens had names).
     created_by: str = ""
+    # The shape it trains on: world size = nodes x gpus_per_node trainer processes (older specs: 1x1).
+    nodes: int = Field(default=1, ge=1)
+    gpus_per_node: int = Field(default=1, ge=1)
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
 
     @model_validator(mode="before")
     @classmethod
@@ -92,6 +99,9 @@ class FineTuneSpec(BaseModel):
             "base_model": self.base_model,
             "stage": self.stage,
             "hyperparameters": self.hyperparameters.as_mapping(),
+            "nodes": self.nodes,
+            "gpus_per_node": self.gpus_per_node,
+            "world_size": self.world_size,
         }
 
 
@@ -105,6 +115,9 @@ class FineTuneStatus(BaseModel):
     message: str | None = None
     submitted: bool = False
     job: dict[str, str] | None = None
+    # Attempts started (a multi-process group restarted whole is a new attempt, started by the
+    # control plane; an executor's own retry counters are not the budget: see executors/).
+    attempt: int = 1
     cancel_requested_at: str | None = None
     finished_at: str | None = None
     updated_at: str

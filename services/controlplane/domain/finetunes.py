@@ -82,18 +82,22 @@ class FineTuneRequest:
     base_model: str
     stage: str = "dpo"
     hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # The shape asked for (None: the control plane's default shape supplies it).
+    nodes: int | None = None
+    gpus_per_node: int | None = None
 
     def fingerprint(self) -> str:
-        blob = json.dumps(
-            {
-                "dataset": self.dataset,
-                "version": self.version,
-                "base_model": self.base_model,
-                "stage": self.stage,
-                "hyperparameters": self.hyperparameters,
-            },
-            sort_keys=True,
-        ).encode()
+        fields: dict[str, Any] = {
+            "dataset": self.dataset,
+            "version": self.version,
+            "base_model": self.base_model,
+            "stage": self.stage,
+            "hyperparameters": self.hyperparameters,
+        }
+        if (self.nodes or 1, self.gpus_per_node or 1) != (1, 1):
+            # only then: a 1x1 fine-tune's fingerprint is what it was before shapes existed
+            fields["shape"] = [self.nodes, self.gpus_per_node]
+        blob = json.dumps(fields, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()
 
 
@@ -179,25 +183,49 @@ class FineTuneService:
         datasets: DatasetService,
         clock: Clock = utcnow,
         on_transition: Callable[[str, str], None] | None = None,
+        shapes: builtins.list[tuple[int, int]] | None = None,
+        max_attempts: int = 1,
     ) -> None:
+        """``shapes``: the (nodes, gpus_per_node) a request may ask for, the default first.
+        ``max_attempts``: attempts of a fine-tune whose executor hands a failed group's restart
+        to the control plane (``ExecStatus.retryable``)."""
         self.store = store
         self.executor = executor
         self.datasets = datasets
         self.clock = clock
         self.on_transition = on_transition
+        self.shapes = list(shapes or [(1, 1)])
+        self.max_attempts = max_attempts
+
+    def validate_shape(self, nodes: int | None, gpus_per_node: int | None) -> tuple[int, int]:
+        """The shape a request asks for (missing values from the default shape), if it is allowed
+        and the executor can run it; else :class:`InvalidRequest` naming the allowed shapes."""
+        default = self.shapes[0]
+        shape = (nodes or default[0], gpus_per_node or default[1])
+        allowed = ", ".join(f"{n}x{g}" for n, g in self.shapes)
+        if shape not in self.shapes:
+            field = (
+                "nodes" if nodes is not None and nodes not in {n for n, _ in self.shapes} else "gpus_per_node"
+            )
+            raise InvalidRequest(
+                f"shape {shape[0]}x{shape[1]} (nodes x gpus_per_node) is not allowed here; allowed shapes: {allowed}",
+                field=field,
+            )
+        limit = getattr(self.executor, "max_world_size", None)
+        if limit is not None and shape[0] * shape[1] > limit:
+            raise InvalidRequest(
+                f"shape {shape[0]}x{shape[1]} needs {shape[0] * shape[1]} trainer processes; the "
+                f"{self.executor.kind} executor runs at most {limit} (use the kubernetes or trainjob executor)",
+                field="gpus_per_node" if shape[0] == 1 else "nodes",
+            )
+        return shape
 
     # ------------------------------------------------------------------------------- create
     def validate(self, req: FineTuneRequest) -> tuple[FineTuneRequest, Hyperparameters, dict[str, Any]]:
         """Check every input exists and every hyperparameter is valid; returns (normalised request,
         typed hyperparameters, lineage)."""
         validate_name(req.dataset, "dataset")
-        req = FineTuneRequest(
-            req.dataset,
-            validate_digest(req.version, "version"),
-            req.base_model,
-            req.stage,
-            req.hyperparameters,
-        )
+        req = dataclasses.replace(req, version=validate_digest(req.version, "version"))
         validate_name(req.base_model, "base_model")
         hp = validate_hyperparameters(req.stage, dict(req.hyperparameters))
         try:
@@ -221,7 +249,10 @@ class FineTuneService:
         }
         # Keys as the library names them (``_``), values as sent: the fingerprint of a retry is the same.
         as_sent = {str(k).replace("-", "_"): v for k, v in req.hyperparameters.items()}
-        normalised = FineTuneRequest(req.dataset, req.version, req.base_model, req.stage, as_sent)
+        nodes, gpus = self.validate_shape(req.nodes, req.gpus_per_node)
+        normalised = FineTuneRequest(
+            req.dataset, req.version, req.base_model, req.stage, as_sent, nodes, gpus
+        )
         return normalised, hp, lineage
 
     def create(
@@ -271,6 +302,8 @@ class FineTuneService:
             fingerprint=fingerprint,
             pairs=pairs,
             created_by=created_by,
+            nodes=req.nodes or 1,
+            gpus_per_node=req.gpus_per_node or 1,
         )
         # The reference first, so the dataset cannot be deleted from under a recorded fine-tune.
         self.datasets.add_reference(req.dataset, req.version, finetune_id)
@@ -318,17 +351,55 @@ class FineTuneService:
             self.on_transition(old, after.state)
         return after
 
-    def _submit(self, spec: FineTuneSpec) -> FineTuneStatus:
-        job_spec = JobSpec(
+    def _job_spec(self, spec: FineTuneSpec, attempt: int) -> JobSpec:
+        return JobSpec(
             finetune_id=spec.id,
             lineage={k: str(v) for k, v in spec.lineage.items()},
             config={"stage": spec.stage},
+            nodes=spec.nodes,
+            gpus_per_node=spec.gpus_per_node,
+            attempt=attempt,
         )
-        job = self.executor.submit(job_spec)
+
+    def _submit(self, spec: FineTuneSpec) -> FineTuneStatus:
+        job = self.executor.submit(self._job_spec(spec, 1))
         now = iso(self.clock())
         return self._update(
             spec, lambda cur: cur.model_copy(update={"submitted": True, "job": job, "updated_at": now})
         )
+
+    def _next_attempt(
+        self, spec: FineTuneSpec, status: FineTuneStatus, observed: ExecStatus, end: EndEvent | None
+    ) -> FineTuneStatus | None:
+        """Start the next attempt of a group that failed whole, if the budget allows; the new status,
+        or None when this failure is final. The attempt count lives here, in the fine-tune's status,
+        not in the executor's retry counters: a failed TrainJob's or Indexed Job's own retries are
+        not a reliable budget (a JobSet restart or a per-index retry resets or splits them)."""
+        if not observed.retryable or status.attempt >= self.max_attempts:
+            return None
+        if observed.attempt is not None and observed.attempt != status.attempt:
+            return None  # an older attempt's Job: already handled
+        if end is not None and end.state == "failed" and end.exit_code == 2:
+            return None  # bad data or config (torchrun exits 1 whatever the rank's code was)
+        nxt = status.attempt + 1
+
+        def claim(cur: FineTuneStatus) -> FineTuneStatus | None:
+            if cur.state in TERMINAL or cur.attempt != status.attempt:
+                return None  # cancelled meanwhile, or another replica claimed this attempt
+            return cur.model_copy(update={"attempt": nxt, "state": "queued", "updated_at": iso(self.clock())})
+
+        before, after = update_status(self.store, spec.id, lambda cur: claim(cur or status))
+        if after is None or after is before:
+            return None if after is None or after.attempt == status.attempt else after
+        log.info(
+            "fine-tune %s: attempt %d failed (%s); starting attempt %d",
+            spec.id,
+            status.attempt,
+            observed.reason,
+            nxt,
+        )
+        job = self.executor.submit(self._job_spec(spec, nxt))
+        return self._update(spec, lambda cur: cur.model_copy(update={"job": job}))
 
     # ------------------------------------------------------------------------------- read
     def _load(self, finetune_id: str) -> tuple[FineTuneSpec, FineTuneStatus]:
@@ -350,8 +421,14 @@ class FineTuneService:
             status = self._submit(spec)  # a create that crashed before submitting
         if exec_status is None:
             exec_status = self.executor.status(spec.id)
+        if exec_status.attempt is not None and exec_status.attempt < status.attempt:
+            return status, summary  # a watch event of an attempt that was already followed by another
         observed = exec_status
         now = iso(self.clock())
+        if observed.phase == "failed" and not status.cancel_requested_at:
+            restarted = self._next_attempt(spec, status, observed, summary.end)
+            if restarted is not None:
+                return restarted, summary
 
         def change(cur: FineTuneStatus) -> FineTuneStatus | None:
             # Derived from the status as stored *now*: a cancel another replica wrote wins.
@@ -397,6 +474,7 @@ class FineTuneService:
             **spec.request(),
             "lineage": spec.lineage,
             "job": status.job,
+            "attempt": status.attempt,
             "progress": summary.to_dict(),
             "checkpoints": self.checkpoint_ids(spec.id),
             "pairs": None if spec.pairs is None else spec.pairs.model_dump(mode="json"),

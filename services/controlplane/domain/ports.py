@@ -20,6 +20,15 @@ class JobSpec:
     finetune_id: str
     lineage: dict[str, str] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+    # The fine-tune's shape (world size = nodes x gpus_per_node trainer processes) and which attempt
+    # of it this is: a multi-process group that lost a member is restarted whole, as a new attempt.
+    nodes: int = 1
+    gpus_per_node: int = 1
+    attempt: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
 
 
 @dataclass(frozen=True)
@@ -31,6 +40,10 @@ class ExecStatus:
     message: str | None = None
     exit_code: int | None = None
     job: dict[str, str] = field(default_factory=dict)
+    # Which attempt this Job is (None: the executor does not tell); ``retryable``: it failed as a
+    # whole group whose restart is the control plane's to start (a new attempt), not its own.
+    attempt: int | None = None
+    retryable: bool = False
 
 
 class Executor(Protocol):

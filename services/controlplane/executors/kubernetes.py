@@ -5,7 +5,16 @@ in, a plain dict out; unit-tested and schema-validated) and the API is talked to
 Job name is derived from the fine-tune id, so a repeated submit meets ``409 AlreadyExists`` and
 starts nothing: with the deterministic ids of ``Idempotency-Key`` creates, a retry makes one Job.
 
-Status: ``status()`` reads the Job; ``start_watch`` runs a watch (with a client-side request
+Shapes (``JobSpec.nodes`` x ``gpus_per_node``): world size 1 is one plain Job running the trainer
+command as always. One node with several processes is the same Job running ``torchrun --standalone``.
+Several nodes are an Indexed Job (one pod per node, ``--node_rank=$JOB_COMPLETION_INDEX``) with a
+headless Service for stable peer DNS (rank 0 is ``<job>-0.<job>``) and a NetworkPolicy that lets
+the pods of that attempt, and only them, reach each other. A group is restarted whole: one failed
+index fails the Job (``backoffLimitPerIndex: 0``, ``maxFailedIndexes: 0``, so torchrun's static
+rendezvous is never joined by a lone replacement pod), and the control plane starts the next
+attempt as a new Job ``<job>-a<N>`` (``FineTuneStatus.attempt``; domain/finetunes.py).
+
+Status: ``status()`` reads the fine-tune's newest Job; ``start_watch`` runs a watch (with a client-side request
 timeout, re-opened in a loop) plus a periodic full resync, and reports every change to the domain.
 """
 
@@ -26,6 +35,8 @@ log = logging.getLogger(__name__)
 CONTAINER = "trainer"
 MANAGED_BY = "huvidpo-controlplane"
 LABEL_FINETUNE = "huvidpo.dev/finetune-id"
+LABEL_ATTEMPT = "huvidpo.dev/attempt"
+LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 WORK_DIR = "/work"
 # The trainer serves /metrics here while it trains; the pod annotations tell Prometheus (deploy/).
@@ -35,8 +46,41 @@ TRAINER_METRICS_PORT = 9091
 TRAINER_METRICS_LINGER_SECONDS = 30
 
 
-def job_name(finetune_id: str) -> str:
-    return f"huvidpo-{finetune_id}"[:63].rstrip("-")
+def job_name(finetune_id: str, attempt: int = 1) -> str:
+    """The Job of one attempt: ``huvidpo-<id>`` for the first, ``huvidpo-<id>-a<N>`` after it.
+
+    Short enough (fine-tune ids are at most 23 characters) that an Indexed Job's pod hostnames
+    ``<job>-<index>`` stay within a 63-character DNS label."""
+    suffix = "" if attempt <= 1 else f"-a{attempt}"
+    return f"huvidpo-{finetune_id}"[: 63 - len(suffix) - 6].rstrip("-") + suffix
+
+
+def trainer_module(settings: ControlPlaneSettings) -> str:
+    """The module ``trainer_command`` runs (``python -m services.trainer``): torchrun runs the same."""
+    cmd = list(settings.trainer_command)
+    if "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
+        return cmd[cmd.index("-m") + 1]
+    return "services.trainer"
+
+
+def trainer_command(spec: JobSpec, settings: ControlPlaneSettings, master: str | None) -> list[str]:
+    """The container command: the trainer itself for world size 1, else torchrun around the same module.
+
+    torchrun restarts nothing (``--max-restarts=0``): a failed group is one failed attempt, and the
+    next attempt is the control plane's. ``master``: rank 0's address for several nodes (static
+    rendezvous, ``$(JOB_COMPLETION_INDEX)`` expanded by the kubelet), None for one node."""
+    if spec.world_size == 1:
+        return list(settings.trainer_command)
+    cmd = ["torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}", "--max-restarts=0"]
+    if master is None:
+        cmd.append("--standalone")
+    else:
+        cmd += [
+            "--node-rank=$(JOB_COMPLETION_INDEX)",
+            f"--master-addr={master}",
+            f"--master-port={settings.rendezvous_port}",
+        ]
+    return [*cmd, "-m", trainer_module(settings)]
 
 
 def store_env(store: StoreSettings, secret: str) -> list[dict[str, Any]]:
@@ -62,27 +106,54 @@ def _label_value(value: str) -> str:
     return cleaned.strip("._-")
 
 
-def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings) -> dict[str, Any]:
-    """The batch/v1 Job that runs the trainer for ``spec`` (pure; no API call)."""
-    name = job_name(spec.finetune_id)
+def trainer_labels(spec: JobSpec) -> dict[str, str]:
+    """Labels of every object of one attempt (the pods' too): lineage, fine-tune and attempt."""
     labels = {
         "app.kubernetes.io/name": "huvidpo-trainer",
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_FINETUNE: spec.finetune_id,
+        LABEL_ATTEMPT: str(spec.attempt),
     }
     for key in ("dataset", "base_model"):
         if spec.lineage.get(key):
             labels[f"huvidpo.dev/{key.replace('_', '-')}"] = _label_value(spec.lineage[key])
+    return labels
+
+
+def trainer_annotations(spec: JobSpec) -> dict[str, str]:
     # Digests are 64+ characters: too long for labels, so lineage goes into annotations.
     annotations = {f"huvidpo.dev/{k.replace('_', '-')}": str(v) for k, v in sorted(spec.lineage.items())}
     annotations["huvidpo.dev/stage"] = str(spec.config.get("stage", "dpo"))
-    requests: dict[str, str] = {"cpu": settings.cpu_request, "memory": settings.memory_request}
+    annotations["huvidpo.dev/shape"] = f"{spec.nodes}x{spec.gpus_per_node}"
+    return annotations
+
+
+def pod_gpus(spec: JobSpec, settings: ControlPlaneSettings) -> int:
+    """GPUs of one trainer pod: none on a CPU cluster (``gpu_count`` 0); ``gpu_count`` for world
+    size 1 (as before shapes existed); one per process (``gpus_per_node``) for larger shapes."""
+    if settings.gpu_count <= 0:
+        return 0
+    return settings.gpu_count if spec.world_size == 1 else spec.gpus_per_node
+
+
+def trainer_resources(spec: JobSpec, settings: ControlPlaneSettings) -> dict[str, dict[str, str]]:
+    requests: dict[str, str] = {
+        "cpu": settings.cpu_request,
+        "memory": settings.memory_request,
+        # the work dir (inputs, checkpoints) is an emptyDir on the node's disk
+        "ephemeral-storage": settings.work_dir_size,
+    }
     limits: dict[str, str] = {"memory": settings.memory_limit}
-    if settings.gpu_count > 0:
-        requests[settings.gpu_resource] = str(settings.gpu_count)
-        limits[settings.gpu_resource] = str(settings.gpu_count)
-    env = [
+    gpus = pod_gpus(spec, settings)
+    if gpus > 0:
+        requests[settings.gpu_resource] = str(gpus)
+        limits[settings.gpu_resource] = str(gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def trainer_env(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings) -> list[dict[str, Any]]:
+    return [
         {"name": "HUVIDPO_TRAINER_FINETUNE_ID", "value": spec.finetune_id},
         {"name": "HUVIDPO_TRAINER_WORK_DIR", "value": WORK_DIR},
         {"name": "HUVIDPO_TRAINER_DEVICE", "value": "cuda" if settings.gpu_count > 0 else "cpu"},
@@ -91,6 +162,53 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
         {"name": "HUVIDPO_TRAINER_METRICS_LINGER_SECONDS", "value": str(TRAINER_METRICS_LINGER_SECONDS)},
         *store_env(store, settings.store_secret),
     ]
+
+
+def trainer_volumes(settings: ControlPlaneSettings) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(volumes, volumeMounts): the work dir, /tmp and /dev/shm, all emptyDirs.
+
+    /dev/shm is a memory emptyDir (the runtime's default is 64 MiB, too small for NCCL and
+    DataLoader workers); what it holds counts against the container's memory limit."""
+    volumes: list[dict[str, Any]] = [
+        {"name": "work", "emptyDir": {"sizeLimit": settings.work_dir_size}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": settings.shm_size}},
+    ]
+    mounts = [
+        {"name": "work", "mountPath": WORK_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    return volumes, mounts
+
+
+def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings) -> dict[str, Any]:
+    """The batch/v1 Job that runs the trainer for ``spec`` (pure; no API call): a plain Job for one
+    node, an Indexed Job (one pod per node, peers found through ``build_service``) for several."""
+    name = job_name(spec.finetune_id, spec.attempt)
+    multinode = spec.nodes > 1
+    labels = trainer_labels(spec)
+    annotations = trainer_annotations(spec)
+    volumes, mounts = trainer_volumes(settings)
+    env = trainer_env(spec, settings, store)
+    if multinode:
+        # Set here (the Job controller sets it too, unless present) so that $(JOB_COMPLETION_INDEX)
+        # in the command is expanded from the container's own env.
+        env.insert(
+            0,
+            {
+                "name": "JOB_COMPLETION_INDEX",
+                "valueFrom": {
+                    "fieldRef": {
+                        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"
+                    }
+                },
+            },
+        )
+    master = f"{name}-0.{name}" if multinode else None
+    job_labels = dict(labels)
+    if settings.queue_name:
+        job_labels[LABEL_QUEUE] = settings.queue_name
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",  # required by podFailurePolicy; retries are new pods
         "terminationGracePeriodSeconds": 120,  # SIGTERM: the trainer checkpoints, then exits 75
@@ -99,14 +217,11 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 "name": CONTAINER,
                 "image": settings.trainer_image,
                 "imagePullPolicy": settings.image_pull_policy,
-                "command": list(settings.trainer_command),
+                "command": trainer_command(spec, settings, master),
                 "env": env,
                 "ports": [{"name": "metrics", "containerPort": TRAINER_METRICS_PORT, "protocol": "TCP"}],
-                "resources": {"requests": requests, "limits": limits},
-                "volumeMounts": [
-                    {"name": "work", "mountPath": WORK_DIR},
-                    {"name": "tmp", "mountPath": "/tmp"},
-                ],
+                "resources": trainer_resources(spec, settings),
+                "volumeMounts": mounts,
                 # Pod Security "restricted" (enforced on the namespace by deploy/): the root
                 # filesystem stays read-only, /tmp (HOME and caches in the image) is an emptyDir.
                 "securityContext": {
@@ -116,7 +231,7 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 },
             }
         ],
-        "volumes": [{"name": "work", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        "volumes": volumes,
         "automountServiceAccountToken": False,  # the trainer never talks to the Kubernetes API
         "securityContext": {
             "runAsNonRoot": True,
@@ -134,17 +249,34 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
         pod_spec["serviceAccountName"] = settings.service_account
     if settings.priority_class:
         pod_spec["priorityClassName"] = settings.priority_class
+    if multinode:
+        pod_spec["subdomain"] = name  # <job>-<index>.<job>: the headless Service of build_service
+    job_spec: dict[str, Any] = {}
+    if multinode:
+        job_spec = {
+            "completionMode": "Indexed",
+            "completions": spec.nodes,
+            "parallelism": spec.nodes,
+            # One failed node fails the whole group at once: the attempt is over, the control plane
+            # starts the next one (a lone replacement pod could never rejoin torchrun's rendezvous).
+            "backoffLimitPerIndex": 0,
+            "maxFailedIndexes": 0,
+        }
+    else:
+        job_spec = {"backoffLimit": settings.job_backoff_limit}
+    if settings.queue_name:
+        job_spec["suspend"] = True  # Kueue admits (unsuspends) the whole Job once its quota fits
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
         "metadata": {
             "name": name,
             "namespace": settings.namespace,
-            "labels": labels,
+            "labels": job_labels,
             "annotations": annotations,
         },
         "spec": {
-            "backoffLimit": settings.job_backoff_limit,
+            **job_spec,
             "activeDeadlineSeconds": settings.job_active_deadline_seconds,
             "ttlSecondsAfterFinished": settings.job_ttl_seconds,
             "podFailurePolicy": {
@@ -187,6 +319,78 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
     }
 
 
+def build_service(spec: JobSpec, settings: ControlPlaneSettings) -> dict[str, Any]:
+    """The headless Service of a multi-node attempt: DNS names ``<job>-<index>.<job>`` for its pods,
+    published before they are ready (rank 0 must be found while every rank is still starting)."""
+    name = job_name(spec.finetune_id, spec.attempt)
+    labels = trainer_labels(spec)
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": labels},
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": {
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                LABEL_FINETUNE: spec.finetune_id,
+                LABEL_ATTEMPT: str(spec.attempt),
+            },
+            "ports": [
+                {"name": "rendezvous", "port": settings.rendezvous_port, "protocol": "TCP"},
+            ],
+        },
+    }
+
+
+def build_network_policy(spec: JobSpec, settings: ControlPlaneSettings) -> dict[str, Any]:
+    """Trainer <-> trainer traffic within one attempt of one fine-tune, and nothing more.
+
+    Added to the namespace's default deny and the static ``huvidpo-trainer`` policy (deploy/): it
+    selects this attempt's pods by label and lets them reach each other on every TCP port, since
+    NCCL and gloo listen on ephemeral ports beside torchrun's rendezvous port and have no setting
+    that pins them to a range. Pods of other fine-tunes (or other attempts) are not selected."""
+    name = job_name(spec.finetune_id, spec.attempt)
+    peers = {
+        "podSelector": {
+            "matchLabels": {
+                "app.kubernetes.io/managed-by": MANAGED_BY,
+                LABEL_FINETUNE: spec.finetune_id,
+                LABEL_ATTEMPT: str(spec.attempt),
+            }
+        }
+    }
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"name": name, "namespace": settings.namespace, "labels": trainer_labels(spec)},
+        "spec": {
+            "podSelector": peers["podSelector"],
+            "policyTypes": ["Ingress", "Egress"],
+            "ingress": [{"from": [peers], "ports": [{"protocol": "TCP", "port": 1, "endPort": 65535}]}],
+            "egress": [{"to": [peers], "ports": [{"protocol": "TCP", "port": 1, "endPort": 65535}]}],
+        },
+    }
+
+
+def build_objects(
+    spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings
+) -> list[dict[str, Any]]:
+    """Every object one attempt needs, in creation order (the Job last: its pods find the rest)."""
+    objects: list[dict[str, Any]] = []
+    if spec.nodes > 1:
+        objects += [build_service(spec, settings), build_network_policy(spec, settings)]
+    return [*objects, build_job(spec, settings, store)]
+
+
+def _attempt_of(obj: Mapping[str, Any]) -> int:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    try:
+        return int(labels.get(LABEL_ATTEMPT) or 1)
+    except ValueError:
+        return 1
+
+
 def job_status(job: Mapping[str, Any] | None) -> ExecStatus:
     """Map a Job (as a plain dict, camelCase as the API serves it) to the executor's status."""
     if job is None:
@@ -198,18 +402,29 @@ def job_status(job: Mapping[str, Any] | None) -> ExecStatus:
         "namespace": str(meta.get("namespace", "")),
     }
     status = job.get("status") or {}
+    attempt = _attempt_of(job)
+    # An Indexed Job is a group whose restart is the control plane's (backoffLimitPerIndex 0); a
+    # plain Job has spent its own backoffLimit already. Bad input (podFailurePolicy FailJob on exit
+    # 2) is never retried; the domain also reads the trainer's end record (torchrun exits 1 for any
+    # failed rank, whatever the rank's own exit code).
+    indexed = (job.get("spec") or {}).get("completionMode") == "Indexed"
     for cond in status.get("conditions") or []:
         if str(cond.get("status")) != "True":
             continue
         if cond.get("type") in ("Complete", "SuccessCriteriaMet"):
-            return ExecStatus("succeeded", job=ref)
+            return ExecStatus("succeeded", job=ref, attempt=attempt)
         if cond.get("type") in ("Failed", "FailureTarget"):
-            return ExecStatus("failed", cond.get("reason") or "JobFailed", cond.get("message"), job=ref)
-    if (status.get("succeeded") or 0) > 0 and not (status.get("active") or 0):
-        return ExecStatus("succeeded", job=ref)
+            reason = cond.get("reason") or "JobFailed"
+            retryable = indexed and reason not in ("PodFailurePolicy", "DeadlineExceeded")
+            return ExecStatus(
+                "failed", reason, cond.get("message"), job=ref, attempt=attempt, retryable=retryable
+            )
+    completions = int((job.get("spec") or {}).get("completions") or 1)
+    if (status.get("succeeded") or 0) >= completions and not (status.get("active") or 0):
+        return ExecStatus("succeeded", job=ref, attempt=attempt)
     if (status.get("active") or 0) > 0:
-        return ExecStatus("running", job=ref)
-    return ExecStatus("pending", job=ref)
+        return ExecStatus("running", job=ref, attempt=attempt)
+    return ExecStatus("pending", job=ref, attempt=attempt)
 
 
 def load_api_client(context: str | None = None) -> Any:
@@ -225,6 +440,7 @@ def load_api_client(context: str | None = None) -> Any:
 
 class KubernetesExecutor:
     kind = "kubernetes"
+    container = CONTAINER  # whose log ``logs`` reads
 
     def __init__(
         self, api_client: Any, settings: ControlPlaneSettings, store: StoreSettings | None = None
@@ -243,40 +459,70 @@ class KubernetesExecutor:
         return data
 
     def submit(self, spec: JobSpec) -> dict[str, str]:
+        from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
-        body = build_job(spec, self.settings, self.store_settings)
+        net = client.NetworkingV1Api(self.api)
+        objects = build_objects(spec, self.settings, self.store_settings)
+        for body in objects:
+            try:
+                if body["kind"] == "Service":
+                    self.core.create_namespaced_service(self.namespace, body)  # type: ignore[arg-type]
+                elif body["kind"] == "NetworkPolicy":
+                    net.create_namespaced_network_policy(self.namespace, body)  # type: ignore[arg-type]
+                else:  # a dict body is accepted
+                    self.batch.create_namespaced_job(self.namespace, body)  # type: ignore[arg-type]
+            except ApiException as exc:
+                if exc.status != 409:  # 409: it exists already (a retried submit): nothing to do
+                    raise _unavailable(exc) from exc
+        return {"kind": self.kind, "name": objects[-1]["metadata"]["name"], "namespace": self.namespace}
+
+    def _jobs_of(self, finetune_id: str) -> list[dict[str, Any]]:
+        """The fine-tune's Jobs (one per attempt), oldest attempt first."""
+        from kubernetes.client.exceptions import ApiException
+
         try:
-            self.batch.create_namespaced_job(self.namespace, body)  # type: ignore[arg-type]  # a dict body is accepted
+            jobs: Any = self.batch.list_namespaced_job(
+                self.namespace, label_selector=f"{LABEL_FINETUNE}={finetune_id}", _request_timeout=30
+            )
         except ApiException as exc:
-            if exc.status != 409:  # 409: the Job exists already (a retried submit): nothing to do
-                raise _unavailable(exc) from exc
-        return {"kind": self.kind, "name": body["metadata"]["name"], "namespace": self.namespace}
+            raise _unavailable(exc) from exc
+        items = [self._to_dict(j) for j in jobs.items or []]
+        # Filter here too: the label selector is advisory for some API servers (and for test doubles).
+        mine = [
+            j
+            for j in items
+            if ((j.get("metadata") or {}).get("labels") or {}).get(LABEL_FINETUNE) == finetune_id
+        ]
+        return sorted(mine, key=_attempt_of)
 
     def status(self, finetune_id: str) -> ExecStatus:
-        from kubernetes.client.exceptions import ApiException
-
-        try:
-            job = self.batch.read_namespaced_job_status(job_name(finetune_id), self.namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return ExecStatus("missing")
-            raise _unavailable(exc) from exc
-        return job_status(self._to_dict(job))
+        jobs = self._jobs_of(finetune_id)
+        return job_status(jobs[-1]) if jobs else ExecStatus("missing")
 
     def cancel(self, finetune_id: str) -> None:
         from kubernetes import client
         from kubernetes.client.exceptions import ApiException
 
-        try:
-            self.batch.delete_namespaced_job(
-                job_name(finetune_id),
-                self.namespace,
-                body=client.V1DeleteOptions(propagation_policy=self.settings.delete_propagation),
-            )
-        except ApiException as exc:
-            if exc.status != 404:
-                raise _unavailable(exc) from exc
+        net = client.NetworkingV1Api(self.api)
+        options = client.V1DeleteOptions(propagation_policy=self.settings.delete_propagation)
+        for job in self._jobs_of(finetune_id) or [{"metadata": {"name": job_name(finetune_id)}}]:
+            name = str(job["metadata"]["name"])
+            multinode = (job.get("spec") or {}).get("completionMode") == "Indexed"
+            deletes: list[tuple[Callable[..., Any], dict[str, Any]]] = [
+                (self.batch.delete_namespaced_job, {"body": options})
+            ]
+            if multinode:
+                deletes += [
+                    (self.core.delete_namespaced_service, {}),
+                    (net.delete_namespaced_network_policy, {}),
+                ]
+            for delete, kwargs in deletes:
+                try:
+                    delete(name, self.namespace, **kwargs)
+                except ApiException as exc:
+                    if exc.status != 404:
+                        raise _unavailable(exc) from exc
 
     def ready(self) -> bool:
         from kubernetes.client.exceptions import ApiException
@@ -297,14 +543,18 @@ class KubernetesExecutor:
 
         try:
             pods: Any = self.core.list_namespaced_pod(
-                self.namespace, label_selector=f"job-name={name}", _request_timeout=30
+                self.namespace, label_selector=f"{self._pod_owner_label()}={name}", _request_timeout=30
             )
         except ApiException as exc:
             raise _unavailable(exc) from exc
         items = [self.api.sanitize_for_serialization(p) for p in pods.items or []]
         # Filter here too: the label selector is advisory for some API servers (and for test doubles).
-        mine = [p for p in items if _pod_job(p) == name]
+        mine = [p for p in items if _pod_job(p, self._pod_owner_label()) == name]
         return sorted(mine, key=_pod_age_key)
+
+    def _pod_owner_label(self) -> str:
+        """The pod label naming the object (Job, JobSet) a pod belongs to."""
+        return "job-name"
 
     def _open_log(self, pod: str, follow: bool) -> Any | None:
         """The pod's log as an unread HTTP response, or ``None`` when there is none (yet, or any more)."""
@@ -317,7 +567,7 @@ class KubernetesExecutor:
             return self.core.read_namespaced_pod_log(
                 pod,
                 self.namespace,
-                container=CONTAINER,
+                container=self.container,
                 follow=follow,
                 _preload_content=False,
                 _request_timeout=timeout,
@@ -338,7 +588,8 @@ class KubernetesExecutor:
         that ran. The pod list and the log request are made before this returns, so a failing
         API raises ``Unavailable`` here, before any byte (a REST client gets a 503, not a cut 200).
         """
-        name = job_name(finetune_id)
+        jobs = self._jobs_of(finetune_id)
+        name = str(jobs[-1]["metadata"]["name"]) if jobs else job_name(finetune_id)
         resp = self._open_newest_log(name, follow)
         if resp is not None:
             return _chunks(resp)
@@ -428,9 +679,9 @@ class KubernetesExecutor:
         return thread
 
 
-def _pod_job(pod: Mapping[str, Any]) -> str | None:
+def _pod_job(pod: Mapping[str, Any], label: str = "job-name") -> str | None:
     labels = (pod.get("metadata") or {}).get("labels") or {}
-    value = labels.get("batch.kubernetes.io/job-name") or labels.get("job-name")
+    value = labels.get(label) or (labels.get("batch.kubernetes.io/job-name") if label == "job-name" else None)
     return str(value) if value else None
 
 

@@ -27,6 +27,9 @@ EXIT_REASONS: dict[int, str] = {ExitCode.BAD_INPUT: "BadData", ExitCode.TRANSIEN
 
 class LocalExecutor:
     kind = "local"
+    # One trainer process: a shape with a larger world size is refused at create (422); multi-GPU
+    # and multi-node fine-tunes are for the kubernetes and trainjob executors.
+    max_world_size = 1
 
     def __init__(
         self,

@@ -44,7 +44,9 @@ def create_finetune(
     who: Principal = needs("train"),
 ) -> dict[str, Any]:
     hp = body.hyperparameters.model_dump(exclude_unset=True)  # as sent: the fingerprint depends on it
-    req = FineTuneRequest(body.dataset, body.version, body.base_model, body.stage, hp)
+    req = FineTuneRequest(
+        body.dataset, body.version, body.base_model, body.stage, hp, body.nodes, body.gpus_per_node
+    )
     view, created = c.finetunes.create(req, idempotency_key, created_by=who.name)
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/fine-tunes/{view['id']}"
