@@ -90,6 +90,10 @@ class TrainConfig:
     """Latent/text cache; None: ``<output_dir>/cache``."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint when this much wall time passed since the last checkpoint (or the start), so a
+    lost node costs at most that much work whatever the step rate; 0: by steps only. The main
+    process decides (its clock) and every process follows."""
     keep_last: int = 3
     eval_every: int = 0
     """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
