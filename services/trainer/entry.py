@@ -66,6 +66,7 @@ from services.trainer.ranks import (
     ShapeError,
     launch_node,
     node_shape,
+    worst,
 )
 
 log = logging.getLogger("huvidpo.trainer")
@@ -228,13 +229,19 @@ def run(
         log.error("object store unavailable: %s", exc)
         return exc.outcome[0]
     code: int
+    own = False
     try:
         code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks, ranks, group)
     except Exception as exc:
         code, reason, message = _classify(exc)
+        own = not isinstance(exc, PeerFailed) and reason != "PeerLost"
     # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
     work = Path(settings.work_dir) / finetune_id
     message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
+    if reason == "PeerLost":  # why the peer went away, if it could say (bad data: exit 2 for all)
+        code, reason, message = worst([(code, reason, message), *group.posted()])
+    elif code != ExitCode.OK and own:
+        group.post((code, reason, message))  # this rank's own failure, for rank 0, before it leaves
     if progress is None:  # not rank 0: rank 0 records the attempt's end
         if code != ExitCode.OK and reason != "Cancelled":
             log.warning("rank %d exits with %d (%s): %s", ranks.rank, code, reason, message)

@@ -18,6 +18,7 @@ exit code is then torchrun's.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -194,6 +195,36 @@ class Group:
         gathered: list[Any] = [None] * self.ranks.world_size
         dist.all_gather_object(gathered, mine, group=self._group)
         return worst([tuple(o) for o in gathered])  # type: ignore[misc]
+
+    def post(self, outcome: Outcome) -> None:
+        """Leave this rank's failure where rank 0 finds it after this rank exits (the group's
+        rendezvous store): the peers only see a connection go away, not why."""
+        if not self.ranks.distributed:
+            return
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            _get_default_store().set(f"huvidpo/outcome/{self.ranks.rank}", json.dumps(list(outcome)))
+        except Exception as exc:  # best effort: the store may be gone with rank 0's node
+            log.debug("could not post this rank's outcome: %s", exc)
+
+    def posted(self) -> list[Outcome]:
+        """The failures other ranks posted before they went away."""
+        if not self.ranks.distributed:
+            return []
+        found: list[Outcome] = []
+        try:
+            from torch.distributed.distributed_c10d import _get_default_store
+
+            store = _get_default_store()
+            for rank in range(self.ranks.world_size):
+                key = f"huvidpo/outcome/{rank}"
+                if rank != self.ranks.rank and store.check([key]):
+                    code, reason, message = json.loads(store.get(key))
+                    found.append((int(code), reason, str(message)))
+        except Exception as exc:
+            log.debug("could not read the other ranks' outcomes: %s", exc)
+        return found
 
     def phase(self, fn: Callable[[], T], classify: Callable[[BaseException], Outcome]) -> T | None:
         """Run ``fn`` on this rank, then agree: if any rank failed, every rank raises

@@ -257,3 +257,30 @@ def test_killing_one_rank_fails_the_attempt_and_the_retry_resumes_from_the_last_
     assert [(s["attempt"], s["resumed_from_step"]) for s in starts] == [(1, None), (2, published[-1])]
     assert published_steps(store, "ft-k")[-1] == steps
     print(f"killed rank 1 after step {published[-1]}: node exit codes {[75, 1]}, resumed at {published[-1]}")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_bad_data_on_one_rank_fails_the_attempt_as_bad_input(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """Node 1's copy of the dataset is unreadable (as a bad disk would leave it): rank 1 fails with
+    bad input (exit 2, never retried) and the attempt ends with that code and reason on every node,
+    not with rank 0's echo of a lost peer (75, which would retry)."""
+    from services.common.publish import fetch_published
+    from services.common.records import keys
+
+    store, version = _store(tmp_path, tiny_model_dir)
+    _spec(store, "ft-b", version, batch_size=1, max_steps=2)
+    copy = tmp_path / "node1" / "ft-b" / "dataset"
+    fetch_published(store, keys.dataset_version_prefix("cats", version), copy)
+    (copy / ".complete").write_text("")
+    videos = [p for p in copy.rglob("*") if p.suffix in (".mp4", ".webm", ".gif")]
+    assert videos
+    for p in videos:
+        p.write_bytes(b"not a video")
+    codes = _wait(_start_nodes(store, "ft-b", tmp_path, 1), tmp_path)
+    logs = "".join(f.read_text()[-3000:] for f in sorted(tmp_path.glob("node*.log")))
+    # Rank 0 saw its peer go away, and took the reason rank 1 left: the whole group exits 2.
+    assert codes == [ExitCode.BAD_INPUT, ExitCode.BAD_INPUT], logs
+    end = _events(store, "ft-b")[-1]
+    assert (end["event"], end["exit_code"], end["reason"]) == ("end", 2, "DatasetError"), end
+    assert "videos/p0_v0.mp4" in end["message"] and str(tmp_path) not in end["message"], end
