@@ -50,7 +50,6 @@ BOUNDS: dict[str, Bound] = {
     "seed": Bound(0, 2**32 - 1),
     # checkpoints, evaluation, logging
     "checkpoint_every": Bound(0, MAX_STEPS),
-    "checkpoint_minutes": Bound(0, 10_080),  # a week
     "keep_last": Bound(1, 1000),
     "eval_every": Bound(0, MAX_STEPS),
     "log_every": Bound(1, MAX_STEPS),
