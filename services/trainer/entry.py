@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     if shape is not None and shape.world_size > 1:
         # A node of a multi-process fine-tune: torchrun's launcher starts this node's workers, each
         # running this entrypoint as one rank (signals reach them through the launcher).
-        return launch_node(shape, run_id=settings.finetune_id or "huvidpo")
+        return launch_node(shape)
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:

@@ -48,16 +48,17 @@ class NodeShape:
     def world_size(self) -> int:
         return self.nnodes * self.nproc_per_node
 
-    def torchrun_args(self, run_id: str = "huvidpo") -> list[str]:
+    def torchrun_args(self) -> list[str]:
         """``torchrun``'s arguments for this node (static rendezvous on node 0, no restarts: a failed
-        worker fails the attempt, and the control plane starts the next one, which resumes)."""
+        worker fails the attempt, and the control plane starts the next one, which resumes). The
+        rendezvous id stays torchrun's default, so a node started by ``torchrun`` by hand with the
+        same arguments joins the same group."""
         return [
             f"--nnodes={self.nnodes}",
             f"--nproc-per-node={self.nproc_per_node}",
             f"--node-rank={self.node_rank}",
             f"--master-addr={self.master_addr}",
             f"--master-port={self.master_port}",
-            f"--rdzv-id={run_id}",
             "--max-restarts=0",
             "--monitor-interval=0.5",
         ]
@@ -257,7 +258,7 @@ def node_exit_code(codes: Sequence[int]) -> int:
     return int(worst(mapped)[0]) if mapped else int(ExitCode.OK)
 
 
-def launch_node(shape: NodeShape, run_id: str = "huvidpo") -> int:
+def launch_node(shape: NodeShape) -> int:
     """Start this node's ``shape.nproc_per_node`` workers of ``python -m services.trainer`` through
     torchrun's launcher and wait for the group; returns the node's exit code."""
     from torch.distributed.elastic.multiprocessing.api import SignalException
@@ -266,7 +267,7 @@ def launch_node(shape: NodeShape, run_id: str = "huvidpo") -> int:
     from torch.distributed.run import parse_args
     from torch.distributed.run import run as torchrun
 
-    args = [*shape.torchrun_args(run_id), "--module", "services.trainer"]
+    args = [*shape.torchrun_args(), "--module", "services.trainer"]
     log.info("node %d of %d: torchrun %s", shape.node_rank, shape.nnodes, " ".join(args))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
     saved = dict(os.environ)

@@ -150,9 +150,12 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_nodes(store: LocalStore, ft: str, tmp_path: Path, attempt: int) -> list[subprocess.Popen[str]]:
+def _start_nodes(
+    store: LocalStore, ft: str, tmp_path: Path, attempt: int, torchrun_node1: bool = False
+) -> list[subprocess.Popen[str]]:
     """Two pods of a 2-node Indexed Job: the same command, ``PET_*`` variables as Kubeflow Trainer
-    sets them (an Indexed Job: the same, node rank from the completion index), a work dir each."""
+    sets them (an Indexed Job: the same, node rank from the completion index), a work dir each.
+    ``torchrun_node1``: node 1 runs the ``torchrun`` command by hand instead (same env)."""
     port = _free_port()
     nodes = []
     for index in (0, 1):
@@ -164,7 +167,12 @@ def _start_nodes(store: LocalStore, ft: str, tmp_path: Path, attempt: int) -> li
             "JOB_COMPLETION_INDEX": str(index), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
         }  # fmt: skip
         log = (tmp_path / f"node{index}-attempt{attempt}.log").open("w")
-        nodes.append(subprocess.Popen([sys.executable, "-m", "services.trainer"], env=env, cwd=tmp_path,
+        cmd = [sys.executable, "-m", "services.trainer"]
+        if index == 1 and torchrun_node1:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=1",
+                   "--node-rank=1", "--master-addr=127.0.0.1", f"--master-port={port}", "--max-restarts=0",
+                   "-m", "services.trainer"]  # fmt: skip
+        nodes.append(subprocess.Popen(cmd, env=env, cwd=tmp_path,
                                       stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True))  # fmt: skip
     return nodes
 
@@ -248,8 +256,9 @@ def test_killing_one_rank_fails_the_attempt_and_the_retry_resumes_from_the_last_
     assert published[-1] < steps, "the attempt finished before the kill"
 
     # The retry (the control plane starts a new attempt of the whole group) resumes on every rank
-    # from the newest published checkpoint and finishes.
-    nodes = _start_nodes(store, "ft-k", tmp_path, 2)
+    # from the newest published checkpoint and finishes. (Node 1 is started by the torchrun command
+    # itself this time: a worker it starts is a rank of the same group.)
+    nodes = _start_nodes(store, "ft-k", tmp_path, 2, torchrun_node1=True)
     codes = _wait(nodes, tmp_path)
     logs = "".join(f.read_text()[-3000:] for f in sorted(tmp_path.glob("node*attempt2.log")))
     assert codes == [0, 0], logs
