@@ -293,3 +293,32 @@ def test_bad_data_on_one_rank_fails_the_attempt_as_bad_input(tmp_path: Path, tin
     end = _events(store, "ft-b")[-1]
     assert (end["event"], end["exit_code"], end["reason"]) == ("end", 2, "DatasetError"), end
     assert "videos/p0_v0.mp4" in end["message"] and str(tmp_path) not in end["message"], end
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_sigterm_to_one_node_checkpoints_the_whole_group_and_exits_75(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """A preempted node (Kubernetes sends its pod SIGTERM): every rank stops at the same step, rank 0
+    publishes a checkpoint of it, and both nodes exit 75, so the retry loses no step."""
+    store, version = _store(tmp_path, tiny_model_dir)
+    steps = 30
+    _spec(store, "ft-s", version, batch_size=1, max_steps=steps, checkpoint_every=0)
+    nodes = _start_nodes(store, "ft-s", tmp_path, 1)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and nodes[1].poll() is None:
+        if store.exists("finetunes/ft-s/progress.jsonl") and any(
+            e["event"] == "step" for e in _events(store, "ft-s")
+        ):
+            break
+        time.sleep(0.05)
+    nodes[1].send_signal(signal.SIGTERM)  # node 1's launcher, as the kubelet signals a pod's first process
+    codes = _wait(nodes, tmp_path)
+    logs = "".join(f.read_text()[-3000:] for f in sorted(tmp_path.glob("node*.log")))
+    assert codes == [ExitCode.TRANSIENT, ExitCode.TRANSIENT], logs
+    events = _events(store, "ft-s")
+    end = events[-1]
+    assert (end["event"], end["exit_code"], end["reason"]) == ("end", 75, "Stopped"), end
+    last_step = max(e["step"] for e in events if e["event"] == "step")
+    assert last_step < steps and published_steps(store, "ft-s") == [last_step], (last_step, logs)
