@@ -151,7 +151,13 @@ def _free_port() -> int:
 
 
 def _start_nodes(
-    store: LocalStore, ft: str, tmp_path: Path, attempt: int, torchrun_node1: bool = False, **extra_env: str
+    store: LocalStore,
+    ft: str,
+    tmp_path: Path,
+    attempt: int,
+    *,
+    torchrun_node1: bool = False,
+    **extra_env: str,
 ) -> list[subprocess.Popen[str]]:
     """Two pods of a 2-node Indexed Job: the same command, ``PET_*`` variables as Kubeflow Trainer
     sets them (an Indexed Job: the same, node rank from the completion index), a work dir each.
