@@ -157,7 +157,7 @@ def _start_nodes(
     attempt: int,
     *,
     torchrun_node1: bool = False,
-    **extra_env: str,
+    extra_env: dict[str, str] | None = None,
 ) -> list[subprocess.Popen[str]]:
     """Two pods of a 2-node Indexed Job: the same command, ``PET_*`` variables as Kubeflow Trainer
     sets them (an Indexed Job: the same, node rank from the completion index), a work dir each.
@@ -171,7 +171,7 @@ def _start_nodes(
             "HUVIDPO_TRAINER_FINETUNE_ID": ft, "HUVIDPO_TRAINER_WORK_DIR": str(tmp_path / f"node{index}"),
             "HUVIDPO_TRAINER_DEVICE": "cpu", "PET_NNODES": "2", "PET_NPROC_PER_NODE": "1",
             "JOB_COMPLETION_INDEX": str(index), "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port),
-            **extra_env,
+            **(extra_env or {}),
         }  # fmt: skip
         log = (tmp_path / f"node{index}-attempt{attempt}.log").open("w")
         cmd = [sys.executable, "-m", "services.trainer"]
@@ -247,7 +247,7 @@ def test_killing_one_rank_fails_the_attempt_and_the_retry_resumes_from_the_last_
     # every rank follows (a rank that did not would hang in the checkpoint's barrier).
     _spec(store, "ft-k", version, batch_size=1, max_steps=steps, checkpoint_every=0)
     every_step = {"HUVIDPO_TRAINER_CHECKPOINT_MINUTES": "0.00001"}
-    nodes = _start_nodes(store, "ft-k", tmp_path, 1, **every_step)
+    nodes = _start_nodes(store, "ft-k", tmp_path, 1, extra_env=every_step)
     deadline = time.monotonic() + 180
     while not published_steps(store, "ft-k") and time.monotonic() < deadline and nodes[1].poll() is None:
         time.sleep(0.05)
@@ -268,7 +268,7 @@ def test_killing_one_rank_fails_the_attempt_and_the_retry_resumes_from_the_last_
     # The retry (the control plane starts a new attempt of the whole group) resumes on every rank
     # from the newest published checkpoint and finishes. (Node 1 is started by the torchrun command
     # itself this time: a worker it starts is a rank of the same group.)
-    nodes = _start_nodes(store, "ft-k", tmp_path, 2, torchrun_node1=True, **every_step)
+    nodes = _start_nodes(store, "ft-k", tmp_path, 2, torchrun_node1=True, extra_env=every_step)
     codes = _wait(nodes, tmp_path)
     logs = "".join(f.read_text()[-3000:] for f in sorted(tmp_path.glob("node*attempt2.log")))
     assert codes == [0, 0], logs
