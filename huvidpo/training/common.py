@@ -132,10 +132,16 @@ def any_process(accelerator: Any, flag: bool) -> bool:
 
     A stop request seen by one process only would otherwise leave the others waiting forever in the
     next gradient all-reduce or checkpoint barrier."""
+    return any_processes(accelerator, [flag])[0]
+
+
+def any_processes(accelerator: Any, flags: Sequence[bool]) -> list[bool]:
+    """:func:`any_process` of several flags in one collective (one all-reduce per step for all of
+    them). A flag only the main process sets is its decision broadcast to all."""
     if accelerator.num_processes == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(t, reduction="sum").item() > 0)
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=accelerator.device)
+    return [bool(v > 0) for v in accelerator.reduce(t, reduction="sum").tolist()]
 
 
 def mean_over_processes(accelerator: Any, values: dict[str, float]) -> dict[str, float]:
@@ -334,7 +340,7 @@ def sample_timesteps(cfg: TrainConfig, n: int, generator: torch.Generator) -> to
 def resume_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Config keys whose change makes a resumed run a different run."""
     free = {
-        "max_steps", "epochs", "checkpoint_every", "keep_last", "eval_every", "log_every", "plot",
+        "max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_last", "eval_every", "log_every", "plot",
         "device", "output_dir", "cache_dir", "model", "dataset", "unet_dir", "cache_latents",
         "dataset_digest", "base_model_digest",  # identities the caller records; not checked before either
     }  # fmt: skip

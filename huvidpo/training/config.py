@@ -90,6 +90,10 @@ class TrainConfig:
     """Latent/text cache; None: ``<output_dir>/cache``."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
+    checkpoint_minutes: float = 0.0
+    """Also checkpoint when this much wall time passed since the last checkpoint (or the start), so a
+    lost node costs at most that much work whatever the step rate; 0: by steps only. The main
+    process decides (its clock) and every process follows."""
     keep_last: int = 3
     eval_every: int = 0
     """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
@@ -173,8 +177,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}", field="max_steps")
-        for name in ("checkpoint_every", "eval_every", "lr_warmup_steps"):
-            if getattr(self, name) < 0:
+        for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "lr_warmup_steps"):
+            if not getattr(self, name) >= 0:  # (NaN too)
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", field=name)
         if not 0.0 <= self.hflip_p <= 1.0:
             raise ConfigError(f"hflip_p must be in [0, 1], got {self.hflip_p}", field="hflip_p")

@@ -21,7 +21,7 @@ from huvidpo.training.checkpoint import CheckpointError, latest_checkpoint, read
 from huvidpo.training.common import (
     ShouldStop,
     TrainResult,
-    any_process,
+    any_processes,
     build_optimizer,
     build_scheduler,
     checkpoint_saver,
@@ -107,7 +107,8 @@ def train(
     ``should_stop()`` is polled before every step (on every process; one True stops all); a stopped
     run writes a checkpoint and returns with ``stopped=True``. With ``resume`` the newest complete
     checkpoint under ``<output_dir>/checkpoints`` is restored (weights, optimizer, schedule, RNG).
-    Checkpoints every ``checkpoint_every`` steps (0: only at the end) and at the last step."""
+    Checkpoints every ``checkpoint_every`` steps (0: only at the end), when ``checkpoint_minutes`` of
+    wall time passed since the last one, and at the last step."""
     cfg.validate()
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -141,11 +142,21 @@ def train(
     stopped = False
     step = start_step
     mine = rank_slice(rank, cfg.batch_size)
+    saved_at = time.monotonic()  # the main process's clock decides when a checkpoint is due by time
     while step < total_steps:
-        if any_process(accelerator, should_stop is not None and should_stop()):
+        due = (
+            cfg.checkpoint_minutes > 0
+            and step > start_step
+            and time.monotonic() - saved_at >= 60 * cfg.checkpoint_minutes
+        )
+        stop_now, due = any_processes(
+            accelerator, [should_stop is not None and should_stop(), due and accelerator.is_main_process]
+        )
+        if (stop_now or due) and saved_step != step:
+            last_ckpt = save(step) or last_ckpt  # the state after the previous step
+            saved_step, saved_at = step, time.monotonic()
+        if stop_now:
             stopped = True
-            if saved_step != step:
-                last_ckpt = save(step) or last_ckpt
             break
         t0 = time.perf_counter()
         # The step's draws are made for the whole global batch; this process takes its slice.
@@ -180,7 +191,7 @@ def train(
             cb.on_step(last_metrics)
         if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == total_steps:
             last_ckpt = save(step) or last_ckpt  # checkpoint_every 0: only at the end (and when stopped)
-            saved_step = step
+            saved_step, saved_at = step, time.monotonic()
 
     weights_dir: Path | None = None
     if not stopped:

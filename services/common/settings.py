@@ -309,6 +309,9 @@ class TrainerSettings(BaseSettings):
     device: str = "cpu"
     # Upload a checkpoint every this many optimizer steps (0: only at the end).
     checkpoint_every: int = Field(default=0, ge=0)
+    # ... and whenever this many minutes passed since the last one (0: off), so losing a node costs
+    # at most this much work whatever the step rate (a fine-tune's own checkpoint_minutes wins).
+    checkpoint_minutes: float = Field(default=30.0, ge=0, le=10_080)
     # Serve /metrics (step, loss, implicit reward accuracy...) here while training; 0: no server.
     metrics_port: int = Field(default=0, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"

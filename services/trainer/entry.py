@@ -9,6 +9,13 @@
    is uploaded as is to ``checkpoints/ckpt-{id}-{step}/`` with its manifest written last, and a
    resume downloads it as is; progress records go to ``finetunes/{id}/progress.jsonl``.
 
+Several processes (GPUs, nodes): every process runs this as one rank of a torchrun group
+(``services.trainer.ranks``; the pod's command stays ``python -m services.trainer``, the shape comes
+from the ``PET_*`` variables). Rank 0 reads the spec and the resume point; each node's local rank 0
+fetches the inputs and the checkpoint into that node's work dir while the others wait; every rank
+restores the same checkpoint; only rank 0 writes progress and publishes checkpoints. A failure on
+any rank ends every rank's attempt with the most severe code.
+
 Exit codes (``ExitCode``, docs/CONTRACTS.md): 0 success; 2 bad data or config (never retried:
 podFailurePolicy FailJob); 75 transient (store unreachable, preempted by SIGTERM: retried); 1 anything else.
 """
@@ -50,6 +57,16 @@ from services.common.store import (
     ObjectStore,
     StoreUnavailable,
     make_store,
+)
+from services.trainer.ranks import (
+    Group,
+    Outcome,
+    PeerFailed,
+    Ranks,
+    ShapeError,
+    launch_node,
+    node_shape,
+    worst,
 )
 
 log = logging.getLogger("huvidpo.trainer")
@@ -189,40 +206,46 @@ def run(
     settings: TrainerSettings,
     stop: list[bool] | None = None,
     callbacks: tuple[Any, ...] = (),
+    ranks: Ranks | None = None,
 ) -> int:
-    """Run one fine-tune attempt (``callbacks`` see every step too); returns the exit code."""
+    """Run one fine-tune attempt on this rank (``callbacks`` see every step too, on rank 0); returns
+    the exit code. With several ranks (``ranks``, default: from torchrun's variables) every rank
+    calls this; a failure on any rank ends every rank's attempt with the worst code (:func:`worst`)."""
     finetune_id = settings.finetune_id
     if not finetune_id:
         log.error("HUVIDPO_TRAINER_FINETUNE_ID is not set")
         return ExitCode.BAD_INPUT
     stop = stop if stop is not None else [False]
+    ranks = ranks if ranks is not None else Ranks.from_environ()
     try:
-        progress = ProgressWriter(store, finetune_id)
-    except StoreUnavailable as exc:
-        log.error("object store unavailable: %s", exc)
+        group = Group(ranks, cpu=settings.device == "cpu")
+    except Exception as exc:  # the training group never formed: a peer or the rendezvous went away
+        log.warning("rank %d could not join the group: %s", ranks.rank, exc)
         return ExitCode.TRANSIENT
     try:
-        code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks)
-    except StoreUnavailable as exc:
-        code, reason, message = ExitCode.TRANSIENT, "StoreUnavailable", str(exc)
-    except (ConnectionError, TimeoutError) as exc:
-        code, reason, message = ExitCode.TRANSIENT, "Transient", str(exc)
-    except BadInput as exc:
-        code, reason, message = ExitCode.BAD_INPUT, "BadInput", str(exc)
+        # Only rank 0 writes the progress records (one writer: the object has no append).
+        progress = group.phase(lambda: ProgressWriter(store, finetune_id) if ranks.main else None, _classify)
+    except PeerFailed as exc:
+        log.error("object store unavailable: %s", exc)
+        return exc.outcome[0]
+    code: int
+    own = False
+    try:
+        code, reason, message = _run(store, settings, finetune_id, progress, stop, callbacks, ranks, group)
     except Exception as exc:
-        from huvidpo.data import ClipError, DatasetError
-        from huvidpo.training import CheckpointError, ConfigError
-        from huvidpo.video_io import VideoDecodeError
-
-        # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
-        if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
-            code, reason, message = ExitCode.BAD_INPUT, type(exc).__name__, str(exc)
-        else:
-            log.exception("trainer failed")
-            code, reason, message = ExitCode.FAILED, type(exc).__name__, str(exc)
+        code, reason, message = _classify(exc)
+        own = not isinstance(exc, PeerFailed) and reason != "PeerLost"
     # Name the dataset's files as the user uploaded them, not by this trainer's local copy.
     work = Path(settings.work_dir) / finetune_id
     message = message.replace(f"{work}/dataset/data/", "").replace(f"{work}/", "")
+    if reason == "PeerLost":  # why the peer went away, if it could say (bad data: exit 2 for all)
+        code, reason, message = worst([(code, reason, message), *group.posted()])
+    elif code != ExitCode.OK and own:
+        group.post((code, reason, message))  # this rank's own failure, for rank 0, before it leaves
+    if progress is None:  # not rank 0: rank 0 records the attempt's end
+        if code != ExitCode.OK and reason != "Cancelled":
+            log.warning("rank %d exits with %d (%s): %s", ranks.rank, code, reason, message)
+        return code
     try:
         if code == ExitCode.OK:
             log.info("fine-tune %s succeeded: %s", finetune_id, message)
@@ -246,94 +269,173 @@ def run(
     return code
 
 
-def _run(
-    store: ObjectStore,
-    settings: TrainerSettings,
-    finetune_id: str,
-    progress: ProgressWriter,
-    stop: list[bool],
-    callbacks: tuple[Any, ...] = (),
-) -> tuple[ExitCode, str | None, str]:
-    from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
+def _classify(exc: BaseException) -> Outcome:
+    """(exit code, reason, message) of an attempt that raised ``exc``."""
+    from huvidpo.data import ClipError, DatasetError
+    from huvidpo.training import CheckpointError, ConfigError
+    from huvidpo.video_io import VideoDecodeError
 
+    if isinstance(exc, PeerFailed):
+        return exc.outcome
+    if isinstance(exc, StoreUnavailable):
+        return ExitCode.TRANSIENT, "StoreUnavailable", str(exc)
+    if isinstance(exc, ConnectionError | TimeoutError):
+        return ExitCode.TRANSIENT, "Transient", str(exc)
+    if isinstance(exc, BadInput):
+        return ExitCode.BAD_INPUT, "BadInput", str(exc)
+    # Data or config the trainer cannot use: a retry would fail the same way (exit 2, no retry).
+    if isinstance(exc, DatasetError | ConfigError | CheckpointError | ClipError | VideoDecodeError):
+        return ExitCode.BAD_INPUT, type(exc).__name__, str(exc)
+    if _peer_lost(exc):
+        # Another process of the group went away (its node was lost, it was killed or failed): the
+        # next attempt of the whole group resumes from the last published checkpoint.
+        return ExitCode.TRANSIENT, "PeerLost", f"another process of the training group went away: {exc}"
+    log.exception("trainer failed")
+    return ExitCode.FAILED, type(exc).__name__, str(exc)
+
+
+def _peer_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because a peer went away (gloo raises a plain
+    RuntimeError naming the connection; NCCL and the c10d store raise ``DistError``s)."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and any(
+        s in text for s in ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "gloo")
+    )
+
+
+def _plan(store: ObjectStore, finetune_id: str) -> dict[str, Any]:
+    """What every rank trains on, read once by rank 0: the spec, the digests of the publications it
+    names, the published resume point and the Job's name."""
     spec = read_spec(store, finetune_id)
     if spec is None:
         raise BadInput(f"fine-tune {finetune_id} has no spec in the store")
-    work = Path(settings.work_dir) / finetune_id
-    work.mkdir(parents=True, exist_ok=True)
-    dataset_dir = work / "dataset"
-    model_dir = work / "model"
     try:
-        if not (dataset_dir / ".complete").exists():
-            shutil.rmtree(dataset_dir, ignore_errors=True)
-            fetch_published(store, keys.dataset_version_prefix(spec.dataset, spec.version), dataset_dir)
-            (dataset_dir / ".complete").write_text("")
-        if not (model_dir / ".complete").exists():
-            shutil.rmtree(model_dir, ignore_errors=True)
-            fetch_published(store, keys.model_prefix(spec.base_model), model_dir)
-            (model_dir / ".complete").write_text("")
-        # Identity of what this run trains on: the one digest of the publications just verified.
+        # Identity of what this run trains on: the one digest of the publications it fetches.
         dataset_digest = DatasetVersionManifest.model_validate(
             read_manifest(store, keys.dataset_version_prefix(spec.dataset, spec.version))
         ).content_digest()
         base_model_digest = content_digest(read_manifest(store, keys.model_prefix(spec.base_model))["files"])
     except NotPublished as exc:
         raise BadInput(str(exc)) from exc
+    # Resume from the newest *published* checkpoint only: a local one may never have reached the store.
+    steps = published_steps(store, finetune_id)
+    return {
+        "spec": spec,
+        "dataset_digest": dataset_digest,
+        "base_model_digest": base_model_digest,
+        "resume_step": steps[-1] if steps else None,
+        "job": _job_name(store, finetune_id),
+    }
+
+
+def _fetch(store: ObjectStore, spec: Any, finetune_id: str, work: Path, resume_step: int | None) -> None:
+    """Fetch the dataset version, the base model, the pairs and the resume checkpoint into ``work``
+    (one process per node: its work dir), verifying every digest."""
+    dataset_dir, model_dir = work / "dataset", work / "model"
+    try:
+        for target, prefix in (
+            (dataset_dir, keys.dataset_version_prefix(spec.dataset, spec.version)),
+            (model_dir, keys.model_prefix(spec.base_model)),
+        ):
+            if not (target / ".complete").exists():
+                shutil.rmtree(target, ignore_errors=True)
+                fetch_published(store, prefix, target)
+                (target / ".complete").write_text("")
+    except NotPublished as exc:
+        raise BadInput(str(exc)) from exc
+    if spec.pairs is not None:
+        _fetch_pairs(store, spec.pairs, work / "pairs.jsonl")
+    ckpt_dir = work / "out" / "checkpoints"
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    if resume_step is not None:
+        restore_checkpoint(store, finetune_id, resume_step, ckpt_dir)
+
+
+def _run(
+    store: ObjectStore,
+    settings: TrainerSettings,
+    finetune_id: str,
+    progress: ProgressWriter | None,
+    stop: list[bool],
+    callbacks: tuple[Any, ...] = (),
+    ranks: Ranks | None = None,
+    group: Group | None = None,
+) -> tuple[ExitCode, str | None, str]:
+    from huvidpo.training import DPOConfig, LogMetrics, Stage1Config, run_dpo, run_stage1
+
+    ranks = ranks or Ranks()
+    group = group or Group(ranks, cpu=True)
+    plan = group.broadcast(group.phase(lambda: _plan(store, finetune_id) if ranks.main else None, _classify))
+    assert plan is not None
+    spec, resume_step = plan["spec"], plan["resume_step"]
+    work = Path(settings.work_dir) / finetune_id
     out = work / "out"
     inputs: dict[str, Any] = {
-        "model": str(model_dir),
-        "dataset": str(dataset_dir / "data"),
+        "model": str(work / "model"),
+        "dataset": str(work / "dataset" / "data"),
         "output_dir": str(out),
         "device": settings.device,
         "plot": False,
-        "dataset_digest": dataset_digest,
-        "base_model_digest": base_model_digest,
+        "dataset_digest": plan["dataset_digest"],
+        "base_model_digest": plan["base_model_digest"],
     }
     if spec.pairs is not None:
-        inputs["pairs_file"] = str(_fetch_pairs(store, spec.pairs, work / "pairs.jsonl"))
-    if settings.checkpoint_every and "checkpoint_every" not in spec.hyperparameters.model_fields_set:
+        inputs["pairs_file"] = str(work / "pairs.jsonl")
+    set_by_spec = spec.hyperparameters.model_fields_set
+    if settings.checkpoint_every and "checkpoint_every" not in set_by_spec:
         inputs["checkpoint_every"] = settings.checkpoint_every
-    cfg = hyperparameters.to_config(spec.stage, spec.hyperparameters, **inputs)
-    cfg.validate()
+    if "checkpoint_minutes" not in set_by_spec:
+        inputs["checkpoint_minutes"] = settings.checkpoint_minutes
 
-    # Resume from the newest *published* checkpoint only: a local one may never have reached the store.
-    ckpt_dir = out / "checkpoints"
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    steps = published_steps(store, finetune_id)
-    resume_step = steps[-1] if steps else None
+    def prepare() -> Any:
+        config = hyperparameters.to_config(spec.stage, spec.hyperparameters, **inputs)
+        config.validate()
+        if ranks.node_main:  # the other processes of this node wait for its fetch in the agreement
+            work.mkdir(parents=True, exist_ok=True)
+            _fetch(store, spec, finetune_id, work, resume_step)
+        return config
+
+    cfg = group.phase(prepare, _classify)
+    assert cfg is not None
     if resume_step is not None:
-        restore_checkpoint(store, finetune_id, resume_step, ckpt_dir)
         log.info("resuming fine-tune %s from published checkpoint at step %d", finetune_id, resume_step)
-    lineage = Lineage.model_validate(
-        {
-            **spec.lineage,
-            "dataset_digest": dataset_digest,
-            "base_model_digest": base_model_digest,
-            "finetune_id": finetune_id,
-            "config": {k: v for k, v in cfg.to_dict().items() if k not in _LOCAL_CONFIG},
-            "job": _job_name(store, finetune_id),
-        }
-    )
     total = cfg.max_steps
-    progress.add(
-        StartEvent(total_steps=total, resumed_from_step=resume_step, attempt=progress.attempts() + 1)
-    )
-    log.info(
-        "fine-tune %s: %s on dataset %s version %s, base model %s, %s steps, attempt %d%s",
-        finetune_id, spec.stage, spec.dataset, str(spec.version)[:12], spec.base_model,
-        total if total is not None else f"{cfg.epochs} epochs of", progress.attempts(),
-        f", resuming at step {resume_step}" if resume_step is not None else "",
-    )  # fmt: skip
-    callback = StoreCallback(store, progress, finetune_id, lineage, total)
+    cbs: list[Any] = [LogMetrics()]  # 'written' is logged before 'uploaded'
+    if progress is not None:  # rank 0: the only one that records progress and publishes
+        lineage = Lineage.model_validate(
+            {
+                **spec.lineage,
+                "dataset_digest": plan["dataset_digest"],
+                "base_model_digest": plan["base_model_digest"],
+                "finetune_id": finetune_id,
+                "config": {k: v for k, v in cfg.to_dict().items() if k not in _LOCAL_CONFIG},
+                "job": plan["job"],
+            }
+        )
+        progress.add(
+            StartEvent(total_steps=total, resumed_from_step=resume_step, attempt=progress.attempts() + 1)
+        )
+        log.info(
+            "fine-tune %s: %s on dataset %s version %s, base model %s, %s steps, attempt %d%s%s",
+            finetune_id, spec.stage, spec.dataset, str(spec.version)[:12], spec.base_model,
+            total if total is not None else f"{cfg.epochs} epochs of", progress.attempts(),
+            f", resuming at step {resume_step}" if resume_step is not None else "",
+            f", {ranks.world_size} processes" if ranks.distributed else "",
+        )  # fmt: skip
+        cbs += [StoreCallback(store, progress, finetune_id, lineage, total), *callbacks]
     should_stop = lambda: stop[0]  # noqa: E731
-    cbs = [LogMetrics(), callback, *callbacks]  # 'written' is logged before 'uploaded'
     if isinstance(cfg, DPOConfig):
         result = run_dpo(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
     else:
         assert isinstance(cfg, Stage1Config)
         result = run_stage1(cfg, cbs, should_stop=should_stop, resume=resume_step is not None)
-    progress.flush()
-    if result.stopped and _cancel_requested(store, finetune_id):
+    if progress is not None:
+        progress.flush()
+    if result.stopped and progress is not None and _cancel_requested(store, finetune_id):
         return ExitCode.TRANSIENT, "Cancelled", f"cancelled on request at step {result.steps}"
     if result.stopped:
         return (
@@ -386,6 +488,15 @@ def main(argv: list[str] | None = None) -> int:
         # A configuration error: retrying cannot fix it (docs/CONTRACTS.md, exit 2).
         print(f"huvidpo-trainer: {exc}", file=sys.stderr)
         return ExitCode.BAD_INPUT
+    try:
+        shape = node_shape()
+    except ShapeError as exc:
+        print(f"huvidpo-trainer: {exc}", file=sys.stderr)
+        return ExitCode.BAD_INPUT
+    if shape is not None and shape.world_size > 1:
+        # A node of a multi-process fine-tune: torchrun's launcher starts this node's workers, each
+        # running this entrypoint as one rank (signals reach them through the launcher).
+        return launch_node(shape)
     stop = [False]
 
     def on_term(signum: int, frame: object) -> None:
@@ -394,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
         stop[0] = True
 
     signal.signal(signal.SIGTERM, on_term)
-    if not settings.metrics_port:
+    if not settings.metrics_port or not Ranks.from_environ().main:  # one /metrics: rank 0's
         return run(store, settings, stop)
     from services.trainer.metrics import TrainerMetrics
 
