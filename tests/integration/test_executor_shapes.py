@@ -47,6 +47,7 @@ def _settings(tmp: Path, **kw: Any) -> ControlPlaneSettings:
         "service_account": "huvidpo-trainer",
         "priority_class": "huvidpo-training",
         "queue_name": "gpu-queue",
+        "dev_mode": True,  # open on 127.0.0.1 (the test's own control plane)
     }
     base.update(kw)
     return ControlPlaneSettings(**base)
@@ -54,6 +55,10 @@ def _settings(tmp: Path, **kw: Any) -> ControlPlaneSettings:
 
 def _spec(nodes: int, gpus: int, attempt: int = 1) -> JobSpec:
     return JobSpec(FT, LINEAGE, {"stage": "dpo"}, nodes=nodes, gpus_per_node=gpus, attempt=attempt)
+
+
+def _plain_env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container["env"] if "value" in e}
 
 
 def _env(container: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,15 +96,11 @@ def test_the_objects_of_each_shape_are_valid_kubernetes_objects(
         assert [o["kind"] for o in objects] == ["Job"]
         assert gpu_limit == "8"  # gpu_count, as before shapes
     elif nodes == 1:
-        assert cmd == [
-            "torchrun",
-            "--nnodes=1",
-            "--nproc-per-node=4",
-            "--max-restarts=0",
-            "--standalone",
-            "-m",
-            "services.trainer",
-        ]
+        # the trainer starts its 4 workers itself (services/trainer/ranks.py), from the shape's env
+        assert cmd == ["python", "-m", "services.trainer"]
+        assert {k: v for k, v in _plain_env(container).items() if k.startswith("PET_")} == {
+            "PET_NNODES": "1", "PET_NPROC_PER_NODE": "4", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": "29500",
+        }  # fmt: skip
         assert "completionMode" not in job["spec"] and [o["kind"] for o in objects] == ["Job"]
         assert gpu_limit == "4"
     else:
@@ -109,18 +110,12 @@ def test_the_objects_of_each_shape_are_valid_kubernetes_objects(
         assert (s["completionMode"], s["completions"], s["parallelism"]) == ("Indexed", 4, 4)
         assert (s["backoffLimitPerIndex"], s["maxFailedIndexes"]) == (0, 0) and "backoffLimit" not in s
         assert pod["subdomain"] == name == objects[0]["metadata"]["name"]
-        assert cmd == [
-            "torchrun",
-            "--nnodes=4",
-            "--nproc-per-node=8",
-            "--max-restarts=0",
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={name}-0.{name}",
-            "--master-port=29500",
-            "-m",
-            "services.trainer",
-        ]
-        # $(JOB_COMPLETION_INDEX) expands only from a variable of the container's env
+        assert cmd == ["python", "-m", "services.trainer"]
+        assert {k: v for k, v in _plain_env(container).items() if k.startswith("PET_")} == {
+            "PET_NNODES": "4", "PET_NPROC_PER_NODE": "8", "PET_MASTER_ADDR": f"{name}-0.{name}",
+            "PET_MASTER_PORT": "29500",
+        }  # fmt: skip
+        # the node rank: the completion index, from the container's own env
         assert _env(container)["JOB_COMPLETION_INDEX"]["fieldRef"]["fieldPath"].endswith(
             "['batch.kubernetes.io/job-completion-index']"
         )
@@ -167,7 +162,7 @@ def test_the_trainjob_of_each_shape_is_valid_for_the_trainer_models(
     trainer = spec["trainer"]
     assert (trainer["numNodes"], trainer["numProcPerNode"]) == (nodes, gpus)
     assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == str(8 if nodes * gpus == 1 else gpus)
-    assert trainer["command"] == ["torchrun", "--max-restarts=0", "-m", "services.trainer"]
+    assert trainer["command"] == ["python", "-m", "services.trainer"]  # it reads the runtime's PET_* env
     assert trainer["image"] == settings.trainer_image
     secret = {e["name"]: e for e in trainer["env"]}["HUVIDPO_STORE_SECRET_KEY"]
     assert secret["valueFrom"]["secretKeyRef"]["name"] == settings.store_secret

@@ -55,32 +55,28 @@ def job_name(finetune_id: str, attempt: int = 1) -> str:
     return f"huvidpo-{finetune_id}"[: 63 - len(suffix) - 6].rstrip("-") + suffix
 
 
-def trainer_module(settings: ControlPlaneSettings) -> str:
-    """The module ``trainer_command`` runs (``python -m services.trainer``): torchrun runs the same."""
-    cmd = list(settings.trainer_command)
-    if "-m" in cmd and cmd.index("-m") + 1 < len(cmd):
-        return cmd[cmd.index("-m") + 1]
-    return "services.trainer"
-
-
 def trainer_command(spec: JobSpec, settings: ControlPlaneSettings, master: str | None) -> list[str]:
-    """The container command: the trainer itself for world size 1, else torchrun around the same module.
+    """The container command: the trainer itself, for every shape. With several processes the trainer
+    starts this node's workers through torchrun's launcher from the ``PET_*`` variables of
+    ``shape_env`` (services/trainer/ranks.py) and exits with the workers' own code (2 bad input, 75
+    transient), which ``podFailurePolicy`` acts on; a ``torchrun`` command would exit 1 for both."""
+    return list(settings.trainer_command)
 
-    torchrun restarts nothing (``--max-restarts=0``): a failed group is one failed attempt, and the
-    next attempt is the control plane's. ``master``: rank 0's address for several nodes (static
-    rendezvous, ``$(JOB_COMPLETION_INDEX)`` expanded by the kubelet), None for one node."""
+
+def shape_env(spec: JobSpec, settings: ControlPlaneSettings, master: str | None) -> list[dict[str, Any]]:
+    """The ``PET_*`` variables of the fine-tune's shape (the names Kubeflow Trainer injects); the node
+    rank of a multi-node Indexed Job is its ``JOB_COMPLETION_INDEX``. Empty for one process. torchrun
+    restarts nothing: a failed group is one failed attempt, and the next attempt is the control plane's.
+    ``master``: node 0's address for several nodes (static rendezvous), None for one node (loopback)."""
     if spec.world_size == 1:
-        return list(settings.trainer_command)
-    cmd = ["torchrun", f"--nnodes={spec.nodes}", f"--nproc-per-node={spec.gpus_per_node}", "--max-restarts=0"]
-    if master is None:
-        cmd.append("--standalone")
-    else:
-        cmd += [
-            "--node-rank=$(JOB_COMPLETION_INDEX)",
-            f"--master-addr={master}",
-            f"--master-port={settings.rendezvous_port}",
-        ]
-    return [*cmd, "-m", trainer_module(settings)]
+        return []
+    env = [
+        {"name": "PET_NNODES", "value": str(spec.nodes)},
+        {"name": "PET_NPROC_PER_NODE", "value": str(spec.gpus_per_node)},
+        {"name": "PET_MASTER_ADDR", "value": master or "127.0.0.1"},
+        {"name": "PET_MASTER_PORT", "value": str(settings.rendezvous_port)},
+    ]
+    return env
 
 
 def store_env(store: StoreSettings, secret: str) -> list[dict[str, Any]]:
@@ -191,9 +187,11 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
     annotations = trainer_annotations(spec)
     volumes, mounts = trainer_volumes(settings)
     env = trainer_env(spec, settings, store)
+    master = f"{name}-0.{name}" if multinode else None
+    env += shape_env(spec, settings, master)
     if multinode:
-        # Set here (the Job controller sets it too, unless present) so that $(JOB_COMPLETION_INDEX)
-        # in the command is expanded from the container's own env.
+        # The node rank (services/trainer/ranks.py reads it when PET_NODE_RANK is absent); set here
+        # from the pod's annotation, as the Job controller does, so it does not depend on the version.
         env.insert(
             0,
             {
@@ -205,7 +203,6 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 },
             },
         )
-    master = f"{name}-0.{name}" if multinode else None
     job_labels = dict(labels)
     if settings.queue_name:
         job_labels[LABEL_QUEUE] = settings.queue_name

@@ -4,8 +4,9 @@ For clusters that run Kubeflow Trainer: the TrainJob names a torch runtime (``ru
 ClusterTrainingRuntime, ``torch-distributed`` by default) and sets ``trainer.numNodes``,
 ``numProcPerNode`` and ``resourcesPerNode``; the runtime's JobSet runs one pod per node and injects
 torchrun's settings as ``PET_NNODES``/``PET_NPROC_PER_NODE``/``PET_NODE_RANK``/``PET_MASTER_ADDR``/
-``PET_MASTER_PORT``, which ``torchrun`` reads, so the command is ``torchrun -m services.trainer``
-(the same module as the plain Job). The pod-level settings (volumes, security context, labels) go
+``PET_MASTER_PORT``, which the trainer reads (services/trainer/ranks.py): the command is the plain
+Job's, ``python -m services.trainer``, which starts the node's workers through torchrun's launcher
+and exits with their own code. The pod-level settings (volumes, security context, labels) go
 into a ``runtimePatches`` entry owned by the control plane.
 
 The object is built with the typed models of ``kubeflow-trainer-api`` (``build_trainjob``), so a
@@ -41,7 +42,6 @@ from services.controlplane.executors.kubernetes import (
     trainer_annotations,
     trainer_env,
     trainer_labels,
-    trainer_module,
     trainer_resources,
     trainer_volumes,
 )
@@ -56,8 +56,10 @@ JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 
 
 def trainjob_command(settings: ControlPlaneSettings) -> list[str]:
-    """torchrun reads its topology from the runtime's ``PET_*`` env; it restarts nothing itself."""
-    return ["torchrun", "--max-restarts=0", "-m", trainer_module(settings)]
+    """The trainer itself: it reads its topology from the runtime's ``PET_*`` env and starts this
+    node's workers through torchrun's launcher, restarting nothing (services/trainer/ranks.py), and
+    exits with the workers' own code (2 bad input, 75 transient) where ``torchrun`` would exit 1."""
+    return list(settings.trainer_command)
 
 
 def build_trainjob(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings) -> dict[str, Any]:
