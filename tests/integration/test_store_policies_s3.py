@@ -108,7 +108,9 @@ def test_each_component_does_its_work_and_nothing_outside_its_prefixes(
     publish_dir(root, tiny_model_dir, "models/tiny/", {"id": "tiny"})  # an operator's seeding
 
     # --- control plane: readiness, a dataset version (streamed staging, commit), a fine-tune
-    app = create_app(ControlPlaneSettings(work_dir=tmp_path / "work"), cp, IdleExecutor(), background=False)
+    app = create_app(
+        ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True), cp, IdleExecutor(), background=False
+    )
     client = TestClient(app)
     assert client.get("/readyz").status_code == 200, client.get("/readyz").text
     ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=1, videos_per_prompt=2, num_frames=4, size=32)
@@ -162,7 +164,7 @@ def test_each_component_does_its_work_and_nothing_outside_its_prefixes(
     assert inference.stat(keys.generation_key("default", "none", "mp4")) is None
     settings = InferenceSettings(
         port=0, metrics_port=0, base_model="models/tiny", cache_dir=tmp_path / "cache", inline_limit_bytes=100,
-        default_frames=4, default_height=64, default_width=64, default_steps=2,
+        default_frames=4, default_height=64, default_width=64, default_steps=2, dev_mode=True,
     )  # fmt: skip
     req = pb.GenerateRequest(prompt="a red ball", first_frame_image=image_bytes(seed=1), seed=11, steps=2)
     with ServerThread(settings, inference, bucket=stores["bucket"]).start() as srv, srv.channel() as channel:

@@ -139,7 +139,7 @@ def test_a_committed_oversized_video_fails_validation_naming_file_and_limit_with
     from tests.doubles import IdleExecutor
 
     app = create_app(
-        ControlPlaneSettings(work_dir=tmp_path / "work"),
+        ControlPlaneSettings(work_dir=tmp_path / "work", dev_mode=True),
         LocalStore(tmp_path / "store"),
         IdleExecutor(),
         background=False,
