@@ -131,6 +131,27 @@ class ControlPlaneClient:
             self.call("PUT", f"/v1/rollouts/{deployment}", json={"checkpoint": checkpoint_id}, params=params)
         )
 
+    def rollout(self, deployment: str) -> dict[str, Any]:
+        """The rollout record with its status: served per replica and the ``Ready`` condition."""
+        return dict(self.call("GET", f"/v1/rollouts/{deployment}"))
+
+    def wait_rollout_ready(
+        self, deployment: str, revision: int, timeout: float = 180.0, interval: float = 0.5
+    ) -> dict[str, Any]:
+        """Wait until every inference replica serves ``revision`` (or a later one) of the rollout:
+        its ``Ready`` condition is True (the replicas' heartbeats, as KServe's status)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.rollout(deployment)
+            (cond,) = [c for c in view["status"]["conditions"] if c["type"] == "Ready"]
+            if view["revision"] >= revision and cond["status"] == "True":
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"rollout {deployment} revision {revision} not ready after {timeout:.0f} s: {cond['message']}"
+                )
+            time.sleep(interval)
+
 
 # ------------------------------------------------------------------------------------ gRPC
 def channel(address: str) -> grpc.Channel:

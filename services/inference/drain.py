@@ -5,7 +5,8 @@ reaches every client and proxy), then sending SIGTERM, then SIGKILL once
 ``terminationGracePeriodSeconds`` have passed since the hook began. On SIGTERM the replica:
 
 1. reports NOT_SERVING on ``grpc.health.v1`` (every service name; the model thread cannot turn it
-   back) so readiness fails and health-checking clients go elsewhere;
+   back) so readiness fails and health-checking clients go elsewhere, and ``draining`` in its
+   heartbeat record (services/inference/heartbeat.py);
 2. refuses new ``Generate`` calls with UNAVAILABLE, saying the replica is draining (retryable:
    a client with ``round_robin`` retries on another replica);
 3. lets the running batch and every queued request finish, up to ``grace_seconds``
@@ -52,6 +53,7 @@ async def drain_and_stop(
     batcher = server.batcher
     batcher.drain()
     await server.health.enter_graceful_shutdown()
+    await asyncio.to_thread(server.manager.heartbeat.drain)
     log.info(
         "draining: NOT_SERVING, refusing new requests; %d queued, finishing them within %.0fs",
         batcher.queued,
