@@ -7,6 +7,7 @@ deployed cluster too.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -154,8 +155,37 @@ class ControlPlaneClient:
 
 
 # ------------------------------------------------------------------------------------ gRPC
+# A call refused with UNAVAILABLE before any response (a replica that is draining or still loading)
+# is retried, on the next replica with round_robin. Only calls without a response yet are retried.
+RETRY_UNAVAILABLE = {
+    "methodConfig": [
+        {
+            "name": [{"service": "huvidpo.v1.VideoGenerationService"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
 def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    """A channel to the inference service. In a cluster pass ``dns:///huvidpo-inference-headless:50051``
+    (the headless Service: every ready pod's address); ``round_robin`` then spreads the calls over all
+    replicas instead of sending them all down one connection, and a call a draining replica refuses is
+    retried on another (deploy/README.md)."""
+    return grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.service_config", json.dumps(RETRY_UNAVAILABLE)),
+        ],
+    )
 
 
 def stub(ch: grpc.Channel) -> pb_grpc.VideoGenerationServiceStub:

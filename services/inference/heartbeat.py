@@ -96,5 +96,8 @@ class Heartbeat:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.beat()
+            try:
+                self.beat()
+            except Exception:  # never let one bad beat end the heartbeat
+                log.exception("heartbeat failed; retrying in %.1fs", self.poll_seconds)
             self._stop.wait(self.poll_seconds)
