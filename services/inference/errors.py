@@ -19,6 +19,11 @@ class ModelNotReady(InferenceError):
     """No model is loaded yet."""
 
 
+class Draining(InferenceError):
+    """This replica is shutting down (SIGTERM): it refuses new requests, and those it could not
+    finish before its drain deadline, so the client retries them on another replica (UNAVAILABLE)."""
+
+
 class UnknownCheckpoint(InferenceError, LookupError):
     """The request names a checkpoint that is not loaded."""
 

@@ -42,6 +42,7 @@ from services.inference.batcher import Job, ProgressFn, StopFn
 from services.inference.errors import CheckpointRefused, ModelNotReady, UnknownCheckpoint
 from services.inference.fetch import fetch_base_model, fetch_checkpoint
 from services.inference.follow import RolloutFollower
+from services.inference.heartbeat import Heartbeat
 from services.inference.metrics import InferenceMetrics
 from services.inference.routing import BASE_ID, RoutingTable, canary_arm, roles_after, route
 
@@ -125,6 +126,7 @@ class ModelManager:
         self._on_ready: Callable[[bool], None] | None = None
         self.cache_dir = Path(settings.cache_dir)
         self.follower = RolloutFollower(self, store, settings.deployment, settings.poll_seconds)
+        self.heartbeat = Heartbeat(settings, store, self)
 
     # -- lifecycle ---------------------------------------------------------------------------------
     @property
@@ -139,9 +141,11 @@ class ModelManager:
         """Load in the background (the server answers health checks meanwhile), then follow rollouts."""
         self._on_ready = on_ready
         self.follower.start()
+        self.heartbeat.start()
 
     def stop(self) -> None:
         self.follower.stop()
+        self.heartbeat.stop()
 
     def set_ready(self, ready: bool) -> None:
         self._ready = ready

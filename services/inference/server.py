@@ -59,6 +59,12 @@ def _check_free(setting: str, host: str, port: int) -> None:
                 raise _bind_error(setting, host, port, reason) from None
 
 
+def _connection_age_options(seconds: float) -> list[tuple[str, int]]:
+    """Close each client connection after ``seconds`` (GOAWAY: its running calls finish, the
+    client reconnects and, with ``dns:///`` and round_robin, re-resolves the headless Service)."""
+    return [("grpc.max_connection_age_ms", int(seconds * 1000))] if seconds > 0 else []
+
+
 class InferenceServer:
     def __init__(self, settings: InferenceSettings, store: ObjectStore, bucket: str = "huvidpo") -> None:
         self.settings = settings
@@ -113,6 +119,7 @@ class InferenceServer:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", receive_limit),
                 ("grpc.max_send_message_length", s.inline_limit_bytes + 1024 * 1024),
+                *_connection_age_options(s.max_connection_age_seconds),
             ],
         )
         pb_grpc.add_VideoGenerationServiceServicer_to_server(self.servicer, server)

@@ -19,9 +19,10 @@ from huvidpo.video_io import encode_gif, encode_mp4
 from services.common.records.keys import generation_key
 from services.common.settings import InferenceSettings
 from services.common.store import ObjectNotFound, ObjectStore
-from services.inference.batcher import Batcher, ErrorEvent, Job, ProgressEvent, ResultEvent
+from services.inference.batcher import DRAINING_MESSAGE, Batcher, ErrorEvent, Job, ProgressEvent, ResultEvent
 from services.inference.errors import (
     Cancelled,
+    Draining,
     InferenceError,
     InvalidRequest,
     ModelNotReady,
@@ -61,7 +62,7 @@ def _status_of(exc: BaseException) -> grpc.StatusCode:
         return grpc.StatusCode.NOT_FOUND
     if isinstance(exc, QueueFull):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
-    if isinstance(exc, ModelNotReady):
+    if isinstance(exc, ModelNotReady | Draining):
         return grpc.StatusCode.UNAVAILABLE
     if isinstance(exc, Cancelled):
         return grpc.StatusCode.DEADLINE_EXCEEDED if exc.deadline_exceeded else grpc.StatusCode.CANCELLED
@@ -160,6 +161,8 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, served: list[str]
     ) -> AsyncIterator[pb.GenerateResponse]:
         s = self.settings
+        if self.batcher.draining:
+            raise Draining(DRAINING_MESSAGE)
         spec = check_request(request, s)
         if not self.manager.ready:
             raise ModelNotReady("no model is loaded yet; retry shortly")

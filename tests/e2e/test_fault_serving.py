@@ -17,7 +17,7 @@ import grpc
 import httpx
 import pytest
 
-from demo.client import channel, generate, stub, wait_serving_checkpoint
+from demo.client import channel, generate, stub
 from demo.loop import publish_base_model
 from demo.stack import Stack, local_store_env
 from services.inference.gen import inference_pb2 as pb
@@ -64,9 +64,8 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adap
                 "max_queue": "64",
             }
         )
-        running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
-        with channel(stack.grpc_address, stack.token) as ch:
-            wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
+        rollout = running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
+        running.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
         yield running
     finally:
         running.close()
@@ -110,9 +109,12 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
         deadline = time.monotonic() + 120
         while served.count("ckpt-ft-e2e-1") < 3 and not errors and time.monotonic() < deadline:
             time.sleep(0.1)
-        serving.cp.set_rollout("default", "ckpt-ft-e2e-2")
-        with channel(stack.grpc_address, stack.token) as ch:
-            wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-2", timeout=120)
+        rollout = serving.cp.set_rollout("default", "ckpt-ft-e2e-2")
+        # The rollout's status, from the replicas' heartbeats, says when every replica serves it.
+        view = serving.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
+        assert [(r["current"], r["up_to_date"]) for r in view["status"]["replicas"]] == [
+            ("ckpt-ft-e2e-2", True)
+        ]
         mark = len(served)
         while len(served) < mark + 3 and not errors and time.monotonic() < deadline + 120:
             time.sleep(0.1)
@@ -128,9 +130,8 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
     last_a = max(i for i, c in enumerate(served) if c == "ckpt-ft-e2e-1")
     assert all(c == "ckpt-ft-e2e-2" for c in served[last_a + 1 :])
     # restore A for the next tests
-    serving.cp.set_rollout("default", "ckpt-ft-e2e-1")
-    with channel(stack.grpc_address, stack.token) as ch:
-        wait_serving_checkpoint(stub(ch), "ckpt-ft-e2e-1", timeout=120)
+    rollout = serving.cp.set_rollout("default", "ckpt-ft-e2e-1")
+    serving.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
 
 
 def _refused_count(metrics_url: str) -> float:
@@ -160,6 +161,12 @@ def test_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
     while _refused_count(stack.inference_metrics_url) <= before:  # ...the service refuses it
         assert time.monotonic() < deadline, "the corrupt checkpoint was not refused"
         time.sleep(0.3)
+    # The rollout status shows it: the replica serves the old checkpoint, the rollout is not ready.
+    view = serving.cp.rollout("default")
+    (replica,) = view["status"]["replicas"]
+    assert replica["current"] == "ckpt-ft-e2e-1" and not replica["up_to_date"]
+    (ready,) = view["status"]["conditions"]
+    assert ready["status"] == "False" and ready["reason"] == "ReplicasNotUpToDate"
     with channel(stack.grpc_address, stack.token) as ch:
         s = stub(ch)
         models = s.ListModels(pb.ListModelsRequest(), timeout=10)

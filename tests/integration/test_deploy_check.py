@@ -70,6 +70,8 @@ def test_every_kustomization_renders(rendered: dict[str, list[dict[str, Any]]]) 
         "deploy/overlays/gpu",
         "deploy/overlays/prometheus-operator",
         "deploy/overlays/gateway-example",
+        "deploy/overlays/gpu-keda",
+        "deploy/overlays/gpu-hpa",
     }
     for name, objects in rendered.items():
         assert len(objects) >= 25, name

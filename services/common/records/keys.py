@@ -96,6 +96,16 @@ def rollout_key(deployment: str) -> str:
     return f"{ROLLOUTS}{deployment}.json"
 
 
+def replicas_prefix(deployment: str) -> str:
+    """The heartbeat records of ``deployment``'s inference replicas (``records.replicas``)."""
+    return f"{ROLLOUTS}{deployment}/replicas/"
+
+
+def replica_key(deployment: str, replica_id: str) -> str:
+    """One inference replica's heartbeat: what it serves, refreshed every poll (``ReplicaHeartbeat``)."""
+    return f"{replicas_prefix(deployment)}{replica_id}.json"
+
+
 def generation_key(deployment: str, request_id: str, ext: str) -> str:
     """A video too large to return inline (``ext``: ``mp4`` or ``gif``)."""
     return f"{GENERATIONS}{deployment}/{request_id}.{ext}"

@@ -18,7 +18,8 @@ control plane
     versions, validates and compiles pairs, records ratings, deletes: read, write, delete.
     ``finetunes/`` and ``idempotency/finetunes/``: creates specs, compare-and-swaps statuses, reads
     the trainer's progress, deletes fine-tunes: read, write, delete.
-    ``rollouts/``: lists and compare-and-swaps the rollout records: read, write (never deleted).
+    ``rollouts/``: lists and compare-and-swaps the rollout records, reads the inference replicas'
+    heartbeats (``rollouts/*/replicas/``) for the rollout status: read, write (never deleted).
     ``checkpoints/``: lists the published checkpoints, reads their manifests, signs download URLs
     (which act with its key), deletes checkpoints: read, delete. It never writes one: only the trainer
     publishes, so a control plane decoding a hostile upload cannot forge a checkpoint.
@@ -42,6 +43,9 @@ inference
     rollout record it follows: read.
     ``generations/``: videos over the inline limit, behind a presigned URL signed with its key: read,
     write. ``first_frame_uri`` can therefore only name objects under these prefixes.
+    ``rollouts/*/replicas/*.json``: its heartbeat record (the checkpoints and rollout revision it
+    serves), rewritten every poll: write. One user serves every replica, so a replica could write
+    another's record; the control plane only reports them.
 
 "read" is ``s3:GetObject`` plus ``s3:ListBucket`` restricted (``s3:prefix``) to the same keys: a
 reader can probe any key with a GET anyway, and S3 (radosgw too) answers 403, not 404, to a GET of a
@@ -123,6 +127,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.CHECKPOINTS), R, "the adapters it serves"),
         Grant(_all(keys.ROLLOUTS), R, "the rollout record it follows"),
         Grant(_all(keys.GENERATIONS), R | W, "videos over the inline limit, behind presigned URLs"),
+        Grant(keys.replica_key(ANY, ANY), W, "its replica heartbeat (what it serves)"),
     ),
 }
 

@@ -10,6 +10,11 @@ from the same revision one is stored and the other is answered ``Conflict``, nev
 ``current`` may be ``"base"``: the inference service then serves the base model without an adapter
 (rolling back past every fine-tune). A deployment is created only by a caller that asks for it
 (``create``), so a mistyped name is a 404, not a new record nobody follows.
+
+``get`` adds the deployment's ``status`` (as KServe's InferenceService does): what each live inference
+replica serves, from its heartbeat (``rollouts/{deployment}/replicas/``, ``records.replicas``), against
+what the record asks for, and a ``Ready`` condition: True when at least one replica takes requests and
+every replica that does serves the record's revision and checkpoints.
 """
 
 from __future__ import annotations
@@ -18,8 +23,9 @@ import builtins
 from typing import Any
 
 from services.common.publish import RevisionConflict, RolloutRecord, read_rollout, write_rollout
-from services.common.records.keys import BASE_MODEL, ROLLOUTS
-from services.common.store import ObjectStore
+from services.common.records.keys import BASE_MODEL, ROLLOUTS, replicas_prefix
+from services.common.records.replicas import ReplicaHeartbeat
+from services.common.store import ObjectNotFound, ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_name
@@ -37,7 +43,68 @@ class RolloutService:
         return read_rollout(self.store, deployment)
 
     def get(self, deployment: str) -> dict[str, Any]:
-        return self._get(deployment).model_dump(mode="json")
+        """The rollout record with its ``status`` (served per replica, the ``Ready`` condition)."""
+        rec = self._get(deployment)
+        return {**rec.model_dump(mode="json"), "status": self.status(rec)}
+
+    def _heartbeats(self, deployment: str) -> builtins.list[ReplicaHeartbeat]:
+        now = self.clock()
+        beats = []
+        for obj in self.store.list(replicas_prefix(deployment), recursive=False):
+            if not obj.key.endswith(".json"):
+                continue
+            try:
+                beat = ReplicaHeartbeat.model_validate(self.store.get_json(obj.key))
+            except (ObjectNotFound, ValueError):
+                continue  # deleted meanwhile, or not a heartbeat: not a replica to report
+            if beat.deployment == deployment and beat.live(now):
+                beats.append(beat)
+        return sorted(beats, key=lambda b: b.replica)
+
+    def status(self, rec: RolloutRecord) -> dict[str, Any]:
+        """Desired (the record) vs served (each live replica's heartbeat), and the Ready condition."""
+        canary = rec.canary if rec.canary and rec.canary_percent > 0 else None
+        desired = {
+            "revision": rec.revision,
+            "current": rec.current or BASE_MODEL,
+            "canary": canary,
+            "canary_percent": rec.canary_percent if canary else 0,
+        }
+        replicas: builtins.list[dict[str, Any]] = []
+        for b in self._heartbeats(rec.deployment):
+            served = {
+                "revision": b.revision,
+                "current": b.current or BASE_MODEL,
+                "canary": b.canary,
+                "canary_percent": b.canary_percent if b.canary else 0,
+            }
+            replicas.append(
+                {
+                    "replica": b.replica,
+                    "state": b.state,
+                    **served,
+                    "updated_at": b.updated_at.isoformat(),
+                    "up_to_date": b.state == "serving" and served == desired,
+                }
+            )
+        taking = [r for r in replicas if r["state"] != "draining"]
+        behind = [r["replica"] for r in taking if not r["up_to_date"]]
+        if not taking:
+            ready = ("False", "NoReplicas", "no live inference replica reports for this deployment")
+        elif behind:
+            ready = (
+                "False",
+                "ReplicasNotUpToDate",
+                f"{len(behind)} of {len(taking)} replicas do not serve revision {rec.revision} yet: "
+                + ", ".join(behind),
+            )
+        else:
+            ready = ("True", "UpToDate", f"all {len(taking)} replicas serve revision {rec.revision}")
+        return {
+            "desired": desired,
+            "replicas": replicas,
+            "conditions": [{"type": "Ready", "status": ready[0], "reason": ready[1], "message": ready[2]}],
+        }
 
     def _get(self, deployment: str) -> RolloutRecord:
         rec = self._read(deployment)
