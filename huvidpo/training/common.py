@@ -54,7 +54,7 @@ def make_accelerator(cfg: TrainConfig) -> Any:
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    cpu = cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+    cpu = _on_cpu(cfg)
     if cfg.mixed_precision == "fp16" and cpu:
         raise ConfigError(
             "mixed_precision fp16 needs a CUDA device; on CPU use bf16 or no", field="mixed_precision"
@@ -64,12 +64,23 @@ def make_accelerator(cfg: TrainConfig) -> Any:
         AcceleratorState._reset_state()
     if cfg.device and cfg.device.startswith("cuda:") and os.environ.get("WORLD_SIZE", "1") == "1":
         torch.cuda.set_device(torch.device(cfg.device))  # accelerate uses the current CUDA device
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu)
+    return Accelerator(mixed_precision=mixed_precision(cfg), cpu=cpu)
+
+
+def _on_cpu(cfg: TrainConfig) -> bool:
+    return cfg.device == "cpu" or (cfg.device is None and not torch.cuda.is_available())
+
+
+def mixed_precision(cfg: TrainConfig) -> str:
+    """``cfg.mixed_precision`` with ``auto`` resolved: bf16 on CUDA, no on the CPU."""
+    if cfg.mixed_precision == "auto":
+        return "no" if _on_cpu(cfg) else "bf16"
+    return cfg.mixed_precision
 
 
 def weight_dtype(cfg: TrainConfig) -> torch.dtype:
     """dtype for frozen weights: the autocast dtype under mixed precision, else float32."""
-    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[cfg.mixed_precision]
+    return {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[mixed_precision(cfg)]
 
 
 def seed_everything(seed: int) -> None:

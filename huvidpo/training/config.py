@@ -32,7 +32,7 @@ class ConfigError(ValueError):
         self.field = field
 
 
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -76,7 +76,9 @@ class TrainConfig:
     max_steps: int | None = None
     """Stop after this many optimizer steps (None: ``epochs`` passes over the data)."""
     grad_clip: float = 1.0
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
+    """``auto``: bf16 autocast on CUDA (frozen weights bf16, LoRA and other trainable weights fp32),
+    none on the CPU; or ``no``, ``fp16`` (CUDA only), ``bf16``."""
     gradient_checkpointing: bool = True
     timestep_min: int = 0
     timestep_max: int = 1000

@@ -112,3 +112,18 @@ def test_train_subcommands_are_registered() -> None:
                            "--trainable-patterns", ".attn_temp.", ".conv1d."])  # fmt: skip
     cfg = config_from_args(Stage1Config, b)
     assert isinstance(cfg, Stage1Config) and cfg.trainable_patterns == (".attn_temp.", ".conv1d.")
+
+
+def test_mixed_precision_auto_is_bf16_on_cuda_and_none_on_the_cpu() -> None:
+    import torch
+
+    from huvidpo.training.common import mixed_precision, weight_dtype
+    from huvidpo.training.config import DPOConfig
+
+    assert DPOConfig().mixed_precision == "auto"
+    on_cpu = DPOConfig(device="cpu")
+    on_cuda = DPOConfig(device="cuda:0")
+    assert (mixed_precision(on_cpu), weight_dtype(on_cpu)) == ("no", torch.float32)
+    assert (mixed_precision(on_cuda), weight_dtype(on_cuda)) == ("bf16", torch.bfloat16)
+    explicit = DPOConfig(device="cuda:0", mixed_precision="no")
+    assert mixed_precision(explicit) == "no"
