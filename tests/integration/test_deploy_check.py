@@ -8,33 +8,19 @@ tool is absent is skipped with the reason; CI installs all of them.
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+from tests.deploytools import check
+
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _load_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "huvidpo_deploy_check", ROOT / "deploy" / "tools" / "check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 def _kubectl() -> Path:

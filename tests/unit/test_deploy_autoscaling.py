@@ -8,16 +8,15 @@ KEDA would make of it by kubernetes-validate."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
+
+from tests.deploytools import check
 
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
@@ -26,20 +25,6 @@ ENVIRONMENTS = ("deploy", "deploy/overlays/gpu", KEDA, HPA)
 # Seconds a drained replica needs after its drain deadline: the last results stream out
 # (services.inference.drain.FLUSH_SECONDS) and the model thread and servers stop.
 SHUTDOWN_MARGIN = 10
-
-
-def _load_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "huvidpo_deploy_check", ROOT / "deploy" / "tools" / "check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 @pytest.fixture(scope="module")

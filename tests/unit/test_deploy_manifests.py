@@ -18,29 +18,16 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 from pydantic import AliasChoices
 
+from tests.deploytools import check
+
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
-
-
-def _load_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "huvidpo_deploy_check", ROOT / "deploy" / "tools" / "check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 @pytest.fixture(scope="module")

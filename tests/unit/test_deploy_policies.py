@@ -26,20 +26,18 @@
 from __future__ import annotations
 
 import copy
-import importlib.util
 import ipaddress
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
 from services.common.settings import ControlPlaneSettings
+from tests.deploytools import check
 
 ROOT = Path(__file__).resolve().parents[2]
 Obj = dict[str, Any]
@@ -52,20 +50,6 @@ ENVIRONMENTS = (
 )
 # The ports clients reach from anywhere: the control plane's REST API and the inference gRPC API.
 PUBLIC_PORTS = {"controlplane": {8080}, "inference": {50051}}
-
-
-def _load_check() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "huvidpo_deploy_check", ROOT / "deploy" / "tools" / "check.py"
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-check = _load_check()
 
 
 @pytest.fixture(scope="module")
