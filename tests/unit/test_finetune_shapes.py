@@ -175,3 +175,21 @@ def test_a_failure_the_executor_does_not_call_retryable_is_final(
     got = client.get(f"/v1/fine-tunes/{ft['id']}", headers=AUTH).json()
     assert got["state"] == "failed" and got["attempt"] == 1
     assert len(executor.specs) == 1
+
+
+def test_a_refused_shape_is_named_before_the_store_is_read(tmp_path: Path) -> None:
+    """Checks of the request's own fields come first: a wrong shape for a dataset that does not
+    exist is told about the shape."""
+    from services.common.store import LocalStore
+    from services.controlplane.domain.datasets import DatasetService
+    from services.controlplane.domain.errors import InvalidRequest
+    from services.controlplane.domain.finetunes import FineTuneRequest, FineTuneService
+    from tests.doubles import IdleExecutor
+
+    store = LocalStore(tmp_path / "s")
+    svc = FineTuneService(
+        store, IdleExecutor(), DatasetService(store, tmp_path / "c"), shapes=[(1, 1), (1, 2)]
+    )
+    with pytest.raises(InvalidRequest) as err:
+        svc.validate(FineTuneRequest("cats", "0" * 64, "tiny", "dpo", {}, 4, 8))
+    assert err.value.field == "nodes" and "allowed shapes: 1x1, 1x2" in str(err.value)

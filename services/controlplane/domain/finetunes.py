@@ -228,6 +228,8 @@ class FineTuneService:
         req = dataclasses.replace(req, version=validate_digest(req.version, "version"))
         validate_name(req.base_model, "base_model")
         hp = validate_hyperparameters(req.stage, dict(req.hyperparameters))
+        # The request's own fields first, then what needs the store.
+        nodes, gpus = self.validate_shape(req.nodes, req.gpus_per_node)
         try:
             dataset_manifest = self.datasets.get_version(req.dataset, req.version)
         except NotFound as exc:
@@ -249,7 +251,6 @@ class FineTuneService:
         }
         # Keys as the library names them (``_``), values as sent: the fingerprint of a retry is the same.
         as_sent = {str(k).replace("-", "_"): v for k, v in req.hyperparameters.items()}
-        nodes, gpus = self.validate_shape(req.nodes, req.gpus_per_node)
         normalised = FineTuneRequest(
             req.dataset, req.version, req.base_model, req.stage, as_sent, nodes, gpus
         )
