@@ -51,3 +51,18 @@ def test_the_inference_readme_documents_every_setting_with_its_default() -> None
         if isinstance(default, Path):
             default = f"./{default}"
         assert rows[var] == _shown(default), (var, rows[var], _shown(default))
+
+
+def test_the_manifest_example_in_docs_datasets_is_a_valid_dataset(tmp_path: Path) -> None:
+    from huvidpo.data import load_dataset
+
+    text = (ROOT / "docs" / "datasets.md").read_text()
+    block = re.search(r"## Records.*?```json\n(.*?)```", text, re.S)
+    assert block is not None, "docs/datasets.md lost its manifest example"
+    (tmp_path / "manifest.jsonl").write_text(block.group(1))
+    (tmp_path / "videos").mkdir()
+    for name in ("a", "b", "c"):
+        (tmp_path / "videos" / f"{name}.mp4").write_bytes(b"")
+    ds = load_dataset(tmp_path, check_videos=False)
+    assert sorted(ds.videos) == ["a", "b", "c"] and len(ds.choices) == 1
+    assert [r.score for r in ds.videos["c"].ratings] == [5.0]
