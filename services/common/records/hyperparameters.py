@@ -38,9 +38,23 @@ class _Hyperparameters(BaseModel):
         return self.model_dump(mode="json", exclude_unset=True)
 
 
-def _field(cls: type[TrainConfig], name: str, typ: Any, default: Any, description: str = "") -> Any:
+_SCHEMA_KEYWORDS = {
+    "ge": "minimum",
+    "gt": "exclusiveMinimum",
+    "le": "maximum",
+    "lt": "exclusiveMaximum",
+    "multiple_of": "multipleOf",
+}
+
+
+def _field(
+    cls: type[TrainConfig], name: str, typ: Any, default: Any, description: str = "", enforce: bool = True
+) -> Any:
     """``(type, Field)`` of option ``name`` with its declared description and bounds (``ge``/``gt``/
-    ``le``/``lt``, ``multiple_of``; choices as a ``Literal``, an ``enum`` in OpenAPI)."""
+    ``le``/``lt``, ``multiple_of``; choices as a ``Literal``, an ``enum`` in OpenAPI).
+
+    ``enforce=False`` puts the bounds in the JSON schema only: a stored spec stays readable whatever
+    later declarations say (it was checked by :func:`parse` when it was created)."""
     declared = info(cls, name)
     limits: dict[str, Any] = {}
     if declared.bound is not None:
@@ -51,11 +65,17 @@ def _field(cls: type[TrainConfig], name: str, typ: Any, default: Any, descriptio
             limits["lt" if b.hi_open else "le"] = b.hi
     if declared.multiple_of is not None:
         limits["multiple_of"] = declared.multiple_of
+    description = description or declared.help
+    if not enforce:
+        schema = {_SCHEMA_KEYWORDS[k]: v for k, v in limits.items()}
+        if declared.choices is not None:
+            schema["enum"] = list(declared.choices)
+        return (typ, Field(default, description=description, json_schema_extra=schema or None))
     if declared.choices is not None:
         nullable = type(None) in get_args(typ)
         typ = Literal.__getitem__(declared.choices)  # type: ignore[attr-defined]
         typ = typ | None if nullable else typ
-    return (typ, Field(default, description=description or declared.help, **limits))
+    return (typ, Field(default, description=description, **limits))
 
 
 def _model(cls: type[TrainConfig], name: str) -> type[_Hyperparameters]:
@@ -65,7 +85,7 @@ def _model(cls: type[TrainConfig], name: str) -> type[_Hyperparameters]:
         if f.name in RESERVED:
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        fields[f.name] = _field(cls, f.name, types_[f.name], default)
+        fields[f.name] = _field(cls, f.name, types_[f.name], default, enforce=False)
     model: type[_Hyperparameters] = create_model(name, __base__=_Hyperparameters, **fields)
     model.__doc__ = f"The options of ``huvidpo.training.config.{cls.__name__}`` a fine-tune may set."
     return model
