@@ -14,7 +14,8 @@ import types
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin
 
-from huvidpo.training.config import DPOConfig, Stage1Config, TrainConfig
+from huvidpo.training.config import DPOConfig, Stage1Config, TrainConfig, unknown_option
+from huvidpo.training.options import info
 
 _ALIASES = {"output_dir": ("--out", "--output-dir"), "dataset": ("--dataset", "--data")}
 
@@ -40,10 +41,36 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type[TrainConfig]) ->
         flags = _ALIASES.get(f.name, (f"--{f.name.replace('_', '-')}",))
         typ, extra = _flag_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": f"(default: {default!r})", **extra}
+        declared = info(cls, f.name)
+        shown = ",".join(default) if isinstance(default, tuple) else default
+        notes = [n for n in (declared.values(), "" if shown in ("", None) else f"default: {shown}") if n]
+        help_ = declared.help + (f" ({'; '.join(notes)})" if notes else "")
+        help_ = help_.replace("%", "%%")  # argparse formats help with %
+        kwargs: dict[str, Any] = {"dest": f.name, "default": None, "help": help_, **extra}
         if typ is not None:
             kwargs["type"] = typ
         parser.add_argument(*flags, **kwargs)
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of option ``name`` (``lora_rank`` -> ``--lora-rank``)."""
+    return _ALIASES.get(name, (f"--{name.replace('_', '-')}",))[0]
+
+
+class TrainParser(argparse.ArgumentParser):
+    """The parser of ``train stage1|dpo``: an unknown ``--option`` is a usage error naming the flag
+    it most likely meant (``--lerning-rate``: did you mean "--lr"?)."""
+
+    config_class: type[TrainConfig] | None = None
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Any = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        unknown = [e.split("=", 1)[0] for e in extras if e.startswith("--")]
+        if unknown and self.config_class is not None:
+            self.error(unknown_option(self.config_class, unknown[0], spell=flag_name))
+        return parsed, extras
 
 
 def config_from_args(cls: type[TrainConfig], args: argparse.Namespace) -> TrainConfig:
@@ -126,7 +153,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def register(subparsers: Any) -> None:
     """Add ``train stage1`` and ``train dpo`` to the ``huvidpo`` command."""
     train = subparsers.add_parser("train", help="train stage 1 (temporal layers) or stage 2 (DPO LoRA)")
-    stages = train.add_subparsers(dest="stage", required=True)
+    stages = train.add_subparsers(dest="stage", required=True, parser_class=TrainParser)
     for stage, cls, help_ in (
         (
             "stage1",
@@ -143,4 +170,5 @@ def register(subparsers: Any) -> None:
         p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
         p.add_argument("--quiet", action="store_true", help="no progress bar")
         add_config_flags(p, cls)
+        p.config_class = cls
         p.set_defaults(func=_cmd_train)

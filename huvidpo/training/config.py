@@ -12,13 +12,13 @@ import json
 import math
 import os
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from huvidpo.bounds import BOUNDS
 from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
+from huvidpo.training.options import MAX_STEPS, infos, option, suggest
 
 
 class ConfigError(ValueError):
@@ -38,69 +38,103 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 @dataclass
 class TrainConfig:
-    """Settings shared by both stages. Paths are local directories."""
+    """Settings shared by both stages. Paths are local directories.
 
-    model: str = ""
-    """Base model directory (diffusers layout, see ``huvidpo.models.load_components``)."""
-    dataset: str = ""
-    """Dataset directory (``huvidpo.data.load_dataset``)."""
-    output_dir: str = ""
-    """Where checkpoints, metrics and the final weights go."""
-    unet_dir: str | None = None
-    """Optional UNet directory that replaces ``<model>/unet`` (e.g. a stage-1 result)."""
-    dataset_digest: str | None = None
-    """The dataset's identity recorded in checkpoint lineage; None: ``directory_digest(dataset)``.
-    A caller that fetched the dataset from elsewhere passes the digest it was published under."""
-    base_model_digest: str | None = None
-    """The base model's identity recorded in checkpoint lineage; None: ``directory_digest(model)``."""
-    sparse_causal: str = "first+prev"
+    Each field is declared with :func:`~huvidpo.training.options.option`: its one-line description and
+    bounds live there (``--help``, the OpenAPI schema and ``docs/hyperparameters.md`` read them)."""
+
+    model: str = option("", "base model directory (diffusers layout); required", fine_tune=False)
+    dataset: str = option("", "dataset directory (manifest.jsonl and videos); required", fine_tune=False)
+    output_dir: str = option(
+        "", "where checkpoints, metrics and the final weights go; required", fine_tune=False
+    )
+    unet_dir: str | None = option(
+        None, "UNet directory that replaces <model>/unet (e.g. a stage-1 result)", fine_tune=False
+    )
+    # A caller that fetched the dataset or model from elsewhere passes the digest it was published under.
+    dataset_digest: str | None = option(
+        None,
+        "dataset identity recorded in checkpoint lineage (null: digest of the directory)",
+        fine_tune=False,
+    )
+    base_model_digest: str | None = option(
+        None,
+        "base model identity recorded in checkpoint lineage (null: digest of the directory)",
+        fine_tune=False,
+    )
+    sparse_causal: str = option(
+        "first+prev", "frames each frame's attention sees: the first and previous, or the first only",
+        choices=("first+prev", "first"),
+    )  # fmt: skip
     # clips
-    num_frames: int = 16
-    height: int = 320
-    width: int = 512
-    frame_stride: int = 1
-    hflip_p: float = 0.5
-    random_start: bool = True
-    first_frame_mode: str = "replace_clean_latent"
-    loss_skip_first_frame: bool = True
+    num_frames: int = option(16, "frames per training clip, frame 0 (the condition) included", ge=2, le=256)
+    height: int = option(320, "clip height in pixels", ge=8, le=2048, multiple_of=8)
+    width: int = option(512, "clip width in pixels", ge=8, le=2048, multiple_of=8)
+    frame_stride: int = option(1, "take every n-th frame of the video", ge=1, le=64)
+    hflip_p: float = option(
+        0.5, "probability of flipping a clip (both clips of a pair) horizontally", ge=0, le=1
+    )
+    random_start: bool = option(True, "start clips at a random frame (false: at frame 0)")
+    first_frame_mode: str = option(
+        "replace_clean_latent", "how frame 0 conditions the video UNet", choices=("replace_clean_latent",)
+    )
+    loss_skip_first_frame: bool = option(True, "leave frame 0 (the condition) out of the loss")
     # optimisation
-    lr: float = 1e-4
-    lr_scheduler: str = "constant"
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 1e-2
-    adam_eps: float = 1e-8
-    batch_size: int = 1
-    epochs: int = 1
-    max_steps: int | None = None
-    """Stop after this many optimizer steps (None: ``epochs`` passes over the data)."""
-    grad_clip: float = 1.0
-    mixed_precision: str = "auto"
-    """``auto``: bf16 autocast on CUDA (frozen weights bf16, LoRA and other trainable weights fp32),
-    none on the CPU; or ``no``, ``fp16`` (CUDA only), ``bf16``."""
-    gradient_checkpointing: bool = True
-    timestep_min: int = 0
-    timestep_max: int = 1000
-    """Timesteps are drawn uniformly from ``[timestep_min, timestep_max)``."""
-    seed: int = 33
-    device: str | None = None
-    """``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when present (accelerate decides under a launcher)."""
+    lr: float = option(1e-4, "AdamW learning rate", gt=0, le=1)
+    lr_scheduler: str = option("constant", "learning-rate schedule", choices=LR_SCHEDULERS)
+    lr_warmup_steps: int = option(0, "steps of linear warmup of the learning rate", ge=0, le=MAX_STEPS)
+    adam_beta1: float = option(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = option(0.999, "AdamW beta2", ge=0, lt=1)
+    weight_decay: float = option(1e-2, "AdamW weight decay", ge=0)
+    adam_eps: float = option(1e-8, "AdamW epsilon", gt=0)
+    batch_size: int = option(1, "clips (DPO: pairs) per optimizer step and process", ge=1, le=1024)
+    epochs: int = option(1, "passes over the data (when max_steps is null)", ge=1, le=1_000_000)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (null: epochs passes over the data)", ge=1, le=MAX_STEPS
+    )
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0: no clipping)", ge=0)
+    # auto: bf16 autocast on CUDA (frozen weights bf16, LoRA and other trainable weights fp32), none on the CPU.
+    mixed_precision: str = option(
+        "auto", "auto: bf16 on CUDA, none on the CPU; fp16 is CUDA only", choices=MIXED_PRECISION
+    )
+    gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory, slower)")
+    timestep_min: int = option(0, "smallest diffusion timestep drawn (timesteps in [min, max))", ge=0, le=999)
+    timestep_max: int = option(
+        1000, "timesteps are drawn below this (greater than timestep_min)", ge=1, le=1000
+    )
+    seed: int = option(
+        33, "random seed (data order, noise, held-out split, pair compilation)", ge=0, le=2**32 - 1
+    )
+    device: str | None = option(
+        None,
+        "cpu, cuda, cuda:1...; null: CUDA when present (accelerate decides under a launcher)",
+        fine_tune=False,
+    )
     # caching, checkpoints, logging
-    cache_latents: bool = True
-    cache_dir: str | None = None
-    """Latent/text cache; None: ``<output_dir>/cache``."""
-    checkpoint_every: int = 0
-    """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
-    checkpoint_minutes: float = 0.0
-    """Also checkpoint when this much wall time passed since the last checkpoint (or the start), so a
-    lost node costs at most that much work whatever the step rate; 0: by steps only. The main
-    process decides (its clock) and every process follows."""
-    keep_last: int = 3
-    eval_every: int = 0
-    """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
-    log_every: int = 1
-    plot: bool = True
+    cache_latents: bool = option(True, "encode each clip once and cache its latents and prompt embeddings")
+    cache_dir: str | None = option(
+        None, "latent/text cache directory (null: <output_dir>/cache)", fine_tune=False
+    )
+    checkpoint_every: int = option(
+        0,
+        "steps between checkpoints (0: only at the end; a stopped run checkpoints first)",
+        ge=0,
+        le=MAX_STEPS,
+    )
+    # The main process decides (its clock) and every process follows: a lost node costs at most this
+    # much work whatever the step rate.
+    checkpoint_minutes: float = option(
+        0.0, "also checkpoint after this many minutes since the last one (0: by steps only)", ge=0
+    )
+    keep_last: int = option(3, "checkpoints kept (older ones are deleted)", ge=1, le=1000)
+    eval_every: int = option(
+        0,
+        "steps between held-out evaluations (0: only at the end, when there is held-out data)",
+        ge=0,
+        le=MAX_STEPS,
+    )
+    log_every: int = option(1, "steps between metric lines", ge=1, le=MAX_STEPS)
+    plot: bool = option(True, "write a loss plot (metrics.png) next to the metrics")
 
     stage: ClassVar[str] = "base"
 
@@ -118,11 +152,7 @@ class TrainConfig:
         for raw_key, raw in values.items():
             key = str(raw_key).replace("-", "_")
             if key not in types_:
-                close = [k for k in types_ if k.split("_")[0] == key.split("_")[0]][:3]
-                hint = f" (did you mean {', '.join(close)}?)" if close else ""
-                raise ConfigError(
-                    f"{source}: unknown {cls.stage} training option {raw_key!r}{hint}", field=key
-                )
+                raise ConfigError(f"{source}: {unknown_option(cls, str(raw_key))}", field=key)
             kwargs[key] = _coerce(key, raw, types_[key], source)
         cfg = cls(**kwargs)
         return cfg
@@ -149,83 +179,40 @@ class TrainConfig:
 
     # -- checks --------------------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise :class:`ConfigError` for a value that cannot work."""
+        """Raise :class:`ConfigError` for a value that cannot work: outside the option's declared
+        values (``huvidpo.training.options``), or a combination of options that cannot work."""
         for name in ("model", "dataset", "output_dir"):
             if not getattr(self, name):
                 raise ConfigError(f"{name} is required", field=name)
-        if self.sparse_causal not in ("first+prev", "first"):
-            raise ConfigError(
-                f"sparse_causal must be 'first+prev' or 'first', got {self.sparse_causal!r}",
-                field="sparse_causal",
-            )
         if self.first_frame_mode != "replace_clean_latent":
             raise ConfigError(
                 f"first_frame_mode {self.first_frame_mode!r} is not supported; the video UNet conditions on "
                 "frame 0 by replacing it with its clean latent ('replace_clean_latent')",
                 field="first_frame_mode",
             )
-        if self.num_frames < 2:
+        for name, declared in infos(type(self)).items():
+            problem = declared.problem(name, getattr(self, name))
+            if problem is not None:
+                raise ConfigError(problem, field=name)
+        if not math.isfinite(self.lr):
+            raise ConfigError(f"lr must be a finite number, got {self.lr}", field="lr")
+        if not self.timestep_min < self.timestep_max:
             raise ConfigError(
-                f"num_frames must be >= 2 (frame 0 is the condition), got {self.num_frames}",
-                field="num_frames",
+                f"need timestep_min < timestep_max, got [{self.timestep_min}, {self.timestep_max})",
+                field="timestep_min",
             )
-        for name in ("height", "width"):
-            v = getattr(self, name)
-            if v <= 0 or v % 8:
-                raise ConfigError(f"{name} must be a positive multiple of 8, got {v}", field=name)
-        positive = ("frame_stride", "batch_size", "epochs", "keep_last", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}", field=name)
-        if self.max_steps is not None and self.max_steps < 1:
-            raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}", field="max_steps")
-        for name in ("checkpoint_every", "checkpoint_minutes", "eval_every", "lr_warmup_steps"):
-            if not getattr(self, name) >= 0:  # (NaN too)
-                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}", field=name)
-        if not 0.0 <= self.hflip_p <= 1.0:
-            raise ConfigError(f"hflip_p must be in [0, 1], got {self.hflip_p}", field="hflip_p")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}", field="lr")
-        if self.lr_scheduler not in LR_SCHEDULERS:
-            raise ConfigError(
-                f"lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}",
-                field="lr_scheduler",
-            )
-        for name in ("adam_beta1", "adam_beta2"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}", field=name)
-        if self.adam_eps <= 0 or self.weight_decay < 0:
-            bad = "adam_eps" if self.adam_eps <= 0 else "weight_decay"
-            raise ConfigError("adam_eps must be > 0 and weight_decay >= 0", field=bad)
-        if self.grad_clip < 0:
-            raise ConfigError(
-                f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}", field="grad_clip"
-            )
-        if self.mixed_precision not in MIXED_PRECISION:
-            raise ConfigError(
-                f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, got {self.mixed_precision!r}",
-                field="mixed_precision",
-            )
-        if not 0 <= self.timestep_min < self.timestep_max <= 1000:
-            bad = "timestep_min" if not 0 <= self.timestep_min < 1000 else "timestep_max"
-            raise ConfigError(
-                f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})",
-                field=bad,
-            )
-        for name, bound in BOUNDS.items():  # the documented bounds (huvidpo.bounds)
-            value = getattr(self, name, None)
-            if value is not None and not bound.contains(value):
-                raise ConfigError(f"{name} must be {bound.describe()}, got {value}", field=name)
 
 
 @dataclass
 class Stage1Config(TrainConfig):
     """Stage 1: train the temporal layers and the SparseCausal query on clips of one motion."""
 
-    trainable_patterns: tuple[str, ...] = DEFAULT_STAGE1_PATTERNS
-    """Substrings of parameter names to train (all others stay frozen)."""
-    prompt: str | None = None
-    """One prompt for every clip; None: each video's own prompt from the dataset manifest."""
+    trainable_patterns: tuple[str, ...] = option(
+        DEFAULT_STAGE1_PATTERNS, "substrings of parameter names to train (all others stay frozen)"
+    )
+    prompt: str | None = option(
+        None, "one prompt for every clip (null: each video's prompt from the manifest)"
+    )
     lr: float = 3e-5
     weight_decay: float = 1e-2
     max_steps: int | None = 25_000
@@ -247,37 +234,52 @@ class Stage1Config(TrainConfig):
 class DPOConfig(TrainConfig):
     """Stage 2: Diffusion-DPO on preference pairs with LoRA adapters."""
 
-    beta: float = 50.0
-    """DPO strength; logit = -0.5*beta*(d_model - d_ref) (the diffusers script's beta is 2x this)."""
-    reference: str = "adapter_disabled"
-    """``adapter_disabled`` (the same UNet, adapters off, no_grad) or ``frozen_copy`` (the reference code)."""
-    sft_weight: float = 0.0
-    shared_noise_timestep: bool = True
-    """The chosen and rejected clip of a pair get the same noise and timestep (spec 4.2, as the
-    reference and Diffusion-DPO); False: each clip its own draws. Held-out evaluation always shares."""
-    lora_rank: int = 16
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.1
-    lora_targets: str = "all"
-    """``all``, ``spatial``, ``temporal``, ``self`` or a regex over module names."""
-    adapter_name: str = "huvidpo"
-    tie_policy: str = "drop"
-    min_margin: float = 0.0
-    margin_weighting: bool = False
-    pairs_file: str | None = None
-    """A ``pairs.jsonl`` compiled beforehand (``huvidpo.data.write_pairs``) to train on; None: compile
-    the dataset's ratings here with ``tie_policy``, ``min_margin``, ``margin_weighting`` and ``seed``."""
-    holdout_fraction: float = 0.0
-    """Fraction held out for evaluation (implicit reward accuracy): of the prompts, or of each
-    prompt's videos (spread over its score range), see ``holdout_by``."""
-    holdout_by: str = "prompt"
-    """``prompt``: held-out pairs come from unseen prompts; ``video``: from unseen videos of the same
-    prompts (pairs mixing a held-out and a training video are dropped)."""
-    eval_draws: int = 4
-    """(t, noise) draws averaged per held-out pair."""
-    eval_batch_pixels: int = 8 * 16 * 320 * 512
-    """Cost budget of one evaluation forward, in pixels (clips x frames x height x width; a pair
-    sends ``2 x eval_draws`` clips): at most 4 pairs, fewer as clips grow (one at the method's size)."""
+    # logit = -0.5*beta*(d_model - d_ref): the diffusers script's beta is 2x this.
+    beta: float = option(
+        50.0, "DPO strength: how far the model may move from the reference", gt=0, le=100_000
+    )
+    reference: str = option(
+        "adapter_disabled", "reference model: the same UNet with adapters off, or a frozen copy",
+        choices=("adapter_disabled", "frozen_copy"),
+    )  # fmt: skip
+    sft_weight: float = option(0.0, "weight of an added denoising loss on the chosen clip", ge=0)
+    # Spec 4.2, as the reference and Diffusion-DPO; held-out evaluation always shares.
+    shared_noise_timestep: bool = option(
+        True, "the chosen and rejected clip of a pair get the same noise and timestep"
+    )
+    lora_rank: int = option(16, "LoRA rank", ge=1, le=1024)
+    lora_alpha: float = option(32.0, "LoRA alpha (the update is scaled by alpha / rank)", gt=0)
+    lora_dropout: float = option(0.1, "LoRA dropout", ge=0, lt=1)
+    lora_targets: str = option(
+        "all", "modules with LoRA: all, spatial, temporal, self or a regex over module names"
+    )
+    adapter_name: str = option("huvidpo", "name of the LoRA adapter in the saved weights")
+    tie_policy: str = option(
+        "drop",
+        "pairs of equal mean score: drop them, or keep them in a fixed arbitrary direction",
+        choices=("drop", "keep"),
+    )
+    min_margin: float = option(
+        0.0, "drop score pairs whose difference is below this (score points)", ge=0, le=10
+    )
+    margin_weighting: bool = option(False, "weight each pair by its score margin")
+    # None: compile the dataset's ratings here with tie_policy, min_margin, margin_weighting and seed.
+    pairs_file: str | None = option(
+        None, "a compiled pairs.jsonl to train on (null: compile the dataset's ratings)", fine_tune=False
+    )
+    holdout_fraction: float = option(
+        0.0, "fraction held out for evaluation (implicit reward accuracy), see holdout_by", ge=0, lt=1
+    )
+    # video: pairs mixing a held-out and a training video are dropped.
+    holdout_by: str = option(
+        "prompt", "hold out unseen prompts, or unseen videos of the same prompts", choices=("prompt", "video")
+    )
+    eval_draws: int = option(4, "(t, noise) draws averaged per held-out pair", ge=1, le=1000)
+    # clips x frames x height x width; a pair sends 2 x eval_draws clips: at most 4 pairs, fewer as clips
+    # grow (one at the method's size).
+    eval_batch_pixels: int = option(
+        8 * 16 * 320 * 512, "pixel budget of one evaluation forward (clips x frames x height x width)", ge=1
+    )
     lr: float = 1e-4
     weight_decay: float = 1e-4
     adam_eps: float = 1e-8
@@ -286,32 +288,11 @@ class DPOConfig(TrainConfig):
     stage: ClassVar[str] = "dpo"
 
     def validate(self) -> None:
-        super().validate()  # the documented bounds (beta > 0, lora_rank >= 1, eval_draws >= 1, ...) included
-        if self.reference not in ("adapter_disabled", "frozen_copy"):
+        super().validate()  # every option's declared values (beta > 0, lora_rank >= 1, tie_policy, ...)
+        if self.tie_policy == "keep" and self.min_margin > 0:
             raise ConfigError(
-                f"reference must be 'adapter_disabled' or 'frozen_copy', got {self.reference!r}",
-                field="reference",
-            )
-        if self.sft_weight < 0:
-            raise ConfigError(f"sft_weight must be >= 0, got {self.sft_weight}", field="sft_weight")
-        if self.eval_batch_pixels < 1:
-            raise ConfigError(
-                f"eval_batch_pixels must be >= 1, got {self.eval_batch_pixels}", field="eval_batch_pixels"
-            )
-        if self.lora_alpha <= 0 or not 0 <= self.lora_dropout < 1:
-            bad = "lora_alpha" if self.lora_alpha <= 0 else "lora_dropout"
-            raise ConfigError("need lora_rank >= 1, lora_alpha > 0 and 0 <= lora_dropout < 1", field=bad)
-        if self.tie_policy not in ("drop", "keep"):
-            raise ConfigError(
-                f"tie_policy must be 'drop' or 'keep', got {self.tie_policy!r}", field="tie_policy"
-            )
-        if self.holdout_by not in ("prompt", "video"):
-            raise ConfigError(
-                f"holdout_by must be 'prompt' or 'video', got {self.holdout_by!r}", field="holdout_by"
-            )
-        if not 0.0 <= self.holdout_fraction < 1.0:
-            raise ConfigError(
-                f"holdout_fraction must be in [0, 1), got {self.holdout_fraction}", field="holdout_fraction"
+                "tie_policy 'keep' with min_margin > 0 contradicts itself: ties have margin 0",
+                field="min_margin",
             )
 
 
@@ -391,6 +372,19 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
     return value
 
 
+def unknown_option(cls: type[TrainConfig], name: str, spell: Callable[[str], str] = str) -> str:
+    """Why ``name`` is refused, with the option it most likely meant: ``unknown dpo training option
+    'lerning_rate'; did you mean "lr"?``. ``spell`` writes an option name as the caller knows it
+    (``--lora-rank`` on the command line)."""
+    key = name.lstrip("-").replace("-", "_")
+    message = f"unknown {cls.stage} training option {name!r}"
+    elsewhere = [c.stage for c in (DPOConfig, Stage1Config) if c is not cls and key in infos(c)]
+    if elsewhere:
+        return f"{message}: it is an option of {elsewhere[0]} training only"
+    guess = suggest(key, infos(cls))
+    return f'{message}; did you mean "{spell(guess)}"?' if guess else message
+
+
 def default_field_value(cls: type[TrainConfig], name: str) -> Any:
     for f in dataclasses.fields(cls):
         if f.name == name:
@@ -409,4 +403,5 @@ __all__ = [
     "default_field_value",
     "field",
     "read_config_file",
+    "unknown_option",
 ]

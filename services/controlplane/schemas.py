@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from huvidpo.bounds import BOUNDS
+from services.common.records import hyperparameters
 from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
@@ -193,44 +194,12 @@ class PairsReport(BaseModel):
 
 
 # --------------------------------------------------------------------------------------- fine-tunes
-def _bounded(name: str) -> Any:
-    """An optional option with its documented bound (``huvidpo.bounds``), shown in OpenAPI."""
-    b = BOUNDS[name]
-    return Field(default=None, gt=b.lo if b.lo_open else None, ge=None if b.lo_open else b.lo, le=b.hi)
-
-
-class FineTuneHyperparameters(BaseModel):
-    """Training options (``huvidpo.training`` config keys). The bounded ones are listed here; any
-    other key is checked against the stage's config (unknown keys are refused)."""
-
-    model_config = ConfigDict(extra="allow")
-
-    num_frames: int | None = _bounded("num_frames")
-    height: int | None = _bounded("height")
-    width: int | None = _bounded("width")
-    frame_stride: int | None = _bounded("frame_stride")
-    lr: float | None = _bounded("lr")
-    lr_warmup_steps: int | None = _bounded("lr_warmup_steps")
-    batch_size: int | None = _bounded("batch_size")
-    epochs: int | None = _bounded("epochs")
-    max_steps: int | None = _bounded("max_steps")
-    seed: int | None = _bounded("seed")
-    checkpoint_every: int | None = _bounded("checkpoint_every")
-    keep_last: int | None = _bounded("keep_last")
-    eval_every: int | None = _bounded("eval_every")
-    log_every: int | None = _bounded("log_every")
-    beta: float | None = _bounded("beta")
-    lora_rank: int | None = _bounded("lora_rank")
-    eval_draws: int | None = _bounded("eval_draws")
-
-    @field_validator(*(n for n in BOUNDS), mode="before")
-    @classmethod
-    def _within_bound(cls, value: Any, info: Any) -> Any:
-        # Before the int conversion, which cannot even parse 1e23; the message says the bound.
-        bound = BOUNDS[info.field_name]
-        if isinstance(value, int | float) and not isinstance(value, bool) and not bound.contains(value):
-            raise ValueError(f"{info.field_name} must be {bound.describe()}, got {value:g}")
-        return value
+# Every option either stage takes, with its description and bounds (declared once, in
+# huvidpo.training.config); unknown names are refused by the domain's check, which suggests one.
+if TYPE_CHECKING:
+    FineTuneHyperparameters = BaseModel
+else:
+    FineTuneHyperparameters = hyperparameters.request_model("FineTuneHyperparameters")
 
 
 class FineTuneCreate(Strict):

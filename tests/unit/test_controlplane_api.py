@@ -702,4 +702,4 @@ def test_absurd_hyperparameters_get_a_422_naming_the_field_and_the_bound(
     schemas = client.get("/openapi.json").json()["components"]["schemas"]
     props = schemas["FineTuneHyperparameters"]["properties"]
     assert props["max_steps"]["anyOf"][0]["maximum"] == 10_000_000
-    assert props["height"]["anyOf"][0]["maximum"] == 2048
+    assert props["height"]["maximum"] == 2048 and props["height"]["multipleOf"] == 8

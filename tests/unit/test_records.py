@@ -121,7 +121,8 @@ def test_records_import_neither_torch_nor_the_libraries_heavy_parts() -> None:
         "services.common.records.finetune, services.common.records.hyperparameters; "
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'numpy', 'peft')"
         " or (m.startswith('huvidpo.') and m not in ('huvidpo._lazy', 'huvidpo.bounds', 'huvidpo.models',"
-        " 'huvidpo.models.patterns', 'huvidpo.training', 'huvidpo.training.config'))))"
+        " 'huvidpo.models.patterns', 'huvidpo.training', 'huvidpo.training.config',"
+        " 'huvidpo.training.options'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
