@@ -32,12 +32,14 @@ from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, run_inline
 from services.controlplane.domain.finetunes import FineTuneService
+from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
 from services.controlplane.domain.util import Clock, utcnow
 from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_limit
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
+from services.controlplane.routers import models as models_router
 from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
@@ -82,6 +84,7 @@ def create_app(
         rollouts=RolloutService(store, ckpts, clock),
         metrics=metrics,
         cache_dir=cache_dir,
+        models=ModelService(store, clock),
     )
 
     @contextlib.asynccontextmanager
@@ -116,6 +119,7 @@ def create_app(
     for r in (
         health.router,
         datasets.router,
+        models_router.router,
         finetunes.router,
         checkpoints.router,
         rollouts.router,
