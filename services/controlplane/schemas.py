@@ -367,7 +367,7 @@ class FineTuneMetrics(BaseModel):
     steps: list[int] = Field(
         description="optimizer steps, ascending (a step redone after a retry: its last value)"
     )
-    metrics: dict[str, list[float | None]] = Field(
+    metrics: dict[str, list[int | float | None]] = Field(
         description="every numeric field of the step events, one value per entry of steps"
     )
 
