@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from services.common.auth import load_table
 from services.common.settings import ControlPlaneSettings
@@ -44,6 +45,7 @@ from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 
+DOCS_ASSETS = "/docs/assets"
 API_DESCRIPTION = """HuViDPO control plane: preference datasets, DPO fine-tunes run as Kubernetes Jobs,
 checkpoints with lineage, and rollouts the inference service follows.
 
@@ -101,7 +103,12 @@ def create_app(
             if watcher is not None:
                 watcher.join(timeout=5)
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc with their scripts and styles served from /docs/assets/ by this
+    # app (the fastapi-offline package ships them): no CDN, so they work on an air-gapped cluster.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
+        # Swagger UI would otherwise send the spec to validator.swagger.io for its badge.
+        swagger_ui_parameters={"validatorUrl": None},
         title="HuViDPO control plane",
         version="1.0.0",
         description=API_DESCRIPTION,
