@@ -115,7 +115,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.IDEMPOTENCY_FINETUNES), R | W | D, "Idempotency-Key records of fine-tune creates"),
         Grant(_all(keys.ROLLOUTS), R | W, "rollout records (compare-and-swap)"),
         Grant(_all(keys.CHECKPOINTS), R | D, "lists, signs downloads, deletes; never publishes"),
-        Grant(_all(keys.MODELS), R | W | D, "registers base models (stages, publishes, drops refused uploads)"),
+        Grant(_all(keys.MODELS), R | W | D, "registers base models (stages, publishes, drops refused ones)"),
         Grant(_all(keys.IMPORTS), R, "files to register as a base model (from_prefix)"),
         Grant(_all(TMP_PREFIX), R | W | D, "multipart staging of streamed uploads"),
     ),
