@@ -187,3 +187,31 @@ def test_a_followed_stream_sends_events_as_they_come_and_ends_with_the_finetune(
     # the slot was given back: a new follower of the finished fine-tune gets everything and ends at once
     r = httpx.get(f"{live['url']}/v1/fine-tunes/{fid}/events?follow=true", headers=AUTH, timeout=10)
     assert [json.loads(x)["seq"] for x in r.text.splitlines()] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_followed_stream_ends_when_the_finetune_is_deleted_meanwhile(live: dict[str, Any]) -> None:
+    from services.controlplane.domain.errors import NotFound
+
+    fid, client = live["id"], live["client"]
+    write_progress(live["store"], fid, STEPS)
+    lines: list[str] = []
+    ended = threading.Event()
+
+    def follow() -> None:
+        with httpx.stream(
+            "GET", f"{live['url']}/v1/fine-tunes/{fid}/events?follow=true", headers=AUTH, timeout=30
+        ) as r:
+            lines.extend(r.iter_lines())
+        ended.set()
+
+    threading.Thread(target=follow, daemon=True).start()
+    deadline = time.monotonic() + 15
+    while len(lines) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(lines) == 3 and not ended.is_set()
+
+    def gone(finetune_id: str) -> Any:
+        raise NotFound(f"fine-tune {finetune_id!r} not found")
+
+    client.app.state.ctx.finetunes.get = gone  # deleted by another replica, say
+    assert ended.wait(15), "the stream outlived its fine-tune"

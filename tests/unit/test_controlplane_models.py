@@ -199,6 +199,10 @@ def test_registration_requests_are_checked(env: dict[str, Any], tiny_model_dir: 
     assert assert_problem(bad_json, 422, "validation-error")["field"] == "id"
     missing = client.post("/v1/models", json={"id": "ok"}, headers=AUTH)
     assert assert_problem(missing, 422, "validation-error")["field"] == "from_prefix"
+    two_ids = client.post(
+        "/v1/models", data={"id": ["a", "b"]}, files=upload_files(tiny_model_dir), headers=AUTH
+    )
+    assert assert_problem(two_ids, 422, "validation-error")["field"] == "id"
     files_first = client.post("/v1/models", files=upload_files(tiny_model_dir), headers=AUTH)
     assert assert_problem(files_first, 422, "validation-error")["field"] == "id"
     text = client.post("/v1/models", content=b"id=x", headers={**AUTH, "Content-Type": "text/plain"})

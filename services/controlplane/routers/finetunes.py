@@ -16,6 +16,7 @@ from services.common.auth import Principal
 from services.controlplane import problems
 from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
+from services.controlplane.domain.errors import NotFound
 from services.controlplane.domain.finetunes import TERMINAL, FineTuneRequest
 from services.controlplane.domain.progress import event_items, events_page, metrics_history, read_progress
 from services.controlplane.domain.retention import Retention
@@ -210,9 +211,12 @@ async def finetune_events(
     key = StreamSlots.key(request.headers)
     slots.acquire(key)
 
-    def poll() -> tuple[str, list[dict[str, Any]]]:
+    def poll() -> tuple[str | None, list[dict[str, Any]]]:
         # the state first: events read after a terminal state are all the events there will be
-        state = str(c.finetunes.get(finetune_id)["state"])
+        try:
+            state = str(c.finetunes.get(finetune_id)["state"])
+        except NotFound:  # deleted while followed: nothing more will come
+            return None, []
         return state, event_items(read_progress(c.store, finetune_id))
 
     async def body() -> AsyncIterator[bytes]:
@@ -224,7 +228,7 @@ async def finetune_events(
                 if fresh:
                     sent = fresh[-1]["seq"]
                     yield b"".join(json.dumps(it).encode() + b"\n" for it in fresh)
-                if state in TERMINAL:
+                if state is None or state in TERMINAL:
                     return
                 if await request.is_disconnected():
                     return

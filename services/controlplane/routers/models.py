@@ -65,6 +65,8 @@ def _multipart_stager(models: ModelService, fields: dict[str, Any]):  # type: ig
             if part.filename is None:
                 value = reader.read_small().decode("utf-8", "replace")
                 if part.name == "id":
+                    if "id" in fields:
+                        raise InvalidRequest("the form has more than one id field", field="id")
                     fields["staging"] = models.start(value)
                     fields["id"] = value
                 elif part.name == "description":
