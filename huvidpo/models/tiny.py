@@ -138,8 +138,21 @@ def tiny_components(seed: int = 0, sparse_causal: SparseCausalMode = "first+prev
     return ModelComponents(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG))
 
 
-def write_tiny_model(directory: str | os.PathLike[str], seed: int = 0) -> Path:
-    """Write a complete tiny model directory (diffusers layout, safetensors) and return its path."""
+def write_tiny_model(directory: str | os.PathLike[str], seed: int = 0, unet_2d: bool = False) -> Path:
+    """Write a complete tiny model directory (diffusers layout, safetensors) and return its path.
+
+    ``unet_2d``: ``unet/`` holds a plain SD-1.x ``UNet2DConditionModel`` (seeded random weights) in
+    place of the VideoUNet, as a Stable Diffusion checkpoint does; ``load_components`` inflates it."""
+    import json
+    import shutil
+
     d = Path(directory)
     tiny_components(seed).save_pretrained(d)
+    if unet_2d:
+        shutil.rmtree(d / "unet")
+        torch.manual_seed(seed)
+        UNet2DConditionModel(**TINY_UNET_CONFIG).save_pretrained(d / "unet", safe_serialization=True)
+        index = json.loads((d / "model_index.json").read_text())
+        index["unet"] = ["diffusers", "UNet2DConditionModel"]
+        (d / "model_index.json").write_text(json.dumps(index, indent=2))
     return d

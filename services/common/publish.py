@@ -25,7 +25,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from services.common.records import keys
-from services.common.records.lineage import CheckpointManifest, DatasetVersionManifest, Lineage
+from services.common.records.lineage import CheckpointManifest, DatasetVersionManifest, Lineage, ModelManifest
 from services.common.store import (
     ChecksumMismatch,
     ObjectNotFound,
@@ -102,10 +102,10 @@ def _upload_files(store: ObjectStore, root: Path, prefix: str) -> dict[str, dict
 def write_manifest(
     store: ObjectStore,
     prefix: str,
-    manifest: CheckpointManifest | DatasetVersionManifest,
+    manifest: CheckpointManifest | DatasetVersionManifest | ModelManifest,
     if_none_match: bool = False,
 ) -> None:
-    """The last write of a publication (a checkpoint, a dataset version): its typed manifest at
+    """The last write of a publication (a checkpoint, a dataset version, a base model): its typed manifest at
     ``prefix/manifest.json``. Until it lands nothing is published there; every file it names must be
     stored already. ``if_none_match``: only if none is there yet (``PreconditionFailed`` otherwise),
     for publications named by their content, which two writers may race to publish."""

@@ -15,6 +15,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 
 from services.common.auth import load_table
 from services.common.settings import ControlPlaneSettings
@@ -32,16 +33,19 @@ from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, run_inline
 from services.controlplane.domain.finetunes import FineTuneService
+from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
 from services.controlplane.domain.util import Clock, utcnow
 from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_limit
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
+from services.controlplane.routers import models as models_router
 from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
 
+DOCS_ASSETS = "/docs/assets"
 API_DESCRIPTION = """HuViDPO control plane: preference datasets, DPO fine-tunes run as Kubernetes Jobs,
 checkpoints with lineage, and rollouts the inference service follows.
 
@@ -82,6 +86,7 @@ def create_app(
         rollouts=RolloutService(store, ckpts, clock),
         metrics=metrics,
         cache_dir=cache_dir,
+        models=ModelService(store, clock),
     )
 
     @contextlib.asynccontextmanager
@@ -98,7 +103,12 @@ def create_app(
             if watcher is not None:
                 watcher.join(timeout=5)
 
-    app = FastAPI(
+    # /docs (Swagger UI) and /redoc with their scripts and styles served from /docs/assets/ by this
+    # app (the fastapi-offline package ships them): no CDN, so they work on an air-gapped cluster.
+    app = FastAPIOffline(
+        static_url=DOCS_ASSETS,
+        # Swagger UI would otherwise send the spec to validator.swagger.io for its badge.
+        swagger_ui_parameters={"validatorUrl": None},
         title="HuViDPO control plane",
         version="1.0.0",
         description=API_DESCRIPTION,
@@ -116,6 +126,7 @@ def create_app(
     for r in (
         health.router,
         datasets.router,
+        models_router.router,
         finetunes.router,
         checkpoints.router,
         rollouts.router,

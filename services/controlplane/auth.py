@@ -12,6 +12,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import BaseRoute
@@ -22,6 +23,13 @@ from services.controlplane import problems
 from services.controlplane.metrics import route_template
 
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+# Declares the OpenAPI ``securitySchemes`` entry (HTTP bearer) and puts it on every route that
+# ``needs`` a scope, so /docs has an Authorize button; the token itself is checked by ScopeCheck.
+BEARER_SCHEME = HTTPBearer(
+    scheme_name="bearer",
+    description="A control-plane token (HUVIDPO_TOKEN): Authorization: Bearer <token>",
+    auto_error=False,
+)
 audit_log = logging.getLogger("huvidpo.audit")
 
 
@@ -31,7 +39,9 @@ class ScopeCheck:
     def __init__(self, scopes: tuple[str, ...]) -> None:
         self.scopes = scopes
 
-    def __call__(self, request: Request) -> Principal:
+    def __call__(
+        self, request: Request, _: HTTPAuthorizationCredentials | None = Depends(BEARER_SCHEME)
+    ) -> Principal:
         table: TokenTable = request.app.state.tokens
         challenge = {"WWW-Authenticate": 'Bearer realm="huvidpo"'}
         token = bearer(request.headers.get("authorization", ""))

@@ -12,6 +12,7 @@ from services.common.store import ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService
 from services.controlplane.domain.finetunes import FineTuneService
+from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.ports import Executor
 from services.controlplane.domain.rollouts import RolloutService
 from services.controlplane.metrics import Metrics
@@ -28,6 +29,7 @@ class Context:
     rollouts: RolloutService
     metrics: Metrics
     cache_dir: Path
+    models: ModelService
 
 
 def ctx(request: Request) -> Context:

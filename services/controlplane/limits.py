@@ -34,6 +34,7 @@ from services.controlplane import problems
 _UPLOAD_ROUTES = (
     ("POST", re.compile(r"^/v1/datasets/[^/]+/uploads/[^/]+/files/?$")),
     ("POST", re.compile(r"^/v1/datasets/[^/]+/versions/?$")),
+    ("POST", re.compile(r"^/v1/models/?$")),  # a multipart upload (its JSON form reads max_request_bytes)
     ("PUT", re.compile(r"^/v1/objects/.+")),
 )
 # Routes whose authorisation is not a bearer token (a presigned URL's signature, checked by the route

@@ -33,6 +33,7 @@ STATUS_BY_KIND: dict[str, int] = {
     errors.UnsupportedMediaType.kind: 415,
     errors.BadUpload.kind: 400,
     errors.Unavailable.kind: 503,
+    "invalid-model-layout": 422,
     "unauthorized": 401,
     "forbidden": 403,
     "method-not-allowed": 405,

@@ -193,6 +193,51 @@ class PairsReport(BaseModel):
     motion_measured: bool = True
 
 
+# ------------------------------------------------------------------------------------------ models
+ModelId = Field(
+    pattern=NAME_PATTERN,
+    min_length=1,
+    max_length=63,
+    description="the model's id: its store prefix models/{id}/ and the base_model of fine-tunes",
+    examples=["sd15"],
+)
+
+
+class ModelRegister(Strict):
+    """Register files already in the object store (put under ``imports/``) as a base model."""
+
+    id: str = ModelId
+    from_prefix: str = Field(
+        pattern=r"^imports/[A-Za-z0-9_-][A-Za-z0-9._/-]*$",
+        max_length=512,
+        description="the store prefix (a folder under imports/) holding the diffusers model directory",
+        examples=["imports/sd15/"],
+    )
+    description: str = Field(default="", max_length=2000)
+
+
+class Model(BaseModel):
+    id: str
+    prefix: str = Field(description="models/{id}/: where its manifest is published")
+    digest: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="sha256 over the sorted path, sha256 and size of its files (the lineage digest)",
+    )
+    unet: Literal["video", "image"] = Field(
+        description="video: a HuViDPO VideoUNet; image: an SD-1.x 2D UNet, inflated to video on first use"
+    )
+    files: int
+    size_bytes: int
+    created_at: str | None
+    created_by: str = Field(default="", description="name of the token that registered it")
+    description: str = ""
+
+
+class ModelList(BaseModel):
+    items: list[Model]
+    next_page_token: str | None = None
+
+
 # --------------------------------------------------------------------------------------- fine-tunes
 # Every option either stage takes, with its description and bounds (declared once, in
 # huvidpo.training.config); unknown names are refused by the domain's check, which suggests one.
@@ -266,6 +311,34 @@ class FineTune(BaseModel):
 class FineTuneList(BaseModel):
     items: list[FineTune]
     next_page_token: str | None = None
+
+
+class FineTuneEvent(BaseModel):
+    """One progress record of the trainer (``services.common.records.progress``) with its position;
+    the fields are the event's own (start: total_steps, resumed_from_step, attempt; step: step, loss,
+    implicit_acc, reward_margin, ...; checkpoint: step, checkpoint_id; end: state, exit_code, reason,
+    message)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    seq: int = Field(ge=0, description="0-based position in the fine-tune's event log")
+    event: Literal["start", "step", "checkpoint", "end"]
+    time: str | None = None
+
+
+class FineTuneEventPage(BaseModel):
+    items: list[FineTuneEvent]
+    next_after: int | None = Field(description="the last item's seq (pass it as after); null when no item")
+
+
+class FineTuneMetrics(BaseModel):
+    finetune_id: str
+    steps: list[int] = Field(
+        description="optimizer steps, ascending (a step redone after a retry: its last value)"
+    )
+    metrics: dict[str, list[int | float | None]] = Field(
+        description="every numeric field of the step events, one value per entry of steps"
+    )
 
 
 # -------------------------------------------------------------------------------------- checkpoints

@@ -49,10 +49,13 @@ def test_the_split_keeps_each_component_to_its_prefixes() -> None:
         "controlplane", Access.WRITE, keys.checkpoint_manifest_key(cid)
     )  # only the trainer publishes
     assert allows("controlplane", Access.READ, keys.model_manifest_key("tiny"))
-    assert not allows("controlplane", Access.READ, keys.model_prefix("tiny") + "unet/weights.safetensors")
+    # POST /v1/models: the control plane registers base models, read from imports/ or uploaded
+    assert allows("controlplane", Access.WRITE, keys.model_manifest_key("tiny"))
+    assert allows("controlplane", Access.READ, keys.IMPORTS + "sd15/unet/config.json")
+    assert not allows("controlplane", Access.WRITE, keys.IMPORTS + "sd15/unet/config.json")
     assert allows("inference", Access.WRITE, keys.generation_key("default", "r1", "mp4"))
     assert not allows("inference", Access.READ, keys.dataset_prefix("cats") + "dataset.json")
-    assert not any(allows(c, Access.WRITE, keys.model_manifest_key("tiny")) for c in COMPONENTS)
+    assert not any(allows(c, Access.WRITE, keys.model_manifest_key("tiny")) for c in ("trainer", "inference"))
     # Nobody is granted anything on the bucket itself (policy, ACL, deletion): only object actions
     # and listing its keys.
     for c in COMPONENTS:

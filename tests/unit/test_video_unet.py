@@ -133,6 +133,23 @@ def test_a_2d_sd_unet_directory_is_inflated_on_load(tmp_path: Path) -> None:
         torch.testing.assert_close(loaded(clip, 5, text), video(clip, 5, text), rtol=0, atol=1e-6)
 
 
+def test_a_model_directory_with_a_2d_sd_unet_loads_inflated(tmp_path: Path) -> None:
+    """What ``POST /v1/models`` records as ``unet: image``: the whole directory loads through
+    ``load_components`` with the 2D UNet inflated (spatial weights kept, temporal layers added)."""
+    from huvidpo.models import load_components
+    from huvidpo.models.tiny import write_tiny_model
+
+    d = write_tiny_model(tmp_path / "m", unet_2d=True)
+    assert "VideoUNet" not in (d / "unet" / "config.json").read_text()
+    comps = load_components(d)
+    assert isinstance(comps.unet, VideoUNet)
+    unet2d = UNet2DConditionModel.from_pretrained(d / "unet", use_safetensors=True).eval()
+    x, text = torch.randn(1, 4, 3, 8, 8), torch.randn(1, 16, 32)
+    with torch.no_grad():
+        ref = unet2d(x[:, :, 0], torch.tensor([5]), text).sample
+        torch.testing.assert_close(comps.unet(x, 5, text)[:, :, 0], ref, rtol=0, atol=1e-5)
+
+
 def test_pickle_weights_are_refused_with_a_clear_error(tmp_path: Path) -> None:
     unet2d, _ = make_pair()
     d = tmp_path / "unet"

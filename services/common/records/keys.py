@@ -11,6 +11,8 @@ import re
 
 DATASETS = "datasets/"
 MODELS = "models/"
+# Files put in the store to be registered as a base model (``POST /v1/models`` with ``from_prefix``).
+IMPORTS = "imports/"
 FINETUNES = "finetunes/"
 CHECKPOINTS = "checkpoints/"
 ROLLOUTS = "rollouts/"

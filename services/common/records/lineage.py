@@ -93,6 +93,19 @@ class DatasetVersionManifest(_Manifest):
     """Who made the version (the bearer token's name); "" before versions recorded it."""
 
 
+class ModelManifest(_Manifest):
+    """``models/{id}/manifest.json`` as ``POST /v1/models`` writes it: each file's ``key`` is where it
+    was staged (``models/{id}/uploads/{upload_id}/...``). ``unet`` is ``video`` (a VideoUNet) or
+    ``image`` (an SD-1.x 2D UNet, inflated when loaded). Models published with ``publish_dir`` carry
+    only ``files`` and what their publisher added."""
+
+    id: str
+    unet: str | None = None
+    description: str = ""
+    created_at: str | None = None
+    created_by: str = ""
+
+
 class CheckpointManifest(_Manifest):
     """``checkpoints/{id}/manifest.json``: ``adapter/`` for inference, ``state/`` for resuming. The
     published directory is ``huvidpo.training``'s checkpoint directory as written, and this is its

@@ -23,7 +23,10 @@ control plane
     ``checkpoints/``: lists the published checkpoints, reads their manifests, signs download URLs
     (which act with its key), deletes checkpoints: read, delete. It never writes one: only the trainer
     publishes, so a control plane decoding a hostile upload cannot forge a checkpoint.
-    ``models/*/manifest.json``: checks that a fine-tune's base model exists: read (that one file).
+    ``models/``: registers base models (``POST /v1/models``): stages the files under
+    ``models/{id}/uploads/``, publishes the manifest, deletes a refused or repeated upload's staged
+    files; checks that a fine-tune's base model exists: read, write, delete.
+    ``imports/``: the files a registration with ``from_prefix`` copies: read.
     ``.huvidpo-tmp/``: ``MinioStore.put_stream`` uploads a stream of unknown length there by
     multipart, then copies it to its key and deletes it: read, write, delete. Only the control plane
     streams (uploads); the trainer and inference write files and bytes of known size.
@@ -112,7 +115,8 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.IDEMPOTENCY_FINETUNES), R | W | D, "Idempotency-Key records of fine-tune creates"),
         Grant(_all(keys.ROLLOUTS), R | W, "rollout records (compare-and-swap)"),
         Grant(_all(keys.CHECKPOINTS), R | D, "lists, signs downloads, deletes; never publishes"),
-        Grant(keys.model_manifest_key(ANY), R, "checks a fine-tune's base model exists"),
+        Grant(_all(keys.MODELS), R | W | D, "registers base models (stages, publishes, drops refused ones)"),
+        Grant(_all(keys.IMPORTS), R, "files to register as a base model (from_prefix)"),
         Grant(_all(TMP_PREFIX), R | W | D, "multipart staging of streamed uploads"),
     ),
     "trainer": (

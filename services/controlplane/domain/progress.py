@@ -3,6 +3,7 @@ the trainer to ``finetunes/{id}/progress.jsonl``) that its view shows."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from statistics import fmean
 from typing import Any
@@ -17,7 +18,15 @@ from services.common.records.progress import (
     read_progress,
 )
 
-__all__ = ["ProgressSummary", "parse_progress", "read_progress", "summarize"]
+__all__ = [
+    "ProgressSummary",
+    "event_items",
+    "events_page",
+    "metrics_history",
+    "parse_progress",
+    "read_progress",
+    "summarize",
+]
 
 
 @dataclass
@@ -82,3 +91,37 @@ def summarize(events: list[ProgressEvent]) -> ProgressSummary:
     elif s.end is not None:
         s.eta_seconds = 0.0
     return s
+
+
+def event_items(events: list[ProgressEvent], after: int = -1) -> list[dict[str, Any]]:
+    """The events past position ``after`` as the API shows them: ``{"seq", "event", ...the fields the
+    trainer wrote}``; ``seq`` is the event's 0-based position among the readable events of the log
+    (the log only grows, so a position names the same event on every read)."""
+    return [{"seq": i, **json.loads(ev.to_line())} for i, ev in enumerate(events) if i > after]
+
+
+def events_page(events: list[ProgressEvent], after: int = -1, limit: int = 100) -> dict[str, Any]:
+    """One page of ``event_items``: at most ``limit`` items after ``after``, and ``next_after`` (the
+    last item's ``seq``, None when the page is empty)."""
+    items = event_items(events, after)[:limit]
+    return {"items": items, "next_after": items[-1]["seq"] if items else None}
+
+
+# The numeric fields of a step event (all but the step itself), in their declared order.
+STEP_METRICS = tuple(
+    name
+    for name, f in StepEvent.model_fields.items()
+    if name != "step" and f.annotation in (int | None, float | None)
+)
+
+
+def metrics_history(events: list[ProgressEvent]) -> dict[str, Any]:
+    """Every numeric field of the step events as series aligned with ``steps`` (ascending). A step
+    logged again (an attempt resumed from an earlier checkpoint redoes it) keeps its latest values."""
+    by_step: dict[int, StepEvent] = {}
+    for ev in events:
+        if isinstance(ev, StepEvent):
+            by_step[ev.step] = ev
+    steps = sorted(by_step)
+    metrics = {name: [getattr(by_step[s], name) for s in steps] for name in STEP_METRICS}
+    return {"steps": steps, "metrics": metrics}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -15,13 +16,24 @@ from services.common.auth import Principal
 from services.controlplane import problems
 from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
-from services.controlplane.domain.finetunes import FineTuneRequest
+from services.controlplane.domain.errors import NotFound
+from services.controlplane.domain.finetunes import TERMINAL, FineTuneRequest
+from services.controlplane.domain.progress import event_items, events_page, metrics_history, read_progress
 from services.controlplane.domain.retention import Retention
 from services.controlplane.limits import StreamSlots
-from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
+from services.controlplane.schemas import (
+    CheckpointList,
+    FineTune,
+    FineTuneCreate,
+    FineTuneEventPage,
+    FineTuneList,
+    FineTuneMetrics,
+)
 
 router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"])
 LOG_POLL_SECONDS = 0.5
+# How often a followed event stream re-reads progress.jsonl and the fine-tune's state.
+EVENT_POLL_SECONDS = 1.0
 
 
 @router.post(
@@ -165,3 +177,75 @@ def finetune_checkpoints(
     c.finetunes.require(finetune_id)
     items, token = c.checkpoints.list(finetune_id, page_size, page_token)
     return {"items": items, "next_page_token": token}
+
+
+@router.get(
+    "/{finetune_id}/events",
+    dependencies=[needs("read")],
+    response_model=FineTuneEventPage,
+    responses={
+        200: {
+            "description": "A page of events; with follow=true an application/x-ndjson stream of them, "
+            "one per line, that ends once the fine-tune is finished and all its events are sent",
+            "content": {"application/x-ndjson": {"schema": {"$ref": "#/components/schemas/FineTuneEvent"}}},
+        },
+        **problems.common_responses(401, 404, 422, 429),
+    },
+    summary="The trainer's progress events (start, step, checkpoint, end), paginated or followed",
+)
+async def finetune_events(
+    finetune_id: str,
+    request: Request,
+    after: int = Query(-1, ge=-1, description="return events with seq above this (a previous next_after)"),
+    limit: int = Query(100, ge=1, le=1000, description="at most this many events (not with follow)"),
+    follow: bool = Query(False, description="stream events as NDJSON until the fine-tune finishes"),
+    c: Context = Depends(ctx),
+) -> Any:
+    """Read from ``finetunes/{id}/progress.jsonl`` (``services.common.records.progress``). A follower
+    holds one of the token's ``max_streams_per_token`` stream slots (429 beyond), as a log stream does."""
+    await run_in_threadpool(c.finetunes.require, finetune_id)
+    if not follow:
+        events = await run_in_threadpool(read_progress, c.store, finetune_id)
+        return events_page(events, after, limit)
+    slots: StreamSlots = request.app.state.streams
+    key = StreamSlots.key(request.headers)
+    slots.acquire(key)
+
+    def poll() -> tuple[str | None, list[dict[str, Any]]]:
+        # the state first: events read after a terminal state are all the events there will be
+        try:
+            state = str(c.finetunes.get(finetune_id)["state"])
+        except NotFound:  # deleted while followed: nothing more will come
+            return None, []
+        return state, event_items(read_progress(c.store, finetune_id))
+
+    async def body() -> AsyncIterator[bytes]:
+        sent = after
+        try:
+            while True:
+                state, items = await anyio.to_thread.run_sync(poll, limiter=slots.reads)
+                fresh = [it for it in items if it["seq"] > sent]
+                if fresh:
+                    sent = fresh[-1]["seq"]
+                    yield b"".join(json.dumps(it).encode() + b"\n" for it in fresh)
+                if state is None or state in TERMINAL:
+                    return
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+        finally:
+            slots.release(key)
+
+    return StreamingResponse(body(), media_type="application/x-ndjson")
+
+
+@router.get(
+    "/{finetune_id}/metrics",
+    dependencies=[needs("read")],
+    response_model=FineTuneMetrics,
+    responses=problems.common_responses(401, 404),
+    summary="The step metrics' history (loss, implicit_acc, reward_margin, ...) as aligned series",
+)
+def finetune_metrics(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+    c.finetunes.require(finetune_id)
+    return {"finetune_id": finetune_id, **metrics_history(read_progress(c.store, finetune_id))}
