@@ -53,6 +53,7 @@ BOUNDS: dict[str, Bound] = {
     "keep_last": Bound(1, 1000),
     "eval_every": Bound(0, MAX_STEPS),
     "log_every": Bound(1, MAX_STEPS),
+    "cache_memory_mb": Bound(0, 16 * 2**20),
     # DPO
     "beta": Bound(0, 100_000, lo_open=True),
     "lora_rank": Bound(1, 1024),

@@ -15,7 +15,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from huvidpo.bounds import BOUNDS
 from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
@@ -33,6 +33,7 @@ class ConfigError(ValueError):
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CACHE_DTYPES = ("auto", "fp32", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -79,7 +80,9 @@ class TrainConfig:
     mixed_precision: str = "auto"
     """``auto``: bf16 autocast on CUDA (frozen weights bf16, LoRA and other trainable weights fp32),
     none on the CPU; or ``no``, ``fp16`` (CUDA only), ``bf16``."""
-    gradient_checkpointing: bool = True
+    gradient_checkpointing: bool | Literal["auto"] = "auto"
+    """Recompute activations in the backward pass (about 27% more FLOPs, a fraction of the memory).
+    ``auto``: on only when the step's estimated peak memory exceeds 90% of the device's."""
     timestep_min: int = 0
     timestep_max: int = 1000
     """Timesteps are drawn uniformly from ``[timestep_min, timestep_max)``."""
@@ -90,6 +93,11 @@ class TrainConfig:
     cache_latents: bool = True
     cache_dir: str | None = None
     """Latent/text cache; None: ``<output_dir>/cache``."""
+    cache_memory_mb: float = 4096.0
+    """Host memory the latent/text cache may hold (least recently used entries leave; they are read
+    again from ``cache_dir``)."""
+    cache_dtype: str = "auto"
+    """``auto``: latents held in bf16 (pinned) on CUDA, float32 on the CPU; or ``fp32``, ``bf16``."""
     checkpoint_every: int = 0
     """Steps between checkpoints; 0: only at the end (a stopped run checkpoints before it returns)."""
     checkpoint_minutes: float = 0.0
@@ -200,6 +208,16 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ConfigError(
                 f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}", field="grad_clip"
+            )
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ConfigError(
+                f"cache_dtype must be one of {', '.join(CACHE_DTYPES)}, got {self.cache_dtype!r}",
+                field="cache_dtype",
+            )
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            raise ConfigError(
+                f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}",
+                field="gradient_checkpointing",
             )
         if self.mixed_precision not in MIXED_PRECISION:
             raise ConfigError(
@@ -348,7 +366,10 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], source)
+        for a in inner:  # a literal member (gradient_checkpointing: "auto") is taken as written
+            if get_origin(a) is Literal and value in get_args(a):
+                return value
+        return _coerce(key, value, next(a for a in inner if get_origin(a) is not Literal), source)
     try:
         if typ is bool:
             if isinstance(value, bool):

@@ -37,6 +37,7 @@ from huvidpo.training.common import (
     noisy_latents,
     sample_timesteps,
     step_generator,
+    use_checkpointing,
     weight_dtype,
 )
 from huvidpo.training.config import ConfigError, DPOConfig
@@ -357,12 +358,16 @@ class DPOTask:
         for p in self.params:  # fp32 master weights for the trained parameters, whatever the base dtype
             p.data = p.data.float()
             p.requires_grad_(True)
-        if cfg.gradient_checkpointing:
+        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
+        self.checkpointing = use_checkpointing(
+            cfg, unet, device, 2 * cfg.batch_size, weight_dtype(cfg), extra_weights=frozen_bytes
+        )
+        if self.checkpointing[0]:
             enable_checkpointing(unet)
         unet.train()
         self.reference: torch.nn.Module = frozen if frozen is not None else unet
         self.num_items = len(data.train)
-        self.data_report = data.report
+        self.data_report = {**data.report, "gradient_checkpointing": self.checkpointing[1]}
 
     def loss(
         self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator

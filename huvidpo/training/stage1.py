@@ -31,6 +31,8 @@ from huvidpo.training.common import (
     make_clip_source,
     noisy_latents,
     sample_timesteps,
+    use_checkpointing,
+    weight_dtype,
 )
 from huvidpo.training.config import ConfigError, Stage1Config
 from huvidpo.training.loop import train
@@ -120,11 +122,17 @@ class Stage1Task:
             p.requires_grad_(name in names)
         self.trainable = {n: p for n, p in unet.named_parameters() if n in names}
         self.params = list(self.trainable.values())
-        if cfg.gradient_checkpointing:
+        self.checkpointing = use_checkpointing(
+            cfg, unet, self.accelerator.device, cfg.batch_size, weight_dtype(cfg)
+        )
+        if self.checkpointing[0]:
             enable_checkpointing(unet)
         unet.train()
         self.num_items = len(self.items)
-        self.data_report: dict[str, Any] = {"clips": len(self.items)}
+        self.data_report: dict[str, Any] = {
+            "clips": len(self.items),
+            "gradient_checkpointing": self.checkpointing[1],
+        }
 
     def loss(
         self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator
