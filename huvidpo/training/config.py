@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin,
 
 from huvidpo.bounds import BOUNDS
 from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
+from huvidpo.precision import COMPILE_BACKENDS
 
 
 class ConfigError(ValueError):
@@ -87,6 +88,9 @@ class TrainConfig:
     timestep_max: int = 1000
     """Timesteps are drawn uniformly from ``[timestep_min, timestep_max)``."""
     seed: int = 33
+    compile: str = "off"
+    """``torch.compile`` the UNet: ``off`` or a backend (``inductor`` on a GPU; ``aot_eager`` and
+    ``eager`` only check that it compiles). Minutes of compiling; worth it for long runs."""
     device: str | None = None
     """``cpu``, ``cuda``, ``cuda:1``...; None picks CUDA when present (accelerate decides under a launcher)."""
     # caching, checkpoints, logging
@@ -208,6 +212,10 @@ class TrainConfig:
         if self.grad_clip < 0:
             raise ConfigError(
                 f"grad_clip must be >= 0 (0 switches clipping off), got {self.grad_clip}", field="grad_clip"
+            )
+        if self.compile not in COMPILE_BACKENDS:
+            raise ConfigError(
+                f"compile must be one of {', '.join(COMPILE_BACKENDS)}, got {self.compile!r}", field="compile"
             )
         if self.cache_dtype not in CACHE_DTYPES:
             raise ConfigError(

@@ -24,6 +24,7 @@ from huvidpo.lora import lora_config, lora_parameters, save_lora
 from huvidpo.losses import DPOStats, dpo_inside_term, dpo_loss, masked_diffusion_error
 from huvidpo.models import VideoUNet, directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
+from huvidpo.precision import compile_unet
 from huvidpo.training.callbacks import TrainingCallback
 from huvidpo.training.checkpoint import CheckpointError
 from huvidpo.training.common import (
@@ -364,6 +365,7 @@ class DPOTask:
         )
         if self.checkpointing[0]:
             enable_checkpointing(unet)
+        compile_unet(unet, cfg.compile)  # after the adapter: the compiled graph includes it
         unet.train()
         self.reference: torch.nn.Module = frozen if frozen is not None else unet
         self.num_items = len(data.train)

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from huvidpo.losses import masked_diffusion_error
 from huvidpo.models import directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
+from huvidpo.precision import compile_unet
 from huvidpo.training.callbacks import TrainingCallback
 from huvidpo.training.checkpoint import STATE_DIR, CheckpointError, state_file
 from huvidpo.training.common import (
@@ -127,6 +128,7 @@ class Stage1Task:
         )
         if self.checkpointing[0]:
             enable_checkpointing(unet)
+        compile_unet(unet, cfg.compile)
         unet.train()
         self.num_items = len(self.items)
         self.data_report: dict[str, Any] = {
