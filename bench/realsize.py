@@ -587,7 +587,8 @@ def _cuda_seconds(fn: Callable[[], None], repeats: int) -> float:
 
 
 def _measure_precision(shape: Shape, prec: str, batches: list[int], peak: float | None, repeats: int,
-                       log: Callable[[str], None], dev: torch.device) -> dict[str, Any]:  # fmt: skip
+                       log: Callable[[str], None], dev: torch.device,
+                       compile_backend: str = "off") -> dict[str, Any]:  # fmt: skip
     """One precision on one device: seconds per video, UNet forward, DPO step (see the module docstring)."""
     import numpy as np
 
@@ -602,6 +603,9 @@ def _measure_precision(shape: Shape, prec: str, batches: list[int], peak: float 
     unet, vae, text_encoder = build_models(dev)
     for m in (unet, vae, text_encoder):
         m.to(dtype)
+    from huvidpo.precision import compile_unet
+
+    compile_unet(unet, compile_backend)  # the warm-up generation below compiles it
     comps = ModelComponents(unet, vae, text_encoder, tiny_tokenizer(), dict(SD_SCHEDULER_CONFIG))
     pipe = HuViDPOPipeline(comps)
     image = np.random.default_rng(0).integers(0, 256, (shape.height, shape.width, 3), dtype=np.uint8)
@@ -667,7 +671,8 @@ def _measure_precision(shape: Shape, prec: str, batches: list[int], peak: float 
 
 
 def measure_cuda(shape: Shape, precisions: list[str], batches: list[int], peak: float | None, repeats: int,
-                 log: Callable[[str], None], device: str = "cuda") -> dict[str, Any]:  # fmt: skip
+                 log: Callable[[str], None], device: str = "cuda",
+                 compile_backend: str = "off") -> dict[str, Any]:  # fmt: skip
     """Measure each precision in turn (models rebuilt per precision) and the ratios to the targets."""
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -676,12 +681,14 @@ def measure_cuda(shape: Shape, precisions: list[str], batches: list[int], peak: 
         "mode": "cuda",
         "device": name,
         "peak_bf16_tflops": peak / 1e12 if peak else None,
-        "conditions": shape.describe() + f"; {name}; torch {torch.__version__}",
+        "conditions": shape.describe() + f"; {name}; torch {torch.__version__}; compile {compile_backend}",
         "precisions": {},
     }
     dev = torch.device(device)
     for prec in precisions:
-        out["precisions"][prec] = _measure_precision(shape, prec, batches, peak, repeats, log, dev)
+        out["precisions"][prec] = _measure_precision(
+            shape, prec, batches, peak, repeats, log, dev, compile_backend
+        )
         torch.cuda.empty_cache()
 
     bf = out["precisions"].get("bf16")
@@ -742,6 +749,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--parts", default=",".join(ESTIMATE_PARTS), help="estimate rows: forward, sampling, dpo")
     ap.add_argument("--batches", default="1,4", help="videos per batch to time on a GPU")
     ap.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, TFLOP/s")
+    ap.add_argument(
+        "--compile",
+        default="off",
+        help="GPU runs: torch.compile the UNet first (off, inductor, aot_eager, eager)",
+    )
     args = ap.parse_args(argv)
     if args.height % 8 or args.width % 8 or args.frames < 2:
         ap.error("height and width must be multiples of 8 and frames at least 2")
@@ -759,7 +771,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     else:
         peak = peak_flops(torch.cuda.get_device_name(0), args.peak_tflops)
         batches = [int(b) for b in args.batches.split(",") if b.strip()]
-        result = measure_cuda(shape, precisions, batches, peak, 3 if args.quick else 10, log)
+        result = measure_cuda(
+            shape, precisions, batches, peak, 3 if args.quick else 10, log, compile_backend=args.compile
+        )
     result["machine"] = f"{platform.node()} {platform.machine()}, torch {torch.__version__}"
     result["seconds"] = round(time.perf_counter() - t0, 1)
     if args.json:

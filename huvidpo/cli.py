@@ -93,11 +93,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     from huvidpo.lora import load_lora
     from huvidpo.pipeline import HuViDPOPipeline
-    from huvidpo.precision import resolve_dtype
+    from huvidpo.precision import compile_unet, resolve_dtype
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolve_dtype(args.dtype, device)
     pipe = HuViDPOPipeline.from_pretrained(args.model, device=device, dtype=dtype)
+    compile_unet(pipe.components.unet, args.compile)
     if args.lora:
         load_lora(pipe.components.unet, args.lora, adapter="cli", scale=args.lora_scale)
     cfg = generation_config(args)
@@ -142,6 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("auto", "fp32", "fp16", "bf16"),
         default="auto",
         help="auto: bf16 on CUDA, fp32 on the CPU (the VAE is never fp16 unless asked)",
+    )
+    p.add_argument(
+        "--compile",
+        choices=("off", "inductor", "aot_eager", "eager"),
+        default="off",
+        help="torch.compile the UNet (inductor on a GPU; minutes of compiling, worth it for long videos)",
     )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")

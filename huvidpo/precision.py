@@ -47,3 +47,22 @@ def enable_tf32(device: object) -> None:
     if torch.device(str(device)).type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+COMPILE_BACKENDS: tuple[str, ...] = ("off", "inductor", "aot_eager", "eager")
+
+
+def compile_unet(unet: torch.nn.Module, backend: str = "off") -> torch.nn.Module:
+    """Compile ``unet`` in place with ``torch.compile`` (``nn.Module.compile``: the module, its
+    parameter names and its adapters stay as they are), or leave it when ``backend`` is ``off`` (the
+    default: compiling takes minutes and pays off only over many steps).
+
+    ``inductor`` generates kernels (the choice on a GPU); ``aot_eager`` traces forward and backward
+    without generating code and ``eager`` traces only, both to check a model compiles. ``fullgraph``:
+    the UNet has no graph break (no host sync: its SparseCausal gather slices), so one that crept in
+    fails here instead of silently splitting the graph. Returns ``unet``."""
+    if backend not in COMPILE_BACKENDS:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_BACKENDS)}, got {backend!r}")
+    if backend != "off":
+        unet.compile(backend=backend, fullgraph=True, dynamic=False)
+    return unet

@@ -214,10 +214,17 @@ def decode_frames(
     source: str | os.PathLike[str] | bytes | BinaryIO,
     on_frame: Callable[[np.ndarray], None],
     limits: VideoLimits = DEFAULT_VIDEO_LIMITS,
+    wanted: Callable[[int], bool] | None = None,
+    stop_after: int | None = None,
 ) -> tuple[int, float]:
     """Decode a video frame by frame, handing each ``(h, w, 3)`` uint8 frame to ``on_frame`` (which
-    keeps what it needs); returns ``(frames, fps)``. Raises :class:`VideoTooLarge` from the container's
-    metadata before decoding, or at the first frame past ``limits``; ``VideoDecodeError`` otherwise."""
+    keeps what it needs); returns ``(frames decoded, fps)``. Raises :class:`VideoTooLarge` from the
+    container's metadata before decoding, or at the first frame past ``limits``; ``VideoDecodeError``
+    otherwise.
+
+    ``wanted(i)`` (0-based frame index) False skips the RGB conversion of frame ``i`` (it is decoded,
+    the codec needs it, but never copied out); decoding stops once ``stop_after`` frames were decoded,
+    so a clip from the start of a long video costs only its span."""
     src: str | BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else source  # type: ignore[assignment]
     if isinstance(src, os.PathLike):
         src = os.fspath(src)
@@ -243,7 +250,10 @@ def decode_frames(
                         f"max_decoded_pixels = {limits.max_decoded_pixels}"
                     )
                 _check_limits(name, 1, frame.width, frame.height, limits, "decoded")
-                on_frame(frame.to_ndarray(format="rgb24"))
+                if wanted is None or wanted(count - 1):
+                    on_frame(frame.to_ndarray(format="rgb24"))
+                if stop_after is not None and count >= stop_after:
+                    break
     except VideoDecodeError:
         raise
     except (av.error.FFmpegError, OSError, ValueError) as exc:

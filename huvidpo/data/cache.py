@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,12 +33,20 @@ if TYPE_CHECKING:
 CACHE_FORMAT = 1
 
 
+DEFAULT_MEMORY_BYTES = 4 << 30
+
+
 class LatentCache:
     """Cache of VAE latents of clips and text-encoder embeddings of prompts for one model.
 
-    Returned tensors are float32 on the CPU (callers move them). Counters: ``vae_calls`` (clips
-    encoded by the VAE), ``text_calls`` (prompts run through the text encoder), ``hits`` (answers from
-    memory or disk), ``disk_hits`` (the part of ``hits`` read from ``cache_dir``)."""
+    Files hold float32. In memory, entries are kept in ``memory_dtype`` (bf16 halves a GPU run's
+    host memory) and, with ``pin``, in page-locked memory so ``.to(cuda, non_blocking=True)`` copies
+    them asynchronously; the entries held in memory are bounded by ``memory_bytes`` (least recently
+    used leave first; they are read again from ``cache_dir``). Returned tensors are on the CPU in
+    ``memory_dtype``, not to be changed in place (callers copy them to their device). Counters:
+    ``vae_calls`` (clips encoded by the VAE), ``text_calls`` (prompts run through the text encoder),
+    ``hits`` (answers from memory or disk), ``disk_hits`` (the part of ``hits`` read from
+    ``cache_dir``), ``evictions``."""
 
     def __init__(
         self,
@@ -45,16 +54,24 @@ class LatentCache:
         components: ModelComponents,
         model_digest: str,
         vae_batch: int = 16,
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        memory_dtype: torch.dtype = torch.float32,
+        pin: bool = False,
     ) -> None:
         self.cache_dir = Path(cache_dir)
         self.components = components
         self.model_digest = model_digest
         self.vae_batch = vae_batch
+        self.memory_bytes = int(memory_bytes)
+        self.memory_dtype = memory_dtype
+        self.pin = pin
         self.vae_calls = 0
         self.text_calls = 0
         self.hits = 0
         self.disk_hits = 0
-        self._memory: dict[str, torch.Tensor] = {}
+        self.evictions = 0
+        self._memory: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._held = 0
         self._file_digests: dict[tuple[str, int, int], str] = {}
 
     # -- keys --------------------------------------------------------------------------------------
@@ -108,6 +125,7 @@ class LatentCache:
     def _lookup(self, kind: str, key: str) -> torch.Tensor | None:
         if key in self._memory:
             self.hits += 1
+            self._memory.move_to_end(key)
             return self._memory[key]
         f = self._file(kind, key)
         if f.is_file():
@@ -115,11 +133,30 @@ class LatentCache:
                 t = load_file(f)["value"]
             except (SafetensorError, OSError, KeyError):
                 return None  # unreadable: recompute and overwrite
-            self._memory[key] = t
             self.hits += 1
             self.disk_hits += 1
-            return t
+            return self._remember(key, t)
         return None
+
+    def _remember(self, key: str, value: torch.Tensor) -> torch.Tensor:
+        """Hold ``value`` in memory (as ``memory_dtype``, pinned with ``pin``) within ``memory_bytes``;
+        returns the held tensor (or the converted one when it alone is over the bound)."""
+        held = value.to(self.memory_dtype).contiguous()
+        if self.pin:
+            held = held.pin_memory()
+        size = held.numel() * held.element_size()
+        if size > self.memory_bytes:
+            return held
+        old = self._memory.pop(key, None)
+        if old is not None:
+            self._held -= old.numel() * old.element_size()
+        while self._memory and self._held + size > self.memory_bytes:
+            _, gone = self._memory.popitem(last=False)
+            self._held -= gone.numel() * gone.element_size()
+            self.evictions += 1
+        self._memory[key] = held
+        self._held += size
+        return held
 
     def _store(self, kind: str, key: str, value: torch.Tensor) -> torch.Tensor:
         value = value.detach().to("cpu", torch.float32).contiguous()
@@ -131,8 +168,7 @@ class LatentCache:
             os.replace(tmp, f)
         finally:
             tmp.unlink(missing_ok=True)
-        self._memory[key] = value
-        return value
+        return self._remember(key, value)
 
     # -- public API --------------------------------------------------------------------------------
     @torch.no_grad()
@@ -147,12 +183,13 @@ class LatentCache:
         hflip: bool = False,
     ) -> torch.Tensor:
         """Scaled VAE latents (posterior mean x ``latent_scale``) of one clip:
-        ``(4, num_frames, height / 8, width / 8)`` float32 on the CPU. The frames go through the VAE as
-        one batch (in chunks of ``vae_batch``)."""
+        ``(4, num_frames, height / 8, width / 8)`` on the CPU in ``memory_dtype`` (the held entry itself:
+        copy it, do not change it). The frames go through the VAE as one batch (in chunks of
+        ``vae_batch``)."""
         key = self.clip_key(path, num_frames, height, width, stride, start, hflip)
         hit = self._lookup("latents", key)
         if hit is not None:
-            return hit.clone()
+            return hit
         clip = load_clip(path, num_frames, height, width, stride=stride, start=start, hflip=hflip)
         vae: Any = self.components.vae  # diffusers' AutoencoderKL is untyped for mypy
         frames = clip.permute(1, 0, 2, 3).to(vae.device, vae.dtype)  # (f, 3, h, w)
@@ -162,16 +199,16 @@ class LatentCache:
         ]
         latents = torch.cat(means) * self.components.latent_scale  # (f, 4, h/8, w/8)
         self.vae_calls += 1
-        return self._store("latents", key, latents.permute(1, 0, 2, 3)).clone()
+        return self._store("latents", key, latents.permute(1, 0, 2, 3))
 
     @torch.no_grad()
     def text_embedding(self, prompt: str) -> torch.Tensor:
         """Text-encoder hidden states of ``prompt`` padded to the tokenizer's max length: ``(seq, dim)``
-        float32 on the CPU."""
+        on the CPU in ``memory_dtype`` (the held entry itself: copy it, do not change it)."""
         key = self.text_key(prompt)
         hit = self._lookup("text", key)
         if hit is not None:
-            return hit.clone()
+            return hit
         tok, enc = self.components.tokenizer, self.components.text_encoder
         ids = tok(
             [prompt],
@@ -182,7 +219,7 @@ class LatentCache:
         ).input_ids.to(enc.device)
         emb = enc(ids)[0][0]
         self.text_calls += 1
-        return self._store("text", key, emb).clone()
+        return self._store("text", key, emb)
 
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """``(len(prompts), seq, dim)``: :meth:`text_embedding` of each prompt, stacked."""
@@ -191,6 +228,7 @@ class LatentCache:
     def clear_memory(self) -> None:
         """Forget the in-memory copies (the files stay), e.g. to prove the disk cache works."""
         self._memory.clear()
+        self._held = 0
 
     def stats(self) -> dict[str, int]:
         """Counters and the number of entries held in memory."""
@@ -200,4 +238,6 @@ class LatentCache:
             "hits": self.hits,
             "disk_hits": self.disk_hits,
             "entries": len(self._memory),
+            "memory_bytes": self._held,
+            "evictions": self.evictions,
         }

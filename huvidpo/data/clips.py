@@ -81,13 +81,41 @@ def load_clip(
     rng: np.random.Generator | None = None,
 ) -> torch.Tensor:
     """Decode ``path`` and return one clip ``(3, num_frames, height, width)`` float32 in [-1, 1]
-    (see :func:`sample_clip` and :func:`preprocess_clip`)."""
+    (see :func:`sample_clip` and :func:`preprocess_clip`).
+
+    With a ``start`` only the clip's span is decoded and only its frames converted to RGB (a cached
+    training clip's start is always known); ``start=None`` decodes the whole video to draw one."""
+    if start is not None and num_frames >= 1 and stride >= 1 and start >= 0:
+        return preprocess_clip(_read_span(path, num_frames, stride, start), height, width, hflip)
     frames, _ = read_video(path)
     try:
         clip = sample_clip(frames, num_frames, stride, start, rng)
     except ClipError as exc:
         raise ClipError(f"{path}: {exc}") from exc
     return preprocess_clip(clip, height, width, hflip)
+
+
+def _read_span(path: str | os.PathLike[str], num_frames: int, stride: int, start: int) -> np.ndarray:
+    """Frames ``start, start + stride, ...`` of the video at ``path``, decoding no further than the span."""
+    from huvidpo import video_io
+
+    span = clip_span(num_frames, stride)
+    end = start + span
+    kept: list[np.ndarray] = []
+    total, _ = video_io.decode_frames(
+        path, kept.append, wanted=lambda i: start <= i < end and (i - start) % stride == 0, stop_after=end
+    )
+    if len(kept) < num_frames:
+        if total < span:
+            raise ClipError(
+                f"{path}: video has {total} frames, too short for {num_frames} frames at stride {stride} "
+                f"(needs {span})"
+            )
+        raise ClipError(
+            f"{path}: start {start} is outside [0, {total - span}] for a {total}-frame video "
+            f"({span} frames needed)"
+        )
+    return np.stack(kept)
 
 
 def load_pair_clips(

@@ -176,6 +176,56 @@ def enable_checkpointing(unet: Any) -> None:
     unet.enable_gradient_checkpointing(gradient_checkpointing_func=non_reentrant_checkpoint)
 
 
+# Activation bytes per latent position (frame x h x w of one clip) and per channel of the UNet's first
+# block, kept for the backward pass of an SD-1.x-layout video UNet without checkpointing, by element
+# size. From ``bench/realsize.py --estimate`` (fake tensors): one DPO step on a pair of 16-frame
+# 320x512 clips (2 x 16 x 40 x 64 positions with gradients, width 320) peaks 30.9 GiB above the weights
+# in bf16 and 45.4 GiB in fp32.
+_REALSIZE_POSITIONS = 2 * 16 * 40 * 64 * 320
+ACTIVATION_BYTES = {2: 30.9 * 2**30 / _REALSIZE_POSITIONS, 4: 45.4 * 2**30 / _REALSIZE_POSITIONS}
+
+
+def device_memory_bytes(device: torch.device) -> int:
+    """The device's memory: a GPU's total, or the host's physical memory for the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def estimate_step_bytes(
+    unet: Any, cfg: TrainConfig, clips_with_grad: int, compute_dtype: torch.dtype, extra_weights: int = 0
+) -> int:
+    """Estimated peak memory of one training step without checkpointing: the weights (``extra_weights``
+    for a frozen reference copy), the trained parameters' fp32 gradients and Adam moments, and the
+    activations of ``clips_with_grad`` clips scaled from the real-size estimate by latent positions and
+    the UNet's width."""
+    weights = sum(p.numel() * p.element_size() for p in unet.parameters()) + extra_weights
+    trained = sum(p.numel() for p in unet.parameters() if p.requires_grad) * 4 * 3
+    width = int(unet.unet.config.block_out_channels[0])
+    positions = clips_with_grad * cfg.num_frames * (cfg.height // 8) * (cfg.width // 8) * width
+    per = ACTIVATION_BYTES[4 if torch.finfo(compute_dtype).bits > 16 else 2]
+    return int(weights + trained + positions * per)
+
+
+def use_checkpointing(
+    cfg: TrainConfig,
+    unet: Any,
+    device: torch.device,
+    clips_with_grad: int,
+    compute_dtype: torch.dtype,
+    extra_weights: int = 0,
+) -> tuple[bool, str]:
+    """Whether to checkpoint activations, and why: ``cfg.gradient_checkpointing`` when it is a bool;
+    for ``auto``, on only when :func:`estimate_step_bytes` exceeds 90% of the device's memory."""
+    if isinstance(cfg.gradient_checkpointing, bool):
+        return cfg.gradient_checkpointing, "set in the config"
+    need = estimate_step_bytes(unet, cfg, clips_with_grad, compute_dtype, extra_weights)
+    have = device_memory_bytes(device)
+    on = need > 0.9 * have
+    verdict = "over" if on else "within"
+    return on, f"auto: estimated step peak {need / 2**30:.1f} GiB is {verdict} 90% of {have / 2**30:.1f} GiB"
+
+
 def build_optimizer(params: Sequence[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         params,
@@ -251,7 +301,6 @@ class ClipSource:
         self.device = device
         self.cache = cache
         self._frames: dict[str, int] = dict(frame_counts or {})
-        self._clips: dict[tuple[str, int, bool], torch.Tensor] = {}
         self._texts: dict[str, torch.Tensor] = {}
 
     @contextmanager
@@ -270,21 +319,18 @@ class ClipSource:
         return max(0, self._frames[path] - span)
 
     def clip(self, path: str, start: int, hflip: bool) -> torch.Tensor:
-        key = (path, start, hflip)
-        if key in self._clips:
-            return self._clips[key]
+        """Latents ``(4, f, h, w)`` float32 on the training device, a fresh tensor (the cache keeps its
+        own host copy, bounded, pinned on CUDA; nothing is held on the device between steps)."""
         c = self.cfg
         with self._no_rng_side_effects():
             if self.cache is not None:
                 z = self.cache.clip_latents(
                     path, c.num_frames, c.height, c.width, stride=c.frame_stride, start=start, hflip=hflip
                 )
-            else:
-                z = self._encode_clip(path, start, hflip)
-        z = z.to(self.device, torch.float32)
-        if self.cache is not None:
-            self._clips[key] = z
-        return z
+                # pinned host memory: the copy overlaps the step's kernels instead of blocking them
+                return z.to(self.device, torch.float32, non_blocking=self.device.type == "cuda", copy=True)
+            z = self._encode_clip(path, start, hflip)
+        return z.to(self.device, torch.float32)
 
     def _encode_clip(self, path: str, start: int, hflip: bool) -> torch.Tensor:
         from huvidpo.data import load_clip
@@ -320,6 +366,9 @@ class ClipSource:
         return e
 
 
+_CACHE_DTYPES = {"auto": torch.float32, "fp32": torch.float32, "bf16": torch.bfloat16}
+
+
 def make_clip_source(
     components: ModelComponents,
     cfg: TrainConfig,
@@ -332,7 +381,19 @@ def make_clip_source(
         from huvidpo.data import LatentCache
 
         cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
-        cache = LatentCache(cache_dir, components, model_digest)
+        cuda = device.type == "cuda"
+        cache = LatentCache(
+            cache_dir,
+            components,
+            model_digest,
+            memory_bytes=int(cfg.cache_memory_mb * 2**20),
+            # bf16 on a GPU (half the host memory, and what autocast computes in anyway); the CPU keeps
+            # float32 so its runs are exactly what they were
+            memory_dtype=torch.bfloat16
+            if cuda and cfg.cache_dtype == "auto"
+            else _CACHE_DTYPES[cfg.cache_dtype],
+            pin=cuda,
+        )
     return ClipSource(components, cfg, device, cache, frame_counts)
 
 

@@ -15,9 +15,10 @@ import types
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from huvidpo.models.patterns import DEFAULT_STAGE1_PATTERNS
+from huvidpo.precision import COMPILE_BACKENDS
 from huvidpo.training.options import MAX_STEPS, infos, option, suggest
 
 
@@ -33,6 +34,7 @@ class ConfigError(ValueError):
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")
+CACHE_DTYPES = ("auto", "fp32", "bf16")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine")
 
 
@@ -97,13 +99,21 @@ class TrainConfig:
     mixed_precision: str = option(
         "auto", "auto: bf16 on CUDA, none on the CPU; fp16 is CUDA only", choices=MIXED_PRECISION
     )
-    gradient_checkpointing: bool = option(True, "recompute activations in backward (less memory, slower)")
+    gradient_checkpointing: bool | Literal["auto"] = option(
+        "auto",
+        "recompute activations in backward (+27% FLOPs); auto: when the step would not fit the device",
+    )
     timestep_min: int = option(0, "smallest diffusion timestep drawn (timesteps in [min, max))", ge=0, le=999)
     timestep_max: int = option(
         1000, "timesteps are drawn below this (greater than timestep_min)", ge=1, le=1000
     )
     seed: int = option(
         33, "random seed (data order, noise, held-out split, pair compilation)", ge=0, le=2**32 - 1
+    )
+    compile: str = option(
+        "off",
+        "torch.compile the UNet: off, or a backend (inductor on a GPU; eager backends only check it)",
+        choices=COMPILE_BACKENDS,
     )
     device: str | None = option(
         None,
@@ -115,6 +125,16 @@ class TrainConfig:
     cache_dir: str | None = option(
         None, "latent/text cache directory (null: <output_dir>/cache)", fine_tune=False
     )
+    cache_memory_mb: float = option(
+        4096.0,
+        "host memory the latent/text cache holds (least recently used entries leave it)",
+        ge=0,
+        le=16 * 2**20,
+    )
+    cache_dtype: str = option(
+        "auto", "cached latents in memory: auto (bf16 and pinned on CUDA, fp32 on the CPU), fp32, bf16",
+        choices=CACHE_DTYPES,
+    )  # fmt: skip
     checkpoint_every: int = option(
         0,
         "steps between checkpoints (0: only at the end; a stopped run checkpoints first)",
@@ -196,6 +216,11 @@ class TrainConfig:
                 raise ConfigError(problem, field=name)
         if not math.isfinite(self.lr):
             raise ConfigError(f"lr must be a finite number, got {self.lr}", field="lr")
+        if not (isinstance(self.gradient_checkpointing, bool) or self.gradient_checkpointing == "auto"):
+            raise ConfigError(
+                f"gradient_checkpointing must be true, false or 'auto', got {self.gradient_checkpointing!r}",
+                field="gradient_checkpointing",
+            )
         if not self.timestep_min < self.timestep_max:
             raise ConfigError(
                 f"need timestep_min < timestep_max, got [{self.timestep_min}, {self.timestep_max})",
@@ -329,7 +354,10 @@ def _coerce(key: str, value: Any, typ: Any, source: str) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0], source)
+        for a in inner:  # a literal member (gradient_checkpointing: "auto") is taken as written
+            if get_origin(a) is Literal and value in get_args(a):
+                return value
+        return _coerce(key, value, next(a for a in inner if get_origin(a) is not Literal), source)
     try:
         if typ is bool:
             if isinstance(value, bool):

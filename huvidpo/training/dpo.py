@@ -24,6 +24,7 @@ from huvidpo.lora import lora_config, lora_parameters, save_lora
 from huvidpo.losses import DPOStats, dpo_inside_term, dpo_loss, masked_diffusion_error
 from huvidpo.models import VideoUNet, directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
+from huvidpo.precision import compile_unet
 from huvidpo.training.callbacks import TrainingCallback
 from huvidpo.training.checkpoint import CheckpointError
 from huvidpo.training.common import (
@@ -37,6 +38,7 @@ from huvidpo.training.common import (
     noisy_latents,
     sample_timesteps,
     step_generator,
+    use_checkpointing,
     weight_dtype,
 )
 from huvidpo.training.config import ConfigError, DPOConfig
@@ -357,12 +359,17 @@ class DPOTask:
         for p in self.params:  # fp32 master weights for the trained parameters, whatever the base dtype
             p.data = p.data.float()
             p.requires_grad_(True)
-        if cfg.gradient_checkpointing:
+        frozen_bytes = sum(p.numel() * p.element_size() for p in frozen.parameters()) if frozen else 0
+        self.checkpointing = use_checkpointing(
+            cfg, unet, device, 2 * cfg.batch_size, weight_dtype(cfg), extra_weights=frozen_bytes
+        )
+        if self.checkpointing[0]:
             enable_checkpointing(unet)
+        compile_unet(unet, cfg.compile)  # after the adapter: the compiled graph includes it
         unet.train()
         self.reference: torch.nn.Module = frozen if frozen is not None else unet
         self.num_items = len(data.train)
-        self.data_report = data.report
+        self.data_report = {**data.report, "gradient_checkpointing": self.checkpointing[1]}
 
     def loss(
         self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator

@@ -196,6 +196,7 @@ def _type_name(typ: Any) -> str:
     text = typ.__name__ if isinstance(typ, type) else str(typ).replace("typing.", "")
     nullable = "None" in text
     text = text.replace(" | None", "").replace("tuple[str, ...]", "list of str")
+    text = text.replace("Union[bool, Literal['auto']]", "bool or auto")
     return f"{text} or null" if nullable else text
 
 

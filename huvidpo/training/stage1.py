@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from huvidpo.losses import masked_diffusion_error
 from huvidpo.models import directory_digest, load_components
 from huvidpo.models.layers import SparseCausalMode
+from huvidpo.precision import compile_unet
 from huvidpo.training.callbacks import TrainingCallback
 from huvidpo.training.checkpoint import STATE_DIR, CheckpointError, state_file
 from huvidpo.training.common import (
@@ -31,6 +32,8 @@ from huvidpo.training.common import (
     make_clip_source,
     noisy_latents,
     sample_timesteps,
+    use_checkpointing,
+    weight_dtype,
 )
 from huvidpo.training.config import ConfigError, Stage1Config
 from huvidpo.training.loop import train
@@ -120,11 +123,18 @@ class Stage1Task:
             p.requires_grad_(name in names)
         self.trainable = {n: p for n, p in unet.named_parameters() if n in names}
         self.params = list(self.trainable.values())
-        if cfg.gradient_checkpointing:
+        self.checkpointing = use_checkpointing(
+            cfg, unet, self.accelerator.device, cfg.batch_size, weight_dtype(cfg)
+        )
+        if self.checkpointing[0]:
             enable_checkpointing(unet)
+        compile_unet(unet, cfg.compile)
         unet.train()
         self.num_items = len(self.items)
-        self.data_report: dict[str, Any] = {"clips": len(self.items)}
+        self.data_report: dict[str, Any] = {
+            "clips": len(self.items),
+            "gradient_checkpointing": self.checkpointing[1],
+        }
 
     def loss(
         self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator

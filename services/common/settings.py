@@ -254,6 +254,9 @@ class InferenceSettings(AuthFields):
     device: str = "cpu"
     # Model precision (huvidpo.precision): auto is bf16 on CUDA, fp32 on the CPU; the VAE never fp16.
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    # torch.compile of the UNet at load (huvidpo.precision.compile_unet): off, or the backend (inductor
+    # on a GPU). Compiling takes minutes before the service is ready; it pays off on long-lived replicas.
+    compile: Literal["off", "inductor", "aot_eager", "eager"] = "off"
     # Checkpoint ids loaded at start besides the rollout's (served when a request names them).
     checkpoints: Annotated[list[str], NoDecode] = Field(default_factory=list)
     # How long the worker waits for compatible requests to fill a batch (0: run what is queued).

@@ -33,7 +33,7 @@ from PIL import Image
 from huvidpo.lora import load_lora
 from huvidpo.models import directory_digest
 from huvidpo.pipeline import GenerationConfig, GenerationResult, HuViDPOPipeline
-from huvidpo.precision import resolve_dtype
+from huvidpo.precision import compile_unet, resolve_dtype
 from services.common.publish import RolloutRecord
 from services.common.records import keys
 from services.common.settings import InferenceSettings
@@ -162,6 +162,7 @@ class ModelManager:
         pipe = HuViDPOPipeline.from_pretrained(
             model_dir, device=device, dtype=resolve_dtype(self.settings.dtype, device)
         )
+        compile_unet(pipe.components.unet, self.settings.compile)  # compiled by the smoke run below
         digest = directory_digest(model_dir)
         with self._model_lock:
             self._smoke(pipe, None, BASE_ID)

@@ -106,3 +106,32 @@ def test_changed_video_content_misses_and_a_corrupt_entry_is_recomputed(
         f.write_bytes(b"truncated")
     fresh = LatentCache(tmp_path / "cache", components, digest)
     assert torch.allclose(fresh.clip_latents(clip, 4, 64, 64), b) and fresh.vae_calls == 1
+
+
+def test_memory_is_bounded_least_recently_used_leave_and_come_back_from_disk(
+    tmp_path: Path, components: ModelComponents, digest: str, videos: list[Path]
+) -> None:
+    """The in-memory part of the cache holds at most ``memory_bytes``: an evicted clip is read back
+    from its file (no VAE call), equal to what was first computed."""
+    one = 4 * 4 * 8 * 8 * 4  # a (4, 4, 8, 8) float32 latent
+    cache = LatentCache(tmp_path / "cache", components, digest, memory_bytes=one)
+    a = cache.clip_latents(videos[0], 4, 64, 64, start=1).clone()
+    b = cache.clip_latents(videos[1], 4, 64, 64, start=1).clone()
+    assert cache.stats()["entries"] == 1 and cache.stats()["memory_bytes"] <= one
+    assert cache.evictions == 1
+    again = cache.clip_latents(videos[0], 4, 64, 64, start=1)  # evicted: from disk
+    assert (cache.vae_calls, cache.disk_hits) == (2, 1)
+    assert torch.equal(again, a)
+    assert torch.equal(cache.clip_latents(videos[0], 4, 64, 64, start=1), a)  # now in memory
+    assert cache.disk_hits == 1 and cache.evictions == 2 and not torch.equal(a, b)
+
+
+def test_bf16_memory_holds_the_rounded_latents_and_files_stay_float32(
+    tmp_path: Path, components: ModelComponents, digest: str, videos: list[Path]
+) -> None:
+    full = LatentCache(tmp_path / "cache", components, digest).clip_latents(videos[0], 4, 64, 64, start=1)
+    half = LatentCache(tmp_path / "cache", components, digest, memory_dtype=torch.bfloat16)
+    got = half.clip_latents(videos[0], 4, 64, 64, start=1)
+    assert half.disk_hits == 1 and got.dtype == torch.bfloat16
+    assert torch.equal(got, full.to(torch.bfloat16))
+    assert half.stats()["memory_bytes"] == full.numel() * 2

@@ -95,3 +95,37 @@ def test_pair_clips_share_one_flip_decision(two_videos: tuple[Path, Path]) -> No
     assert any(flips) and not all(flips)
     never = load_pair_clips(w_path, l_path, 4, 32, 32, hflip_p=0.0, rng=np.random.default_rng(0))
     assert never[2] is False
+
+
+def test_a_clip_with_a_start_decodes_only_its_span_and_equals_the_full_decode(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached training clip's start is known: decoding stops after its last frame and only its
+    frames are converted to RGB; the pixels are those of a whole-video decode."""
+    from huvidpo import video_io
+
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 255, size=(24, 32, 48, 3), dtype=np.uint8)
+    path = video_io.write_video(frames, tmp_path / "v.mp4", fps=8)
+    decoded: list[int] = []
+    kept: list[int] = []
+    real = video_io.decode_frames
+
+    def spy(source, on_frame, *args, **kwargs):  # type: ignore[no-untyped-def]
+        def counting(frame: np.ndarray) -> None:
+            kept.append(1)
+            on_frame(frame)
+
+        n, fps = real(source, counting, *args, **kwargs)
+        decoded.append(n)
+        return n, fps
+
+    monkeypatch.setattr(video_io, "decode_frames", spy)
+    got = load_clip(path, 4, 32, 32, stride=2, start=3)
+    assert decoded == [3 + 7] and len(kept) == 4  # frames 0..9 decoded, 3, 5, 7, 9 converted
+    whole, _ = video_io.read_video(path)
+    assert torch.equal(got, preprocess_clip(sample_clip(whole, 4, 2, 3), 32, 32))
+    with pytest.raises(ClipError, match=r"start 20 is outside \[0, 17\] for a 24-frame video"):
+        load_clip(path, 4, 32, 32, stride=2, start=20)
+    with pytest.raises(ClipError, match=r"video has 24 frames, too short for 13 frames at stride 2"):
+        load_clip(path, 13, 32, 32, stride=2, start=0)

@@ -116,3 +116,29 @@ def test_dpo_loss_shape_errors() -> None:
         dpo_loss(z, z, z, torch.zeros(3))
     with pytest.raises(ValueError, match="weights"):
         dpo_loss(z, z, z, z, weights=torch.ones(3))
+
+
+def test_dpo_stats_reach_the_host_in_one_copy_not_ten_scalar_reads() -> None:
+    """Each ``float(tensor)`` is a blocking device sync on a GPU (``aten._local_scalar_dense``); the ten
+    diagnostics are stacked and copied once, with the same values as the per-field means."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(3)
+    errs = [torch.rand(5, generator=g, requires_grad=True) for _ in range(4)]
+    with Record() as rec:
+        loss, stats = dpo_loss(*errs, beta=20.0)
+    assert not [op for op in rec.ops if "_local_scalar_dense" in op]
+    inside = -0.5 * 20.0 * ((errs[0] - errs[1]) - (errs[2] - errs[3]))
+    assert stats.loss == pytest.approx(float(loss))
+    assert stats.implicit_acc == pytest.approx(float((inside > 0).float().mean()))
+    assert stats.reward_margin == pytest.approx(float(inside.mean()), rel=1e-5)
+    assert stats.err_ref_rejected == pytest.approx(float(errs[3].mean()))

@@ -84,7 +84,12 @@ def unit_variance_model(tiny_model_dir: Path, dest: Path) -> Path:
 
 
 @pytest.mark.usefixtures("one_thread")
-def test_dpo_prefers_smooth_motion_on_heldout_pairs(tiny_model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("precision", ["no", "bf16"])
+def test_dpo_prefers_smooth_motion_on_heldout_pairs(
+    tiny_model_dir: Path, tmp_path: Path, precision: str
+) -> None:
+    """``bf16``: what a GPU runs by default (autocast in bf16, frozen weights bf16, LoRA fp32), here
+    on the CPU, which supports it: the run still learns the preference."""
     model = unit_variance_model(tiny_model_dir, tmp_path / "model")
     data = make_synthetic_dataset(
         tmp_path / "data", n_prompts=4, videos_per_prompt=20, num_frames=4, size=64, raters=2, seed=0,
@@ -92,7 +97,7 @@ def test_dpo_prefers_smooth_motion_on_heldout_pairs(tiny_model_dir: Path, tmp_pa
     )  # fmt: skip
     cfg = DPOConfig(
         model=str(model), dataset=str(data), output_dir=str(tmp_path / "run"), seed=0, device="cpu",
-        **LEARNING,  # type: ignore[arg-type]
+        mixed_precision=precision, **LEARNING,  # type: ignore[arg-type]
     )  # fmt: skip
     result = run_dpo(cfg)
     report = result.data_report
