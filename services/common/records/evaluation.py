@@ -6,7 +6,8 @@ rollout gate reads: the checkpoint's held-out implicit reward accuracy and mean 
 against the reference (the base model), and whether its motion collapsed against the base's.
 ``results`` holds every evaluated model (``"base"`` and the checkpoints by id): held-out statistics
 overall and per prompt, video statistics overall and per prompt, the CLIP score or the reason it was
-skipped. Its comparison PNG is stored at ``evaluations/{id}/comparison.png``.
+skipped. Its comparison PNG is stored at ``evaluations/{id}/comparison.png`` and its input, the
+``EvaluationSpec``, at ``evaluations/{id}/spec.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,47 @@ from services.common.records import keys
 from services.common.store import ObjectStore
 
 EvaluationState = Literal["queued", "running", "succeeded", "failed"]
+
+
+class PromptRef(BaseModel):
+    """One prompt of an evaluation's prompt set; ``first_frame``: the store key of its image (None:
+    drawn from the prompt)."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    prompt: str = Field(min_length=1)
+    first_frame: str | None = None
+
+
+class EvaluationSpec(BaseModel):
+    """What to evaluate: ``evaluations/{id}/spec.json``, written once at create, the evaluation Job's
+    only input (``python -m services.evaluator``).
+
+    ``checkpoint_id`` is evaluated against its base model ``base_model`` (``models/{id}/``) and,
+    when ``baseline`` is another checkpoint id, beside that one. Held-out pairs: ``heldout.jsonl``
+    under ``heldout_prefix`` (a compiled pairs directory of ``dataset`` at ``version``). ``dpo``:
+    overrides of the DPO settings the held-out measure uses (beta, timestep_min/max, eval_draws, clip
+    size); by default those the checkpoint was trained with (its lineage's config). ``generation``:
+    ``huvidpo.pipeline.GenerationConfig`` fields for the clips. ``clip_model``: the store prefix of a
+    published CLIP directory (Hugging Face layout), or None to skip text-video alignment."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    id: str
+    created_at: str
+    checkpoint_id: str
+    base_model: str
+    baseline: str | None = "base"
+    dataset: str | None = None
+    version: str | None = None
+    heldout_prefix: str | None = None
+    prompts: list[PromptRef] = Field(default_factory=list)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1], min_length=1)
+    generation: dict[str, Any] = Field(default_factory=dict)
+    dpo: dict[str, Any] = Field(default_factory=dict)
+    clip_model: str | None = None
+    motion_collapse_ratio: float = Field(default=0.7, gt=0, le=1)
+    created_by: str = ""
 
 
 class HeldoutPromptResult(BaseModel):
@@ -101,6 +143,19 @@ class EvaluationRecord(BaseModel):
     def from_report(cls, report: dict[str, Any], evaluation_id: str, **changes: Any) -> EvaluationRecord:
         """The record of a library report (``run_evaluation``'s return value) under ``evaluation_id``."""
         return cls.model_validate({**report, "id": evaluation_id, **changes})
+
+
+def write_spec(store: ObjectStore, spec: EvaluationSpec) -> None:
+    store.put_bytes(
+        keys.evaluation_spec_key(spec.id),
+        spec.model_dump_json(indent=2).encode(),
+        content_type="application/json",
+    )
+
+
+def read_spec(store: ObjectStore, evaluation_id: str) -> EvaluationSpec:
+    """The stored spec (``ObjectNotFound`` when there is none)."""
+    return EvaluationSpec.model_validate_json(store.get_bytes(keys.evaluation_spec_key(evaluation_id)))
 
 
 def write_evaluation(store: ObjectStore, record: EvaluationRecord) -> None:
