@@ -156,8 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     import importlib
 
-    # `huvidpo pairs` (data) and `huvidpo train` (training) register themselves.
-    for module in ("huvidpo.data.cli", "huvidpo.training.cli"):
+    # `huvidpo pairs` (data), `huvidpo train` (training) and `huvidpo eval` register themselves.
+    for module in ("huvidpo.data.cli", "huvidpo.training.cli", "huvidpo.evaluation.cli"):
         try:
             importlib.import_module(module).register(sub)
         except ModuleNotFoundError as exc:

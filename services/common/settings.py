@@ -329,6 +329,16 @@ class TrainerSettings(BaseSettings):
     metrics_linger_seconds: float = Field(default=0.0, ge=0, le=600)
 
 
+class EvaluatorSettings(BaseSettings):
+    """``HUVIDPO_EVALUATOR_*``: the evaluation Job's entrypoint (``python -m services.evaluator``)."""
+
+    model_config = SettingsConfigDict(env_prefix="HUVIDPO_EVALUATOR_", extra="ignore")
+
+    evaluation_id: str = ""
+    work_dir: Path = Path("./var/evaluator")
+    device: str = "cpu"
+
+
 S = TypeVar("S", bound=BaseSettings)
 
 

@@ -17,6 +17,7 @@ FINETUNES = "finetunes/"
 CHECKPOINTS = "checkpoints/"
 ROLLOUTS = "rollouts/"
 GENERATIONS = "generations/"
+EVALUATIONS = "evaluations/"
 IDEMPOTENCY_FINETUNES = "idempotency/finetunes/"
 MANIFEST = "manifest.json"
 # The name a rollout gives the base model itself, in place of a checkpoint id (REST, the rollout record
@@ -111,3 +112,22 @@ def replica_key(deployment: str, replica_id: str) -> str:
 def generation_key(deployment: str, request_id: str, ext: str) -> str:
     """A video too large to return inline (``ext``: ``mp4`` or ``gif``)."""
     return f"{GENERATIONS}{deployment}/{request_id}.{ext}"
+
+
+# ------------------------------------------------------------------------------------- evaluations
+def evaluation_key(evaluation_id: str) -> str:
+    """The evaluation's record (``records.evaluation.EvaluationRecord``)."""
+    return f"{EVALUATIONS}{evaluation_id}.json"
+
+
+def evaluation_prefix(evaluation_id: str) -> str:
+    """The evaluation's other objects: ``spec.json`` (the Job's input) and ``comparison.png``."""
+    return f"{EVALUATIONS}{evaluation_id}/"
+
+
+def evaluation_spec_key(evaluation_id: str) -> str:
+    return evaluation_prefix(evaluation_id) + "spec.json"
+
+
+def evaluation_plot_key(evaluation_id: str) -> str:
+    return evaluation_prefix(evaluation_id) + "comparison.png"

@@ -1,0 +1,1 @@
+"""The evaluation Job's entrypoint (``python -m services.evaluator``): see ``entry``."""

@@ -1,0 +1,5 @@
+import sys
+
+from services.evaluator.entry import main
+
+sys.exit(main())
