@@ -38,6 +38,7 @@ from services.controlplane.domain.util import Clock, utcnow
 from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_limit
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
+from services.controlplane.routers import preference as preference_router
 from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
@@ -121,6 +122,7 @@ def create_app(
         rollouts.router,
         objects.router,
         ratings.router,
+        preference_router.router,
         auth.router,
         ui_router,
     ):
