@@ -256,3 +256,36 @@ def test_replica_heartbeat_counts_requests_and_server_errors_per_role_since_the_
     nxt = RolloutRecord(deployment="default", revision=1).next("set_current", current="base")
     manager.apply_rollout(nxt)  # a new revision counts afresh
     assert manager.heartbeat.record().traffic[0].requests == 0
+
+
+def test_a_failed_generate_call_is_counted_in_the_heartbeat(tmp_path: Path) -> None:
+    import asyncio
+
+    from services.inference.servicer import VideoGenerationServicer
+
+    store = LocalStore(tmp_path / "store")
+    settings = InferenceSettings(replica_id="inference-a", cache_dir=str(tmp_path / "cache"))
+    manager = ModelManager(settings, store, InferenceMetrics())
+    manager.apply_rollout(RolloutRecord(deployment="default").next("set_current", current="base"))
+    servicer = VideoGenerationServicer.__new__(VideoGenerationServicer)
+    servicer.metrics, servicer.manager = manager.metrics, manager
+
+    async def failing(request: Any, context: Any, served: list[str]) -> Any:
+        served.append("base")  # admitted to the current model, then the model fails
+        raise RuntimeError("boom")
+        yield  # pragma: no cover - makes this an async generator
+
+    class Context:
+        async def abort(self, code: Any, details: str) -> None:
+            raise RuntimeError(details)
+
+    servicer._generate = failing  # type: ignore[method-assign]
+
+    async def call() -> None:
+        async for _ in servicer.Generate(None, Context()):  # type: ignore[arg-type]
+            pass
+
+    with pytest.raises(RuntimeError):
+        asyncio.run(call())
+    (t,) = manager.heartbeat.record().traffic
+    assert (t.role, t.checkpoint, t.requests, t.errors) == ("current", "base", 1, 1)
