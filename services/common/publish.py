@@ -218,6 +218,9 @@ class RolloutEvent(BaseModel):
     reason: str | None = None
     # The name of the token that made the change ("" when written by a tool or before names).
     actor: str = ""
+    # A rollout gate's decision ("promote" | "rollback" | "wait") and why; None for a manual change.
+    decision: str | None = None
+    reasons: list[str] = Field(default_factory=list)
 
 
 class RolloutRecord(BaseModel):
@@ -236,6 +239,8 @@ class RolloutRecord(BaseModel):
     canary_percent: int = Field(default=0, ge=0, le=100)
     updated_at: datetime = Field(default_factory=lambda: datetime.now(UTC))
     history: list[RolloutEvent] = Field(default_factory=list)
+    # The canary's promotion policy (checked by the control plane's rollout gate), while it has one.
+    policy: dict[str, Any] | None = None
 
     @field_validator("deployment")
     @classmethod
@@ -258,6 +263,9 @@ class RolloutRecord(BaseModel):
         reason: str | None = None,
         now: datetime | None = None,
         actor: str = "",
+        policy: dict[str, Any] | None = None,
+        decision: str | None = None,
+        reasons: list[str] | None = None,
     ) -> RolloutRecord:
         """The record after this change: revision + 1, a new ``updated_at``, the event appended."""
         when = now or datetime.now(UTC)
@@ -270,6 +278,8 @@ class RolloutRecord(BaseModel):
             updated_at=when,
             reason=reason,
             actor=actor,
+            decision=decision,
+            reasons=list(reasons or []),
         )
         return RolloutRecord(
             deployment=self.deployment,
@@ -279,6 +289,7 @@ class RolloutRecord(BaseModel):
             canary_percent=canary_percent,
             updated_at=when,
             history=[*self.history, event][-MAX_ROLLOUT_HISTORY:],
+            policy=policy,
         )
 
 

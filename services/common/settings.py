@@ -145,6 +145,9 @@ class ControlPlaneSettings(AuthFields):
     max_request_bytes: int = Field(default=4 * 1024 * 1024, gt=0)
     # Concurrent streamed responses (log follows) per bearer token; more get 429.
     max_streams_per_token: int = Field(default=4, ge=1)
+    # Seconds between the rollout gate's checks of canaries that carry a policy (0: no background
+    # checks; POST /v1/rollouts/{deployment}/evaluate still checks on demand).
+    rollout_gate_seconds: float = Field(default=30.0, ge=0)
     # Local scratch space of the control plane (dataset commits, pair compiles, local executor runs).
     work_dir: Path = Path("./var/controlplane")
     # LocalExecutor: retries of the trainer after a transient failure (exit 75 or a crash).

@@ -41,6 +41,8 @@ from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
 from services.controlplane.routers import models as models_router
+from services.controlplane.routers import preference as preference_router
+from services.controlplane.routers.rollouts import rollout_gate
 from services.controlplane.ui import router as ui_router
 
 log = logging.getLogger(__name__)
@@ -96,6 +98,8 @@ def create_app(
         start_watch = getattr(executor, "start_watch", None)
         if background and start_watch is not None:
             watcher = start_watch(fts.on_job_event, stop)
+        if background and settings.rollout_gate_seconds > 0:
+            rollout_gate(context).start(stop, settings.rollout_gate_seconds)
         try:
             yield
         finally:
@@ -132,6 +136,7 @@ def create_app(
         rollouts.router,
         objects.router,
         ratings.router,
+        preference_router.router,
         auth.router,
         ui_router,
     ):

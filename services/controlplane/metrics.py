@@ -71,6 +71,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.rollout_gate_decisions = Counter(
+            "huvidpo_controlplane_rollout_gate_decisions_total",
+            "Rollout gate checks of canaries with a policy, by decision (promote, rollback, wait)",
+            ["decision"],
+            registry=self.registry,
+        )
+        self.rollout_automatic_rollbacks = Counter(
+            "huvidpo_controlplane_rollout_automatic_rollbacks_total",
+            "Canaries the rollout gate rolled back, by deployment",
+            ["deployment"],
+            registry=self.registry,
+        )
+
+    def gate_decision(self, deployment: str, decision: str, applied: bool) -> None:
+        """One rollout gate check; a rollback this process wrote counts as an automatic rollback."""
+        self.rollout_gate_decisions.labels(decision).inc()
+        if decision == "rollback" and applied:
+            self.rollout_automatic_rollbacks.labels(deployment).inc()
+
     def watch_finetunes(self, count: Callable[[], dict[str, int]]) -> None:
         self.registry.register(FineTuneStateCollector(count))
 

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from huvidpo.bounds import BOUNDS
 from services.common.records import hyperparameters
+from services.controlplane.domain.gate import RolloutPolicy
 from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
@@ -372,6 +373,10 @@ class RolloutHistoryEntry(BaseModel):
     updated_at: str
     reason: str | None = None
     actor: str = Field(default="", description="name of the token that made the change")
+    decision: Literal["promote", "rollback", "wait"] | None = Field(
+        default=None, description="the rollout gate's decision (null for a manual change)"
+    )
+    reasons: list[str] = Field(default_factory=list, description="why the gate decided so")
 
 
 class RolloutTarget(BaseModel):
@@ -415,6 +420,7 @@ class Rollout(BaseModel):
     canary_percent: int
     updated_at: str
     history: list[RolloutHistoryEntry]
+    policy: RolloutPolicy | None = Field(default=None, description="the canary's promotion policy")
     # Only on GET /v1/rollouts/{deployment} (a list does not read every replica's heartbeat).
     status: RolloutStatus | None = None
 
@@ -432,8 +438,20 @@ class SetCurrent(Strict):
 
 class SetCanary(Strict):
     checkpoint: str = Field(min_length=1, max_length=200)
-    percent: int = Field(ge=1, le=100)
+    percent: int = Field(ge=1, le=100, description="the canary's share of requests")
     expected_revision: int | None = Field(default=None, ge=0)
+    policy: RolloutPolicy | None = Field(
+        default=None, description="promote or roll back automatically by this policy (the rollout gate)"
+    )
+
+
+class GateDecision(BaseModel):
+    deployment: str
+    revision: int = Field(description="the rollout revision the decision was made on")
+    decision: Literal["promote", "rollback", "wait"]
+    reasons: list[str]
+    applied: bool = Field(description="whether this call promoted or rolled back (or recorded the wait)")
+    rollout: Rollout
 
 
 class RolloutAction(Strict):

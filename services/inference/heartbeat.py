@@ -68,6 +68,7 @@ class Heartbeat:
             canary_percent=view["canary_percent"],
             poll_seconds=self.poll_seconds,
             updated_at=datetime.now(UTC),
+            traffic=view.get("traffic", []),
         )
 
     def beat(self) -> None:

@@ -100,6 +100,10 @@ def adapter_name(checkpoint_id: str) -> str:
     return "ckpt_" + re.sub(r"\W", "_", checkpoint_id)
 
 
+# gRPC status codes a request ends with that are the client's doing, not the model's.
+CLIENT_CODES = frozenset({"OK", "INVALID_ARGUMENT", "NOT_FOUND", "CANCELLED"})
+
+
 class ModelManager:
     def __init__(
         self,
@@ -122,6 +126,9 @@ class ModelManager:
         # None until the base model is loaded; then what serves requests that name no checkpoint.
         self._table: RoutingTable | None = None
         self._rollout: RolloutRecord | None = None
+        # Finished Generate calls per checkpoint since this replica applied the rollout's revision:
+        # [requests, server-side errors]; the heartbeat reports them per role for the rollout gate.
+        self._traffic: dict[str, list[int]] = {}
         self._ready = False
         self._on_ready: Callable[[bool], None] | None = None
         self.cache_dir = Path(settings.cache_dir)
@@ -311,6 +318,8 @@ class ModelManager:
             for mid, role in roles.items():
                 self._models[mid].role = role
             self._table = after
+            if self._rollout is None or self._rollout.revision != record.revision:
+                self._traffic = {}
             self._rollout = record
         if new_current == wanted.current and new_current not in old:
             self.metrics.rollout_outcomes.labels("applied", "current", "serving").inc()
@@ -366,6 +375,14 @@ class ModelManager:
             chosen = route(table, self._models, requested, draw)
             self._models[chosen].refs += 1
             return chosen
+
+    def count_outcome(self, checkpoint_id: str, code: str) -> None:
+        """One finished request on ``checkpoint_id`` with gRPC status ``code`` (its name); a server-side
+        code (not OK, INVALID_ARGUMENT, NOT_FOUND or CANCELLED, as the error-ratio alert counts) is an error."""
+        with self._state_lock:
+            counts = self._traffic.setdefault(checkpoint_id, [0, 0])
+            counts[0] += 1
+            counts[1] += code not in CLIENT_CODES
 
     def release(self, checkpoint_id: str) -> None:
         with self._state_lock:
@@ -445,4 +462,9 @@ class ModelManager:
                 "current": table.current or "",
                 "canary": table.canary or "",
                 "canary_percent": table.canary_percent,
+                "traffic": [
+                    {"role": role, "checkpoint": ckpt, "requests": c[0], "errors": c[1]}
+                    for role, ckpt in (("current", table.current), ("canary", table.canary))
+                    if ckpt and (c := self._traffic.get(ckpt, [0, 0]))
+                ],
             }

@@ -155,6 +155,7 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
         finally:
             self.metrics.count_request(code.name, served[0] if served else NO_CHECKPOINT)
             if served:
+                self.manager.count_outcome(served[0], code.name)
                 self.manager.release(served[0])
 
     async def _generate(

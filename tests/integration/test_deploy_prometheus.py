@@ -83,9 +83,10 @@ def test_alert_rules_evaluate_on_the_inference_servers_metrics(tmp_path: Path) -
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        rules = _wait(lambda: _rules(base) if len(_rules(base)) == 5 else None)
+        rules = _wait(lambda: _rules(base) if len(_rules(base)) == 6 else None)
         assert set(rules) == {
             "HuViDPOFineTuneFailed",
+            "HuViDPORolloutAutoRollback",
             "HuViDPOInferenceErrorRatioHigh",
             "HuViDPOGenerationLatencyHigh",
             "HuViDPORolloutRefused",

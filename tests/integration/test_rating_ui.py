@@ -541,3 +541,40 @@ def test_on_policy_ab_of_current_vs_previous_checkpoint(
     assert r.status_code == 201, r.text
     assert r.json()["pairs"]["report"]["pairs_from_choices"] == 1
     assert r.json()["lineage"]["records"] == [stored["id"]]
+
+
+def test_round_results_show_only_once_every_rater_has_judged_every_pair(
+    server: dict[str, Any], browser: WebDriver, tmp_path: Path
+) -> None:
+    """An on-policy round of two checkpoints: while bob is still judging, ann (done) sees only the
+    round's progress; once bob is done, the win rates with their Wilson intervals appear."""
+    from tests.abrounds import write_round
+
+    api = server["api"]
+    version = upload_dataset(api, "round-two", write_round(tmp_path, ["ckpt-r-10", "ckpt-r-20"], samples=2))
+    pairs = [(f"ckpt-r-20-p{p}-s{k}", f"ckpt-r-10-p{p}-s{k}") for p in range(2) for k in range(2)]
+
+    def bob(a: str, b: str) -> None:
+        body = {"version": version, "left": a, "right": b, "winner": "left"}
+        r = api.put("/v1/datasets/round-two/ratings/choice", json=body, headers=as_rater("bob"))
+        assert r.status_code == 200, r.text
+
+    bob(*pairs[0])  # bob has started
+    open_page(browser, server["url"], "ann", "ab", dataset="round-two")
+    wait(browser, lambda d: "Round in progress: 1 of 4" in text(d, "round-state"), "the round's progress")
+    for _ in pairs:
+        press(browser, "a")
+        wait_saved(browser)
+    wait(browser, lambda d: "Round in progress: 5 of 8" in text(d, "round-state"), "ann's judgments counted")
+    assert not browser.find_element(By.ID, "round-table").is_displayed()
+    for a, b in pairs[1:]:
+        bob(a, b)
+    open_page(browser, server["url"], "ann", "ab", dataset="round-two")
+    wait(
+        browser, lambda d: text(d, "round-state").startswith("Round complete: 4 pairs"), "the round's results"
+    )
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#round-rows tr")]
+    assert len(rows) == 1 and rows[0].startswith("ckpt-r-10 ckpt-r-20")
+    assert not browser.find_element(By.ID, "round-ranking").is_displayed()  # two checkpoints: no ranking
+    browser.execute_script("document.getElementById('round').scrollIntoView()")
+    save_screenshot(browser, "ab-round-results")

@@ -770,6 +770,7 @@ def test_alerts_and_dashboard_query_metrics_the_services_export() -> None:
     names = {r["alert"] for g in yaml.safe_load(alerts)["groups"] for r in g["rules"]}
     assert names == {
         "HuViDPOFineTuneFailed",
+        "HuViDPORolloutAutoRollback",
         "HuViDPOInferenceErrorRatioHigh",
         "HuViDPOGenerationLatencyHigh",
         "HuViDPORolloutRefused",

@@ -30,6 +30,18 @@ def replica_id_from_host(host: str) -> str:
     return rid or "replica"
 
 
+class RoleTraffic(BaseModel):
+    """Finished requests of one served role since the replica applied the heartbeat's ``revision``."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: str  # "current" (the stable checkpoint) or "canary"
+    checkpoint: str
+    requests: int = Field(default=0, ge=0)
+    # Requests that ended with a server-side gRPC status (not OK, INVALID_ARGUMENT, NOT_FOUND, CANCELLED).
+    errors: int = Field(default=0, ge=0)
+
+
 class ReplicaHeartbeat(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -44,6 +56,8 @@ class ReplicaHeartbeat(BaseModel):
     canary_percent: int = Field(default=0, ge=0, le=100)
     poll_seconds: float = Field(gt=0)
     updated_at: datetime
+    # Per role, since ``revision`` was applied (absent from replicas older than the rollout gate).
+    traffic: list[RoleTraffic] = Field(default_factory=list)
 
     @field_validator("replica")
     @classmethod

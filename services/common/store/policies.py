@@ -27,6 +27,8 @@ control plane
     ``models/{id}/uploads/``, publishes the manifest, deletes a refused or repeated upload's staged
     files; checks that a fine-tune's base model exists: read, write, delete.
     ``imports/``: the files a registration with ``from_prefix`` copies: read.
+    ``evaluations/``: writes evaluation specs, reads their records and plots (the checkpoint view, the
+    rollout gate), deletes them: read, write, delete.
     ``.huvidpo-tmp/``: ``MinioStore.put_stream`` uploads a stream of unknown length there by
     multipart, then copies it to its key and deletes it: read, write, delete. Only the control plane
     streams (uploads); the trainer and inference write files and bytes of known size.
@@ -41,6 +43,8 @@ trainer
     One user serves every trainer Job, so these cover every fine-tune's checkpoints and progress, not
     only the Job's own: narrowing them to one fine-tune needs a credential per Job (e.g. STS
     AssumeRole with a session policy on ``checkpoints/ckpt-<id>-*``), which this split does not do.
+    ``evaluations/``: the evaluator Job (``python -m services.evaluator``, the trainer image and store
+    user) reads its spec and writes the record and plot: read, write.
 inference
     ``models/``, ``checkpoints/`` and ``rollouts/``: the base model, the adapters it serves and the
     rollout record it follows: read.
@@ -117,6 +121,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.CHECKPOINTS), R | D, "lists, signs downloads, deletes; never publishes"),
         Grant(_all(keys.MODELS), R | W | D, "registers base models (stages, publishes, drops refused ones)"),
         Grant(_all(keys.IMPORTS), R, "files to register as a base model (from_prefix)"),
+        Grant(_all(keys.EVALUATIONS), R | W | D, "evaluation specs, records and plots"),
         Grant(_all(TMP_PREFIX), R | W | D, "multipart staging of streamed uploads"),
     ),
     "trainer": (
@@ -125,6 +130,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.FINETUNES), R, "its spec and status"),
         Grant(keys.progress_key(ANY), W, "its progress records"),
         Grant(_all(keys.CHECKPOINTS), R | W | D, "publishes checkpoints, resumes from them"),
+        Grant(_all(keys.EVALUATIONS), R | W, "the evaluator Job: its spec, record and plot"),
     ),
     "inference": (
         Grant(_all(keys.MODELS), R, "the base model"),

@@ -157,6 +157,9 @@ class RolloutService:
         percent: int,
         expected_revision: int | None,
         actor: str = "",
+        policy: dict[str, Any] | None = None,
+        decision: str | None = None,
+        reasons: builtins.list[str] | None = None,
     ) -> dict[str, Any]:
         base = prev or RolloutRecord(deployment=deployment)
         if expected_revision is not None and expected_revision != base.revision:
@@ -165,7 +168,15 @@ class RolloutService:
                 field="expected_revision",
             )
         rec = base.next(
-            action, current=current, canary=canary, canary_percent=percent, now=self.clock(), actor=actor
+            action,
+            current=current,
+            canary=canary,
+            canary_percent=percent,
+            now=self.clock(),
+            actor=actor,
+            policy=policy,
+            decision=decision,
+            reasons=reasons,
         )
         try:
             write_rollout(self.store, rec)
@@ -199,8 +210,10 @@ class RolloutService:
         percent: int,
         expected_revision: int | None = None,
         actor: str = "",
+        policy: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Send ``percent`` of requests to ``checkpoint``; the rest keep the current one."""
+        """Send ``percent`` of requests to ``checkpoint``; the rest keep the current one. With a
+        ``policy`` the rollout gate (``domain/gate.py``) promotes or rolls the canary back."""
         if not 0 < percent <= 100:
             raise InvalidRequest("percent must be in [1, 100]", field="percent")
         prev = self._read(deployment)
@@ -212,7 +225,15 @@ class RolloutService:
         if checkpoint == prev.current:
             raise InvalidRequest("the canary must differ from the current checkpoint", field="checkpoint")
         return self._write(
-            deployment, prev, "set_canary", prev.current, checkpoint, percent, expected_revision, actor
+            deployment,
+            prev,
+            "set_canary",
+            prev.current,
+            checkpoint,
+            percent,
+            expected_revision,
+            actor,
+            policy=policy,
         )
 
     def promote(
@@ -237,6 +258,40 @@ class RolloutService:
                     deployment, prev, "rollback", event.current, None, 0, expected_revision, actor
                 )
         raise Conflict(f"deployment {deployment!r} has no earlier checkpoint to roll back to")
+
+    # -- for the rollout gate (domain/gate.py) -------------------------------------------------
+    def read(self, deployment: str) -> RolloutRecord | None:
+        return self._read(deployment)
+
+    def heartbeats(self, deployment: str) -> builtins.list[ReplicaHeartbeat]:
+        """The live replicas' heartbeats."""
+        return self._heartbeats(deployment)
+
+    def names(self) -> builtins.list[str]:
+        return self._names()
+
+    def gate_write(
+        self,
+        rec: RolloutRecord,
+        action: str,
+        current: str | None,
+        decision: str,
+        reasons: builtins.list[str],
+        actor: str,
+    ) -> dict[str, Any]:
+        """The gate's promote or rollback of ``rec``'s canary (``Conflict`` if ``rec`` is stale)."""
+        return self._write(
+            rec.deployment,
+            rec,
+            action,
+            current,
+            None,
+            0,
+            rec.revision,
+            actor,
+            decision=decision,
+            reasons=reasons,
+        )
 
     def history(self, deployment: str) -> builtins.list[dict[str, Any]]:
         return [e.model_dump(mode="json") for e in self._get(deployment).history]

@@ -10,7 +10,11 @@ from services.common.auth import Principal
 from services.controlplane import problems
 from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
+from services.controlplane.domain.gate import RolloutGate
+from services.controlplane.domain.preference import PreferenceService
+from services.controlplane.domain.ratings import RatingService
 from services.controlplane.schemas import (
+    GateDecision,
     Rollout,
     RolloutAction,
     RolloutHistoryEntry,
@@ -20,6 +24,14 @@ from services.controlplane.schemas import (
 )
 
 router = APIRouter(prefix="/v1/rollouts", tags=["rollouts"])
+
+
+def rollout_gate(c: Context) -> RolloutGate:
+    """The rollout gate over the app's services, counting its decisions in the app's metrics."""
+    preference = PreferenceService(RatingService(c.datasets, c.datasets.clock))
+    return RolloutGate(c.rollouts, preference, on_decision=c.metrics.gate_decision)
+
+
 WRITE_ERRORS = problems.common_responses(401, 403, 404, 409, 422)
 
 
@@ -73,7 +85,12 @@ def set_canary(
     deployment: str, body: SetCanary, c: Context = Depends(ctx), who: Principal = needs("rollout")
 ) -> dict[str, Any]:
     return c.rollouts.set_canary(
-        deployment, body.checkpoint, body.percent, body.expected_revision, actor=who.name
+        deployment,
+        body.checkpoint,
+        body.percent,
+        body.expected_revision,
+        actor=who.name,
+        policy=body.policy.model_dump() if body.policy else None,
     )
 
 
@@ -95,6 +112,16 @@ def rollback(
     who: Principal = needs("rollout"),
 ) -> dict[str, Any]:
     return c.rollouts.rollback(deployment, body.expected_revision if body else None, actor=who.name)
+
+
+@router.post(
+    "/{deployment}/evaluate",
+    response_model=GateDecision,
+    responses=problems.common_responses(401, 403, 404, 409, 422),
+    summary="Check the canary against its policy now: promote, roll back, or wait (recorded with reasons)",
+)
+def evaluate(deployment: str, c: Context = Depends(ctx), who: Principal = needs("rollout")) -> dict[str, Any]:
+    return rollout_gate(c).evaluate(deployment)
 
 
 @router.get(

@@ -163,6 +163,7 @@
     state.absIndex = state.session.resume.absolute;
     state.abIndex = state.session.resume.ab;
     $("main").hidden = false;
+    loadRound();
     const done = state.session.progress[state.mode === "ab" ? "ab" : "absolute"].done;
     setStatus(done ? "Welcome back, " + rater + ": resuming where you stopped." : "Ready, " + rater + ".");
     render();
@@ -347,13 +348,61 @@
     const url = "/v1/datasets/" + seg(state.dataset) + "/ratings/choice";
     return queueSave(
       () => api(url, { method: "PUT", json: body }),
-      () => setStatus("Saved: " + (winner === "tie" ? "tie" : winner + " is better") + "."),
+      () => {
+        setStatus("Saved: " + (winner === "tie" ? "tie" : winner + " is better") + ".");
+        loadRound();
+      },
       () => {
         if (before.choice === null) s.progress.ab.done -= 1;
         pr.choice = before.choice;
         pr.time = before.time;
       },
     );
+  }
+
+  // A/B round results (GET .../preference): shown only once the round is complete, i.e. every pair
+  // judged by every rater of the round; while anyone is still judging, only the progress is shown.
+  function pct(x) { return (100 * x).toFixed(0) + "%"; }
+
+  async function loadRound() {
+    const box = $("round");
+    let r;
+    try {
+      r = await api("/v1/datasets/" + seg(state.dataset) + "/versions/" + seg(state.version) + "/preference");
+    } catch (e) {
+      box.hidden = true; // not a round of two or more checkpoints (404), or not readable
+      return;
+    }
+    box.hidden = false;
+    const summary = r.complete ? r.summary : null;
+    $("round-table").hidden = !summary;
+    $("round-ranking").hidden = !(summary && summary.ranking);
+    if (!summary) {
+      $("round-state").textContent = "Round in progress: " + r.progress.done + " of " + r.progress.total +
+        " judgments by " + r.raters.length + " rater(s). Results appear once every rater has judged every pair.";
+      return;
+    }
+    $("round-state").textContent = "Round complete: " + r.pairs + " pairs judged by " + r.raters.length +
+      " rater(s); a tie counts as half a win.";
+    const rows = $("round-rows");
+    rows.replaceChildren();
+    for (const t of summary.comparisons) {
+      const tr = document.createElement("tr");
+      const interval = pct(t.win_rate) + " (" + pct(t.wilson_low) + "–" + pct(t.wilson_high) + ")";
+      for (const v of [t.checkpoint, t.opponent, t.wins, t.ties, t.losses, interval]) {
+        const td = document.createElement("td");
+        td.textContent = String(v);
+        tr.appendChild(td);
+      }
+      rows.appendChild(tr);
+    }
+    const ranking = $("round-ranking");
+    ranking.replaceChildren();
+    for (const x of summary.ranking || []) {
+      const li = document.createElement("li");
+      li.textContent = x.checkpoint + " (Bradley–Terry strength " + x.strength.toFixed(3) + ")";
+      ranking.appendChild(li);
+    }
   }
 
   // Synced playback: one transport for both clips; drift is corrected on every time update.
