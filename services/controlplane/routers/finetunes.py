@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -16,8 +16,10 @@ from services.controlplane import problems
 from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.finetunes import FineTuneRequest
+from services.controlplane.domain.names import NAME_PATTERN
 from services.controlplane.domain.retention import Retention
 from services.controlplane.limits import StreamSlots
+from services.controlplane.params import FineTuneIdPath, PageSize, PageToken
 from services.controlplane.schemas import CheckpointList, FineTune, FineTuneCreate, FineTuneList
 
 router = APIRouter(prefix="/v1/fine-tunes", tags=["fine-tunes"])
@@ -33,7 +35,7 @@ LOG_POLL_SECONDS = 0.5
             "model": FineTune,
             "description": "A retry with the same Idempotency-Key: the existing fine-tune",
         },
-        **problems.common_responses(401, 403, 422, 503),
+        **problems.common_responses(401, 403, 409, 422, 503),
     },
 )
 def create_finetune(
@@ -61,10 +63,10 @@ def create_finetune(
 )
 def list_finetunes(
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None),
-    dataset: str | None = Query(None, max_length=63),
-    base_model: str | None = Query(None, max_length=63),
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    dataset: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    base_model: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.finetunes.list(state, dataset, base_model, page_size, page_token)
@@ -77,7 +79,7 @@ def list_finetunes(
     response_model=FineTune,
     responses=problems.common_responses(401, 404),
 )
-def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.get(finetune_id)
 
 
@@ -88,7 +90,7 @@ def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     responses=problems.common_responses(401, 403, 404, 409),
     summary="Delete a finished fine-tune without checkpoints (409 while active or while it has checkpoints)",
 )
-def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
+def delete_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_finetune(finetune_id)
     return Response(status_code=204)
 
@@ -99,7 +101,7 @@ def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
     response_model=FineTune,
     responses=problems.common_responses(401, 403, 404, 409),
 )
-def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def cancel_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.cancel(finetune_id)
 
 
@@ -113,7 +115,7 @@ def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, An
     },
 )
 async def finetune_logs(
-    finetune_id: str, request: Request, follow: bool = Query(False), c: Context = Depends(ctx)
+    finetune_id: FineTuneIdPath, request: Request, follow: bool = Query(False), c: Context = Depends(ctx)
 ) -> StreamingResponse:
     """The executor's chunks are pulled one at a time on a thread of their own pool (a blocking read
     never takes a thread the other routes need); an empty chunk means "nothing yet", and the wait
@@ -157,9 +159,9 @@ async def finetune_logs(
     responses=problems.common_responses(401, 404, 422),
 )
 def finetune_checkpoints(
-    finetune_id: str,
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    finetune_id: FineTuneIdPath,
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     c.finetunes.require(finetune_id)
