@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.controlplane.domain.datasets import DatasetService, PairOptions, dataset_prefix
-from services.controlplane.domain.errors import InvalidRequest, NotFound
+from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
 from services.controlplane.domain.util import Clock, iso, read_json_or_none, utcnow
 
@@ -370,7 +370,12 @@ class RatingService:
                 self.datasets.manifest(name, base)
             except NotFound as exc:
                 raise InvalidRequest(f"dataset {name!r} has no version {base}", field="base") from exc
-        base = self.root_version(name, base or self.latest_version(name))
+        if not base:
+            try:
+                base = self.latest_version(name)
+            except NotFound as exc:  # the dataset exists (checked above): its state refuses the request
+                raise Conflict(exc.message) from exc
+        base = self.root_version(name, base)
         prompts = {v.id: v.prompt for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []

@@ -203,7 +203,7 @@ def put_choice(
     "/{name}/ratings/compile",
     status_code=201,
     response_model=CompileResult,
-    responses=problems.common_responses(401, 403, 404, 422),
+    responses=problems.common_responses(401, 403, 404, 409, 422),
     summary="Compile the ratings into a new dataset version (with lineage) and its DPO pairs",
 )
 def compile_ratings(
