@@ -53,7 +53,9 @@ DATASET_FILE_PATTERN = (
     + ")$"
 )
 DatasetFile = Annotated[str, Field(pattern=DATASET_FILE_PATTERN, min_length=1, max_length=MAX_PATH_LEN)]
-# A checkpoint id (``ckpt-<finetune_id>-<step>``) or ``base``, the base model without a fine-tune.
+# A checkpoint id (``ckpt-<finetune_id>-<step>``); what a rollout serves is one or ``base``, the base
+# model without a fine-tune (a canary is always a checkpoint).
+CHECKPOINT_PATTERN = r"^ckpt-[a-z0-9-]{1,63}-[0-9]{1,10}$"
 SERVED_PATTERN = r"^(base|ckpt-[a-z0-9-]{1,63}-[0-9]{1,10})$"
 
 
@@ -427,7 +429,7 @@ class SetCurrent(Strict):
 
 
 class SetCanary(Strict):
-    checkpoint: str = Field(min_length=1, max_length=200, pattern=SERVED_PATTERN)
+    checkpoint: str = Field(min_length=1, max_length=200, pattern=CHECKPOINT_PATTERN)
     percent: int = Field(ge=1, le=100)
     expected_revision: int | None = Field(default=None, ge=0)
 

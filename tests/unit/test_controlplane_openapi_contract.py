@@ -144,6 +144,9 @@ def test_true_or_false_is_not_a_number(client: TestClient) -> None:
         "/v1/rollouts/web?create=true", json={"checkpoint": "base", "expected_revision": False}, headers=AUTH
     )
     assert problem(r, 422, "validation-error")["field"] == "expected_revision"
+    # a canary is a checkpoint: "base" (the base model, fine as `current`) breaks its pattern
+    canary = client.post("/v1/rollouts/web/canary", json={"checkpoint": "base", "percent": 10}, headers=AUTH)
+    assert problem(canary, 422, "validation-error")["errors"][0]["field"] == "checkpoint"
     ok = client.put(
         "/v1/rollouts/web?create=true", json={"checkpoint": "base", "expected_revision": 0}, headers=AUTH
     )
