@@ -28,7 +28,7 @@ from services.common.store import (
     StoreAccessDenied,
     StoreUnavailable,
 )
-from services.controlplane import auth, problems
+from services.controlplane import auth, openapi, problems
 from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, run_inline
@@ -142,6 +142,7 @@ def create_app(
     ):
         app.include_router(r)
     auth.document_auth(app)
+    openapi.document_errors(app)  # after every router: the statuses the shared machinery answers
     # Bodies are bounded (and need a valid token) before a route reads them; the audit line, outside
     # it, records refused writes too.
     app.add_middleware(BodyLimitMiddleware, limit=lambda method, path: body_limit(settings, method, path))

@@ -8,6 +8,8 @@ methods (405), auth failures and unexpected errors are all mapped here, once.
 from __future__ import annotations
 
 import logging
+import re
+from collections.abc import Iterable, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -150,6 +152,61 @@ def _body_problem(request: Request, exc: RequestValidationError) -> JSONResponse
     )
 
 
+def routes_under(routes: Iterable[Any]) -> Iterator[Any]:
+    """Every route under ``routes``, through included routers (FastAPI includes them lazily)."""
+    for route in routes:
+        candidates = getattr(route, "effective_candidates", None)
+        if candidates is not None:
+            yield from routes_under(candidates())
+        else:
+            yield route
+
+
+def allowed_methods(routes: Iterable[Any], path: str) -> list[str]:
+    """The methods the routes take at ``path`` (a 405's ``Allow``), sorted. Starlette's own 405 names
+    only the first route whose path matched, so ``PUT /v1/datasets/x`` said ``Allow: GET`` alone. A
+    route whose path parameter's declared pattern refuses the segment does not count: ``DELETE
+    …/ratings/{rating_id}`` is not a method of ``…/ratings/score``."""
+    methods: set[str] = set()
+    for route in routes_under(routes):
+        regex, route_methods = getattr(route, "path_regex", None), getattr(route, "methods", None)
+        match = regex.match(path) if regex is not None and route_methods else None
+        if match is not None and _params_fit(route, match.groupdict()):
+            methods |= set(route_methods or ())
+    return sorted(methods)
+
+
+def _params_fit(route: Any, values: dict[str, str]) -> bool:
+    dependant = getattr(route, "dependant", None)
+    for field in getattr(dependant, "path_params", None) or []:
+        for meta in field.field_info.metadata:
+            pattern = getattr(meta, "pattern", None)
+            if pattern and field.alias in values and not re.search(pattern, values[field.alias]):
+                return False
+    return True
+
+
+def method_not_allowed(request: Request, allow: list[str]) -> JSONResponse:
+    """405 with ``Allow``: the methods ``request``'s path takes."""
+    return problem_response(
+        405,
+        "method-not-allowed",
+        f"{request.method} is not allowed on {request.url.path}; it takes {', '.join(allow)}",
+        instance=request.url.path,
+        headers={"Allow": ", ".join(allow)},
+    )
+
+
+def _method_problem(request: Request, exc: RequestValidationError) -> JSONResponse | None:
+    """405 when only path parameters failed and the path is another route's: ``DELETE
+    …/ratings/score`` reached ``DELETE …/ratings/{rating_id}`` (Starlette routes on the path's shape),
+    but ``score`` is no rating id; the path is ``PUT …/ratings/score``'s, which takes no DELETE."""
+    if not all(tuple(e.get("loc", ()))[:1] == ("path",) for e in exc.errors()):
+        return None
+    allow = allowed_methods(request.app.routes, request.scope["path"])
+    return method_not_allowed(request, allow) if allow and request.method not in allow else None
+
+
 # Responses every route may return; documented so OpenAPI clients (and schemathesis) know them.
 def common_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {
@@ -174,6 +231,9 @@ def install(app: FastAPI) -> None:
         body_problem = _body_problem(request, exc)
         if body_problem is not None:
             return body_problem
+        wrong_method = _method_problem(request, exc)
+        if wrong_method is not None:
+            return wrong_method
         field_errors = [
             FieldProblem(field=_loc_to_field(e.get("loc", ())), message=_message(e.get("msg", "")))
             for e in exc.errors()
@@ -206,7 +266,7 @@ def install(app: FastAPI) -> None:
         if exc.status_code == 404 and detail == "Not Found":
             detail = f"no route matches {request.method} {request.url.path}"
         if exc.status_code == 405:
-            detail = f"{request.method} is not allowed on {request.url.path}"
+            return method_not_allowed(request, allowed_methods(request.app.routes, request.scope["path"]))
         return problem_response(
             exc.status_code, kind, detail, instance=request.url.path, headers=getattr(exc, "headers", None)
         )

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from huvidpo.bounds import BOUNDS
 from services.common.records import hyperparameters
+from services.controlplane.domain.datasets import ALLOWED_EXTENSIONS
 from services.controlplane.domain.gate import RolloutPolicy
-from services.controlplane.domain.names import NAME_PATTERN, VERSION_PATTERN, validate_digest
+from services.controlplane.domain.names import MAX_PATH_LEN, NAME_PATTERN, VERSION_PATTERN, validate_digest
 
 Name = Field(pattern=NAME_PATTERN, min_length=1, max_length=63)
 VersionRef = Annotated[
@@ -23,8 +25,40 @@ VersionRef = Annotated[
 """A dataset version in a request body; either form is accepted and becomes the ``id`` form."""
 
 
+def _is_number(annotation: Any) -> bool:
+    types = get_args(annotation) or (annotation,)
+    return bool not in types and any(t in (int, float) for t in types)
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_for_number(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode reads true/false as 1/0 for a number; the schema says "integer"/"number".
+        field = cls.model_fields.get(info.field_name or "")
+        if isinstance(value, bool) and field is not None and _is_number(field.annotation):
+            raise ValueError("must be a number, not true or false")
+        return value
+
+
+def _any_case(extension: str) -> str:
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) for c in extension)
+
+
+# A file of a dataset as a request body names it: a relative path (as ``validate_relative_path``)
+# whose name ends in one of the dataset file types (as ``check_file_type``, any case).
+DATASET_FILE_PATTERN = (
+    r"^([A-Za-z0-9_-][A-Za-z0-9._-]{0,127}/){0,7}[A-Za-z0-9_-][A-Za-z0-9._-]{0,121}("
+    + "|".join(_any_case(e) for e in sorted(ALLOWED_EXTENSIONS))
+    + ")$"
+)
+DatasetFile = Annotated[str, Field(pattern=DATASET_FILE_PATTERN, min_length=1, max_length=MAX_PATH_LEN)]
+# A checkpoint id (``ckpt-<finetune_id>-<step>``); what a rollout serves is one or ``base``, the base
+# model without a fine-tune (a canary is always a checkpoint).
+CHECKPOINT_PATTERN = r"^ckpt-[a-z0-9-]{1,63}-[0-9]{1,10}$"
+SERVED_PATTERN = r"^(base|ckpt-[a-z0-9-]{1,63}-[0-9]{1,10})$"
 
 
 # ---------------------------------------------------------------------------------------- datasets
@@ -116,7 +150,9 @@ class UploadResult(BaseModel):
 
 
 class PresignRequest(Strict):
-    files: list[str] = Field(min_length=1, max_length=1000, description="relative paths inside the dataset")
+    files: list[DatasetFile] = Field(
+        min_length=1, max_length=1000, description="relative paths inside the dataset"
+    )
     expires_seconds: int = Field(default=3600, ge=60, le=7 * 24 * 3600)
 
 
@@ -432,12 +468,14 @@ class RolloutList(BaseModel):
 
 class SetCurrent(Strict):
     # A checkpoint id, or "base" for the base model without a fine-tune.
-    checkpoint: str = Field(min_length=1, max_length=200, examples=["ckpt-ft-abc-100", "base"])
+    checkpoint: str = Field(
+        min_length=1, max_length=200, pattern=SERVED_PATTERN, examples=["ckpt-ft-abc-100", "base"]
+    )
     expected_revision: int | None = Field(default=None, ge=0)
 
 
 class SetCanary(Strict):
-    checkpoint: str = Field(min_length=1, max_length=200)
+    checkpoint: str = Field(min_length=1, max_length=200, pattern=CHECKPOINT_PATTERN)
     percent: int = Field(ge=1, le=100, description="the canary's share of requests")
     expected_revision: int | None = Field(default=None, ge=0)
     policy: RolloutPolicy | None = Field(

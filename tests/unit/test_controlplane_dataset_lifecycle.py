@@ -93,9 +93,9 @@ def test_a_version_is_named_by_its_id_or_its_digest_everywhere(
     ft = _finetune(client, v["digest"])
     assert ft["version"] == v["id"]
     assert_problem(client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH), 409, "conflict")
-    # a malformed version is still a 422 naming the field
+    # a malformed version is still a 422 naming the path parameter (its pattern is in the OpenAPI)
     bad = client.get("/v1/datasets/cats/versions/sha256:xyz", headers=AUTH)
-    assert assert_problem(bad, 422, "validation-error")["field"] == "version"
+    assert assert_problem(bad, 422, "validation-error")["field"] == "path:version"
 
 
 # --------------------------------------------------------------------------- ratings of unknown videos

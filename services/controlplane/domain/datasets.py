@@ -323,8 +323,15 @@ class DatasetService:
     def derive_version(
         self, name: str, base: str, include_ratings: bool = True, created_by: str = ""
     ) -> dict[str, Any]:
-        """A new version: the files of ``base`` (its videos by reference) plus the dataset's rating records."""
-        manifest = self.manifest(name, base)
+        """A new version: the files of ``base`` (its videos by reference) plus the dataset's rating records.
+
+        A missing dataset is ``NotFound``; a ``base`` it lacks is ``InvalidRequest`` naming ``base`` (the
+        dataset exists, a value in the body is wrong: as a fine-tune's ``version``)."""
+        self.get(name)
+        try:
+            manifest = self.manifest(name, base)
+        except NotFound as exc:
+            raise InvalidRequest(f"dataset {name!r} has no version {base}", field="base") from exc
         base = manifest["id"]
         with tempfile.TemporaryDirectory(prefix="huvidpo-derive-") as tmp:
             data = Path(tmp) / "data"

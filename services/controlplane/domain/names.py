@@ -6,16 +6,27 @@ import re
 
 from services.controlplane.domain.errors import InvalidRequest
 
+
+def _whole(pattern: str) -> re.Pattern[str]:
+    """``pattern`` (``^...$``, as the OpenAPI schema states it) matched against the whole string: in
+    Python ``$`` also matches before a trailing newline, so ``"cats\\n"`` would pass ``re.match``."""
+    return re.compile(pattern.removesuffix("$") + r"\Z")
+
+
+# The patterns (``*_PATTERN``, ECMA-262 as OpenAPI states them) and their whole-string regexes.
 # Lower-case DNS-label-like names: they become object-store prefixes, Kubernetes labels and URL segments.
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-NAME_PATTERN = NAME_RE.pattern
-DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
-DIGEST_PATTERN = DIGEST_RE.pattern
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$"
+NAME_RE = _whole(NAME_PATTERN)
+DIGEST_PATTERN = r"^[0-9a-f]{64}$"
+DIGEST_RE = _whole(DIGEST_PATTERN)
 # A dataset version as a caller may name it: its ``id`` (64 hex) or its ``digest`` (``sha256:`` + id).
-VERSION_RE = re.compile(r"^(sha256:)?[0-9a-f]{64}$")
-VERSION_PATTERN = VERSION_RE.pattern
+VERSION_PATTERN = r"^(sha256:)?[0-9a-f]{64}$"
+VERSION_RE = _whole(VERSION_PATTERN)
+# A relative file path inside a dataset, as ``validate_relative_path`` accepts it (its length and depth
+# bounds are separate: ``MAX_PATH_LEN``, ``MAX_PATH_DEPTH``).
+RELATIVE_PATH_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}(/[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}){0,7}$"
 # Segments of a relative file path inside a dataset.
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+_SEGMENT_RE = _whole(r"^[A-Za-z0-9._-]{1,128}$")
 MAX_PATH_LEN = 512
 MAX_PATH_DEPTH = 8
 

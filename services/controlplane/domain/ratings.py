@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from services.controlplane.domain.datasets import DatasetService, PairOptions, dataset_prefix
-from services.controlplane.domain.errors import InvalidRequest, NotFound
+from services.controlplane.domain.errors import Conflict, InvalidRequest, NotFound
 from services.controlplane.domain.names import validate_digest, validate_name, validate_relative_path
 from services.controlplane.domain.util import Clock, iso, read_json_or_none, utcnow
 
@@ -272,8 +272,16 @@ class RatingService:
         }
 
     # ------------------------------------------------------------------------------ writing
+    def _body_videos(self, name: str, version: str) -> list[VideoInfo]:
+        """The videos of ``version``, named in a request body: a version the (existing) dataset lacks
+        is ``InvalidRequest`` naming ``version`` (the dataset exists, a value in the body is wrong)."""
+        try:
+            return self.videos(name, version)
+        except NotFound as exc:
+            raise InvalidRequest(f"dataset {name!r} has no version {version}", field="version") from exc
+
     def _check_video(self, name: str, version: str, *video_ids: str) -> None:
-        known = {v.id for v in self.videos(name, version)}
+        known = {v.id for v in self._body_videos(name, version)}
         for vid in video_ids:
             if vid not in known:
                 raise InvalidRequest(
@@ -308,7 +316,7 @@ class RatingService:
         if left == right:
             raise InvalidRequest("left and right are the same video", field="right")
         version = validate_digest(version)
-        videos = {v.id: v for v in self.videos(name, version)}
+        videos = {v.id: v for v in self._body_videos(name, version)}
         self._check_video(name, version, left, right)
         if videos[left].prompt != videos[right].prompt:
             raise InvalidRequest("an A/B judgment compares two videos of the same prompt", field="right")
@@ -356,7 +364,18 @@ class RatingService:
         from huvidpo.data import reference_problems
 
         self.datasets.get(name)
-        base = self.root_version(name, validate_digest(base, "base") if base else self.latest_version(name))
+        if base:
+            base = validate_digest(base, "base")
+            try:  # a base the (existing) dataset lacks is a wrong value in the body, as derive's
+                self.datasets.manifest(name, base)
+            except NotFound as exc:
+                raise InvalidRequest(f"dataset {name!r} has no version {base}", field="base") from exc
+        if not base:
+            try:
+                base = self.latest_version(name)
+            except NotFound as exc:  # the dataset exists (checked above): its state refuses the request
+                raise Conflict(exc.message) from exc
+        base = self.root_version(name, base)
         prompts = {v.id: v.prompt for v in self.videos(name, base)}
         resolved = resolve(self.judgments(name))
         used: list[Judgment] = []

@@ -17,6 +17,9 @@ Clock = Callable[[], datetime]
 T = TypeVar("T")
 
 MAX_PAGE_SIZE = 200
+# Page tokens are opaque to callers: unpadded base64url, as ``encode_page_token`` makes them.
+PAGE_TOKEN_PATTERN = r"^[A-Za-z0-9_-]+$"
+PAGE_TOKEN_MAX_LEN = 500
 
 
 def utcnow() -> datetime:

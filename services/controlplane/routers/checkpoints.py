@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
 from services.controlplane import problems
 from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
+from services.controlplane.domain.names import NAME_PATTERN
 from services.controlplane.domain.retention import Retention
+from services.controlplane.params import CheckpointIdPath, PageSize, PageToken
 from services.controlplane.schemas import Checkpoint, CheckpointDownload, CheckpointList
 
 router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
@@ -22,9 +24,9 @@ router = APIRouter(prefix="/v1/checkpoints", tags=["checkpoints"])
     responses=problems.common_responses(401, 422),
 )
 def list_checkpoints(
-    finetune_id: str | None = Query(None, max_length=63),
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    finetune_id: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.checkpoints.list(finetune_id, page_size, page_token)
@@ -37,7 +39,7 @@ def list_checkpoints(
     response_model=Checkpoint,
     responses=problems.common_responses(401, 404),
 )
-def get_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.checkpoints.get(checkpoint_id)
 
 
@@ -48,7 +50,7 @@ def get_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> dict[str, A
     responses=problems.common_responses(401, 403, 404, 409),
     summary="Delete a checkpoint (409 naming the rollout while a deployment serves it)",
 )
-def delete_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> Response:
+def delete_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_checkpoint(checkpoint_id)
     return Response(status_code=204)
 
@@ -60,7 +62,7 @@ def delete_checkpoint(checkpoint_id: str, c: Context = Depends(ctx)) -> Response
     responses=problems.common_responses(401, 404, 422),
 )
 def download_checkpoint(
-    checkpoint_id: str,
+    checkpoint_id: CheckpointIdPath,
     request: Request,
     expires_seconds: int = Query(3600, ge=60, le=7 * 24 * 3600),
     c: Context = Depends(ctx),

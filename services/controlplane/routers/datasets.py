@@ -12,8 +12,16 @@ from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.datasets import PairOptions
 from services.controlplane.domain.errors import InvalidRequest
-from services.controlplane.domain.names import DIGEST_PATTERN, NAME_PATTERN, validate_name
+from services.controlplane.domain.names import validate_name
 from services.controlplane.domain.retention import Retention
+from services.controlplane.params import (
+    NamePath,
+    PageSize,
+    PageToken,
+    RatingIdPath,
+    UploadIdPath,
+    VersionPath,
+)
 from services.controlplane.schemas import (
     CommitRequest,
     Dataset,
@@ -36,9 +44,6 @@ from services.controlplane.uploads import MultipartStream, stream_multipart
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-NamePath = Query  # (kept for symmetry; path params use the patterns below)
-_name = {"pattern": NAME_PATTERN, "min_length": 1, "max_length": 63}
-_digest = {"pattern": DIGEST_PATTERN}
 
 MULTIPART_BODY: dict[str, Any] = {
     "requestBody": {
@@ -51,6 +56,7 @@ MULTIPART_BODY: dict[str, Any] = {
                         "files": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
+                            "minItems": 1,
                             "description": "one part per file; the part's filename is its path in the dataset",
                         }
                     },
@@ -82,8 +88,8 @@ def create_dataset(body: DatasetCreate, c: Context = Depends(ctx)) -> dict[str, 
     responses=problems.common_responses(401, 422),
 )
 def list_datasets(
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.datasets.list(page_size, page_token)
@@ -96,7 +102,7 @@ def list_datasets(
     response_model=Dataset,
     responses=problems.common_responses(401, 404, 422),
 )
-def get_dataset(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_dataset(name: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.datasets.get(name)
 
 
@@ -106,13 +112,13 @@ def get_dataset(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
-def delete_dataset(name: str, c: Context = Depends(ctx)) -> Response:
+def delete_dataset(name: NamePath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_dataset(name)
     return Response(status_code=204)
 
 
 # ------------------------------------------------------------------------------------------ uploads
-def _stager(c: Context, name: str, upload_id: str):  # type: ignore[no-untyped-def]
+def _stager(c: Context, name: NamePath, upload_id: str):  # type: ignore[no-untyped-def]
     def consume(stream: MultipartStream) -> list[dict[str, Any]]:
         files: list[dict[str, Any]] = []
         seen: set[str] = set()
@@ -142,7 +148,7 @@ def _stager(c: Context, name: str, upload_id: str):  # type: ignore[no-untyped-d
     summary="Upload a dataset directory (streamed multipart) and commit it as a new version",
 )
 async def upload_version(
-    name: str,
+    name: NamePath,
     request: Request,
     include_ratings: bool = Query(True),
     c: Context = Depends(ctx),
@@ -175,7 +181,7 @@ async def upload_version(
     response_model=UploadSession,
     responses=problems.common_responses(401, 403, 404, 422),
 )
-def start_upload(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def start_upload(name: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return {**c.datasets.start_upload(name), "files": {}}
 
 
@@ -185,7 +191,7 @@ def start_upload(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     response_model=UploadSession,
     responses=problems.common_responses(401, 404, 422),
 )
-def get_upload(name: str, upload_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_upload(name: NamePath, upload_id: UploadIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.datasets.get_upload(name, upload_id)
 
 
@@ -198,7 +204,7 @@ def get_upload(name: str, upload_id: str, c: Context = Depends(ctx)) -> dict[str
     summary="Stream files into an upload session (multipart; memory bounded)",
 )
 async def upload_files(
-    name: str, upload_id: str, request: Request, c: Context = Depends(ctx)
+    name: NamePath, upload_id: UploadIdPath, request: Request, c: Context = Depends(ctx)
 ) -> dict[str, Any]:
     from starlette.concurrency import run_in_threadpool
 
@@ -217,7 +223,7 @@ async def upload_files(
     summary="Presigned PUT URLs for large files, uploaded straight to the object store",
 )
 def presign(
-    name: str, upload_id: str, body: PresignRequest, request: Request, c: Context = Depends(ctx)
+    name: NamePath, upload_id: UploadIdPath, body: PresignRequest, request: Request, c: Context = Depends(ctx)
 ) -> dict[str, Any]:
     from datetime import timedelta
 
@@ -233,8 +239,8 @@ def presign(
     responses=problems.common_responses(401, 403, 404, 422),
 )
 def commit(
-    name: str,
-    upload_id: str,
+    name: NamePath,
+    upload_id: UploadIdPath,
     body: CommitRequest | None = None,
     c: Context = Depends(ctx),
     who: Principal = needs("data"),
@@ -250,7 +256,7 @@ def commit(
     response_model=DatasetVersionList,
     responses=problems.common_responses(401, 404, 422),
 )
-def list_versions(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def list_versions(name: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     c.datasets.get(name)
     return {"items": c.datasets.list_versions(name)}
 
@@ -262,7 +268,7 @@ def list_versions(name: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     responses=problems.common_responses(401, 403, 404, 422),
 )
 def derive(
-    name: str, body: DeriveRequest, c: Context = Depends(ctx), who: Principal = needs("data")
+    name: NamePath, body: DeriveRequest, c: Context = Depends(ctx), who: Principal = needs("data")
 ) -> dict[str, Any]:
     return c.datasets.derive_version(name, body.base, body.include_ratings, created_by=who.name)
 
@@ -273,7 +279,7 @@ def derive(
     response_model=DatasetVersion,
     responses=problems.common_responses(401, 404, 422),
 )
-def get_version(name: str, version: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_version(name: NamePath, version: VersionPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.datasets.get_version(name, version)
 
 
@@ -283,7 +289,7 @@ def get_version(name: str, version: str, c: Context = Depends(ctx)) -> dict[str,
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
-def delete_version(name: str, version: str, c: Context = Depends(ctx)) -> Response:
+def delete_version(name: NamePath, version: VersionPath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_version(name, version)
     return Response(status_code=204)
 
@@ -295,7 +301,7 @@ def delete_version(name: str, version: str, c: Context = Depends(ctx)) -> Respon
     responses=problems.common_responses(401, 403, 404, 422),
 )
 def compile_pairs(
-    name: str, version: str, body: PairsRequest | None = None, c: Context = Depends(ctx)
+    name: NamePath, version: VersionPath, body: PairsRequest | None = None, c: Context = Depends(ctx)
 ) -> dict[str, Any]:
     body = body or PairsRequest()
     return c.datasets.compile_pairs(
@@ -311,7 +317,7 @@ def compile_pairs(
     response_model=RatingsCreated,
     responses=problems.common_responses(401, 403, 404, 422),
 )
-def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> dict[str, Any]:
+def add_ratings(name: NamePath, body: RatingsCreate, c: Context = Depends(ctx)) -> dict[str, Any]:
     records = [r.model_dump(exclude_none=True) for r in body.records]
     return {"ids": c.datasets.add_ratings(name, records)}
 
@@ -322,7 +328,7 @@ def add_ratings(name: str, body: RatingsCreate, c: Context = Depends(ctx)) -> di
     status_code=204,
     responses=problems.common_responses(401, 403, 404, 422),
 )
-def delete_rating(name: str, rating_id: str, c: Context = Depends(ctx)) -> Response:
+def delete_rating(name: NamePath, rating_id: RatingIdPath, c: Context = Depends(ctx)) -> Response:
     c.datasets.delete_rating(name, rating_id)
     return Response(status_code=204)
 
@@ -334,9 +340,9 @@ def delete_rating(name: str, rating_id: str, c: Context = Depends(ctx)) -> Respo
     responses=problems.common_responses(401, 404, 422),
 )
 def list_ratings(
-    name: str,
-    page_size: int = Query(100, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    name: NamePath,
+    page_size: PageSize = 100,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.datasets.list_ratings(name, page_size, page_token)

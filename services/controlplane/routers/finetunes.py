@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -18,9 +18,11 @@ from services.controlplane.auth import needs
 from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.errors import NotFound
 from services.controlplane.domain.finetunes import TERMINAL, FineTuneRequest
+from services.controlplane.domain.names import NAME_PATTERN
 from services.controlplane.domain.progress import event_items, events_page, metrics_history, read_progress
 from services.controlplane.domain.retention import Retention
 from services.controlplane.limits import StreamSlots
+from services.controlplane.params import FineTuneIdPath, PageSize, PageToken
 from services.controlplane.schemas import (
     CheckpointList,
     FineTune,
@@ -45,7 +47,7 @@ EVENT_POLL_SECONDS = 1.0
             "model": FineTune,
             "description": "A retry with the same Idempotency-Key: the existing fine-tune",
         },
-        **problems.common_responses(401, 403, 422, 503),
+        **problems.common_responses(401, 403, 409, 422, 503),
     },
 )
 def create_finetune(
@@ -73,10 +75,10 @@ def create_finetune(
 )
 def list_finetunes(
     state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None),
-    dataset: str | None = Query(None, max_length=63),
-    base_model: str | None = Query(None, max_length=63),
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    dataset: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    base_model: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.finetunes.list(state, dataset, base_model, page_size, page_token)
@@ -89,7 +91,7 @@ def list_finetunes(
     response_model=FineTune,
     responses=problems.common_responses(401, 404),
 )
-def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.get(finetune_id)
 
 
@@ -100,7 +102,7 @@ def get_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     responses=problems.common_responses(401, 403, 404, 409),
     summary="Delete a finished fine-tune without checkpoints (409 while active or while it has checkpoints)",
 )
-def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
+def delete_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_finetune(finetune_id)
     return Response(status_code=204)
 
@@ -111,7 +113,7 @@ def delete_finetune(finetune_id: str, c: Context = Depends(ctx)) -> Response:
     response_model=FineTune,
     responses=problems.common_responses(401, 403, 404, 409),
 )
-def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def cancel_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.finetunes.cancel(finetune_id)
 
 
@@ -125,7 +127,7 @@ def cancel_finetune(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, An
     },
 )
 async def finetune_logs(
-    finetune_id: str, request: Request, follow: bool = Query(False), c: Context = Depends(ctx)
+    finetune_id: FineTuneIdPath, request: Request, follow: bool = Query(False), c: Context = Depends(ctx)
 ) -> StreamingResponse:
     """The executor's chunks are pulled one at a time on a thread of their own pool (a blocking read
     never takes a thread the other routes need); an empty chunk means "nothing yet", and the wait
@@ -169,9 +171,9 @@ async def finetune_logs(
     responses=problems.common_responses(401, 404, 422),
 )
 def finetune_checkpoints(
-    finetune_id: str,
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    finetune_id: FineTuneIdPath,
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     c.finetunes.require(finetune_id)
@@ -194,7 +196,7 @@ def finetune_checkpoints(
     summary="The trainer's progress events (start, step, checkpoint, end), paginated or followed",
 )
 async def finetune_events(
-    finetune_id: str,
+    finetune_id: FineTuneIdPath,
     request: Request,
     after: int = Query(-1, ge=-1, description="return events with seq above this (a previous next_after)"),
     limit: int = Query(100, ge=1, le=1000, description="at most this many events (not with follow)"),
@@ -246,6 +248,6 @@ async def finetune_events(
     responses=problems.common_responses(401, 404),
     summary="The step metrics' history (loss, implicit_acc, reward_margin, ...) as aligned series",
 )
-def finetune_metrics(finetune_id: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def finetune_metrics(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     c.finetunes.require(finetune_id)
     return {"finetune_id": finetune_id, **metrics_history(read_progress(c.store, finetune_id))}

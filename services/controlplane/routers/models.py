@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from python_multipart.multipart import parse_options_header
@@ -18,6 +18,7 @@ from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from services.controlplane.domain.models import ModelService, StagedFile
 from services.controlplane.domain.names import NAME_PATTERN, validate_name
+from services.controlplane.params import NamePath, PageSize, PageToken
 from services.controlplane.schemas import Model, ModelList, ModelRegister
 from services.controlplane.uploads import MultipartStream, stream_multipart
 
@@ -167,8 +168,8 @@ async def register_model(
     summary="The registered base models, by id",
 )
 def list_models(
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500, description="a next_page_token this API returned"),
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.models.list(page_size, page_token)
@@ -181,7 +182,5 @@ def list_models(
     response_model=Model,
     responses=problems.common_responses(401, 404, 422),
 )
-def get_model(
-    model_id: str = Path(pattern=NAME_PATTERN, min_length=1, max_length=63), c: Context = Depends(ctx)
-) -> dict[str, Any]:
+def get_model(model_id: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.models.get(validate_name(model_id, "id"))

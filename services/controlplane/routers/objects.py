@@ -16,6 +16,7 @@ from services.common.store import LocalStore, ObjectNotFound, PresignedUrlInvali
 from services.controlplane import problems
 from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.errors import NotFound
+from services.controlplane.params import ObjectKeyPath
 from services.controlplane.uploads import stream_raw
 
 router = APIRouter(prefix="/v1/objects", tags=["objects"])
@@ -34,7 +35,7 @@ def _local(c: Context) -> LocalStore:
     responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
 )
 def get_object(
-    key: str,
+    key: ObjectKeyPath,
     expires: int = Query(..., ge=0, le=2**40),
     signature: str = Query(
         ..., pattern="^[0-9a-f]{64}$", description="hex HMAC-SHA256 from the presigned URL"
@@ -67,7 +68,7 @@ def get_object(
     },
 )
 async def put_object(
-    key: str,
+    key: ObjectKeyPath,
     request: Request,
     expires: int = Query(..., ge=0, le=2**40),
     signature: str = Query(

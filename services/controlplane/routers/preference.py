@@ -7,7 +7,7 @@ shows once the round is complete). A round in progress has ``complete: false`` a
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query
 from pydantic import BaseModel, Field
@@ -20,6 +20,7 @@ from services.controlplane.domain.errors import NotFound
 from services.controlplane.domain.names import VERSION_PATTERN
 from services.controlplane.domain.preference import PreferenceService
 from services.controlplane.domain.ratings import RatingService
+from services.controlplane.params import CHECKPOINT_ID_PATTERN, NamePath
 
 router = APIRouter(tags=["preference"])
 
@@ -106,7 +107,16 @@ def _svc(c: Context) -> PreferenceService:
     summary="Human win rates of a checkpoint in the A/B rounds that compare it",
 )
 def checkpoint_preference(
-    checkpoint_id: str, min_raters: int = MinRaters, c: Context = Depends(ctx)
+    checkpoint_id: Annotated[
+        str,
+        Path(
+            pattern=f"^(base|{CHECKPOINT_ID_PATTERN.strip('^$')})$",
+            max_length=80,
+            description="a checkpoint id (`ckpt-<finetune_id>-<step>`) or `base`",
+        ),
+    ],
+    min_raters: int = MinRaters,
+    c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     if checkpoint_id != BASE_MODEL and not c.checkpoints.exists(checkpoint_id):
         raise NotFound(f"checkpoint {checkpoint_id!r} does not exist (or is not published)")
@@ -121,7 +131,7 @@ def checkpoint_preference(
     summary="The A/B round of a version: progress, and its summary once complete",
 )
 def round_preference(
-    name: str,
+    name: NamePath,
     version: str = Path(pattern=VERSION_PATTERN),
     min_raters: int = MinRaters,
     c: Context = Depends(ctx),

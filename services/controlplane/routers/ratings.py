@@ -23,6 +23,7 @@ from services.controlplane.domain.datasets import PairOptions
 from services.controlplane.domain.errors import InvalidRequest
 from services.controlplane.domain.names import VERSION_PATTERN
 from services.controlplane.domain.ratings import SESSION_MAX_PAGE_SIZE, SESSION_PAGE_SIZE, RatingService
+from services.controlplane.params import NamePath, RelativePathPath, VersionPath
 from services.controlplane.schemas import DatasetVersion, PairsReport, Strict, VersionRef
 
 router = APIRouter(prefix="/v1/datasets", tags=["ratings"])
@@ -35,6 +36,7 @@ RaterId = Field(
     description="optional: the rater is the token's name; a different id is refused (403)",
 )
 VideoId = Field(min_length=1, max_length=256)
+VIDEO_MEDIA = {".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif", ".mov": "video/quicktime"}
 
 
 class ScorePut(Strict):
@@ -157,13 +159,15 @@ def _svc(c: Context) -> RatingService:
     summary="Videos, A/B pairs, this rater's judgments, progress and where to resume",
 )
 def rating_session(
-    name: str,
-    rater_id: str | None = Query(None, min_length=1, max_length=256),
+    name: NamePath,
+    rater_id: str | None = Query(None, min_length=1, max_length=256, pattern=r"^[^\x00-\x1f\x7f]+$"),
     version: str | None = Query(None, pattern=VERSION_PATTERN),
     page_size: int = Query(
         SESSION_PAGE_SIZE, ge=1, le=SESSION_MAX_PAGE_SIZE, description="A/B pairs per page"
     ),
-    page_token: str | None = Query(None, max_length=20),
+    page_token: str | None = Query(
+        None, pattern=r"^[0-9]{1,9}$", description="the `next_page_token` of the previous page"
+    ),
     c: Context = Depends(ctx),
     who: Principal = needs("rate"),
 ) -> dict[str, Any]:
@@ -177,7 +181,7 @@ def rating_session(
     summary="Set a rater's 0-10 score of a video (an update when they rated it before)",
 )
 def put_score(
-    name: str, body: ScorePut, c: Context = Depends(ctx), who: Principal = needs("rate")
+    name: NamePath, body: ScorePut, c: Context = Depends(ctx), who: Principal = needs("rate")
 ) -> dict[str, Any]:
     return _svc(c).put_score(name, body.version, _rater(who, body.rater_id), body.video_id, body.score)
 
@@ -189,7 +193,7 @@ def put_score(
     summary="Set a rater's A/B judgment (left, right or tie) of two videos of one prompt",
 )
 def put_choice(
-    name: str, body: ChoicePut, c: Context = Depends(ctx), who: Principal = needs("rate")
+    name: NamePath, body: ChoicePut, c: Context = Depends(ctx), who: Principal = needs("rate")
 ) -> dict[str, Any]:
     rater = _rater(who, body.rater_id)
     return _svc(c).put_choice(name, body.version, rater, body.left, body.right, body.winner)
@@ -199,11 +203,11 @@ def put_choice(
     "/{name}/ratings/compile",
     status_code=201,
     response_model=CompileResult,
-    responses=problems.common_responses(401, 403, 404, 422),
+    responses=problems.common_responses(401, 403, 404, 409, 422),
     summary="Compile the ratings into a new dataset version (with lineage) and its DPO pairs",
 )
 def compile_ratings(
-    name: str,
+    name: NamePath,
     body: CompileRequest | None = None,
     c: Context = Depends(ctx),
     who: Principal = needs("data"),
@@ -217,14 +221,18 @@ def compile_ratings(
     "/{name}/versions/{version}/files/{path:path}",
     dependencies=[needs("read", "rate")],
     response_class=FileResponse,
-    responses={200: {"content": {"video/mp4": {}}}, **problems.common_responses(401, 404, 422)},
+    responses={
+        200: {"content": {m: {} for m in (*VIDEO_MEDIA.values(), "application/octet-stream")}},
+        **problems.common_responses(401, 404, 422),
+    },
     summary="One video file of a version (for the rating page; supports Range requests)",
 )
-def get_video(name: str, version: str, path: str, c: Context = Depends(ctx)) -> FileResponse:
+def get_video(
+    name: NamePath, version: VersionPath, path: RelativePathPath, c: Context = Depends(ctx)
+) -> FileResponse:
     local = _svc(c).video_file(name, version, path)
-    media = {".mp4": "video/mp4", ".webm": "video/webm", ".gif": "image/gif", ".mov": "video/quicktime"}
     return FileResponse(
         local,
-        media_type=media.get(local.suffix.lower(), "application/octet-stream"),
+        media_type=VIDEO_MEDIA.get(local.suffix.lower(), "application/octet-stream"),
         headers={"Cache-Control": "private, max-age=3600", "X-Content-Type-Options": "nosniff"},
     )

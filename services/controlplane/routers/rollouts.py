@@ -13,6 +13,7 @@ from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.gate import RolloutGate
 from services.controlplane.domain.preference import PreferenceService
 from services.controlplane.domain.ratings import RatingService
+from services.controlplane.params import NamePath, PageSize, PageToken
 from services.controlplane.schemas import (
     GateDecision,
     Rollout,
@@ -42,8 +43,8 @@ WRITE_ERRORS = problems.common_responses(401, 403, 404, 409, 422)
     responses=problems.common_responses(401, 422),
 )
 def list_rollouts(
-    page_size: int = Query(50, ge=1, le=200),
-    page_token: str | None = Query(None, max_length=500),
+    page_size: PageSize = 50,
+    page_token: PageToken = None,
     c: Context = Depends(ctx),
 ) -> dict[str, Any]:
     items, token = c.rollouts.list(page_size, page_token)
@@ -56,7 +57,7 @@ def list_rollouts(
     response_model=Rollout,
     responses=problems.common_responses(401, 404, 422),
 )
-def get_rollout(deployment: str, c: Context = Depends(ctx)) -> dict[str, Any]:
+def get_rollout(deployment: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.rollouts.get(deployment)
 
 
@@ -67,7 +68,7 @@ def get_rollout(deployment: str, c: Context = Depends(ctx)) -> dict[str, Any]:
     summary='Serve one checkpoint (or "base", the base model) to all traffic',
 )
 def set_current(
-    deployment: str,
+    deployment: NamePath,
     body: SetCurrent,
     create: bool = Query(
         False, description="Create the deployment if it has no rollout yet (else 404: a mistyped name)"
@@ -82,7 +83,7 @@ def set_current(
 
 @router.post("/{deployment}/canary", response_model=Rollout, responses=WRITE_ERRORS)
 def set_canary(
-    deployment: str, body: SetCanary, c: Context = Depends(ctx), who: Principal = needs("rollout")
+    deployment: NamePath, body: SetCanary, c: Context = Depends(ctx), who: Principal = needs("rollout")
 ) -> dict[str, Any]:
     return c.rollouts.set_canary(
         deployment,
@@ -96,7 +97,7 @@ def set_canary(
 
 @router.post("/{deployment}/promote", response_model=Rollout, responses=WRITE_ERRORS)
 def promote(
-    deployment: str,
+    deployment: NamePath,
     body: RolloutAction | None = None,
     c: Context = Depends(ctx),
     who: Principal = needs("rollout"),
@@ -106,7 +107,7 @@ def promote(
 
 @router.post("/{deployment}/rollback", response_model=Rollout, responses=WRITE_ERRORS)
 def rollback(
-    deployment: str,
+    deployment: NamePath,
     body: RolloutAction | None = None,
     c: Context = Depends(ctx),
     who: Principal = needs("rollout"),
@@ -120,7 +121,9 @@ def rollback(
     responses=problems.common_responses(401, 403, 404, 409, 422),
     summary="Check the canary against its policy now: promote, roll back, or wait (recorded with reasons)",
 )
-def evaluate(deployment: str, c: Context = Depends(ctx), who: Principal = needs("rollout")) -> dict[str, Any]:
+def evaluate(
+    deployment: NamePath, c: Context = Depends(ctx), who: Principal = needs("rollout")
+) -> dict[str, Any]:
     return rollout_gate(c).evaluate(deployment)
 
 
@@ -130,5 +133,5 @@ def evaluate(deployment: str, c: Context = Depends(ctx), who: Principal = needs(
     response_model=list[RolloutHistoryEntry],
     responses=problems.common_responses(401, 404, 422),
 )
-def history(deployment: str, c: Context = Depends(ctx)) -> list[dict[str, Any]]:
+def history(deployment: NamePath, c: Context = Depends(ctx)) -> list[dict[str, Any]]:
     return c.rollouts.history(deployment)
