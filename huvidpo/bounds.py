@@ -53,6 +53,13 @@ BOUNDS: dict[str, Bound] = {
     "keep_last": Bound(1, 1000),
     "eval_every": Bound(0, MAX_STEPS),
     "log_every": Bound(1, MAX_STEPS),
+    # sample videos at each checkpoint
+    "sample_count": Bound(0, 16),
+    "sample_num_frames": Bound(2, 128),
+    "sample_height": Bound(8, 2048),
+    "sample_width": Bound(8, 2048),
+    "sample_steps": Bound(1, 999),
+    "sample_seed": Bound(0, 2**32 - 1),
     # DPO
     "beta": Bound(0, 100_000, lo_open=True),
     "lora_rank": Bound(1, 1024),

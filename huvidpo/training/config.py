@@ -101,6 +101,27 @@ class TrainConfig:
     """Steps between held-out evaluations (0: only at the end, when there is held-out data)."""
     log_every: int = 1
     plot: bool = True
+    # sample videos rendered into every checkpoint (huvidpo.training.samples)
+    sample_count: int = 0
+    """Sample videos rendered with the current weights into each checkpoint (``samples/``); 0: none."""
+    sample_prompts: tuple[str, ...] = ()
+    """The samples' prompts (cycled to ``sample_count``); empty: the held-out prompts, then the
+    training prompts, each in sorted order, with frame 0 of the prompt's first video as first frame."""
+    sample_first_frames: tuple[str, ...] = ()
+    """One first frame per ``sample_prompts`` entry: an image or video (its frame 0) of the dataset,
+    relative to it; empty: frame 0 of the prompt's first dataset video (drawn from the prompt if none)."""
+    sample_num_frames: int | None = None
+    """Frames of each sample; None: ``num_frames``."""
+    sample_height: int | None = None
+    """Sample height in px (a multiple of 8); None: ``height``."""
+    sample_width: int | None = None
+    """Sample width in px (a multiple of 8); None: ``width``."""
+    sample_steps: int = 25
+    """DDIM steps per sample."""
+    sample_guidance_scale: float = 7.5
+    """Classifier-free guidance scale of the samples."""
+    sample_seed: int = 0
+    """Sample ``i`` uses seed ``sample_seed + i`` at every checkpoint (the same noise each time)."""
 
     stage: ClassVar[str] = "base"
 
@@ -212,10 +233,35 @@ class TrainConfig:
                 f"need 0 <= timestep_min < timestep_max <= 1000, got [{self.timestep_min}, {self.timestep_max})",
                 field=bad,
             )
+        self._validate_samples()
         for name, bound in BOUNDS.items():  # the documented bounds (huvidpo.bounds)
             value = getattr(self, name, None)
             if value is not None and not bound.contains(value):
                 raise ConfigError(f"{name} must be {bound.describe()}, got {value}", field=name)
+
+    def _validate_samples(self) -> None:
+        for name in ("sample_height", "sample_width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise ConfigError(f"{name} must be a positive multiple of 8, got {v}", field=name)
+        if not (self.sample_guidance_scale >= 0 and math.isfinite(self.sample_guidance_scale)):
+            raise ConfigError(
+                f"sample_guidance_scale must be a finite number >= 0, got {self.sample_guidance_scale}",
+                field="sample_guidance_scale",
+            )
+        if self.sample_first_frames and len(self.sample_first_frames) != len(self.sample_prompts):
+            raise ConfigError(
+                f"sample_first_frames names {len(self.sample_first_frames)} files for "
+                f"{len(self.sample_prompts)} sample_prompts: give one per prompt, or none",
+                field="sample_first_frames",
+            )
+        for f in self.sample_first_frames:
+            # Files of the dataset only: a fine-tune's options never name a path of the trainer's machine.
+            if not f or f.startswith(("/", "\\")) or ".." in Path(f).parts:
+                raise ConfigError(
+                    f"sample_first_frames: {f!r} must be a file of the dataset, relative to it",
+                    field="sample_first_frames",
+                )
 
 
 @dataclass
