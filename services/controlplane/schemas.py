@@ -222,6 +222,12 @@ class FineTuneHyperparameters(BaseModel):
     beta: float | None = _bounded("beta")
     lora_rank: int | None = _bounded("lora_rank")
     eval_draws: int | None = _bounded("eval_draws")
+    sample_count: int | None = _bounded("sample_count")
+    sample_num_frames: int | None = _bounded("sample_num_frames")
+    sample_height: int | None = _bounded("sample_height")
+    sample_width: int | None = _bounded("sample_width")
+    sample_steps: int | None = _bounded("sample_steps")
+    sample_seed: int | None = _bounded("sample_seed")
 
     @field_validator(*(n for n in BOUNDS), mode="before")
     @classmethod
@@ -300,6 +306,13 @@ class FineTuneList(BaseModel):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
+class CheckpointSample(BaseModel):
+    index: int
+    prompt: str
+    seed: int
+    url: str = Field(description="GET it for the mp4: /v1/checkpoints/{id}/samples/{index}")
+
+
 class Checkpoint(BaseModel):
     id: str
     finetune_id: str
@@ -307,6 +320,9 @@ class Checkpoint(BaseModel):
     created_at: str | None
     files: dict[str, FileDigest]
     lineage: dict[str, Any]
+    samples: list[CheckpointSample] = Field(
+        default_factory=list, description="sample videos rendered at this checkpoint (empty when none)"
+    )
 
 
 class CheckpointList(BaseModel):
