@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from huvidpo.training.config import TrainConfig
+from huvidpo.training.config import ConfigError, TrainConfig
 
 SAMPLES_DIR = "samples"
 SAMPLES_JSON = "samples.json"
@@ -66,6 +66,11 @@ def plan_samples(cfg: TrainConfig, sources: Sequence[tuple[str, str | None]]) ->
     chosen: list[tuple[str, Path | None]]
     if cfg.sample_prompts:
         frames = [Path(cfg.dataset) / f for f in cfg.sample_first_frames]
+        for name, path in zip(cfg.sample_first_frames, frames, strict=True):
+            if not path.is_file():  # refused before the first step, not at the first checkpoint
+                raise ConfigError(
+                    f"sample_first_frames: {name!r} is not a file of the dataset", field="sample_first_frames"
+                )
         chosen = []
         for i, prompt in enumerate(cfg.sample_prompts):
             video = video_of.get(prompt)

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 from huvidpo.data import make_synthetic_dataset
 from huvidpo.training import ConfigError, DPOConfig, Stage1Config, run_dpo, run_stage1
 from huvidpo.training.checkpoint import is_complete, list_checkpoints
+from huvidpo.training.samples import plan_samples
 from huvidpo.video_io import read_video
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -123,6 +124,11 @@ def test_sample_options_are_checked_and_default_off(tiny_model_dir: Path, tmp_pa
         with pytest.raises(ConfigError) as err:
             DPOConfig.from_mapping({**base, **bad}).validate()
         assert err.value.field == field
+    # A first frame the dataset lacks is refused before training starts, naming the file as given.
+    cfg = DPOConfig(**base, sample_count=1, sample_prompts=("a",), sample_first_frames=("videos/gone.mp4",))
+    with pytest.raises(ConfigError, match=r"'videos/gone\.mp4' is not a file of the dataset") as err:
+        plan_samples(cfg, [])
+    assert err.value.field == "sample_first_frames"
 
 
 # -- the trainer entrypoint publishes them; the control plane lists and serves them ---------------

@@ -70,10 +70,17 @@ class CheckpointService:
         files = manifest.get("files", {})
         if SAMPLES_JSON not in files:
             return []
-        data = read_json_or_none(self.store, keys.checkpoint_prefix(checkpoint_id) + SAMPLES_JSON)
+        try:
+            data = read_json_or_none(self.store, keys.checkpoint_prefix(checkpoint_id) + SAMPLES_JSON)
+        except ValueError:  # not JSON: the checkpoint is still shown, without samples
+            return []
         items = data.get("items") if isinstance(data, dict) else None
-        # Only samples whose video the checkpoint holds (a hand-edited or partial file lists no others).
-        return [it for it in items or [] if isinstance(it, dict) and it.get("video") in files]
+        # Only well-formed samples whose video the checkpoint holds.
+        return [
+            it
+            for it in (items if isinstance(items, list) else [])
+            if isinstance(it, dict) and isinstance(it.get("index"), int) and it.get("video") in files
+        ]
 
     def sample_video(self, checkpoint_id: str, index: int) -> ObjectReader:
         """An open reader of sample ``index``'s mp4 (``NotFound`` for a checkpoint or index without one)."""
