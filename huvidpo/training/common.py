@@ -415,6 +415,8 @@ def resume_compatible(saved: dict[str, Any], current: dict[str, Any]) -> list[st
         "max_steps", "epochs", "checkpoint_every", "checkpoint_minutes", "keep_last", "eval_every", "log_every", "plot",
         "device", "output_dir", "cache_dir", "model", "dataset", "unet_dir", "cache_latents",
         "dataset_digest", "base_model_digest",  # identities the caller records; not checked before either
+        "sample_count", "sample_prompts", "sample_first_frames", "sample_num_frames", "sample_height",
+        "sample_width", "sample_steps", "sample_guidance_scale", "sample_seed",  # what is shown, not trained
     }  # fmt: skip
     return sorted(k for k in set(saved) | set(current) if k not in free and saved.get(k) != current.get(k))
 
@@ -451,21 +453,30 @@ def checkpoint_saver(
     lineage: dict[str, Any],
     callbacks: Any,
     write_weights: Callable[[Path], None],
-) -> Callable[[int], Path | None]:
-    """``save(step)``: an atomic checkpoint (weights by ``write_weights(dir)``, optimizer, LR schedule,
-    RNG) on the main process, the oldest pruned beyond ``cfg.keep_last``; every process waits for it."""
+    write_samples: Callable[[Path], Any] | None = None,
+) -> Callable[..., Path | None]:
+    """``save(step, samples=True)``: an atomic checkpoint (weights by ``write_weights(dir)``, optimizer,
+    LR schedule, RNG) on the main process, the oldest pruned beyond ``cfg.keep_last``; every process
+    waits for it. ``write_samples(dir)`` (the sample videos) runs after the weights, on the main process
+    only, unless ``samples`` is False (a checkpoint written because the run must stop)."""
     from huvidpo.training.checkpoint import prune_checkpoints, write_checkpoint
 
-    def save(step: int) -> Path | None:
+    def save(step: int, samples: bool = True) -> Path | None:
         path = None
         if accelerator.is_main_process:
+
+            def write(directory: Path) -> None:
+                write_weights(directory)
+                if samples and write_samples is not None:
+                    write_samples(directory)
+
             state = {
                 "step": step,
                 "epoch": step // per_epoch,
                 "scheduler": lr_sched.state_dict(),
                 "config": cfg.to_dict(),
             }
-            path = write_checkpoint(ckpt_dir, step, write_weights, optimizer, state, lineage)
+            path = write_checkpoint(ckpt_dir, step, write, optimizer, state, lineage)
             prune_checkpoints(ckpt_dir, cfg.keep_last)
             callbacks.on_checkpoint(path, step)
         accelerator.wait_for_everyone()

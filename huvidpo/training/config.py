@@ -155,6 +155,28 @@ class TrainConfig:
     )
     log_every: int = option(1, "steps between metric lines", ge=1, le=MAX_STEPS)
     plot: bool = option(True, "write a loss plot (metrics.png) next to the metrics")
+    # sample videos rendered into every checkpoint (huvidpo.training.samples)
+    sample_count: int = option(
+        0, "sample videos rendered into each checkpoint (samples/); 0: none", ge=0, le=16
+    )
+    # empty: the held-out prompts, then the training prompts, each sorted, with frame 0 of the prompt's
+    # first video as first frame
+    sample_prompts: tuple[str, ...] = option(
+        (), "the samples' prompts, cycled to sample_count (empty: the data's)"
+    )
+    sample_first_frames: tuple[str, ...] = option(
+        (), "one first frame per sample prompt: a dataset file, relative to it (empty: the prompt's video)"
+    )
+    sample_num_frames: int | None = option(None, "frames of each sample (null: num_frames)", ge=2, le=128)
+    sample_height: int | None = option(
+        None, "sample height in pixels (null: height)", ge=8, le=2048, multiple_of=8
+    )
+    sample_width: int | None = option(
+        None, "sample width in pixels (null: width)", ge=8, le=2048, multiple_of=8
+    )
+    sample_steps: int = option(25, "DDIM steps of each sample", ge=1, le=999)
+    sample_guidance_scale: float = option(7.5, "classifier-free guidance scale of the samples", ge=0)
+    sample_seed: int = option(0, "sample i uses seed sample_seed + i at every checkpoint", ge=0, le=2**32 - 1)
 
     stage: ClassVar[str] = "base"
 
@@ -226,6 +248,31 @@ class TrainConfig:
                 f"need timestep_min < timestep_max, got [{self.timestep_min}, {self.timestep_max})",
                 field="timestep_min",
             )
+        self._validate_samples()
+
+    def _validate_samples(self) -> None:
+        for name in ("sample_height", "sample_width"):
+            v = getattr(self, name)
+            if v is not None and (v <= 0 or v % 8):
+                raise ConfigError(f"{name} must be a positive multiple of 8, got {v}", field=name)
+        if not (self.sample_guidance_scale >= 0 and math.isfinite(self.sample_guidance_scale)):
+            raise ConfigError(
+                f"sample_guidance_scale must be a finite number >= 0, got {self.sample_guidance_scale}",
+                field="sample_guidance_scale",
+            )
+        if self.sample_first_frames and len(self.sample_first_frames) != len(self.sample_prompts):
+            raise ConfigError(
+                f"sample_first_frames names {len(self.sample_first_frames)} files for "
+                f"{len(self.sample_prompts)} sample_prompts: give one per prompt, or none",
+                field="sample_first_frames",
+            )
+        for f in self.sample_first_frames:
+            # Files of the dataset only: a fine-tune's options never name a path of the trainer's machine.
+            if not f or f.startswith(("/", "\\")) or ".." in Path(f).parts:
+                raise ConfigError(
+                    f"sample_first_frames: {f!r} must be a file of the dataset, relative to it",
+                    field="sample_first_frames",
+                )
 
 
 @dataclass

@@ -342,6 +342,7 @@ class DPOTask:
             components, cfg, device, f"{self.model_digest}:{components.vae.dtype}", data.frame_counts
         )
         self.noise_sched = components.ddpm()
+        self.components = components
         self.unet = unet = components.unet
         unet.requires_grad_(False)
         # frozen_copy: the reference is the base UNet as loaded, copied before the adapter is added.
@@ -391,6 +392,16 @@ class DPOTask:
             self.accelerator.autocast, cfg.loss_skip_first_frame, rejected_draws=own,
         )  # fmt: skip
         return loss, stats.as_dict()
+
+    def sample_sources(self) -> list[tuple[str, str | None]]:
+        """Held-out prompts first, then the training prompts (each sorted), with the path of the
+        prompt's first video (by id) among its pairs."""
+        data, videos = self.data, dict[str, set[str]]()
+        for p in [*data.heldout, *data.train]:
+            videos.setdefault(p.prompt, set()).update((p.chosen_id, p.rejected_id))
+        held = sorted({p.prompt for p in data.heldout})
+        order = held + sorted(set(videos) - set(held))
+        return [(prompt, data.paths.get(min(videos[prompt]))) for prompt in order]
 
     def evaluate(self) -> dict[str, float]:
         if not self.data.heldout:

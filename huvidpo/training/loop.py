@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -36,6 +37,7 @@ from huvidpo.training.common import (
     steps_per_epoch,
 )
 from huvidpo.training.config import TrainConfig
+from huvidpo.training.samples import plan_samples, render_samples
 
 
 class Task(Protocol):
@@ -63,6 +65,15 @@ class Task(Protocol):
 
     @property
     def data_report(self) -> dict[str, Any]: ...
+
+    @property
+    def components(self) -> Any:
+        """The loaded ``ModelComponents`` (its UNet is ``unet``): what the sample videos render with."""
+
+    def sample_sources(self) -> list[tuple[str, str | None]]:
+        """(prompt, video path) of the training data, one per prompt, in the order sample videos
+        take them by default (``huvidpo.training.samples.plan_samples``)."""
+        ...
 
     def loss(
         self, model: torch.nn.Module, items: list[int], mine: slice, gen: torch.Generator
@@ -131,9 +142,19 @@ def train(
                "dataset_digest": cfg.dataset_digest or directory_digest(cfg.dataset),
                "config": cfg.to_dict(), "stage": task.stage}  # fmt: skip
     cb = run_callbacks(out, cfg, accelerator, start_step if resume_from else None, callbacks)
-    save = checkpoint_saver(
-        ckpt_dir, cfg, accelerator, optimizer, lr_sched, per_epoch, lineage, cb, task.write_weights
+    specs = plan_samples(cfg, task.sample_sources()) if cfg.sample_count else []
+    # Sample videos: rendered on the main process only, into the checkpoint, before its manifest.
+    write_samples = (
+        partial(
+            render_samples, components=task.components, specs=specs, cfg=cfg, autocast=accelerator.autocast
+        )
+        if specs
+        else None
     )
+    save = checkpoint_saver(
+        ckpt_dir, cfg, accelerator, optimizer, lr_sched, per_epoch, lineage, cb, task.write_weights,
+        write_samples,
+    )  # fmt: skip
 
     last_ckpt: Path | None = resume_from
     saved_step = start_step if resume_from is not None else None  # known on every process
@@ -153,7 +174,8 @@ def train(
             accelerator, [should_stop is not None and should_stop(), due and accelerator.is_main_process]
         )
         if (stop_now or due) and saved_step != step:
-            last_ckpt = save(step) or last_ckpt  # the state after the previous step
+            # A stop request's checkpoint skips the samples: the grace period is for the state.
+            last_ckpt = save(step, samples=not stop_now) or last_ckpt  # the state after the previous step
             saved_step, saved_at = step, time.monotonic()
         if stop_now:
             stopped = True

@@ -112,6 +112,7 @@ class Stage1Task:
             components, cfg, device, f"{self.model_digest}:{components.vae.dtype}", frame_counts
         )
         self.noise_sched = components.ddpm()
+        self.components = components
         self.unet = unet = components.unet
         names = set(unet.temporal_parameter_names(tuple(cfg.trainable_patterns)))
         if not names:
@@ -153,6 +154,13 @@ class Stage1Task:
             model, self.noise_sched, z, text, t, noise, self.accelerator.autocast, cfg.loss_skip_first_frame
         )
         return loss, {"loss": float(loss.detach())}
+
+    def sample_sources(self) -> list[tuple[str, str | None]]:
+        """Each prompt (sorted) with its first clip in the dataset's order."""
+        first: dict[str, str] = {}
+        for path, prompt in self.items:
+            first.setdefault(prompt, path)
+        return [(prompt, first[prompt]) for prompt in sorted(first)]
 
     def evaluate(self) -> dict[str, float]:
         return {}  # stage 1 has no held-out metric

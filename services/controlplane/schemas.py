@@ -379,6 +379,13 @@ class FineTuneMetrics(BaseModel):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
+class CheckpointSample(BaseModel):
+    index: int
+    prompt: str
+    seed: int
+    url: str = Field(description="GET it for the mp4: /v1/checkpoints/{id}/samples/{index}")
+
+
 class Checkpoint(BaseModel):
     id: str
     finetune_id: str
@@ -386,6 +393,9 @@ class Checkpoint(BaseModel):
     created_at: str | None
     files: dict[str, FileDigest]
     lineage: dict[str, Any]
+    samples: list[CheckpointSample] = Field(
+        default_factory=list, description="sample videos rendered at this checkpoint (empty when none)"
+    )
 
 
 class CheckpointList(BaseModel):

@@ -31,7 +31,14 @@ CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
 TOKEN = "rating-ui-test-token"
 # Raters sign in with `rate` tokens named after them (cy also curates: `data` compiles the ratings).
-RATERS = {"ann": "rate", "bob": "rate", "cy": "rate,data", "dee": "rate", "someone-else": "rate"}
+RATERS = {
+    "ann": "rate",
+    "bob": "rate",
+    "cy": "rate,data",
+    "dee": "rate",
+    "someone-else": "rate",
+    "eve": "rate,read",
+}
 
 
 def rater_token(rater: str) -> str:
@@ -578,3 +585,44 @@ def test_round_results_show_only_once_every_rater_has_judged_every_pair(
     assert not browser.find_element(By.ID, "round-ranking").is_displayed()  # two checkpoints: no ranking
     browser.execute_script("document.getElementById('round').scrollIntoView()")
     save_screenshot(browser, "ab-round-results")
+
+
+def test_checkpoint_samples_panel_plays_a_checkpoints_sample_videos(
+    server: dict[str, Any], browser: WebDriver, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    """A checkpoint published with sample videos (rendered by the trainer's own code) shows them in
+    the page's samples panel, for a token that may read checkpoints; a rate-only token sees no panel."""
+    from huvidpo.models import load_components
+    from huvidpo.training import DPOConfig
+    from huvidpo.training.samples import SampleSpec, render_samples
+    from services.common.publish import publish_dir
+    from services.common.store import LocalStore
+
+    cid = "ckpt-ft-ui-5"
+    cfg = DPOConfig(num_frames=4, height=32, width=32, sample_steps=1)
+    specs = [SampleSpec(0, "a red ball", 0, None), SampleSpec(1, XSS, 1, None)]
+    render_samples(tmp_path / cid, load_components(tiny_model_dir), specs, cfg)
+    publish_dir(LocalStore(server["store"]), tmp_path / cid, f"checkpoints/{cid}/",
+                {"id": cid, "step": 5, "lineage": {"finetune_id": "ft-ui"}})  # fmt: skip
+
+    open_page(browser, server["url"], "ann", "absolute")  # rate only: no checkpoints for this token
+    assert not browser.find_element(By.ID, "samples-panel").is_displayed()
+    open_page(browser, server["url"], "eve", "absolute")
+    panel = browser.find_element(By.ID, "samples-panel")
+    assert panel.is_displayed()
+    panel.find_element(By.TAG_NAME, "summary").click()
+    wait(
+        browser,
+        lambda d: d.find_elements(By.CSS_SELECTOR, f"#samples-checkpoint option[value='{cid}']"),
+        "the checkpoint",
+    )
+    ready = (
+        "return [...document.querySelectorAll('#samples-list video')]"
+        ".filter(v => v.readyState >= 2 && v.videoWidth === 32).length"
+    )
+    wait(browser, lambda d: d.execute_script(ready) == 2, "both sample videos to play")
+    captions = [e.text for e in browser.find_elements(By.CSS_SELECTOR, "#samples-list figcaption")]
+    assert captions == ["#0 · seed 0 · a red ball", f"#1 · seed 1 · {XSS}"]  # the prompt as text
+    assert_no_alert(browser)
+    browser.execute_script("document.getElementById('samples-panel').scrollIntoView()")
+    save_screenshot(browser, "checkpoint-samples")

@@ -209,6 +209,11 @@ STAGE1 = dict(
 whatever the data split. eps 1e-4 keeps such steps ~1e-4 lr; real gradients still take full steps."""
 
 
+SAMPLES = ["--sample-count", "1", "--sample-steps", "1"]
+"""The 2-process runs render a sample video into each checkpoint (the main process alone, while the
+other waits); the 1-process run renders none, and the weights still agree."""
+
+
 def _flags(options: dict[str, Any]) -> list[str]:
     out = []
     for k, v in options.items():
@@ -235,7 +240,7 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
 
     out = tmp_path / "ddp"
     common = ["train", "dpo", "--model", str(tiny_model_dir), "--dataset", str(pref_data), "--out", str(out),
-              "--batch-size", "1", "--quiet", *_flags(OPTIONS)]  # fmt: skip
+              "--batch-size", "1", "--quiet", *_flags(OPTIONS), *SAMPLES]  # fmt: skip
     s1_out = tmp_path / "s1"
     stage1 = ["train", "stage1", "--model", str(tiny_model_dir), "--dataset", str(pref_data), "--out", str(s1_out),
               "--batch-size", "1", "--max-steps", "2", "--quiet", *_flags(STAGE1)]  # fmt: skip
@@ -296,6 +301,7 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     assert summaries[0]["stopped"] is True and summaries[0]["weights"] is None
     assert summaries[0]["last_checkpoint"] == str(stopped_out / "checkpoints" / "ckpt-000001")
     assert [p.name for p in list_checkpoints(stopped_out / "checkpoints")] == ["ckpt-000001"]
+    assert not (stopped_out / "checkpoints" / "ckpt-000001" / "samples").exists()  # a stop's checkpoint: none
     summaries = summaries[1:]
     summary = summaries[1]
     assert summary["weights"] == str(out / "adapter") and summary["steps"] == STEPS
@@ -315,6 +321,10 @@ def test_two_process_dpo_equals_one_process_with_the_global_batch(
     assert not list((out / "checkpoints").glob("*.tmp"))
     ckpt = load_file(str(out / "checkpoints" / "ckpt-000004" / "adapter" / "adapter_model.safetensors"))
     assert all(torch.equal(ckpt[k], saved[k]) for k in saved)
+    for name in ("ckpt-000002", "ckpt-000004"):  # rendered once, by the main process, in the manifest
+        items = json.loads((out / "checkpoints" / name / "samples" / "samples.json").read_text())["items"]
+        files = json.loads((out / "checkpoints" / name / "manifest.json").read_text())["files"]
+        assert [i["index"] for i in items] == [0] and items[0]["video"] in files
     assert json.loads((out / "config.json").read_text())["max_steps"] == STEPS
 
     # Stage 1 goes the same way: its trained parameters and losses equal those of a batch-2 run.

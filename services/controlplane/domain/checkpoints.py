@@ -11,11 +11,12 @@ from typing import Any
 
 from services.common.records import keys
 from services.common.records.listing import published_checkpoints
-from services.common.store import ObjectStore
+from services.common.store import ObjectNotFound, ObjectReader, ObjectStore
 from services.controlplane.domain.errors import InvalidRequest, NotFound
-from services.controlplane.domain.util import Clock, iso, paginate, read_json, utcnow
+from services.controlplane.domain.util import Clock, iso, paginate, read_json, read_json_or_none, utcnow
 
 manifest_key = keys.checkpoint_manifest_key
+SAMPLES_JSON = "samples/samples.json"  # written by huvidpo.training.samples into the checkpoint
 
 
 class CheckpointService:
@@ -52,7 +53,45 @@ class CheckpointService:
             "created_at": manifest.get("created_at"),
             "files": manifest.get("files", {}),
             "lineage": lineage,
+            "samples": self._samples(checkpoint_id, manifest),
         }
+
+    def _samples(self, checkpoint_id: str, manifest: dict[str, Any]) -> builtins.list[dict[str, Any]]:
+        """The sample videos the trainer rendered into the checkpoint (``samples/samples.json``;
+        read only when the manifest names it), each with the URL that serves it."""
+        items = self._sample_items(checkpoint_id, manifest)
+        return [
+            {"index": int(it["index"]), "prompt": str(it.get("prompt", "")), "seed": int(it.get("seed", 0)),
+             "url": f"/v1/checkpoints/{checkpoint_id}/samples/{int(it['index'])}"}
+            for it in items
+        ]  # fmt: skip
+
+    def _sample_items(self, checkpoint_id: str, manifest: dict[str, Any]) -> builtins.list[dict[str, Any]]:
+        files = manifest.get("files", {})
+        if SAMPLES_JSON not in files:
+            return []
+        try:
+            data = read_json_or_none(self.store, keys.checkpoint_prefix(checkpoint_id) + SAMPLES_JSON)
+        except ValueError:  # not JSON: the checkpoint is still shown, without samples
+            return []
+        items = data.get("items") if isinstance(data, dict) else None
+        # Only well-formed samples whose video the checkpoint holds.
+        return [
+            it
+            for it in (items if isinstance(items, list) else [])
+            if isinstance(it, dict) and isinstance(it.get("index"), int) and it.get("video") in files
+        ]
+
+    def sample_video(self, checkpoint_id: str, index: int) -> ObjectReader:
+        """An open reader of sample ``index``'s mp4 (``NotFound`` for a checkpoint or index without one)."""
+        items = self._sample_items(checkpoint_id, self.manifest(checkpoint_id))
+        video = next((it["video"] for it in items if it.get("index") == index), None)
+        if video is None:
+            raise NotFound(f"checkpoint {checkpoint_id!r} has no sample {index}")
+        try:
+            return self.store.open_read(keys.checkpoint_prefix(checkpoint_id) + str(video))
+        except ObjectNotFound as exc:
+            raise NotFound(f"checkpoint {checkpoint_id!r} has no sample {index}") from exc
 
     def list(
         self, finetune_id: str | None = None, page_size: int = 50, page_token: str | None = None

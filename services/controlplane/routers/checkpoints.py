@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Depends, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
 
 from services.controlplane import problems
 from services.controlplane.auth import needs
@@ -53,6 +54,21 @@ def get_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -
 def delete_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -> Response:
     Retention(c.finetunes, c.checkpoints, c.rollouts).delete_checkpoint(checkpoint_id)
     return Response(status_code=204)
+
+
+@router.get(
+    "/{checkpoint_id}/samples/{index}",
+    dependencies=[needs("read")],
+    response_class=StreamingResponse,
+    responses={200: {"content": {"video/mp4": {}}}, **problems.common_responses(401, 404, 422)},
+    summary="One sample video the trainer rendered at this checkpoint (mp4)",
+)
+def get_sample(
+    checkpoint_id: CheckpointIdPath, index: int = Path(ge=0, le=15), c: Context = Depends(ctx)
+) -> StreamingResponse:
+    reader = c.checkpoints.sample_video(checkpoint_id, index)
+    headers = {"Content-Length": str(reader.info.size), "Cache-Control": "private, max-age=3600"}
+    return StreamingResponse(reader.iter_chunks(), media_type="video/mp4", headers=headers)
 
 
 @router.get(

@@ -24,6 +24,7 @@
     blobs: new Map(), // version/file -> object URL (a small LRU)
     pendingOne: null, // timer: "1" pressed, waiting for "0" (score 10)
     busy: false,
+    checkpoints: new Map(), // id -> checkpoint with samples (the samples panel)
   };
   const MAX_BLOBS = 24;
 
@@ -67,6 +68,9 @@
   function signOut() {
     state.token = "";
     state.identity = null;
+    samplesLoaded = false;
+    $("samples-panel").hidden = true;
+    $("samples-panel").open = false;
     sessionStorage.removeItem("huvidpo.token");
     showSignedIn(false);
     setStatus("Signed out: enter an API token to continue.", "error");
@@ -92,6 +96,7 @@
       }
       const list = await api("/v1/datasets?page_size=200");
       showSignedIn(true);
+      $("samples-panel").hidden = !canRead();
       fillDatasets(list.items);
       if (!list.items.length) { setStatus("No dataset yet: upload one through the API first."); return; }
       await chooseDataset(false);
@@ -516,6 +521,52 @@
     }
   }
 
+  // ------------------------------------------------------------------------------------ checkpoint samples
+  // A small panel for tokens that may read checkpoints: the sample videos of one checkpoint at a time.
+  let samplesLoaded = false;
+
+  function canRead() {
+    const s = (state.identity && state.identity.scopes) || [];
+    return s.includes("read") || s.includes("admin");
+  }
+
+  async function loadCheckpoints() {
+    samplesLoaded = true;
+    try {
+      const list = await api("/v1/checkpoints?page_size=200");
+      const withSamples = list.items.filter((c) => c.samples && c.samples.length).reverse(); // newest first
+      $("samples-checkpoint").replaceChildren(...withSamples.map((c) =>
+        option(c.id, c.id + " · step " + c.step + " · " + c.samples.length + " samples")));
+      state.checkpoints = new Map(withSamples.map((c) => [c.id, c]));
+      if (!withSamples.length) { $("samples-list").textContent = "No checkpoint has sample videos yet."; return; }
+      await showSamples();
+    } catch (e) {
+      samplesLoaded = false;
+      setStatus("Could not list the checkpoints: " + e.message, "error");
+    }
+  }
+
+  async function showSamples() {
+    const c = state.checkpoints.get($("samples-checkpoint").value);
+    const box = $("samples-list");
+    box.replaceChildren();
+    if (!c) return;
+    for (const s of c.samples) {
+      const fig = document.createElement("figure");
+      const v = document.createElement("video");
+      v.muted = true; v.loop = true; v.playsInline = true; v.autoplay = true;
+      v.dataset.sample = String(s.index);
+      const cap = document.createElement("figcaption");
+      cap.textContent = "#" + s.index + " · seed " + s.seed + " · " + s.prompt;
+      fig.append(v, cap);
+      box.appendChild(fig);
+      api(s.url, { raw: true })
+        .then((res) => res.blob())
+        .then((b) => { v.src = URL.createObjectURL(b); v.play().catch(() => {}); })
+        .catch((e) => setStatus("Could not load sample " + s.index + ": " + e.message, "error"));
+    }
+  }
+
   // ------------------------------------------------------------------------------------ start
   function init() {
     buildScoreButtons();
@@ -537,6 +588,8 @@
     $("ab-choose-right").addEventListener("click", () => choose("right"));
     $("ab-choose-tie").addEventListener("click", () => choose("tie"));
     $("compile-btn").addEventListener("click", compile);
+    $("samples-panel").addEventListener("toggle", () => { if ($("samples-panel").open && !samplesLoaded) loadCheckpoints(); });
+    $("samples-checkpoint").addEventListener("change", showSamples);
     document.addEventListener("keydown", onKey);
     window.addEventListener("beforeunload", (e) => { if (pending > 0) { e.preventDefault(); e.returnValue = ""; } });
     render();
