@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -230,7 +230,7 @@ class Pairs(_Resource):
 class Ratings(_Resource):
     """Judgments of a dataset's videos: ``rating`` (a 0-10 score) and ``choice`` (A over B) records."""
 
-    def add(self, dataset: str, records: list[Mapping[str, Any]]) -> list[str]:
+    def add(self, dataset: str, records: Sequence[Mapping[str, Any]]) -> list[str]:
         """Store records (each ``{"type": "rating", "video_id", "rater_id", "score"}`` or
         ``{"type": "choice", "chosen", "rejected", "rater_id"}``); returns their ids."""
         body = {"records": [dict(r) for r in records]}
