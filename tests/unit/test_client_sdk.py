@@ -61,7 +61,7 @@ def multipart_fields(req: httpx.Request) -> list[tuple[str, str | None, bytes]]:
     out = []
     for chunk in req.content.split(b"--" + boundary)[1:-1]:
         head, _, body = chunk[2:-2].partition(b"\r\n\r\n")
-        disp = [h for h in head.decode().split("\r\n") if h.lower().startswith("content-disposition")][0]
+        disp = next(h for h in head.decode().split("\r\n") if h.lower().startswith("content-disposition"))
         name = disp.split('name="', 1)[1].split('"', 1)[0]
         filename = disp.split('filename="', 1)[1].split('"', 1)[0] if "filename=" in disp else None
         out.append((name, filename, body))
