@@ -395,3 +395,50 @@ def test_the_remote_verbs_are_left_out_without_the_client_extra() -> None:
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     names = eval(out.stdout)
     assert "generate" in names and "pairs" in names and "datasets" not in names
+
+
+# ----------------------------------------------------------------------------------- the guard
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_nothing_in_the_library_imports_the_sdk_but_the_cli_hooks() -> None:
+    """The SDK is an extra: only huvidpo/cli.py reaches it, lazily (the parser's module loop and
+    ``generate --remote``); the ML library never imports it."""
+    import re
+
+    offenders = []
+    for path in sorted((ROOT / "huvidpo").rglob("*.py")):
+        rel = path.relative_to(ROOT).as_posix()
+        if rel.startswith("huvidpo/client/") or rel == "huvidpo/cli.py":
+            continue
+        if re.search(r"^\s*(from|import)\s+huvidpo\.client\b|\"huvidpo\.client", path.read_text(), re.M):
+            offenders.append(rel)
+    assert offenders == []
+
+
+def test_the_sdk_loads_neither_torch_nor_the_server_nor_grpc_until_a_generate() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from huvidpo.client import Client\n"
+        "Client('http://x.test').close()\n"
+        "heavy = ('torch', 'diffusers', 'fastapi', 'uvicorn', 'pydantic', 'grpc')\n"
+        "print(json.dumps(sorted(n for n in heavy if n in sys.modules)))"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_the_client_extra_pins_what_the_server_extra_pins() -> None:
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    client_reqs = set(extras["client"])
+    assert (
+        {"grpcio>=1.85.1,<1.86", "protobuf>=7.35.1,<8"} <= client_reqs <= {*extras["server"], *extras["dev"]}
+    )
+    assert any(r.startswith("httpx") for r in client_reqs)
