@@ -49,28 +49,39 @@ def _common() -> argparse.ArgumentParser:
     return p
 
 
-def _message(exc: BaseException) -> str:
+def _resume_hint(dataset: str, directory: Any, upload_id: str) -> str:
+    return f"resume with: huvidpo datasets upload {dataset} {directory or 'DIR'} --resume {upload_id}"
+
+
+def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     if isinstance(exc, Unauthorized):
         return f"{exc.message} (HTTP 401: pass --token or set HUVIDPO_TOKEN)"
     if isinstance(exc, UploadInterrupted):
-        return f"{exc.cause}; resume with: huvidpo datasets upload {exc.dataset} DIR --resume {exc.upload_id}"
+        return (
+            f"{_message(exc.cause)}; {_resume_hint(exc.dataset, getattr(args, 'dir', None), exc.upload_id)}"
+        )
     if isinstance(exc, ApiError):
         return f"{exc.message} (HTTP {exc.status})"
     return str(exc)
 
 
-def _run(fn: Command, needs_grpc: bool = False) -> Callable[[argparse.Namespace], int]:
+def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         verb = " ".join(x for x in (args.command, getattr(args, "verb", None)) if x)
         try:
             with Client(args.url, args.token, args.grpc_address, retries=max(0, args.retries)) as c:
                 return fn(c, args)
         except HuViDPOError as exc:
-            print(f"huvidpo {verb}: error: {_message(exc)}", file=sys.stderr)
+            print(f"huvidpo {verb}: error: {_message(exc, args)}", file=sys.stderr)
             return int(exit_code(exc))
         except (FileNotFoundError, ValueError) as exc:
             print(f"huvidpo {verb}: error: {exc}", file=sys.stderr)
             return int(ExitCode.USAGE)
+        except KeyboardInterrupt as exc:
+            upload = getattr(exc, "upload_id", None)
+            hint = "; " + _resume_hint(args.name, args.dir, upload) if upload else ""
+            print(f"\nhuvidpo {verb}: interrupted{hint}", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
 
     return run
 

@@ -192,6 +192,9 @@ class Datasets(_Resource):
             )
         except (ConnectionFailed, ServerError, RateLimited) as exc:
             raise UploadInterrupted(name, upload_id, exc) from exc
+        except KeyboardInterrupt as exc:
+            exc.upload_id = upload_id  # type: ignore[attr-defined]  # (the CLI prints how to resume)
+            raise
 
     def compile_pairs(
         self,
@@ -297,16 +300,18 @@ class FineTunes(_Resource):
         *,
         timeout: float | None = None,
         interval: float = 1.0,
+        until: Callable[[View], bool] | None = None,
     ) -> View:
-        """Poll until the fine-tune is succeeded, failed or cancelled; ``on_progress(view)`` sees each
-        view (``view["progress"]``: step, total_steps, loss, reward_accuracy, eta_seconds). Returns the
-        last view; raises :class:`WaitTimeout` after ``timeout`` seconds (None: no limit)."""
+        """Poll until the fine-tune is succeeded, failed or cancelled (or ``until(view)`` holds);
+        ``on_progress(view)`` sees each view (``view["progress"]``: step, total_steps, loss,
+        reward_accuracy, eta_seconds). Returns the last view; raises :class:`WaitTimeout` after
+        ``timeout`` seconds (None: no limit)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             view = self.get(id)
             if on_progress is not None:
                 on_progress(view)
-            if view["state"] in TERMINAL:
+            if view["state"] in TERMINAL or (until is not None and until(view)):
                 return view
             if deadline is not None and time.monotonic() > deadline:
                 raise WaitTimeout(f"fine-tune {id} still {view['state']} after {timeout:.0f} s")
@@ -534,6 +539,13 @@ class Client:
     @property
     def token(self) -> str | None:
         return self.http.token
+
+    def call(
+        self, method: str, path: str, *, json: Any = None, params: Mapping[str, Any] | None = None
+    ) -> Any:
+        """Any route without a method of its own (``/v1/...``), with the same auth, retries and errors;
+        returns the decoded JSON body (None when empty)."""
+        return self.http.json(method, path, json=json, params=params)
 
     def whoami(self) -> View:
         """The token's name (the actor on records, the rater id) and scopes."""

@@ -442,3 +442,43 @@ def test_the_client_extra_pins_what_the_server_extra_pins() -> None:
         {"grpcio>=1.85.1,<1.86", "protobuf>=7.35.1,<8"} <= client_reqs <= {*extras["server"], *extras["dev"]}
     )
     assert any(r.startswith("httpx") for r in client_reqs)
+
+
+def _rated_dir(root: Path) -> Path:
+    for name, data in (("manifest.jsonl", b"{}\n"), ("videos/a.mp4", b"aaaa")):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return root
+
+
+@pytest.mark.parametrize("cut", ["server", "ctrl-c"])
+def test_the_cli_says_how_to_resume_an_interrupted_upload(
+    cut: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = _rated_dir(tmp_path / "rated")
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path.endswith("/uploads"):
+            return httpx.Response(201, json={"id": "up-7", "dataset": "d", "created_at": "", "files": {}})
+        if cut == "ctrl-c":
+            raise KeyboardInterrupt
+        return problem(503, "service-unavailable", "the object store is unavailable")
+
+    _route_cli_to(monkeypatch, handler)
+    rc = main(["datasets", "upload", "d", str(data), "--retries", "1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the upload's progress lines
+    assert f"resume with: huvidpo datasets upload d {data} --resume up-7" in err
+    if cut == "server":
+        assert rc == ExitCode.UNAVAILABLE
+        assert err.startswith("huvidpo datasets upload: error: the object store is unavailable (HTTP 503)")
+    else:
+        assert rc == ExitCode.INTERRUPTED
+        assert err.startswith("huvidpo datasets upload: interrupted")
+
+
+def test_wait_stops_early_when_until_holds() -> None:
+    views = iter([{"id": "ft", "state": "queued"}, {"id": "ft", "state": "running"}])
+
+    c, _ = client(lambda req: httpx.Response(200, json=next(views)))
+    view = c.fine_tunes.wait("ft", until=lambda v: v["state"] == "running", interval=0)
+    assert view["state"] == "running"
