@@ -164,9 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument(
         "--remote", metavar="ADDRESS", default=None, help="generate on this gRPC address instead"
     )
-    remote.add_argument(
-        "--token", default=os.environ.get("HUVIDPO_TOKEN"), help="bearer token ($HUVIDPO_TOKEN)"
-    )
+    remote.add_argument("--token", default=None, help="bearer token (default: $HUVIDPO_TOKEN)")
     remote.add_argument(
         "--checkpoint", default=None, help="a checkpoint the service holds (default: its rollout)"
     )

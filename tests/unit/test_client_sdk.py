@@ -482,3 +482,46 @@ def test_wait_stops_early_when_until_holds() -> None:
     c, _ = client(lambda req: httpx.Response(200, json=next(views)))
     view = c.fine_tunes.wait("ft", until=lambda v: v["state"] == "running", interval=0)
     assert view["state"] == "running"
+
+
+def test_checkpoint_show_lists_its_sample_videos_and_sample_saves_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ck = {
+        "id": "ckpt-ft-1-4",
+        "finetune_id": "ft-1",
+        "step": 4,
+        "created_at": None,
+        "files": {"samples/00.mp4": {"sha256": None, "size": 3}},
+        "lineage": {},
+        "samples": [
+            {"index": 0, "prompt": "a cat", "seed": 5, "url": "/v1/checkpoints/ckpt-ft-1-4/samples/0"}
+        ],
+    }
+
+    def handler(req: httpx.Request) -> httpx.Response:
+        if req.url.path == "/v1/checkpoints/ckpt-ft-1-4/samples/0":
+            return httpx.Response(200, content=b"mp4", headers={"content-type": "video/mp4"})
+        return httpx.Response(200, json=ck)
+
+    c, _ = client(handler)
+    assert c.checkpoints.sample("ckpt-ft-1-4", 0, tmp_path / "s.mp4").read_bytes() == b"mp4"
+    _route_cli_to(monkeypatch, handler)
+    assert main(["checkpoints", "show", "ckpt-ft-1-4", "--url", "http://cp.test"]) == 0
+    out = capsys.readouterr().out
+    assert "sample 0" in out and "'a cat' seed 5" in out
+    assert "http://cp.test/v1/checkpoints/ckpt-ft-1-4/samples/0" in out
+
+
+def test_generate_needs_a_model_or_remote_and_refuses_local_only_options_remotely(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = str(tmp_path / "v.mp4")
+    assert main(["generate", "--prompt", "x", "--out", out]) == ExitCode.USAGE
+    assert (
+        capsys.readouterr().err.strip()
+        == "huvidpo generate: error: --model is required (or --remote ADDRESS)"
+    )
+    rc = main(["generate", "--remote", "127.0.0.1:1", "--lora", str(tmp_path), "--prompt", "x", "--out", out])
+    assert rc == ExitCode.USAGE
+    assert capsys.readouterr().err.strip() == "huvidpo generate: error: --lora is not available with --remote"
