@@ -90,8 +90,15 @@ def _json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _fmt(v: Any) -> str:
+    """A cell: floats to 4 significant digits, None empty."""
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
 def _table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> None:
-    rows = [[("" if v is None else str(v)) for v in r] for r in rows]
+    rows = [[_fmt(v) for v in r] for r in rows]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     for r in [list(header), *rows]:
         print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
@@ -429,7 +436,7 @@ def _ft_cancel(c: Client, a: argparse.Namespace) -> int:
 def _event_text(ev: dict[str, Any]) -> str:
     rest = {k: v for k, v in ev.items() if k not in ("seq", "event") and v is not None}
     return f"{ev.get('seq', ''):>5}  {ev.get('event', ''):<10}  " + " ".join(
-        f"{k}={v}" for k, v in rest.items()
+        f"{k}={_fmt(v)}" for k, v in rest.items()
     )
 
 

@@ -193,7 +193,7 @@ def test_metrics_history_and_its_cli_table(
     metrics = {
         "finetune_id": "ft-1",
         "steps": [1, 2],
-        "metrics": {"loss": [0.69, 0.5], "implicit_acc": [0.5, None]},
+        "metrics": {"loss": [0.6931471824645996, 0.5], "implicit_acc": [0.5, None]},
     }
 
     def handler(req: httpx.Request) -> httpx.Response:
@@ -206,7 +206,7 @@ def test_metrics_history_and_its_cli_table(
     assert main(["fine-tunes", "metrics", "ft-1"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].split() == ["STEP", "IMPLICIT_ACC", "LOSS"]
-    assert lines[1].split() == ["1", "0.5", "0.69"]
+    assert lines[1].split() == ["1", "0.5", "0.6931"]  # 4 significant digits
     assert lines[2].split() == ["2", "0.5"]  # null -> empty cell
     assert main(["fine-tunes", "metrics", "ft-1", "--output", "json"]) == 0
     assert json.loads(capsys.readouterr().out) == metrics
