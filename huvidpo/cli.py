@@ -19,6 +19,8 @@ if TYPE_CHECKING:
 # Bad input (argparse's code for a usage error too). The services' ``ExitCode.BAD_INPUT`` has the same
 # value (a test asserts it); the library does not import the services, so the number lives here too.
 EXIT_BAD_INPUT = 2
+# Modules of the `client` extra: without them the remote verbs are left out of the parser.
+CLIENT_EXTRA = ("httpx", "grpc", "google", "google.protobuf")
 
 
 def quiet_libraries() -> None:
@@ -88,6 +90,19 @@ def _cmd_init_tiny(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
+    if args.remote:
+        try:
+            from huvidpo.client.cli import remote_generate
+        except ModuleNotFoundError as exc:
+            print(
+                f'huvidpo generate: error: --remote needs the client extra ({exc.name} is missing): pip install "huvidpo[client]"',
+                file=sys.stderr,
+            )
+            return EXIT_BAD_INPUT
+        return remote_generate(args)
+    if args.model is None:
+        print("huvidpo generate: error: --model is required (or --remote ADDRESS)", file=sys.stderr)
+        return EXIT_BAD_INPUT
     import torch
     from tqdm import tqdm
 
@@ -129,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_init_tiny)
 
     p = sub.add_parser("generate", help="generate a video from a first frame (or from the prompt alone)")
-    p.add_argument("--model", required=True, type=Path, help="model directory (diffusers layout)")
+    p.add_argument("--model", type=Path, help="model directory (diffusers layout); required without --remote")
     p.add_argument("--prompt", required=True)
     p.add_argument("--first-frame", type=Path, default=None, help="image for frame 0; omitted: text-to-image")
     p.add_argument("--lora", type=Path, default=None, help="LoRA adapter directory")
@@ -152,22 +167,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--out", required=True, type=Path, help="output .mp4 or .gif")
+    remote = p.add_argument_group("remote generation (the inference service; needs the client extra)")
+    remote.add_argument(
+        "--remote", metavar="ADDRESS", default=None, help="generate on this gRPC address instead"
+    )
+    remote.add_argument("--token", default=None, help="bearer token (default: $HUVIDPO_TOKEN)")
+    remote.add_argument(
+        "--checkpoint", default=None, help="a checkpoint the service holds (default: its rollout)"
+    )
+    remote.add_argument("--retries", type=int, default=4, help="retries of UNAVAILABLE, with backoff")
     p.set_defaults(func=_cmd_generate)
 
     import importlib
 
-    # `huvidpo pairs` (data), `huvidpo train` (training) and `huvidpo eval` register themselves.
-    for module in ("huvidpo.data.cli", "huvidpo.training.cli", "huvidpo.evaluation.cli"):
+    # `huvidpo pairs` (data), `huvidpo train` (training) and `huvidpo eval` register themselves; so do the
+    # remote verbs (`huvidpo datasets ...`, docs/client.md), skipped without the client extra (httpx, grpcio).
+    for module in (
+        "huvidpo.data.cli",
+        "huvidpo.training.cli",
+        "huvidpo.evaluation.cli",
+        "huvidpo.client.cli",
+    ):
         try:
             importlib.import_module(module).register(sub)
         except ModuleNotFoundError as exc:
-            if exc.name != module:
+            if exc.name != module and not (module == "huvidpo.client.cli" and exc.name in CLIENT_EXTRA):
                 raise
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:2] == ["pairs", "compile"]:  # the remote compile; `huvidpo pairs DIR` stays local
+        try:
+            from huvidpo.client.cli import rewrite_argv
+
+            argv = rewrite_argv(argv)
+        except ModuleNotFoundError:
+            pass
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

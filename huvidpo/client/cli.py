@@ -1,0 +1,834 @@
+"""The remote verbs of ``huvidpo``, built on :class:`huvidpo.client.Client`: ``models``, ``datasets``,
+``ratings``, ``fine-tunes``, ``checkpoints``, ``rollouts`` (and ``pairs compile --dataset``, ``generate
+--remote``).
+
+Results go to stdout (``--output json`` for scripts), progress and errors to stderr; an error is one
+line (the problem's detail and field) and the exit code says its kind (:class:`ExitCode`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from huvidpo.client.client import TERMINAL, Client, ready_condition
+from huvidpo.client.errors import (
+    ApiError,
+    ExitCode,
+    HuViDPOError,
+    Unauthorized,
+    UploadInterrupted,
+    exit_code,
+)
+
+Command = Callable[[Client, argparse.Namespace], int]
+
+
+# ------------------------------------------------------------------------------------------ plumbing
+def _common() -> argparse.ArgumentParser:
+    """Options every remote verb takes (after the verb, so they read naturally)."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("connection")
+    g.add_argument(
+        "--url", default=None, help="control plane URL (default: $HUVIDPO_URL, else http://127.0.0.1:8080)"
+    )
+    g.add_argument("--token", default=None, help="bearer token (default: $HUVIDPO_TOKEN)")
+    g.add_argument(
+        "--grpc-address",
+        default=None,
+        help="inference service (default: $HUVIDPO_GRPC_ADDRESS, else 127.0.0.1:50051)",
+    )
+    g.add_argument(
+        "--retries", type=int, default=4, help="retries of 429/503/unreachable, with backoff (default 4)"
+    )
+    p.add_argument("--output", "-o", choices=("text", "json"), default="text", help="json: for scripts")
+    return p
+
+
+def _resume_hint(dataset: str, directory: Any, upload_id: str) -> str:
+    return f"resume with: huvidpo datasets upload {dataset} {directory or 'DIR'} --resume {upload_id}"
+
+
+def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:
+    if isinstance(exc, Unauthorized):
+        return f"{exc.message} (HTTP 401: pass --token or set HUVIDPO_TOKEN)"
+    if isinstance(exc, UploadInterrupted):
+        return (
+            f"{_message(exc.cause)}; {_resume_hint(exc.dataset, getattr(args, 'dir', None), exc.upload_id)}"
+        )
+    if isinstance(exc, ApiError):
+        return f"{exc.message} (HTTP {exc.status})"
+    return str(exc)
+
+
+def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        verb = " ".join(x for x in (args.command, getattr(args, "verb", None)) if x)
+        try:
+            with Client(args.url, args.token, args.grpc_address, retries=max(0, args.retries)) as c:
+                return fn(c, args)
+        except HuViDPOError as exc:
+            print(f"huvidpo {verb}: error: {_message(exc, args)}", file=sys.stderr)
+            return int(exit_code(exc))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"huvidpo {verb}: error: {exc}", file=sys.stderr)
+            return int(ExitCode.USAGE)
+        except KeyboardInterrupt as exc:
+            upload = getattr(exc, "upload_id", None)
+            hint = "; " + _resume_hint(args.name, args.dir, upload) if upload else ""
+            print(f"\nhuvidpo {verb}: interrupted{hint}", file=sys.stderr)
+            return int(ExitCode.INTERRUPTED)
+
+    return run
+
+
+def _json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def _fmt(v: Any) -> str:
+    """A cell: floats to 4 significant digits, None empty."""
+    if v is None:
+        return ""
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _table(rows: Iterable[Sequence[Any]], header: Sequence[str]) -> None:
+    rows = [[_fmt(v) for v in r] for r in rows]
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
+    for r in [list(header), *rows]:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+
+
+def _show(args: argparse.Namespace, view: Any, text: Callable[[Any], None]) -> int:
+    if args.output == "json":
+        _json(view)
+    else:
+        text(view)
+    return 0
+
+
+def _kv(view: dict[str, Any], keys: Sequence[str]) -> None:
+    for k in keys:
+        v = view.get(k)
+        if isinstance(v, dict | list):
+            v = json.dumps(v)
+        print(f"{k:<16} {'' if v is None else v}")
+
+
+class _Bar:
+    """A one-line byte counter on stderr (rewritten in place on a terminal, every 10% otherwise)."""
+
+    def __init__(self, what: str, quiet: bool = False) -> None:
+        self.what, self.quiet, self.tty = what, quiet, sys.stderr.isatty()
+        self.last = -1
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.quiet:
+            return
+        pct = int(100 * done / total) if total else 100
+        if not self.tty and pct // 10 == self.last // 10 and pct != 100:
+            return
+        if pct == self.last:
+            return
+        self.last = pct
+        line = f"{self.what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({pct}%)"
+        print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.tty and not self.quiet and self.last >= 0:
+            print(file=sys.stderr)
+
+
+# -------------------------------------------------------------------------------------------- models
+def _model_text(m: dict[str, Any]) -> None:
+    _kv(
+        m,
+        ("id", "prefix", "digest", "unet", "files", "size_bytes", "created_at", "created_by", "description"),
+    )
+
+
+def _models_register(c: Client, a: argparse.Namespace) -> int:
+    bar = _Bar(f"uploading {a.dir}", quiet=a.output == "json" or a.dir is None)
+    try:
+        view = c.models.register(
+            a.name, a.dir, from_prefix=a.from_prefix, description=a.description, on_progress=bar
+        )
+    finally:
+        bar.close()
+    return _show(a, view, _model_text)
+
+
+def _models_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.models.list())
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [
+                (m["id"], m.get("unet"), m.get("files"), m.get("size_bytes"), m.get("digest", "")[:19])
+                for m in xs
+            ],
+            ("ID", "UNET", "FILES", "BYTES", "DIGEST"),
+        ),
+    )
+
+
+def _models_show(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.models.get(a.id), _model_text)
+
+
+# ------------------------------------------------------------------------------------------ datasets
+def _version_text(v: dict[str, Any]) -> None:
+    _kv(v, ("id", "dataset", "digest", "videos", "prompts", "raters", "rating_records", "size", "created_at"))
+    for s in v.get("skipped_ratings") or []:
+        print(f"skipped rating {s['id']}: {s['reason']}")
+
+
+def _datasets_create(c: Client, a: argparse.Namespace) -> int:
+    view = c.datasets.create(a.name, a.description, exist_ok=a.exist_ok)
+    return _show(a, view, lambda d: _kv(d, ("name", "description", "created_at")))
+
+
+def _datasets_upload(c: Client, a: argparse.Namespace) -> int:
+    if a.create:
+        c.datasets.create(a.name, exist_ok=True)
+    bar = _Bar(f"uploading {a.dir}", quiet=a.output == "json")
+    try:
+        version = c.datasets.upload(
+            a.name, a.dir, on_progress=bar, resume=a.resume, include_ratings=not a.no_ratings
+        )
+    finally:
+        bar.close()
+    return _show(a, version, _version_text)
+
+
+def _datasets_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.datasets.list())
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [
+                (
+                    d["name"],
+                    len(d.get("versions") or []),
+                    (d.get("versions") or [""])[-1][:16],
+                    d.get("created_at"),
+                )
+                for d in xs
+            ],
+            ("NAME", "VERSIONS", "LATEST", "CREATED"),
+        ),
+    )
+
+
+def _datasets_show(c: Client, a: argparse.Namespace) -> int:
+    d = c.datasets.get(a.name)
+    d["versions"] = c.datasets.versions(a.name)
+
+    def text(d: dict[str, Any]) -> None:
+        _kv(d, ("name", "description", "created_at"))
+        _table(
+            [
+                (v["id"], v.get("videos"), v.get("prompts"), v.get("raters"), v.get("created_at"))
+                for v in d["versions"]
+            ],
+            ("VERSION", "VIDEOS", "PROMPTS", "RATERS", "CREATED"),
+        )
+
+    return _show(a, d, text)
+
+
+def _resolve_version(c: Client, dataset: str, version: str) -> str:
+    """``latest`` is the dataset's newest version."""
+    if version != "latest":
+        return version
+    versions = c.datasets.get(dataset).get("versions") or []
+    if not versions:
+        raise ValueError(f"dataset {dataset!r} has no version yet (upload one: huvidpo datasets upload)")
+    return str(versions[-1])
+
+
+def _pairs_compile(c: Client, a: argparse.Namespace) -> int:
+    version = _resolve_version(c, a.dataset, a.version)
+    report = c.datasets.compile_pairs(
+        a.dataset,
+        version,
+        tie_policy=a.tie_policy,
+        min_margin=a.min_margin,
+        margin_weighting=a.margin_weighting or None,
+        seed=a.seed,
+        holdout_fraction=a.holdout_fraction,
+        holdout_seed=a.holdout_seed,
+    )
+    return _show(a, report, lambda r: print(r.get("text") or f"{r['pairs']} pairs"))
+
+
+# ------------------------------------------------------------------------------------------- ratings
+def _ratings_add(c: Client, a: argparse.Namespace) -> int:
+    records: list[dict[str, Any]] = []
+    if a.file is not None:
+        for n, line in enumerate(Path(a.file).read_text().splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except ValueError as exc:
+                    raise ValueError(f"{a.file}:{n}: not a JSON object ({exc})") from None
+    rater = a.rater
+    if (a.video or a.choice) and rater is None:
+        rater = c.whoami()["name"]
+    if a.video is not None:
+        if a.score is None:
+            raise ValueError("--video needs --score (0..10)")
+        records.append({"type": "rating", "video_id": a.video, "rater_id": rater, "score": a.score})
+    if a.choice is not None:
+        records.append({"type": "choice", "chosen": a.choice[0], "rejected": a.choice[1], "rater_id": rater})
+    if not records:
+        raise ValueError("nothing to add: give --video V --score S, --choice CHOSEN REJECTED or --file F")
+    ids = c.ratings.add(a.dataset, records)
+    return _show(a, {"ids": ids}, lambda r: print(f"added {len(r['ids'])} rating record(s)"))
+
+
+def _ratings_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.ratings.list(a.dataset))
+    return _show(
+        a, items, lambda xs: _table([(r["id"], json.dumps(r["record"])) for r in xs], ("ID", "RECORD"))
+    )
+
+
+# ---------------------------------------------------------------------------------------- fine-tunes
+def _value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _hyperparameters(a: argparse.Namespace) -> dict[str, Any]:
+    hp: dict[str, Any] = {}
+    if a.hyperparameters_file is not None:
+        hp.update(json.loads(Path(a.hyperparameters_file).read_text()))
+    for item in a.hp or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--hp takes KEY=VALUE, got {item!r}")
+        hp[key.strip()] = _value(value.strip())
+    return hp
+
+
+def describe(view: dict[str, Any]) -> str:
+    """One line: state, step, loss, reward accuracy, ETA (the live line of ``--watch``)."""
+    p = view.get("progress") or {}
+    parts = [f"{view['id']}  {view['state']:<9}", f"step {p.get('step', 0)}/{p.get('total_steps') or '?'}"]
+    if p.get("loss") is not None:
+        parts.append(f"loss {p['loss']:.4f}")
+    if p.get("reward_accuracy") is not None:
+        parts.append(f"reward acc {p['reward_accuracy']:.2f}")
+    if p.get("eta_seconds") is not None and view["state"] == "running":
+        parts.append(f"ETA {p['eta_seconds']:.0f} s")
+    if view["state"] in ("failed", "cancelled") and (view.get("reason") or view.get("message")):
+        parts.append(f"({view.get('reason') or ''}: {view.get('message') or ''})")
+    return "  ".join(parts)
+
+
+def _watch(c: Client, a: argparse.Namespace, finetune_id: str) -> int:
+    """Follow a fine-tune to its end on one live line; Ctrl-C detaches (or cancels)."""
+    tty = sys.stderr.isatty()
+    last = [""]
+
+    def show(view: dict[str, Any]) -> None:
+        line = describe(view)
+        if line == last[0]:
+            return
+        if tty:
+            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+        else:
+            print(line, file=sys.stderr, flush=True)
+        last[0] = line
+
+    try:
+        view = c.fine_tunes.wait(finetune_id, show, timeout=a.timeout, interval=a.interval)
+    except KeyboardInterrupt:
+        if tty:
+            print(file=sys.stderr)
+        if getattr(a, "cancel_on_interrupt", False):
+            view = c.fine_tunes.cancel(finetune_id)
+            print(f"cancelled fine-tune {finetune_id} ({view['state']})", file=sys.stderr)
+        else:
+            print(
+                f"detached: fine-tune {finetune_id} keeps running. Reattach: huvidpo fine-tunes watch "
+                f"{finetune_id}; cancel: huvidpo fine-tunes cancel {finetune_id}",
+                file=sys.stderr,
+            )
+        return int(ExitCode.INTERRUPTED)
+    if tty:
+        print(file=sys.stderr)
+    _show(a, view, lambda v: print(describe(v)))
+    if view["state"] != "succeeded":
+        return int(ExitCode.FAILED)
+    return 0
+
+
+def _finetune_text(v: dict[str, Any]) -> None:
+    print(describe(v))
+    _kv(v, ("dataset", "version", "base_model", "stage", "created_at", "finished_at", "hyperparameters"))
+    for ck in v.get("checkpoints") or []:
+        print(f"checkpoint       {ck}")
+
+
+def _ft_create(c: Client, a: argparse.Namespace) -> int:
+    version = _resolve_version(c, a.dataset, a.version)
+    view = c.fine_tunes.create(
+        a.dataset,
+        version,
+        a.base_model,
+        _hyperparameters(a),
+        stage=a.stage,
+        nodes=a.nodes,
+        gpus_per_node=a.gpus_per_node,
+        idempotency_key=a.idempotency_key,
+    )
+    print(f"created fine-tune {view['id']}", file=sys.stderr, flush=True)
+    if a.watch:
+        return _watch(c, a, view["id"])
+    return _show(a, view, _finetune_text)
+
+
+def _ft_watch(c: Client, a: argparse.Namespace) -> int:
+    return _watch(c, a, a.id)
+
+
+def _ft_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.fine_tunes.list(state=a.state, dataset=a.dataset))
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [
+                (
+                    v["id"],
+                    v["state"],
+                    v["dataset"],
+                    v["base_model"],
+                    f"{(v.get('progress') or {}).get('step', 0)}/{(v.get('progress') or {}).get('total_steps') or '?'}",
+                    v["created_at"],
+                )
+                for v in xs
+            ],
+            ("ID", "STATE", "DATASET", "BASE", "STEP", "CREATED"),
+        ),
+    )
+
+
+def _ft_show(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.fine_tunes.get(a.id), _finetune_text)
+
+
+def _ft_cancel(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.fine_tunes.cancel(a.id), lambda v: print(describe(v)))
+
+
+def _event_text(ev: dict[str, Any]) -> str:
+    rest = {k: v for k, v in ev.items() if k not in ("seq", "event") and v is not None}
+    return f"{ev.get('seq', ''):>5}  {ev.get('event', ''):<10}  " + " ".join(
+        f"{k}={_fmt(v)}" for k, v in rest.items()
+    )
+
+
+def _ft_events(c: Client, a: argparse.Namespace) -> int:
+    events = c.fine_tunes.iter_events(a.id, after=a.after, follow=a.follow)
+    if a.output == "json" and not a.follow:
+        _json(list(events))
+        return 0
+    for ev in events:  # one JSON object a line when following with --output json (NDJSON)
+        print(json.dumps(ev) if a.output == "json" else _event_text(ev), flush=True)
+    return 0
+
+
+def _ft_metrics(c: Client, a: argparse.Namespace) -> int:
+    m = c.fine_tunes.metrics(a.id)
+
+    def text(m: dict[str, Any]) -> None:
+        names = sorted(m.get("metrics") or {})
+        rows = [
+            [step, *(m["metrics"][n][i] if i < len(m["metrics"][n]) else None for n in names)]
+            for i, step in enumerate(m.get("steps") or [])
+        ]
+        _table(rows, ["STEP", *(n.upper() for n in names)])
+
+    return _show(a, m, text)
+
+
+def _ft_logs(c: Client, a: argparse.Namespace) -> int:
+    for chunk in c.fine_tunes.logs(a.id, follow=a.follow):
+        sys.stdout.write(chunk)
+        sys.stdout.flush()
+    return 0
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+def _ck_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.checkpoints.list(a.fine_tune))
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [
+                (k["id"], k["finetune_id"], k["step"], len(k.get("files") or {}), k.get("created_at"))
+                for k in xs
+            ],
+            ("ID", "FINE-TUNE", "STEP", "FILES", "CREATED"),
+        ),
+    )
+
+
+def _ck_show(c: Client, a: argparse.Namespace) -> int:
+    def text(k: dict[str, Any]) -> None:
+        _kv(k, ("id", "finetune_id", "step", "created_at", "lineage"))
+        for rel, f in sorted((k.get("files") or {}).items()):
+            print(f"file             {rel}  {f.get('size')} bytes")
+        for s in k.get("samples") or []:
+            print(f"sample {s['index']:<9} {s.get('prompt')!r} seed {s.get('seed')}  {c.url}{s.get('url')}")
+
+    return _show(a, c.checkpoints.get(a.id), text)
+
+
+def _ck_download(c: Client, a: argparse.Namespace) -> int:
+    bar = _Bar(f"downloading {a.id}", quiet=a.output == "json")
+    try:
+        out = c.checkpoints.download(a.id, a.dir, on_progress=bar)
+    finally:
+        bar.close()
+    files = sorted(str(p.relative_to(out)) for p in Path(out).rglob("*") if p.is_file())
+    return _show(
+        a,
+        {"id": a.id, "dir": str(out), "files": files},
+        lambda r: print(f"wrote {len(files)} files to {out}"),
+    )
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+def _rollout_text(v: dict[str, Any]) -> None:
+    canary = f"{v['canary']} ({v['canary_percent']}%)" if v.get("canary") else "-"
+    print(f"{v['deployment']}  revision {v['revision']}  current {v.get('current') or '-'}  canary {canary}")
+    if v.get("status"):
+        cond = ready_condition(v)
+        print(f"Ready {cond['status']}: {cond.get('reason')} {cond.get('message') or ''}".rstrip())
+        for r in v["status"].get("replicas") or []:
+            print(
+                f"  replica {r['replica']}  {r['state']}  revision {r['revision']}  up to date {r['up_to_date']}"
+            )
+
+
+def _rollout_change(change: Callable[[Client, argparse.Namespace], dict[str, Any]]) -> Command:
+    def cmd(c: Client, a: argparse.Namespace) -> int:
+        view = change(c, a)
+        if a.wait:
+            print(
+                f"waiting until every replica serves revision {view['revision']}...",
+                file=sys.stderr,
+                flush=True,
+            )
+            view = c.rollouts.wait(a.deployment, view["revision"], timeout=a.timeout)
+        return _show(a, view, _rollout_text)
+
+    return cmd
+
+
+def _ro_show(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.rollouts.get(a.deployment), _rollout_text)
+
+
+def _ro_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.rollouts.list())
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [
+                (v["deployment"], v["revision"], v.get("current"), v.get("canary"), v.get("canary_percent"))
+                for v in xs
+            ],
+            ("DEPLOYMENT", "REVISION", "CURRENT", "CANARY", "PERCENT"),
+        ),
+    )
+
+
+# ------------------------------------------------------------------------------------------ generate
+REMOTE_UNSUPPORTED = {
+    "lora": None,
+    "eta": 0.0,
+    "shared_noise_ratio": 0.2,
+    "no_adain": False,
+    "no_hist_match": False,
+    "device": None,
+}
+
+
+def remote_generate(args: argparse.Namespace) -> int:
+    """``huvidpo generate --remote ADDRESS``: the same options, run by the inference service."""
+    for name, default in REMOTE_UNSUPPORTED.items():
+        if getattr(args, name, default) != default:
+            flag = "--" + name.replace("_", "-")
+            print(f"huvidpo generate: error: {flag} is not available with --remote", file=sys.stderr)
+            return int(ExitCode.USAGE)
+    tty = sys.stderr.isatty() and not args.quiet
+
+    def progress(p: Any) -> None:
+        if args.quiet:
+            return
+        line = (
+            f"queued (position {p.queue_position})" if p.queue_position else f"denoising {p.step}/{p.total}"
+        )
+        print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
+
+    out = Path(args.out)
+    try:
+        with Client(None, args.token, args.remote, retries=max(0, args.retries)) as c:
+            g = c.generate(
+                args.prompt,
+                first_frame=args.first_frame,
+                out=out,
+                frames=args.frames,
+                height=args.height,
+                width=args.width,
+                steps=args.steps,
+                guidance_scale=args.guidance,
+                seed=args.seed,
+                negative_prompt=args.negative_prompt,
+                checkpoint_id=args.checkpoint or "",
+                output_format="gif" if out.suffix.lower() == ".gif" else "mp4",
+                fps=args.fps,
+                on_progress=progress,
+            )
+    except HuViDPOError as exc:
+        if tty:
+            print(file=sys.stderr)
+        print(f"huvidpo generate: error: {_message(exc)}", file=sys.stderr)
+        return int(exit_code(exc))
+    if tty:
+        print(file=sys.stderr)
+    r = g.result
+    print(
+        f"wrote {out} ({r.frames} frames, {r.width}x{r.height}, seed {r.seed}, checkpoint "
+        f"{r.checkpoint_id or 'base'}, request {r.request_id}, {r.timings.total_seconds:.2f} s)"
+    )
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ register
+def _leaf(
+    group: Any, name: str, fn: Command, help: str, common: argparse.ArgumentParser
+) -> argparse.ArgumentParser:
+    p = group.add_parser(name, help=help, description=help, parents=[common])
+    p.set_defaults(func=_run(fn))
+    return p
+
+
+def _group(sub: Any, name: str, help: str) -> Any:
+    p = sub.add_parser(name, help=help, description=help)
+    return p.add_subparsers(dest="verb", required=True, metavar="VERB")
+
+
+def _wait_options(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--wait", action="store_true", help=f"wait until every inference replica serves {what}")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds --wait waits (default 300)")
+
+
+def register(sub: Any) -> None:
+    """Add the remote verbs to ``huvidpo``'s subparsers."""
+    common = _common()
+
+    g = _group(sub, "models", "base models in the store (what fine-tunes adapt)")
+    p = _leaf(
+        g,
+        "register",
+        _models_register,
+        "register a base model from a diffusers directory or a store prefix",
+        common,
+    )
+    p.add_argument(
+        "dir",
+        type=Path,
+        nargs="?",
+        default=None,
+        help="local model directory (diffusers layout, safetensors)",
+    )
+    p.add_argument("--name", required=True, help="the model id (base_model of a fine-tune)")
+    p.add_argument(
+        "--from-prefix", default=None, help="register files already in the object store under this prefix"
+    )
+    p.add_argument("--description", default="")
+    _leaf(g, "list", _models_list, "list the registered base models", common)
+    p = _leaf(g, "show", _models_show, "show one base model", common)
+    p.add_argument("id")
+
+    g = _group(sub, "datasets", "datasets of rated videos and their versions")
+    p = _leaf(g, "create", _datasets_create, "create a dataset", common)
+    p.add_argument("name")
+    p.add_argument("--description", default="")
+    p.add_argument("--exist-ok", action="store_true", help="an existing dataset is not an error")
+    p = _leaf(
+        g, "upload", _datasets_upload, "upload a directory (manifest + videos) as a new version", common
+    )
+    p.add_argument("name")
+    p.add_argument("dir", type=Path)
+    p.add_argument("--create", action="store_true", help="create the dataset first if it does not exist")
+    p.add_argument("--resume", default=None, metavar="UPLOAD_ID", help="continue an interrupted upload")
+    p.add_argument("--no-ratings", action="store_true", help="leave the dataset's stored rating records out")
+    _leaf(g, "list", _datasets_list, "list datasets", common)
+    p = _leaf(g, "show", _datasets_show, "show a dataset and its versions", common)
+    p.add_argument("name")
+    p = _leaf(
+        g, "pairs", _pairs_compile, "compile a version's preference pairs (same as pairs compile)", common
+    )
+    p.add_argument("dataset")
+    _pairs_options(p)
+
+    g = _group(sub, "ratings", "rating records of a dataset's videos")
+    p = _leaf(g, "add", _ratings_add, "add ratings (a score, a choice, or a JSONL file of records)", common)
+    p.add_argument("dataset")
+    p.add_argument("--video", default=None, help="video id to score")
+    p.add_argument("--score", type=float, default=None, help="0..10")
+    p.add_argument("--choice", nargs=2, metavar=("CHOSEN", "REJECTED"), default=None, help="a preference")
+    p.add_argument("--rater", default=None, help="rater id (default: the token's name)")
+    p.add_argument("--file", type=Path, default=None, help="JSONL of rating/choice records")
+    p = _leaf(g, "list", _ratings_list, "list a dataset's stored rating records", common)
+    p.add_argument("dataset")
+
+    g = _group(sub, "fine-tunes", "DPO fine-tunes: create, watch, events, logs, cancel")
+    p = _leaf(g, "create", _ft_create, "start a fine-tune", common)
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--version", required=True, help="dataset version id or digest, or 'latest'")
+    p.add_argument("--base-model", required=True, help="a registered base model id")
+    p.add_argument("--stage", choices=("dpo", "stage1"), default="dpo")
+    p.add_argument(
+        "--hp", action="append", metavar="KEY=VALUE", help="a hyperparameter (repeat); see train dpo --help"
+    )
+    p.add_argument("--hyperparameters-file", type=Path, default=None, help="JSON object of hyperparameters")
+    p.add_argument("--nodes", type=int, default=None)
+    p.add_argument("--gpus-per-node", type=int, default=None)
+    p.add_argument("--idempotency-key", default=None, help="default: a new uuid4 (kept across retries)")
+    p.add_argument(
+        "--watch", action="store_true", help="follow it on a live line until it ends (Ctrl-C detaches)"
+    )
+    p.add_argument("--cancel-on-interrupt", action="store_true", help="with --watch: Ctrl-C cancels it")
+    _watch_options(p)
+    p = _leaf(
+        g, "watch", _ft_watch, "follow a fine-tune on a live line until it ends (Ctrl-C detaches)", common
+    )
+    p.add_argument("id")
+    p.add_argument("--cancel-on-interrupt", action="store_true", help="Ctrl-C cancels it")
+    _watch_options(p)
+    p = _leaf(g, "list", _ft_list, "list fine-tunes (newest first)", common)
+    p.add_argument("--state", choices=("queued", "running", *TERMINAL), default=None)
+    p.add_argument("--dataset", default=None)
+    p = _leaf(g, "show", _ft_show, "show a fine-tune (state, progress, checkpoints)", common)
+    p.add_argument("id")
+    p = _leaf(g, "cancel", _ft_cancel, "cancel a fine-tune", common)
+    p.add_argument("id")
+    p = _leaf(g, "events", _ft_events, "the typed progress events (start, step, checkpoint, end)", common)
+    p.add_argument("id")
+    p.add_argument("--after", type=int, default=-1, help="only events with seq > AFTER")
+    p.add_argument("-f", "--follow", action="store_true", help="stream until the fine-tune ends")
+    p = _leaf(g, "metrics", _ft_metrics, "the step metrics' history (loss, reward accuracy, ...)", common)
+    p.add_argument("id")
+    p = _leaf(g, "logs", _ft_logs, "the trainer's output", common)
+    p.add_argument("id")
+    p.add_argument("-f", "--follow", action="store_true", help="follow until the job ends")
+
+    g = _group(sub, "checkpoints", "checkpoints of fine-tunes")
+    p = _leaf(g, "list", _ck_list, "list checkpoints", common)
+    p.add_argument("--fine-tune", default=None, help="only this fine-tune's")
+    p = _leaf(g, "show", _ck_show, "show a checkpoint (files, lineage, sample videos)", common)
+    p.add_argument("id")
+    p = _leaf(g, "download", _ck_download, "download a checkpoint's files (sha256-checked)", common)
+    p.add_argument("id")
+    p.add_argument("dir", type=Path)
+
+    g = _group(sub, "rollouts", "which checkpoint each inference deployment serves")
+    _leaf(g, "list", _ro_list, "list deployments' rollouts", common)
+    p = _leaf(g, "show", _ro_show, "desired vs served per replica and the Ready condition", common)
+    p.add_argument("deployment")
+    p = _leaf(
+        g,
+        "set",
+        _rollout_change(lambda c, a: c.rollouts.set(a.deployment, a.checkpoint, create=a.create)),
+        "serve a checkpoint (or 'base') to all traffic",
+        common,
+    )
+    p.add_argument("deployment")
+    p.add_argument("checkpoint")
+    p.add_argument("--create", action="store_true", help="start a deployment that has no rollout yet")
+    _wait_options(p, "it")
+    p = _leaf(
+        g,
+        "canary",
+        _rollout_change(lambda c, a: c.rollouts.canary(a.deployment, a.checkpoint, a.percent)),
+        "send a percentage of requests to a checkpoint",
+        common,
+    )
+    p.add_argument("deployment")
+    p.add_argument("checkpoint")
+    p.add_argument("--percent", type=int, required=True, help="1..100")
+    _wait_options(p, "it")
+    p = _leaf(
+        g,
+        "promote",
+        _rollout_change(lambda c, a: c.rollouts.promote(a.deployment)),
+        "make the canary the current checkpoint",
+        common,
+    )
+    p.add_argument("deployment")
+    _wait_options(p, "the result")
+    p = _leaf(
+        g,
+        "rollback",
+        _rollout_change(lambda c, a: c.rollouts.rollback(a.deployment)),
+        "go back to the previous state",
+        common,
+    )
+    p.add_argument("deployment")
+    _wait_options(p, "the result")
+
+
+def _watch_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--timeout", type=float, default=None, help="give up watching after this many seconds")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between polls")
+
+
+def _pairs_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--version", required=True, help="dataset version id or digest, or 'latest'")
+    p.add_argument("--tie-policy", choices=("drop", "keep"), default="drop")
+    p.add_argument("--min-margin", type=float, default=None, help="drop score pairs closer than this (0..10)")
+    p.add_argument("--margin-weighting", action="store_true")
+    p.add_argument("--seed", type=int, default=None, help="the fine-tune's seed (default 33)")
+    p.add_argument("--holdout-fraction", type=float, default=None, help="hold out this fraction of prompts")
+    p.add_argument("--holdout-seed", type=int, default=None)
+
+
+def rewrite_argv(argv: list[str]) -> list[str]:
+    """``huvidpo pairs compile --dataset NAME ...`` (the remote compile) is ``huvidpo datasets pairs
+    NAME ...``; ``huvidpo pairs DIR`` (the local library command) is left alone."""
+    if argv[:2] == ["pairs", "compile"] and any(x == "--dataset" or x.startswith("--dataset=") for x in argv):
+        rest = argv[2:]
+        out: list[str] = []
+        name: str | None = None
+        i = 0
+        while i < len(rest):
+            if rest[i] == "--dataset" and i + 1 < len(rest):
+                name = rest[i + 1]
+                i += 2
+                continue
+            if rest[i].startswith("--dataset="):
+                name = rest[i].split("=", 1)[1]
+            else:
+                out.append(rest[i])
+            i += 1
+        return ["datasets", "pairs", *([name] if name is not None else []), *out]
+    return argv
