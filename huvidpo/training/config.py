@@ -267,6 +267,10 @@ class DPOConfig(TrainConfig):
     pairs_file: str | None = None
     """A ``pairs.jsonl`` compiled beforehand (``huvidpo.data.write_pairs``) to train on; None: compile
     the dataset's ratings here with ``tie_policy``, ``min_margin``, ``margin_weighting`` and ``seed``."""
+    heldout_file: str | None = None
+    """With ``pairs_file``: the held-out pairs compiled beside it (``heldout.jsonl``) to evaluate on;
+    the compiler already split them off, so no further split is made here (``holdout_fraction`` is
+    then only recorded)."""
     holdout_fraction: float = 0.0
     """Fraction held out for evaluation (implicit reward accuracy): of the prompts, or of each
     prompt's videos (spread over its score range), see ``holdout_by``."""

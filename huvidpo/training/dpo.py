@@ -163,7 +163,16 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     heldout_prompts: set[str] = set()
     heldout_videos: set[str] = set()
     rng = random.Random(cfg.seed)
-    if cfg.holdout_fraction > 0 and cfg.holdout_by == "prompt":
+    given: list[Any] = []
+    if cfg.heldout_file:
+        if not cfg.pairs_file:
+            raise ConfigError(
+                "heldout_file needs pairs_file (the pairs compiled with it)", field="heldout_file"
+            )
+        # Split off by the compiler already: train on every pair of pairs_file, evaluate on these.
+        given = _read_pairs_for(ds, cfg.heldout_file, field="heldout_file")
+        heldout_prompts = {p.prompt for p in given}
+    elif cfg.holdout_fraction > 0 and cfg.holdout_by == "prompt":
         n_hold = max(1, round(len(prompts) * cfg.holdout_fraction))
         if n_hold >= len(prompts):
             raise ConfigError(
@@ -192,7 +201,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         return {0: "train", 1: "dropped", 2: "heldout"}[held]
 
     train = [p for p in pairs if split(p) == "train"]
-    heldout = [p for p in pairs if split(p) == "heldout"]
+    heldout = given or [p for p in pairs if split(p) == "heldout"]
     if not train:
         raise ConfigError(
             f"holdout_fraction {cfg.holdout_fraction} leaves no training pairs", field="holdout_fraction"
@@ -209,7 +218,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     return PreparedPairs(train, heldout, paths, frames, report)
 
 
-def _read_pairs_for(ds: Any, path: str) -> list[Any]:
+def _read_pairs_for(ds: Any, path: str, field: str = "pairs_file") -> list[Any]:
     """The pairs of ``path`` (a ``pairs.jsonl``), each naming two videos of ``ds``."""
     from huvidpo.data import read_pairs
 
@@ -217,9 +226,7 @@ def _read_pairs_for(ds: Any, path: str) -> list[Any]:
     for n, p in enumerate(pairs, start=1):
         missing = [v for v in (p.chosen_id, p.rejected_id) if v not in ds.videos]
         if missing:
-            raise ConfigError(
-                f"pairs_file line {n}: video {missing[0]!r} is not in the dataset", field="pairs_file"
-            )
+            raise ConfigError(f"{field} line {n}: video {missing[0]!r} is not in the dataset", field=field)
     return pairs
 
 

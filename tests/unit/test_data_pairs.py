@@ -270,7 +270,9 @@ def test_holdout_moves_whole_prompts_chosen_by_the_seed_and_records_them(tmp_pat
     again = compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=3)
     assert again.report.holdout == held
     others = {
-        tuple(compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=s).report.holdout.prompts)  # type: ignore[union-attr]
+        tuple(
+            compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=s).report.holdout.prompts
+        )  # type: ignore[union-attr]
         for s in range(8)
     }
     assert len(others) > 1  # the seed decides

@@ -30,6 +30,7 @@ RESERVED = frozenset(
         "cache_dir",
         "device",
         "pairs_file",
+        "heldout_file",
         "dataset_digest",
         "base_model_digest",
     }
