@@ -280,7 +280,9 @@ def evaluate_pairs(
     accelerator: Any = None,
 ) -> dict[str, float]:
     """Implicit reward accuracy on ``pairs``: the DPO inside term (from :func:`dpo_errors`, as in
-    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0.
+    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0
+    and as half when exactly 0 (a tie: the reference itself, or an adapter still at its zero
+    initialisation, scores 0.5, chance, and not 0).
     The draws are fixed (same for every call), with timesteps stratified over
     ``[timestep_min, timestep_max)``; clips are unflipped and start at 0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
 
@@ -316,7 +318,7 @@ def evaluate_pairs(
     values = [m for _, m in sorted(margins)]
     n = max(1, len(pairs))
     return {
-        "eval_implicit_acc": sum(m > 0 for m in values) / n,
+        "eval_implicit_acc": (sum(m > 0 for m in values) + 0.5 * sum(m == 0 for m in values)) / n,
         "eval_reward_margin": sum(values) / n,
         "eval_pairs": float(len(pairs)),
     }
