@@ -93,7 +93,7 @@ LEARNING_HYPERPARAMETERS: dict[str, Any] = {
     "lora_targets": r".*\.(attn1|attn2|attn_temp)\.(to_q|to_k|to_v|to_out\.0)|.*\.conv1d",
     "timestep_max": 150,
     "hflip_p": 0.5,
-    "eval_draws": 8,
+    "eval_draws": 4,
 }
 
 
