@@ -104,11 +104,16 @@ class PairOptions:
     holdout_fraction: float = 0.0
     holdout_seed: int = 33
 
-    def key(self) -> str:
+    def as_dict(self) -> dict[str, Any]:
+        """The options as recorded (report, fine-tune spec); the hold-out's only when there is one, so
+        options without a hold-out read, and are keyed, as they were before it existed."""
         options = dataclasses.asdict(self)
-        if not self.holdout_fraction:  # without a hold-out: the key pairs compiled before it existed have
+        if not self.holdout_fraction:
             del options["holdout_fraction"], options["holdout_seed"]
-        blob = json.dumps(options, sort_keys=True).encode()
+        return options
+
+    def key(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -774,7 +779,7 @@ class DatasetService:
         report = {
             "dataset": name,
             "version": digest,
-            "options": dataclasses.asdict(options),
+            "options": options.as_dict(),
             "pairs": len(pairset.pairs),
             "pairs_sha256": info.sha256,
             "heldout": len(pairset.heldout),

@@ -335,7 +335,7 @@ class FineTuneService:
         return PairsRef(
             prefix=self.datasets.pairs_prefix(req.dataset, req.version, options),
             digest=str(report["pairs_sha256"]),
-            options=dataclasses.asdict(options),
+            options=options.as_dict(),
             heldout_digest=report.get("heldout_sha256"),
         )
 
