@@ -57,7 +57,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--executor", choices=("local", "kubernetes"), default="local")
     parser.add_argument("--controlplane-url", help="use a running control plane instead of starting one")
     parser.add_argument("--inference-address", help="use a running inference service (host:port)")
-    parser.add_argument("--steps", type=int, default=8, help="DPO optimizer steps")
+    parser.add_argument("--steps", type=int, default=100, help="DPO optimizer steps")
+    parser.add_argument(
+        "--train-seed", type=int, default=1, help="the fine-tune's seed (it also picks the held-out prompt)"
+    )
     parser.add_argument("--gen-steps", type=int, default=10, help="denoising steps of the generation")
     parser.add_argument("--keep", action="store_true", help="keep the store of an earlier run in --out")
     args = parser.parse_args(argv)
@@ -85,12 +88,20 @@ def main(argv: list[str] | None = None) -> int:
         cwd=REPO,
         stdout=subprocess.DEVNULL,
     )
-    log(f"[setup] tiny model written to {model_dir}")
+    from demo.loop import LATENT_SCALE, learning_options, publish_base_model, run_loop, unit_variance_latents
+
+    unit_variance_latents(model_dir)
+    log(
+        f"[setup] tiny model written to {model_dir} (VAE scaling factor {LATENT_SCALE}: unit-variance latents)"
+    )
     store_env = _store_env(args, out)
     store = _store(store_env)
-    from demo.loop import LoopOptions, publish_base_model, run_loop
-
-    opts = LoopOptions(train_steps=args.steps, gen_steps=args.gen_steps)
+    opts = learning_options(
+        train_steps=args.steps,
+        checkpoint_every=args.steps,
+        gen_steps=args.gen_steps,
+        train_seed=args.train_seed,
+    )
     digest = publish_base_model(store, model_dir, opts.base_model)
     where = store_env.get("HUVIDPO_STORE_ROOT") or store_env.get("HUVIDPO_STORE_ENDPOINT")
     log(
@@ -169,6 +180,14 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
         f"  fine-tune   {ft['id']}: {ft['state']} after {p.get('step')} steps, loss {ft.get('first_loss'):.4f} -> {ft.get('last_loss'):.4f}, "
         f"implicit reward accuracy {ft.get('mean_reward_accuracy')} (mean over steps)"
     )
+    held = summary.get("heldout")
+    if held:
+        ref, got = held["reference"], held["checkpoint"]
+        print(
+            f"  held out    {held['pairs']} pairs of {', '.join(map(repr, held['prompts']))} (never trained on): "
+            f"implicit reward accuracy reference {ref['implicit_acc']:.2f} -> trained {got['implicit_acc']:.2f}, "
+            f"mean reward margin {ref['reward_margin']:.2f} -> {got['reward_margin']:.2f}"
+        )
     print(
         f"  checkpoint  {summary['checkpoint']['id']} (dataset_digest {summary['checkpoint']['lineage'].get('dataset_digest', '')[:12]}…)"
     )

@@ -75,12 +75,12 @@ class ControlPlaneClient:
                 )
             return dict(self.call("POST", f"/v1/datasets/{name}/versions", files=files))
 
-    def compile_pairs(self, name: str, version: str, tie_policy: str = "drop") -> dict[str, Any]:
-        return dict(
-            self.call(
-                "POST", f"/v1/datasets/{name}/versions/{version}/pairs", json={"tie_policy": tie_policy}
-            )
-        )
+    def compile_pairs(
+        self, name: str, version: str, tie_policy: str = "drop", **options: Any
+    ) -> dict[str, Any]:
+        """``options``: the compile request's other fields (``seed``, ``holdout_fraction``, ...)."""
+        body = {"tie_policy": tie_policy, **options}
+        return dict(self.call("POST", f"/v1/datasets/{name}/versions/{version}/pairs", json=body))
 
     # -------------------------------------------------------------------------------- fine-tunes
     def create_finetune(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from demo.client import ControlPlaneClient, channel, generate, stub, wait_serving_checkpoint
-from services.common.records.progress import StepEvent, read_progress
+from demo.metrics import finetune_metrics, metric_rows
 from services.common.store import ObjectStore
 from services.inference.gen import inference_pb2 as pb
 
@@ -43,6 +44,11 @@ class LoopOptions:
     train_frames: int = 4
     train_size: int = 64
     extra_hyperparameters: dict[str, Any] = field(default_factory=dict)
+    # Whole prompts held out of the fine-tune (0: none); with a hold-out the loop measures the
+    # held-out implicit reward accuracy of the reference and of the trained checkpoint.
+    holdout_fraction: float = 0.0
+    video_speed: float | None = None  # px/frame of the synthetic squares (None: size / 16)
+    train_seed: int = 1
     # generation
     prompt: str = "a square slides to the right"
     gen_frames: int = 8
@@ -64,10 +70,124 @@ class LoopOptions:
             "lr": 1e-3,
             "beta": 50.0,
             "gradient_checkpointing": False,
-            "seed": 1,
+            "seed": self.train_seed,
         }
+        if self.holdout_fraction:
+            hp["holdout_fraction"] = self.holdout_fraction  # by prompt; its seed is ``seed``
         hp.update(self.extra_hyperparameters)
         return hp
+
+
+# A fine-tune that visibly learns on 2 CPU cores in about a minute (tests/unit/test_training_learning.py
+# found the recipe; the demo holds out whole prompts instead of videos). Smooth squares moving 1 px/frame
+# beat flickering ones; unit-variance latents (LATENT_SCALE) and timesteps below 150, where the two
+# kinds of clip differ more than the noise; LoRA on the attention and temporal layers without dropout.
+LATENT_SCALE = 3.0
+LEARNING_HYPERPARAMETERS: dict[str, Any] = {
+    "batch_size": 4,
+    "lr": 5e-3,
+    "beta": 50.0,
+    "lora_rank": 4,
+    "lora_alpha": 4.0,
+    "lora_dropout": 0.0,
+    "lora_targets": r".*\.(attn1|attn2|attn_temp)\.(to_q|to_k|to_v|to_out\.0)|.*\.conv1d",
+    "timestep_max": 150,
+    "hflip_p": 0.5,
+    "eval_draws": 4,
+}
+
+
+def learning_options(**overrides: Any) -> LoopOptions:
+    """The demo's options: 4 prompts of 12 clips (6 smooth, 6 flickering), one prompt held out
+    (36 held-out pairs, 108 training pairs), 100 DPO steps at the learning recipe."""
+    values: dict[str, Any] = {
+        "prompts": 4,
+        "videos_per_prompt": 12,
+        "video_frames": 4,
+        "video_size": 64,
+        "video_speed": 1.0,
+        "holdout_fraction": 0.25,
+        "train_steps": 100,
+        "checkpoint_every": 100,
+        "train_frames": 4,
+        "train_size": 64,
+        "extra_hyperparameters": dict(LEARNING_HYPERPARAMETERS),
+    }
+    values.update(overrides)
+    return LoopOptions(**values)
+
+
+def unit_variance_latents(model_dir: Path, scale: float = LATENT_SCALE) -> None:
+    """Set the model's VAE scaling factor so its latents have about unit variance (SD picks its
+    0.18215 for that reason; the tiny random VAE needs ``LATENT_SCALE``)."""
+    cfg_path = model_dir / "vae" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["scaling_factor"] = scale
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def heldout_accuracy(
+    store: ObjectStore,
+    base_model: str,
+    pairs_prefix: str,
+    checkpoint_id: str,
+    data_dir: Path,
+    hyperparameters: dict[str, Any],
+    work_dir: Path,
+) -> dict[str, Any]:
+    """Held-out implicit reward accuracy and mean reward margin (``huvidpo.training.dpo.evaluate_pairs``,
+    fixed draws) of the reference (the base model) and of the checkpoint's adapter, on the pairs the
+    compiler held out (``heldout.jsonl`` under ``pairs_prefix``). Runs here, on one CPU thread."""
+    import torch
+
+    from huvidpo.data import read_pairs
+    from huvidpo.training import DPOConfig
+    from huvidpo.training.common import make_accelerator
+    from huvidpo.training.dpo import DPOTask
+    from services.common.publish import fetch_published
+
+    work = work_dir / "heldout-eval"
+    model_dir, ckpt_dir = work / "model", work / "checkpoint"
+    fetch_published(store, f"models/{base_model}", model_dir)
+    fetch_published(store, f"checkpoints/{checkpoint_id}", ckpt_dir)
+    for name in ("pairs.jsonl", "heldout.jsonl"):
+        store.get_file(pairs_prefix + name, work / name)
+    cfg = DPOConfig.from_mapping(
+        {
+            **hyperparameters,
+            "model": str(model_dir),
+            "dataset": str(data_dir),
+            "output_dir": str(work / "out"),
+            "pairs_file": str(work / "pairs.jsonl"),
+            "heldout_file": str(work / "heldout.jsonl"),
+            "device": "cpu",
+            "plot": False,
+        },
+        source="the demo's held-out evaluation",
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # two busy cores: more threads wait on each other (see the learning test)
+    try:
+        task = DPOTask(cfg, make_accelerator(cfg))
+        reference = task.evaluate()  # the adapter at its zero initialisation is the reference
+        task.load_weights(ckpt_dir)
+        trained = task.evaluate()
+    finally:
+        torch.set_num_threads(threads)
+    heldout = read_pairs(work / "heldout.jsonl")
+
+    def view(m: dict[str, float]) -> dict[str, float]:
+        return {
+            "implicit_acc": round(m["eval_implicit_acc"], 4),
+            "reward_margin": round(m["eval_reward_margin"], 4),
+        }
+
+    return {
+        "pairs": len(heldout),
+        "prompts": sorted({p.prompt for p in heldout}),
+        "reference": view(reference),
+        "checkpoint": {"id": checkpoint_id, **view(trained)},
+    }
 
 
 def make_rated_videos(directory: Path, opts: LoopOptions) -> Path:
@@ -80,6 +200,7 @@ def make_rated_videos(directory: Path, opts: LoopOptions) -> Path:
         videos_per_prompt=opts.videos_per_prompt,
         num_frames=opts.video_frames,
         size=opts.video_size,
+        speed=opts.video_speed,
     )
 
 
@@ -108,15 +229,6 @@ def publish_base_model(store: ObjectStore, model_dir: Path, model_id: str) -> st
     if not (is_published(store, prefix) and read_manifest(store, prefix).get("digest") == digest):
         publish_dir(store, model_dir, prefix, extra_manifest={"id": model_id, "digest": digest})
     return digest
-
-
-def progress_rows(store: ObjectStore, finetune_id: str) -> list[StepEvent]:
-    """The trainer's step events (``finetunes/{id}/progress.jsonl``), last attempt's value per step."""
-    by_step: dict[int, StepEvent] = {}
-    for ev in read_progress(store, finetune_id):
-        if isinstance(ev, StepEvent) and ev.loss is not None:
-            by_step[ev.step] = ev
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def _describe(view: dict[str, Any]) -> str:
@@ -167,8 +279,16 @@ def run_loop(
         f"[data] uploaded through REST: dataset {opts.dataset!r} version {version['id'][:16]}… "
         f"({version.get('videos')} videos, {version.get('prompts')} prompts, {version.get('raters')} raters)"
     )
-    pairs = cp.compile_pairs(opts.dataset, version["id"])
+    # The fine-tune's pair options (seed; hold-out by prompt, seeded by it): it trains on these pairs.
+    holdout: dict[str, Any] = {"holdout_fraction": opts.holdout_fraction} if opts.holdout_fraction else {}
+    pairs = cp.compile_pairs(opts.dataset, version["id"], seed=opts.train_seed, **holdout)
     log(f"[data] compiled {pairs['pairs']} preference pairs")
+    if holdout:
+        held = pairs["report"]["holdout"]
+        log(
+            f"[data] held out {pairs['heldout']} pairs of {len(held['prompts'])} prompt(s) for evaluation "
+            f"(fraction {held['fraction']}, seed {held['seed']}): {', '.join(map(repr, held['prompts']))}"
+        )
     t = lap("upload_and_pairs_seconds", t)
 
     # 2. DPO fine-tune as a Job, progress while it runs
@@ -192,17 +312,39 @@ def run_loop(
     if not ft["checkpoints"]:
         raise RuntimeError(f"fine-tune {ft['id']} succeeded without a checkpoint")
     t = lap("finetune_seconds", t)
-    rows = progress_rows(store, ft["id"])
+    ckpt_id = ft["checkpoints"][-1]
+    heldout = None
+    if holdout:
+        heldout = heldout_accuracy(
+            store, opts.base_model, ft["pairs"]["prefix"], ckpt_id, data_dir, opts.hyperparameters(), work_dir
+        )
+        ref, got = heldout["reference"], heldout["checkpoint"]
+        log(
+            f"[eval] held-out implicit reward accuracy on {heldout['pairs']} pairs of unseen prompt(s): "
+            f"reference {ref['implicit_acc']:.2f} -> {ckpt_id} {got['implicit_acc']:.2f} "
+            f"(mean reward margin {ref['reward_margin']:.2f} -> {got['reward_margin']:.2f})"
+        )
+        t = lap("heldout_eval_seconds", t)
+    body, source = finetune_metrics(cp, store, ft["id"])
+    metric_list = metric_rows(body)
     plot = None
-    if rows:
+    if metric_list:
         from huvidpo.training import plot_metrics
 
+        lines = (
+            {
+                "held-out, reference": heldout["reference"]["implicit_acc"],
+                "held-out, trained": heldout["checkpoint"]["implicit_acc"],
+            }
+            if heldout
+            else None
+        )
         # The library's plot takes plain rows (it knows nothing of the services): the metrics it has.
-        plot = plot_metrics([ev.model_dump(exclude_none=True) for ev in rows], out_dir / "metrics.png")
-        log(f"[fine-tune] loss and reward accuracy plot: {plot}")
+        plot = plot_metrics(metric_list, out_dir / "metrics.png", accuracy_lines=lines)
+        via = "REST /metrics" if source == "rest" else "the store (this control plane has no /metrics route)"
+        log(f"[fine-tune] loss and reward accuracy plot: {plot} (metrics from {via})")
 
     # 3. the newest checkpoint, rolled out through REST; wait until the service applied it
-    ckpt_id = ft["checkpoints"][-1]
     ckpt = cp.checkpoint(ckpt_id)
     # The demo starts the deployment it serves on a fresh stack, so it asks for creation explicitly.
     rollout = cp.set_rollout(opts.deployment, ckpt_id, create=True)
@@ -270,12 +412,16 @@ def run_loop(
             "hyperparameters": ft.get("hyperparameters"),
             "progress": ft.get("progress"),
             "mean_reward_accuracy": (
-                round(sum(r.implicit_acc or 0.0 for r in rows) / len(rows), 3) if rows else None
+                round(sum(r.get("implicit_acc", 0.0) for r in metric_list) / len(metric_list), 3)
+                if metric_list
+                else None
             ),
-            "first_loss": rows[0].loss if rows else None,
-            "last_loss": rows[-1].loss if rows else None,
+            "first_loss": metric_list[0].get("loss") if metric_list else None,
+            "last_loss": metric_list[-1].get("loss") if metric_list else None,
             "checkpoints": ft["checkpoints"],
+            "metrics_source": source,
         },
+        "heldout": heldout,
         "checkpoint": {"id": ckpt_id, "lineage": lineage, "created_at": ckpt.get("created_at")},
         "rollout": {
             "deployment": opts.deployment,

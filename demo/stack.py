@@ -153,6 +153,10 @@ class Stack:
                 "HUVIDPO_CONTROLPLANE_PORT": str(self.controlplane_port),
                 "HUVIDPO_CONTROLPLANE_WORK_DIR": str(self.work_dir / "controlplane"),
                 "HUVIDPO_STORE_PUBLIC_BASE_URL": self.controlplane_url,
+                # The trainers it starts (local executor) inherit this: one torch thread each. Two
+                # OpenMP threads on two loaded cores wait on each other (a DPO step of the demo took
+                # 15-20 s instead of 0.3 s, measured at load 12).
+                "OMP_NUM_THREADS": "1",
             }
         )
         svc = self._spawn("controlplane", "services.controlplane", env)

@@ -20,20 +20,44 @@ def _cmd_pairs(args: argparse.Namespace) -> int:
         margin_weighting=args.margin_weighting,
         seed=args.seed,
         motion_check=not args.no_motion_check,
+        holdout_fraction=args.holdout_fraction,
+        holdout_seed=args.holdout_seed,
     )
+    heldout_file = heldout_path(args.out) if args.out is not None and args.holdout_fraction else None
     if args.out is not None:
         write_pairs(pairset, args.out)
+    if heldout_file is not None:
+        write_pairs(pairset.heldout, heldout_file)
     if args.json:
         out: dict[str, Any] = {"dataset": str(ds.root), "report": pairset.report.to_dict()}
         if args.out is not None:
             out["pairs_file"] = str(args.out)
+        if heldout_file is not None:
+            out["heldout_file"] = str(heldout_file)
         print(json.dumps(out, indent=2))
     else:
         print(f"dataset       {ds.root}")
         print(pairset.report.format())
         if args.out is not None:
             print(f"wrote {len(pairset.pairs)} pairs to {args.out}")
+        if heldout_file is not None:
+            print(f"wrote {len(pairset.heldout)} held-out pairs to {heldout_file}")
     return 0
+
+
+def heldout_path(pairs_file: Path) -> Path:
+    """Where the held-out pairs go, beside ``pairs_file``: ``heldout.jsonl`` next to a ``pairs.jsonl``
+    (the control plane's layout), else ``<stem>.heldout<suffix>``."""
+    if pairs_file.name == "pairs.jsonl":
+        return pairs_file.with_name("heldout.jsonl")
+    return pairs_file.with_name(f"{pairs_file.stem}.heldout{pairs_file.suffix or '.jsonl'}")
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
 
 
 def register(subparsers: Any) -> None:
@@ -53,6 +77,14 @@ def register(subparsers: Any) -> None:
         "--no-video-check", action="store_true", help="do not decode the videos (faster, less safe)"
     )
     p.add_argument("--no-motion-check", action="store_true", help="skip the motion-bias check")
+    p.add_argument(
+        "--holdout-fraction",
+        type=_fraction,
+        default=0.0,
+        help="hold out this fraction of the prompts (whole prompts, [0, 1)) for evaluation; with --out "
+        "their pairs go to heldout.jsonl beside it (<stem>.heldout.jsonl for another name)",
+    )
+    p.add_argument("--holdout-seed", type=int, default=0, help="fixes which prompts are held out")
     p.add_argument("--out", type=Path, default=None, help="write the pairs as JSONL here (atomically)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=_cmd_pairs)

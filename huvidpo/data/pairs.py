@@ -18,6 +18,12 @@ The report counts videos, raters, pairs and what was dropped, histograms the sco
 motion bias: when chosen clips move clearly less than rejected ones (mean chosen motion below
 :data:`MOTION_WARN_RATIO` of the mean rejected motion, over at least :data:`MOTION_MIN_PAIRS` pairs),
 DPO would learn "move less", and the report says so.
+
+Held-out pairs: ``holdout_fraction > 0`` holds out whole prompts (``max(1, round(prompts x fraction))``
+of the prompts that have pairs, chosen by ``random.Random(holdout_seed)``, the same choice as
+``huvidpo.training``'s ``holdout_by="prompt"`` with that seed), so an evaluation on them measures
+prompts the fine-tune never saw. The report's counts and motion check are of the training pairs; its
+``holdout`` records the fraction, the seed, the held-out prompts and their pair count.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import hashlib
 import itertools
 import json
 import os
+import random
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +65,16 @@ class Pair:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+@dataclass
+class Holdout:
+    """The prompts :func:`compile_pairs` held out (``holdout_fraction``, ``holdout_seed``) and their pair count."""
+
+    fraction: float
+    seed: int
+    prompts: list[str]
+    pairs: int
 
 
 @dataclass
@@ -99,6 +116,7 @@ class PairReport:
     motion: MotionCheck | None = None
     motion_unavailable: int = 0
     warnings: list[str] = field(default_factory=list)
+    holdout: Holdout | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -135,16 +153,24 @@ class PairReport:
             lines.append(
                 f"              motion unknown for {self.motion_unavailable} video(s) (not decodable)"
             )
+        h = self.holdout
+        if h is not None:
+            lines.append(
+                f"held out      {h.pairs} pairs of {len(h.prompts)} prompt(s) (fraction {h.fraction:g}, "
+                f"seed {h.seed}): " + "; ".join(repr(p) for p in h.prompts)
+            )
         lines += [f"WARNING: {w}" for w in self.warnings]
         return "\n".join(lines)
 
 
 @dataclass
 class PairSet:
-    """Compiled pairs (deterministic order: by prompt, then by video ids) and their report."""
+    """Compiled pairs (deterministic order: by prompt, then by video ids) and their report;
+    ``heldout``: the pairs of the held-out prompts (same order), empty without a hold-out."""
 
     pairs: list[Pair]
     report: PairReport
+    heldout: list[Pair] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -199,6 +225,23 @@ def check_motion(ds: PreferenceDataset, pairs: list[Pair]) -> tuple[MotionCheck 
     return MotionCheck(len(pairs_m), mw, ml, less, warn), missing
 
 
+def holdout_prompts(prompts: list[str] | set[str], fraction: float, seed: int) -> list[str]:
+    """The prompts held out: ``max(1, round(n x fraction))`` of ``prompts`` (none when ``fraction`` is
+    0), a seeded choice that depends only on the sorted prompts and ``seed``. ``ValueError`` when
+    ``fraction`` is outside ``[0, 1)`` or would leave no prompt to train on."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction must be in [0, 1), got {fraction}")
+    ordered = sorted(prompts)
+    if fraction == 0 or not ordered:
+        return []
+    n_hold = max(1, round(len(ordered) * fraction))
+    if n_hold >= len(ordered):
+        raise ValueError(
+            f"holdout_fraction {fraction} leaves no prompt to train on ({len(ordered)} prompt(s) with pairs)"
+        )
+    return sorted(random.Random(seed).sample(ordered, n_hold))
+
+
 def compile_pairs(
     ds: PreferenceDataset,
     tie_policy: TiePolicy | str = "drop",
@@ -206,12 +249,15 @@ def compile_pairs(
     margin_weighting: bool = False,
     seed: int = 0,
     motion_check: bool = True,
+    holdout_fraction: float = 0.0,
+    holdout_seed: int = 0,
 ) -> PairSet:
     """Turn a dataset's scores and choices into preference pairs (rules in the module docstring).
 
     ``min_margin`` is in score points (0..10) and applies to score pairs only. ``tie_policy`` is
     ``"drop"`` or ``"keep"`` (``"keep_arbitrary"`` is accepted as an alias). ``motion_check`` decodes
-    the videos whose motion was not measured at load time."""
+    the videos whose motion was not measured at load time. ``holdout_fraction`` (of the prompts, in
+    ``[0, 1)``) moves whole prompts' pairs to ``PairSet.heldout``, chosen by ``holdout_seed``."""
     policy = "keep" if tie_policy == "keep_arbitrary" else tie_policy
     if policy not in ("drop", "keep"):
         raise ValueError(f"tie_policy must be 'drop' or 'keep', got {tie_policy!r}")
@@ -285,11 +331,15 @@ def compile_pairs(
         ]
 
     pairs = sorted(score_pairs + choice_pairs, key=lambda p: (p.prompt, p.source, p.chosen_id, p.rejected_id))
-    report.pairs, report.pairs_from_scores, report.pairs_from_choices = (
-        len(pairs),
-        len(score_pairs),
-        len(choice_pairs),
-    )
+    heldout: list[Pair] = []
+    if holdout_fraction:
+        held = set(holdout_prompts({p.prompt for p in pairs}, holdout_fraction, holdout_seed))
+        heldout = [p for p in pairs if p.prompt in held]
+        pairs = [p for p in pairs if p.prompt not in held]
+        report.holdout = Holdout(holdout_fraction, holdout_seed, sorted(held), len(heldout))
+    report.pairs = len(pairs)
+    report.pairs_from_scores = sum(p.source == "scores" for p in pairs)
+    report.pairs_from_choices = len(pairs) - report.pairs_from_scores
     if not pairs:
         report.warnings.append("no pairs: every comparison was a tie, below min_margin or unrated")
     if motion_check and pairs:
@@ -301,7 +351,7 @@ def compile_pairs(
                 f"{m.mean_rejected:.2f}, ratio {m.ratio:.2f} < {MOTION_WARN_RATIO}): the raters may prefer static "
                 "clips, and DPO would learn to suppress motion"
             )
-    return PairSet(pairs, report)
+    return PairSet(pairs, report, heldout)
 
 
 def write_pairs(pairset: PairSet | list[Pair], path: str | os.PathLike[str]) -> Path:

@@ -140,8 +140,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
     return rows
 
 
-def plot_metrics(rows: Sequence[Mapping[str, Any]], png_path: str | os.PathLike[str]) -> Path:
-    """Loss (left) and implicit reward accuracy (right; training and held-out) against step."""
+def plot_metrics(
+    rows: Sequence[Mapping[str, Any]],
+    png_path: str | os.PathLike[str],
+    accuracy_lines: Mapping[str, float] | None = None,
+) -> Path:
+    """Loss (left) and implicit reward accuracy (right; training and held-out) against step.
+    ``accuracy_lines``: labelled horizontal lines on the accuracy axis (e.g. held-out accuracy of the
+    reference and of the trained checkpoint)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -171,6 +177,10 @@ def plot_metrics(rows: Sequence[Mapping[str, Any]], png_path: str | os.PathLike[
         ev = [(r["step"], r["eval_implicit_acc"]) for r in rows if "eval_implicit_acc" in r]
         if ev:
             ax2.plot([s for s, _ in ev], [a for _, a in ev], "o-", label="held-out")
+        for (label, value), color in zip(
+            (accuracy_lines or {}).items(), ("tab:red", "tab:green", "tab:purple"), strict=False
+        ):
+            ax2.axhline(value, color=color, lw=1.2, ls="-.", label=f"{label}: {value:.2f}")
         ax2.set_ylim(-0.02, 1.02)
         ax2.axhline(0.5, color="grey", lw=0.5, ls="--")
         ax2.set_xlabel("step")

@@ -339,6 +339,10 @@ class DPOConfig(TrainConfig):
     pairs_file: str | None = option(
         None, "a compiled pairs.jsonl to train on (null: compile the dataset's ratings)", fine_tune=False
     )
+    # The compiler already split them off: no further split is made here (holdout_fraction only recorded).
+    heldout_file: str | None = option(
+        None, "with pairs_file: the held-out pairs compiled beside it to evaluate on", fine_tune=False
+    )
     holdout_fraction: float = option(
         0.0, "fraction held out for evaluation (implicit reward accuracy), see holdout_by", ge=0, lt=1
     )

@@ -165,7 +165,16 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     heldout_prompts: set[str] = set()
     heldout_videos: set[str] = set()
     rng = random.Random(cfg.seed)
-    if cfg.holdout_fraction > 0 and cfg.holdout_by == "prompt":
+    given: list[Any] = []
+    if cfg.heldout_file:
+        if not cfg.pairs_file:
+            raise ConfigError(
+                "heldout_file needs pairs_file (the pairs compiled with it)", field="heldout_file"
+            )
+        # Split off by the compiler already: train on every pair of pairs_file, evaluate on these.
+        given = _read_pairs_for(ds, cfg.heldout_file, field="heldout_file")
+        heldout_prompts = {p.prompt for p in given}
+    elif cfg.holdout_fraction > 0 and cfg.holdout_by == "prompt":
         n_hold = max(1, round(len(prompts) * cfg.holdout_fraction))
         if n_hold >= len(prompts):
             raise ConfigError(
@@ -194,7 +203,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
         return {0: "train", 1: "dropped", 2: "heldout"}[held]
 
     train = [p for p in pairs if split(p) == "train"]
-    heldout = [p for p in pairs if split(p) == "heldout"]
+    heldout = given or [p for p in pairs if split(p) == "heldout"]
     if not train:
         raise ConfigError(
             f"holdout_fraction {cfg.holdout_fraction} leaves no training pairs", field="holdout_fraction"
@@ -211,7 +220,7 @@ def prepare_pairs(cfg: DPOConfig) -> PreparedPairs:
     return PreparedPairs(train, heldout, paths, frames, report)
 
 
-def _read_pairs_for(ds: Any, path: str) -> list[Any]:
+def _read_pairs_for(ds: Any, path: str, field: str = "pairs_file") -> list[Any]:
     """The pairs of ``path`` (a ``pairs.jsonl``), each naming two videos of ``ds``."""
     from huvidpo.data import read_pairs
 
@@ -219,9 +228,7 @@ def _read_pairs_for(ds: Any, path: str) -> list[Any]:
     for n, p in enumerate(pairs, start=1):
         missing = [v for v in (p.chosen_id, p.rejected_id) if v not in ds.videos]
         if missing:
-            raise ConfigError(
-                f"pairs_file line {n}: video {missing[0]!r} is not in the dataset", field="pairs_file"
-            )
+            raise ConfigError(f"{field} line {n}: video {missing[0]!r} is not in the dataset", field=field)
     return pairs
 
 
@@ -275,7 +282,9 @@ def evaluate_pairs(
     accelerator: Any = None,
 ) -> dict[str, float]:
     """Implicit reward accuracy on ``pairs``: the DPO inside term (from :func:`dpo_errors`, as in
-    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0.
+    training) averaged over ``eval_draws`` (t, noise) draws per pair, counted as correct when > 0
+    and as half when exactly 0 (a tie: the reference itself, or an adapter still at its zero
+    initialisation, scores 0.5, chance, and not 0).
     The draws are fixed (same for every call), with timesteps stratified over
     ``[timestep_min, timestep_max)``; clips are unflipped and start at 0; LoRA dropout is off. Returns ``eval_implicit_acc``, ``eval_reward_margin`` and ``eval_pairs``.
 
@@ -311,7 +320,7 @@ def evaluate_pairs(
     values = [m for _, m in sorted(margins)]
     n = max(1, len(pairs))
     return {
-        "eval_implicit_acc": sum(m > 0 for m in values) / n,
+        "eval_implicit_acc": (sum(m > 0 for m in values) + 0.5 * sum(m == 0 for m in values)) / n,
         "eval_reward_margin": sum(values) / n,
         "eval_pairs": float(len(pairs)),
     }

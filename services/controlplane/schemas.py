@@ -215,6 +215,10 @@ class PairsRequest(Strict):
     # The fine-tune's ``seed`` hyperparameter (default 33): the same options and seed give the pairs
     # a fine-tune trains on.
     seed: int = Field(default=33, ge=0, le=BOUNDS["seed"].hi)
+    # Whole prompts held out for evaluation (heldout.jsonl beside pairs.jsonl); a DPO fine-tune with
+    # the hyperparameters holdout_fraction and seed S trains on the pairs of seed S, holdout_seed S.
+    holdout_fraction: float = Field(default=0.0, ge=0, lt=1)
+    holdout_seed: int | None = Field(default=None, ge=0, le=BOUNDS["seed"].hi, description="default: seed")
 
 
 class PairsReport(BaseModel):
@@ -223,6 +227,9 @@ class PairsReport(BaseModel):
     options: dict[str, Any]
     pairs: int
     pairs_sha256: str | None
+    # The held-out pairs (heldout.jsonl; report.holdout names their prompts); 0 and null without.
+    heldout: int = 0
+    heldout_sha256: str | None = None
     report: dict[str, Any]
     text: str
     # False while the version's validation has not measured its videos' motion: the report's motion

@@ -82,6 +82,7 @@ _LOCAL_CONFIG = (
     "dataset_digest",
     "base_model_digest",
     "pairs_file",  # the spec's pairs, recorded as spec.pairs (digest) in the fine-tune
+    "heldout_file",  # likewise its held-out pairs (spec.pairs.heldout_digest)
 )
 
 
@@ -349,6 +350,8 @@ def _fetch(store: ObjectStore, spec: Any, finetune_id: str, work: Path, resume_s
         raise BadInput(str(exc)) from exc
     if spec.pairs is not None:
         _fetch_pairs(store, spec.pairs, work / "pairs.jsonl")
+        if spec.pairs.heldout_digest is not None:
+            _fetch_pairs(store, spec.pairs, work / "heldout.jsonl", "heldout.jsonl")
     ckpt_dir = work / "out" / "checkpoints"
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     if resume_step is not None:
@@ -385,6 +388,8 @@ def _run(
     }
     if spec.pairs is not None:
         inputs["pairs_file"] = str(work / "pairs.jsonl")
+        if spec.pairs.heldout_digest is not None:  # evaluated on, never trained on
+            inputs["heldout_file"] = str(work / "heldout.jsonl")
     set_by_spec = spec.hyperparameters.model_fields_set
     if settings.checkpoint_every and "checkpoint_every" not in set_by_spec:
         inputs["checkpoint_every"] = settings.checkpoint_every
@@ -446,11 +451,12 @@ def _run(
     return ExitCode.OK, None, f"trained {result.steps} steps"
 
 
-def _fetch_pairs(store: ObjectStore, pairs: PairsRef, dest: Path) -> Path:
-    """The compiled pairs the spec names, verified against the digest it recorded."""
-    key = pairs.prefix + "pairs.jsonl"
+def _fetch_pairs(store: ObjectStore, pairs: PairsRef, dest: Path, name: str = "pairs.jsonl") -> Path:
+    """The compiled pairs (or held-out pairs) the spec names, verified against the digest it recorded."""
+    key = pairs.prefix + name
+    digest = pairs.digest if name == "pairs.jsonl" else str(pairs.heldout_digest)
     try:
-        store.get_file(key, dest, expected_sha256=pairs.digest.removeprefix("sha256:"))
+        store.get_file(key, dest, expected_sha256=digest.removeprefix("sha256:"))
     except ObjectNotFound as exc:
         raise BadInput(f"the fine-tune's compiled pairs {key} are gone from the store") from exc
     except ChecksumMismatch as exc:

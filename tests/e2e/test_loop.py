@@ -47,6 +47,17 @@ def _check_outputs(summary: dict[str, Any], out: Path, opts: LoopOptions) -> Non
     assert summary["checkpoint"]["lineage"]["finetune_id"] == ft["id"]
     assert summary["generation"]["checkpoint_id"] == summary["checkpoint"]["id"] == ft["checkpoints"][-1]
     assert summary["dataset"]["pairs"] > 0
+    held = summary["heldout"]
+    if opts.holdout_fraction:
+        # One of the two prompts held out: its pair is evaluated, never trained on; the reference
+        # (margin 0 on every pair) scores chance, the checkpoint its own margin.
+        assert held["pairs"] == 1 and len(held["prompts"]) == 1
+        assert held["reference"] == {"implicit_acc": 0.5, "reward_margin": 0.0}
+        assert held["checkpoint"]["id"] == ft["checkpoints"][-1]
+        assert held["checkpoint"]["reward_margin"] != 0.0
+        assert summary["dataset"]["pairs"] == 1
+    else:
+        assert held is None
 
 
 def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metrics(
@@ -75,7 +86,7 @@ def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metr
     assert prom.value("sum(huvidpo_inference_rollout_outcomes_total)") in (None, 0.0)
     assert prom.value("sum(huvidpo_inference_generation_seconds_count)") in (None, 0.0)
 
-    opts = LoopOptions(**OPTS)  # type: ignore[arg-type]
+    opts = LoopOptions(**{**OPTS, "holdout_fraction": 0.5})  # type: ignore[arg-type]
     out = tmp_path / "out"
     summary = run_loop(running.cp, stack.grpc_address, running.store, tmp_path / "work", out, opts, print)
     _check_outputs(summary, out, opts)

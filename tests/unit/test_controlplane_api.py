@@ -703,3 +703,55 @@ def test_absurd_hyperparameters_get_a_422_naming_the_field_and_the_bound(
     props = schemas["FineTuneHyperparameters"]["properties"]
     assert props["max_steps"]["anyOf"][0]["maximum"] == 10_000_000
     assert props["height"]["maximum"] == 2048 and props["height"]["multipleOf"] == 8
+
+
+def test_compiling_with_a_holdout_writes_heldout_pairs_and_a_finetune_trains_beside_them(
+    env: dict[str, Any], tmp_path: Path
+) -> None:
+    """Whole prompts are held out (seeded, shown in the report) into ``heldout.jsonl`` beside
+    ``pairs.jsonl``; without a hold-out the compiled pairs keep the key they always had; a DPO
+    fine-tune with ``holdout_fraction`` and ``seed`` S names the pairs of ``holdout_seed`` S."""
+    from huvidpo.data import make_synthetic_dataset, read_pairs
+    from services.controlplane.domain.datasets import PairOptions
+
+    client, store = env["client"], env["store"]
+    data = make_synthetic_dataset(tmp_path / "d4", n_prompts=4, videos_per_prompt=2, num_frames=4, size=32)
+    v = _dataset(client, data)
+    url = f"/v1/datasets/cats/versions/{v['id']}/pairs"
+    plain = client.post(url, json={}, headers=AUTH).json()
+    assert plain["heldout"] == 0 and plain["heldout_sha256"] is None and plain["pairs"] == 4
+    old_key = hashlib.sha256(
+        json.dumps(
+            {"tie_policy": "drop", "min_margin": 0.0, "margin_weighting": False, "seed": 33}, sort_keys=True
+        ).encode()
+    ).hexdigest()[:16]
+    assert PairOptions().key() == old_key  # pairs compiled before the hold-out existed are still found
+    r = client.post(url, json={"holdout_fraction": 0.25, "seed": 7}, headers=AUTH)  # holdout_seed: seed
+    assert r.status_code == 200, r.text
+    body = r.json()
+    held = body["report"]["holdout"]
+    assert held["fraction"] == 0.25 and held["seed"] == 7 and len(held["prompts"]) == 1 and held["pairs"] == 1
+    assert (body["pairs"], body["heldout"]) == (3, 1)
+    assert "held out      1 pairs of 1 prompt(s)" in body["text"] and held["prompts"][0] in body["text"]
+    prefix = f"datasets/cats/compiled/{v['id'].removeprefix('sha256:')}/"
+    keys = [o.key for o in store.list(prefix) if o.key.endswith("heldout.jsonl")]
+    assert len(keys) == 1
+    heldout_file, pairs_file = tmp_path / "h.jsonl", tmp_path / "p.jsonl"
+    store.get_file(keys[0], heldout_file)
+    store.get_file(keys[0].replace("heldout.jsonl", "pairs.jsonl"), pairs_file)
+    assert {p.prompt for p in read_pairs(heldout_file)} == set(held["prompts"])
+    assert not {p.prompt for p in read_pairs(pairs_file)} & set(held["prompts"])
+    other = client.post(url, json={"holdout_fraction": 0.25, "seed": 7, "holdout_seed": 8}, headers=AUTH)
+    assert other.json()["report"]["holdout"]["seed"] == 8
+    bad = client.post(url, json={"holdout_fraction": 0.9}, headers=AUTH)
+    assert assert_problem(bad, 422, "validation-error")["field"] == "holdout_fraction"
+    out_of_range = client.post(url, json={"holdout_fraction": 1.0}, headers=AUTH)
+    assert out_of_range.status_code == 422
+
+    hp = {"max_steps": 3, "num_frames": 4, "height": 32, "width": 32, "holdout_fraction": 0.25, "seed": 7}
+    ft = _create_ft(client, v["id"], hyperparameters=hp)
+    assert ft.status_code == 201, ft.text
+    pairs = ft.json()["pairs"]
+    assert pairs["digest"] == body["pairs_sha256"] and pairs["heldout_digest"] == body["heldout_sha256"]
+    assert pairs["prefix"] + "heldout.jsonl" == keys[0]
+    assert pairs["options"]["holdout_fraction"] == 0.25 and pairs["options"]["holdout_seed"] == 7

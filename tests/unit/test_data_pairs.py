@@ -244,3 +244,65 @@ def test_cli_pairs_on_a_bad_dataset_exits_2_and_writes_nothing(
     assert main(["pairs", str(tmp_path), "--no-video-check", "--out", str(out)]) == 2
     assert "out of range" in capsys.readouterr().err
     assert not out.exists()
+
+
+def five_prompts(tmp_path: Path) -> PreferenceDataset:
+    return dataset(
+        tmp_path,
+        [video(f"{p}{k}", {"r": 2 + 3 * k}, prompt=f"prompt {p}") for p in "abcde" for k in range(3)],
+    )
+
+
+def test_holdout_moves_whole_prompts_chosen_by_the_seed_and_records_them(tmp_path: Path) -> None:
+    ds = five_prompts(tmp_path)
+    full = compile_pairs(ds, motion_check=False)
+    assert full.heldout == [] and full.report.holdout is None and len(full.pairs) == 15
+    ps = compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=3)
+    held = ps.report.holdout
+    assert held is not None and len(held.prompts) == 2 and (held.fraction, held.seed) == (0.4, 3)
+    assert {p.prompt for p in ps.heldout} == set(held.prompts)
+    assert not {p.prompt for p in ps.pairs} & set(held.prompts)
+    assert sorted(ps.pairs + ps.heldout, key=str) == sorted(full.pairs, key=str)
+    assert (held.pairs, ps.report.pairs) == (6, 9)
+    d = ps.report.to_dict()["holdout"]
+    assert d == {"fraction": 0.4, "seed": 3, "prompts": held.prompts, "pairs": 6}
+    assert "held out      6 pairs of 2 prompt(s)" in ps.report.format()
+    again = compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=3)
+    assert again.report.holdout == held
+    others = {
+        tuple(
+            compile_pairs(ds, motion_check=False, holdout_fraction=0.4, holdout_seed=s).report.holdout.prompts
+        )  # type: ignore[union-attr]
+        for s in range(8)
+    }
+    assert len(others) > 1  # the seed decides
+
+
+def test_holdout_that_leaves_no_training_prompt_is_refused(tmp_path: Path) -> None:
+    ds = five_prompts(tmp_path)
+    with pytest.raises(ValueError, match="leaves no prompt to train on"):
+        compile_pairs(ds, motion_check=False, holdout_fraction=0.95)
+    with pytest.raises(ValueError, match=r"holdout_fraction must be in \[0, 1\)"):
+        compile_pairs(ds, motion_check=False, holdout_fraction=1.0)
+
+
+def test_cli_pairs_writes_heldout_pairs_beside_the_pairs_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ds_dir = make_synthetic_dataset(tmp_path / "ds", n_prompts=4, videos_per_prompt=4)
+    out = tmp_path / "pairs.jsonl"
+    args = ["pairs", str(ds_dir), "--json", "--out", str(out), "--holdout-fraction", "0.25"]
+    assert main([*args, "--holdout-seed", "5"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    held = shown["report"]["holdout"]
+    assert shown["heldout_file"] == str(tmp_path / "heldout.jsonl")
+    assert held["seed"] == 5 and len(held["prompts"]) == 1 and held["pairs"] == 4
+    heldout = read_pairs(tmp_path / "heldout.jsonl")
+    assert {p.prompt for p in heldout} == set(held["prompts"]) and len(heldout) == 4
+    assert len(read_pairs(out)) == 12 and not {p.prompt for p in read_pairs(out)} & set(held["prompts"])
+    other = tmp_path / "train.jsonl"
+    assert main(["pairs", str(ds_dir), "--out", str(other), "--holdout-fraction", "0.25"]) == 0
+    assert "held-out pairs to" in capsys.readouterr().out
+    assert len(read_pairs(tmp_path / "train.heldout.jsonl")) == 4
+    with pytest.raises(SystemExit):
+        main(["pairs", str(ds_dir), "--holdout-fraction", "1.5"])

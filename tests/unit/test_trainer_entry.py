@@ -137,3 +137,63 @@ def test_the_trainer_reads_the_pairs_its_spec_names(tmp_path: Path, tiny_model_d
         assert run(store, TrainerSettings(finetune_id=ft, work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
         end = _end(store, ft)
         assert says in end["message"], end
+
+
+def test_a_finetune_with_a_holdout_never_trains_on_a_heldout_prompt(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: Any
+) -> None:
+    """Compiled with a hold-out, the spec's pairs.jsonl lacks the held-out prompts; the trainer trains
+    on exactly those pairs (every batch it loads is recorded) and evaluates on heldout.jsonl."""
+    import huvidpo.training.dpo as dpo
+    from huvidpo.data import make_synthetic_dataset
+    from services.common.records import hyperparameters
+    from services.controlplane.domain.finetunes import pair_options
+
+    store = LocalStore(tmp_path / "s")
+    publish_dir(store, tiny_model_dir, "models/tiny/", {})
+    ds = make_synthetic_dataset(tmp_path / "ds", n_prompts=4, videos_per_prompt=2, num_frames=4, size=32)
+    datasets = DatasetService(store, tmp_path / "cache")
+    datasets.create("cats")
+    upload = datasets.start_upload("cats")
+    for p in sorted(q for q in ds.rglob("*") if q.is_file()):
+        with p.open("rb") as fh:
+            datasets.stage_stream("cats", upload["id"], p.relative_to(ds).as_posix(), fh)
+    version = str(datasets.commit_upload("cats", upload["id"])["id"])
+    hp = {
+        "height": 32,
+        "width": 32,
+        "num_frames": 4,
+        "max_steps": 4,
+        "batch_size": 2,
+        "holdout_fraction": 0.5,
+    }
+    options = pair_options("dpo", hyperparameters.parse("dpo", hp))
+    assert options is not None and options.holdout_fraction == 0.5
+    report = datasets.compile_pairs("cats", version, options)
+    held = set(report["report"]["holdout"]["prompts"])
+    assert len(held) == 2 and report["heldout"] == 2 and report["pairs"] == 2
+    pairs = {
+        "prefix": datasets.pairs_prefix("cats", version, options),
+        "digest": report["pairs_sha256"],
+        "heldout_digest": report["heldout_sha256"],
+    }
+    _record(store, "ft-h", version=version, hyperparameters=hp, pairs=pairs)
+    trained: list[str] = []
+    evaluated: list[str] = []
+    real_load, real_eval = dpo.load_pair_batch, dpo.evaluate_pairs
+
+    def load(batch_pairs: Any, *args: Any) -> Any:
+        trained.extend(p.prompt for p in batch_pairs)
+        return real_load(batch_pairs, *args)
+
+    def evaluate(unet: Any, eval_pairs: Any, *args: Any, **kw: Any) -> Any:
+        evaluated.extend(p.prompt for p in eval_pairs)
+        return real_eval(unet, eval_pairs, *args, **kw)
+
+    monkeypatch.setattr(dpo, "load_pair_batch", load)
+    monkeypatch.setattr(dpo, "evaluate_pairs", evaluate)
+    assert run(store, TrainerSettings(finetune_id="ft-h", work_dir=tmp_path / "w")) == ExitCode.OK, _end(
+        store, "ft-h"
+    )
+    assert len(trained) == 8 and not set(trained) & held  # 4 steps x 2 pairs, none held out
+    assert set(evaluated) == held

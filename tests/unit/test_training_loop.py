@@ -106,3 +106,18 @@ def test_evaluation_forwards_stay_under_the_pixel_budget_and_give_the_same_resul
         hook.remove()
     assert big < len(sizes) and max(sizes) * 4 * 64 * 64 <= 2 * per_pair  # each forward: one pair's clips
     assert budgeted == pytest.approx(whole, rel=1e-5, abs=1e-6)
+
+
+def test_the_reference_scores_chance_on_held_out_pairs_not_zero() -> None:
+    """An adapter at its zero initialisation is the reference: every margin is exactly 0, a tie,
+    which counts as half right (0.5), not as wrong."""
+    comps = tiny_components(seed=0)
+    unet = comps.unet
+    unet.add_adapter(lora_config(rank=4, alpha=4, dropout=0.0), adapter_name="dpo")
+    g = torch.Generator().manual_seed(3)
+    clips = {name: torch.randn(4, 4, 8, 8, generator=g) for name in "abcd"}
+    text = torch.randn(16, 32, generator=g)
+    source = SimpleNamespace(clip=lambda path, start, flip: clips[path], text=lambda prompt: text)
+    pairs = [SimpleNamespace(chosen_id=w, rejected_id=lo, prompt="p") for w, lo in ("ab", "cd")]
+    got = evaluate_pairs(unet, pairs, {k: k for k in clips}, source, comps.ddpm(), DPOConfig(eval_draws=2))  # type: ignore[arg-type]
+    assert got["eval_reward_margin"] == 0.0 and got["eval_implicit_acc"] == 0.5

@@ -45,6 +45,9 @@ class PairsRef(BaseModel):
     prefix: str
     digest: str
     options: dict[str, Any] = Field(default_factory=dict)
+    # With a hold-out (options' holdout_fraction > 0): the digest of ``heldout.jsonl`` beside the
+    # pairs, which the trainer evaluates on and never trains on.
+    heldout_digest: str | None = None
 
 
 class FineTuneSpec(BaseModel):

@@ -99,9 +99,21 @@ class PairOptions:
     # Decides the direction of kept ties; the training default (``huvidpo.training.config``'s
     # ``seed``), so a preview with default options shows the pairs a default fine-tune trains on.
     seed: int = 33
+    # Whole prompts held out for evaluation (``heldout.jsonl``); a fine-tune with ``holdout_fraction``
+    # (by prompt) and ``seed`` S compiles with ``holdout_seed`` S.
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 33
+
+    def as_dict(self) -> dict[str, Any]:
+        """The options as recorded (report, fine-tune spec); the hold-out's only when there is one, so
+        options without a hold-out read, and are keyed, as they were before it existed."""
+        options = dataclasses.asdict(self)
+        if not self.holdout_fraction:
+            del options["holdout_fraction"], options["holdout_seed"]
+        return options
 
     def key(self) -> str:
-        blob = json.dumps(dataclasses.asdict(self), sort_keys=True).encode()
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
@@ -718,7 +730,7 @@ class DatasetService:
     # ------------------------------------------------------------------------------- pairs
     def pairs_prefix(self, name: str, digest: str, options: PairOptions) -> str:
         """Where the pairs of version ``digest`` compiled with ``options`` live (``pairs.jsonl``,
-        ``report.json``); ``digest`` in its stored (64-hex) form."""
+        ``report.json``, and ``heldout.jsonl`` with a hold-out); ``digest`` in its stored (64-hex) form."""
         return dataset_prefix(name) + f"compiled/{digest}/{options.key()}/"
 
     def compile_pairs(self, name: str, digest: str, options: PairOptions) -> dict[str, Any]:
@@ -752,11 +764,20 @@ class DatasetService:
                     options.margin_weighting,
                     seed=options.seed,
                     motion_check=motion is not None,
+                    holdout_fraction=options.holdout_fraction,
+                    holdout_seed=options.holdout_seed,
                 )
             except DatasetError as exc:
                 raise InvalidRequest(user_message(exc, data), field="version") from exc
             except ValueError as exc:
-                raise InvalidRequest(str(exc), field="options") from exc
+                field = "holdout_fraction" if "holdout_fraction" in str(exc) else "options"
+                raise InvalidRequest(str(exc), field=field) from exc
+            heldout_sha256 = None
+            if options.holdout_fraction:  # before pairs.jsonl: a reader that finds the pairs finds both
+                held = write_pairs(pairset.heldout, Path(tmp) / "heldout.jsonl")
+                heldout_sha256 = self.store.put_file(
+                    prefix + "heldout.jsonl", held, content_type="application/jsonl"
+                ).sha256
             path = write_pairs(pairset, Path(tmp) / "pairs.jsonl")
             info = self.store.put_file(prefix + "pairs.jsonl", path, content_type="application/jsonl")
         text = pairset.report.format()
@@ -765,9 +786,11 @@ class DatasetService:
         report = {
             "dataset": name,
             "version": digest,
-            "options": dataclasses.asdict(options),
+            "options": options.as_dict(),
             "pairs": len(pairset.pairs),
             "pairs_sha256": info.sha256,
+            "heldout": len(pairset.heldout),
+            "heldout_sha256": heldout_sha256,
             "report": pairset.report.to_dict(),
             "text": text,
             "motion_measured": motion is not None,

@@ -137,7 +137,12 @@ def pair_options(stage: str, hp: Hyperparameters) -> PairOptions | None:
     on single clips."""
     if stage != "dpo":
         return None
-    return PairOptions(hp.tie_policy, hp.min_margin, hp.margin_weighting, hp.seed)  # type: ignore[attr-defined]
+    h: Any = hp
+    if h.holdout_by == "prompt" and h.holdout_fraction > 0:
+        # The prompts are held out where the pairs are compiled (heldout.jsonl), with the seed the
+        # trainer would use: the trainer never receives their pairs to train on.
+        return PairOptions(h.tie_policy, h.min_margin, h.margin_weighting, h.seed, h.holdout_fraction, h.seed)
+    return PairOptions(h.tie_policy, h.min_margin, h.margin_weighting, h.seed)
 
 
 def derive_state(
@@ -330,7 +335,8 @@ class FineTuneService:
         return PairsRef(
             prefix=self.datasets.pairs_prefix(req.dataset, req.version, options),
             digest=str(report["pairs_sha256"]),
-            options=dataclasses.asdict(options),
+            options=options.as_dict(),
+            heldout_digest=report.get("heldout_sha256"),
         )
 
     def _initial_status(self, spec: FineTuneSpec) -> FineTuneStatus:

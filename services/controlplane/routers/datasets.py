@@ -305,7 +305,16 @@ def compile_pairs(
 ) -> dict[str, Any]:
     body = body or PairsRequest()
     return c.datasets.compile_pairs(
-        name, version, PairOptions(body.tie_policy, body.min_margin, body.margin_weighting, body.seed)
+        name,
+        version,
+        PairOptions(
+            body.tie_policy,
+            body.min_margin,
+            body.margin_weighting,
+            body.seed,
+            body.holdout_fraction,
+            body.seed if body.holdout_seed is None else body.holdout_seed,
+        ),
     )
 
 
