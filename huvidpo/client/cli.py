@@ -686,7 +686,7 @@ def _history_text(entries: list[dict[str, Any]]) -> None:
         canary = f"{e['canary']} ({e['canary_percent']}%)" if e.get("canary") else "-"
         decision = f"  gate: {e['decision']}" if e.get("decision") else ""
         print(
-            f"revision {e['revision']:<3} {e['updated_at']}  {e['action']:<10} current "
+            f"revision {e['revision']:<3} {e['updated_at']}  {e['action']:<11} current "
             f"{e.get('current') or '-'}  canary {canary}  by {e.get('actor') or '-'}{decision}"
         )
         if e.get("reason"):

@@ -107,9 +107,9 @@ def test_checkpoint_preference_is_a_table_of_win_rates_with_wilson_intervals_and
     data = json.loads(run(capsys, "checkpoints", "preference", "ckpt-x-10", "-o", "json"))
     assert data == tc.get("/v1/checkpoints/ckpt-x-10/preference").json()
     # the round as the rating page sees it
-    out = run(capsys, "datasets", "preference", "r", "--version", "latest").splitlines()
-    assert out[1].split()[:3] == ["CHECKPOINT", "OPPONENT", "PROMPT"]
-    assert out[2].split()[:2] == ["ckpt-x-10", "ckpt-x-20"]
+    rows = run(capsys, "datasets", "preference", "r", "--version", "latest").splitlines()
+    assert rows[1].split()[:3] == ["CHECKPOINT", "OPPONENT", "PROMPT"]
+    assert rows[2].split()[:2] == ["ckpt-x-10", "ckpt-x-20"]
     # a round needing three raters is still in progress: no numbers
     out = run(capsys, "checkpoints", "preference", "ckpt-x-10", "--min-raters", "3")
     assert "in progress" in out and "WINS" not in out
