@@ -512,6 +512,87 @@ def _ck_download(c: Client, a: argparse.Namespace) -> int:
     )
 
 
+def _interval(t: dict[str, Any]) -> str:
+    if t.get("wilson_low") is None:
+        return ""
+    return f"[{t['wilson_low']:.3f}, {t['wilson_high']:.3f}]"
+
+
+def _rate_row(t: dict[str, Any], prompt: str) -> list[Any]:
+    rate = t.get("win_rate")
+    return [
+        t["opponent"] if t["opponent"] != "*" else "(all)",
+        prompt,
+        t["wins"],
+        t["ties"],
+        t["losses"],
+        t["n"],
+        "" if rate is None else f"{rate:.3f}",
+        _interval(t),
+    ]
+
+
+RATE_HEADER = ("OPPONENT", "PROMPT", "WINS", "TIES", "LOSSES", "N", "WIN RATE", "WILSON 95%")
+
+
+def _round_head(r: dict[str, Any]) -> None:
+    prog = r.get("progress") or {}
+    state = (
+        "complete" if r.get("complete") else "in progress (no results until every rater judged every pair)"
+    )
+    print(
+        f"round {r['dataset']}@{r['version'][:12]}  checkpoints {', '.join(r['checkpoints'])}  "
+        f"raters {len(r.get('raters') or [])}  judged {prog.get('done', 0)}/{prog.get('total', 0)}  {state}"
+    )
+
+
+def _ranking(ranking: list[dict[str, Any]] | None) -> None:
+    if ranking:
+        print(
+            "Bradley-Terry ranking: "
+            + "  ".join(f"{x['rank']}. {x['checkpoint']} ({x['strength']:.3f})" for x in ranking)
+        )
+
+
+def _checkpoint_preference_text(v: dict[str, Any]) -> None:
+    rounds = v.get("rounds") or []
+    print(
+        f"checkpoint {v['checkpoint']}: {len(rounds)} A/B round(s); win rate = (wins + ties/2) / n, "
+        "Wilson 95% interval"
+    )
+    for r in rounds:
+        print()
+        _round_head(r)
+        res = r.get("results")
+        if res is None:
+            continue
+        rows = [_rate_row(res["overall"], "(all)")]
+        rows += [_rate_row(t, "(all)") for t in res.get("opponents") or []]
+        rows += [_rate_row(t, t["prompt"]) for t in res.get("per_prompt") or []]
+        _table(rows, RATE_HEADER)
+        _ranking(res.get("ranking"))
+
+
+def _ck_preference(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.checkpoints.preference(a.id, min_raters=a.min_raters), _checkpoint_preference_text)
+
+
+def _round_text(r: dict[str, Any]) -> None:
+    _round_head(r)
+    summary = r.get("summary")
+    if summary is None:
+        return
+    rows = [[t["checkpoint"], *_rate_row(t, "(all)")] for t in summary.get("comparisons") or []]
+    rows += [[t["checkpoint"], *_rate_row(t, t["prompt"])] for t in summary.get("per_prompt") or []]
+    _table(rows, ("CHECKPOINT", *RATE_HEADER))
+    _ranking(summary.get("ranking"))
+
+
+def _datasets_preference(c: Client, a: argparse.Namespace) -> int:
+    version = _resolve_version(c, a.name, a.version)
+    return _show(a, c.datasets.preference(a.name, version, min_raters=a.min_raters), _round_text)
+
+
 # ------------------------------------------------------------------------------------------ rollouts
 def _rollout_text(v: dict[str, Any]) -> None:
     canary = f"{v['canary']} ({v['canary_percent']}%)" if v.get("canary") else "-"
@@ -538,6 +619,84 @@ def _rollout_change(change: Callable[[Client, argparse.Namespace], dict[str, Any
         return _show(a, view, _rollout_text)
 
     return cmd
+
+
+def _policy(a: argparse.Namespace) -> dict[str, Any] | None:
+    """The canary's policy: ``--policy FILE.json``, then each ``--policy-*`` option over it (None:
+    neither given, a manual canary)."""
+    policy: dict[str, Any] = {}
+    if a.policy is not None:
+        try:
+            loaded = json.loads(Path(a.policy).read_text())
+        except ValueError as exc:
+            raise ValueError(f"--policy {a.policy}: not a JSON object ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"--policy {a.policy}: not a JSON object")
+        policy.update(loaded)
+    for key, value in (
+        ("min_heldout_accuracy", a.policy_min_accuracy),
+        ("min_requests", a.policy_min_requests),
+        ("max_error_ratio_margin", a.policy_max_error_margin),
+        ("min_raters", a.policy_min_raters),
+        ("max_wait_seconds", a.policy_max_wait),
+    ):
+        if value is not None:
+            policy[key] = value
+    if a.policy_allow_motion_collapse:
+        policy["require_no_motion_collapse"] = False
+    if a.policy_ignore_human_rounds:
+        policy["require_human_win"] = False
+    return policy or None
+
+
+def _ro_canary(c: Client, a: argparse.Namespace) -> dict[str, Any]:
+    return c.rollouts.canary(a.deployment, a.checkpoint, a.percent, policy=_policy(a))
+
+
+def _decision_text(d: dict[str, Any]) -> None:
+    done = {"promote": "promoted", "rollback": "rolled back", "wait": "recorded"}[d["decision"]]
+    if not d.get("applied"):
+        done = (
+            "the same wait is already recorded"
+            if d["decision"] == "wait"
+            else "not applied: the rollout changed meanwhile"
+        )
+    print(f"{d['deployment']} revision {d['revision']}: {d['decision']} ({done})")
+    for r in d.get("reasons") or []:
+        print(f"  - {r}")
+    _rollout_text(d["rollout"])
+
+
+def _ro_evaluate(c: Client, a: argparse.Namespace) -> int:
+    d = c.rollouts.evaluate(a.deployment)
+    if a.wait and d.get("applied") and d["decision"] != "wait":
+        print(
+            f"waiting until every replica serves revision {d['rollout']['revision']}...",
+            file=sys.stderr,
+            flush=True,
+        )
+        d["rollout"] = c.rollouts.wait(a.deployment, d["rollout"]["revision"], timeout=a.timeout)
+    _show(a, d, _decision_text)
+    # A canary the gate rolled back is a change that failed, as a watched fine-tune that failed.
+    return int(ExitCode.FAILED) if d["decision"] == "rollback" else 0
+
+
+def _history_text(entries: list[dict[str, Any]]) -> None:
+    for e in entries:
+        canary = f"{e['canary']} ({e['canary_percent']}%)" if e.get("canary") else "-"
+        decision = f"  gate: {e['decision']}" if e.get("decision") else ""
+        print(
+            f"revision {e['revision']:<3} {e['updated_at']}  {e['action']:<11} current "
+            f"{e.get('current') or '-'}  canary {canary}  by {e.get('actor') or '-'}{decision}"
+        )
+        if e.get("reason"):
+            print(f"    reason: {e['reason']}")
+        for r in e.get("reasons") or []:
+            print(f"    - {r}")
+
+
+def _ro_history(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.rollouts.history(a.deployment), _history_text)
 
 
 def _ro_show(c: Client, a: argparse.Namespace) -> int:
@@ -689,6 +848,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("dataset")
     _pairs_options(p)
+    p = _leaf(
+        g, "preference", _datasets_preference, "a version's A/B round: progress and its summary", common
+    )
+    p.add_argument("name")
+    p.add_argument("--version", required=True, help="dataset version id or digest, or 'latest'")
+    p.add_argument("--min-raters", type=int, default=None, help="raters the round needs to count as complete")
 
     g = _group(sub, "ratings", "rating records of a dataset's videos")
     p = _leaf(g, "add", _ratings_add, "add ratings (a score, a choice, or a JSONL file of records)", common)
@@ -750,6 +915,15 @@ def register(sub: Any) -> None:
     p = _leaf(g, "download", _ck_download, "download a checkpoint's files (sha256-checked)", common)
     p.add_argument("id")
     p.add_argument("dir", type=Path)
+    p = _leaf(
+        g,
+        "preference",
+        _ck_preference,
+        "human win rates in the A/B rounds comparing it (Wilson 95% interval, Bradley-Terry ranking)",
+        common,
+    )
+    p.add_argument("id", help="a checkpoint id or 'base'")
+    p.add_argument("--min-raters", type=int, default=None, help="raters a round needs to count as complete")
 
     g = _group(sub, "rollouts", "which checkpoint each inference deployment serves")
     _leaf(g, "list", _ro_list, "list deployments' rollouts", common)
@@ -769,14 +943,28 @@ def register(sub: Any) -> None:
     p = _leaf(
         g,
         "canary",
-        _rollout_change(lambda c, a: c.rollouts.canary(a.deployment, a.checkpoint, a.percent)),
-        "send a percentage of requests to a checkpoint",
+        _rollout_change(_ro_canary),
+        "send a percentage of requests to a checkpoint (with a policy: promoted or rolled back by the gate)",
         common,
     )
     p.add_argument("deployment")
     p.add_argument("checkpoint")
     p.add_argument("--percent", type=int, required=True, help="1..100")
+    _policy_options(p)
     _wait_options(p, "it")
+    p = _leaf(
+        g,
+        "evaluate",
+        _ro_evaluate,
+        "check the canary against its policy now: promote, roll back (exit 1) or wait, with the reasons",
+        common,
+    )
+    p.add_argument("deployment")
+    _wait_options(p, "a promotion or rollback")
+    p = _leaf(
+        g, "history", _ro_history, "every change, with the rollout gate's decisions and reasons", common
+    )
+    p.add_argument("deployment")
     p = _leaf(
         g,
         "promote",
@@ -795,6 +983,46 @@ def register(sub: Any) -> None:
     )
     p.add_argument("deployment")
     _wait_options(p, "the result")
+
+
+def _policy_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("policy (the rollout gate promotes when all hold, rolls back when one fails)")
+    g.add_argument("--policy", default=None, metavar="FILE.json", help="a RolloutPolicy JSON object")
+    g.add_argument(
+        "--policy-min-accuracy", type=float, default=None, metavar="X", help="held-out implicit accuracy >= X"
+    )
+    g.add_argument(
+        "--policy-min-requests",
+        type=int,
+        default=None,
+        metavar="N",
+        help="canary requests before errors count",
+    )
+    g.add_argument(
+        "--policy-max-error-margin",
+        type=float,
+        default=None,
+        metavar="M",
+        help="canary error ratio <= stable's + M (default 0.02)",
+    )
+    g.add_argument(
+        "--policy-allow-motion-collapse",
+        action="store_true",
+        help="do not require the evaluation to find no motion collapse",
+    )
+    g.add_argument(
+        "--policy-ignore-human-rounds",
+        action="store_true",
+        help="do not require a human A/B win (Wilson lower bound > 0.5) when a round exists",
+    )
+    g.add_argument("--policy-min-raters", type=int, default=None, metavar="N", help="raters a round needs")
+    g.add_argument(
+        "--policy-max-wait",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="roll back if undecided this long",
+    )
 
 
 def _watch_options(p: argparse.ArgumentParser) -> None:

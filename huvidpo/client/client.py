@@ -221,6 +221,17 @@ class Datasets(_Resource):
                 body[k] = v
         return dict(self._http.json("POST", f"/v1/datasets/{name}/versions/{version}/pairs", json=body))
 
+    def preference(self, name: str, version: str, *, min_raters: int | None = None) -> View:
+        """The version's A/B round: progress, and once complete its ``summary`` (win/tie/loss, win
+        rate with its Wilson 95% interval per checkpoint pair and per prompt, Bradley-Terry ranking)."""
+        return dict(
+            self._http.json(
+                "GET",
+                f"/v1/datasets/{name}/versions/{version}/preference",
+                params={"min_raters": min_raters},
+            )
+        )
+
 
 class Pairs(_Resource):
     """``client.pairs.compile(dataset, version)``: the same call as ``datasets.compile_pairs``."""
@@ -408,6 +419,14 @@ class Checkpoints(_Resource):
             os.replace(tmp, target)
         return out
 
+    def preference(self, id: str, *, min_raters: int | None = None) -> View:
+        """Human win rates of ``id`` (or ``"base"``) in every A/B round comparing it, from its side:
+        ``{"checkpoint", "ties", "rounds": [{..., "complete", "results"}]}``; a round still being
+        judged has ``results`` None."""
+        return dict(
+            self._http.json("GET", f"/v1/checkpoints/{id}/preference", params={"min_raters": min_raters})
+        )
+
     def sample(self, id: str, index: int, path: str | Path) -> Path:
         """Save the checkpoint's sample video ``index`` (``GET /v1/checkpoints/{id}/samples/{index}``)."""
         resp = self._http.request("GET", f"/v1/checkpoints/{id}/samples/{index}", stream=True)
@@ -451,12 +470,30 @@ class Rollouts(_Resource):
         return dict(self._http.json("PUT", f"/v1/rollouts/{deployment}", json=body, params=params))
 
     def canary(
-        self, deployment: str, checkpoint: str, percent: int, *, expected_revision: int | None = None
+        self,
+        deployment: str,
+        checkpoint: str,
+        percent: int,
+        *,
+        expected_revision: int | None = None,
+        policy: Mapping[str, Any] | None = None,
     ) -> View:
+        """Send ``percent`` of requests to ``checkpoint``. With a ``policy`` (the fields of the API's
+        ``RolloutPolicy``: ``min_heldout_accuracy``, ``require_no_motion_collapse``, ``min_requests``,
+        ``max_error_ratio_margin``, ``require_human_win``, ``min_raters``, ``max_wait_seconds``) the
+        control plane's rollout gate promotes or rolls the canary back by itself (:meth:`evaluate`)."""
         body: dict[str, Any] = {"checkpoint": checkpoint, "percent": percent}
         if expected_revision is not None:
             body["expected_revision"] = expected_revision
+        if policy is not None:
+            body["policy"] = dict(policy)
         return dict(self._http.json("POST", f"/v1/rollouts/{deployment}/canary", json=body))
+
+    def evaluate(self, deployment: str) -> View:
+        """Check the canary against its policy now: ``{"decision": "promote" | "rollback" | "wait",
+        "reasons": [...], "applied", "revision", "rollout"}``; the decision is recorded on the
+        rollout's history with its reasons. A deployment without a canary with a policy: Conflict."""
+        return dict(self._http.json("POST", f"/v1/rollouts/{deployment}/evaluate"))
 
     def promote(self, deployment: str, *, expected_revision: int | None = None) -> View:
         body = {"expected_revision": expected_revision} if expected_revision is not None else None
@@ -467,6 +504,7 @@ class Rollouts(_Resource):
         return dict(self._http.json("POST", f"/v1/rollouts/{deployment}/rollback", json=body))
 
     def history(self, deployment: str) -> builtins.list[View]:
+        """Every change, oldest first; the rollout gate's entries carry ``decision`` and ``reasons``."""
         return list(self._http.json("GET", f"/v1/rollouts/{deployment}/history"))
 
     def wait(
