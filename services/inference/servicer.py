@@ -283,7 +283,8 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
             models=[
                 model_to_pb(m) for m in sorted(self.manager.models(), key=lambda m: (m.id != "base", m.id))
             ],
-            rollout=pb.Rollout(**r),
+            # the view's per-role traffic counts feed the heartbeat, not the API
+            rollout=pb.Rollout(**{k: v for k, v in r.items() if k != "traffic"}),
         )
 
     async def GetModel(
