@@ -139,6 +139,12 @@ def test_an_evaluation_job_runs_and_its_record_reaches_the_api_metrics_sdk_and_c
             headers={"Idempotency-Key": "k1"},
         )
         assert again.status_code == 200 and again.json()["id"] == first["id"], again.text
+        other = httpx.post(
+            f"{live.url}/v1/evaluations",
+            json={"checkpoint": live.checkpoint, "seeds": [1]},
+            headers={"Idempotency-Key": "k1"},
+        )
+        assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key", other.text
         view = c.evaluations.wait(first["id"], timeout=900, interval=1.0)
         assert view["state"] == "succeeded", view
         summary = view["summary"]
