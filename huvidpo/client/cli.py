@@ -1,5 +1,5 @@
 """The remote verbs of ``huvidpo``, built on :class:`huvidpo.client.Client`: ``models``, ``datasets``,
-``ratings``, ``fine-tunes``, ``checkpoints``, ``rollouts`` (and ``pairs compile --dataset``, ``generate
+``ratings``, ``fine-tunes``, ``checkpoints``, ``evaluations``, ``rollouts`` (and ``pairs compile --dataset``, ``generate
 --remote``).
 
 Results go to stdout (``--output json`` for scripts), progress and errors to stderr; an error is one
@@ -494,6 +494,10 @@ def _ck_show(c: Client, a: argparse.Namespace) -> int:
             print(f"file             {rel}  {f.get('size')} bytes")
         for s in k.get("samples") or []:
             print(f"sample {s['index']:<9} {s.get('prompt')!r} seed {s.get('seed')}  {c.url}{s.get('url')}")
+        if k.get("evaluation"):
+            _summary_text(k["evaluation"], c.url)
+        else:
+            print("evaluation       none yet (huvidpo evaluations create " + str(k["id"]) + ")")
 
     return _show(a, c.checkpoints.get(a.id), text)
 
@@ -780,6 +784,108 @@ def remote_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------------- evaluations
+def _summary_text(e: dict[str, Any], url: str) -> None:
+    """The checkpoint's evaluation in brief: held-out accuracy and margin, motion, per prompt."""
+    acc, margin = e.get("heldout_implicit_acc"), e.get("heldout_reward_margin")
+    held = (
+        "no held-out pairs"
+        if acc is None
+        else f"acc {acc:.3f}  margin {_fmt(margin)}  ({e.get('heldout_pairs')} pairs)"
+    )
+    print(f"evaluation       {e['evaluation_id']}  {e.get('created_at')}  vs {e.get('baseline')}")
+    print(f"  held-out       {held}")
+    collapse = {True: "MOTION COLLAPSE", False: "no collapse", None: "not checked"}[e.get("motion_collapse")]
+    print(f"  motion         {_fmt(e.get('motion'))} px/frame (base {_fmt(e.get('base_motion'))}, "
+          f"ratio {_fmt(e.get('motion_ratio'))}): {collapse}")  # fmt: skip
+    if e.get("clip_score") is not None:
+        print(f"  CLIP score     {e['clip_score']:.4f}")
+    for prompt, p in sorted((e.get("per_prompt") or {}).items()):
+        h = p.get("heldout") or {}
+        parts = [f"acc {h['implicit_acc']:.3f} ({h.get('pairs')} pairs)"] if h else []
+        if p.get("motion") is not None:
+            parts.append(f"motion {p['motion']:.4g}")
+        print(f"  prompt         {prompt!r}: {', '.join(parts)}")
+    if e.get("plot_url"):
+        print(f"  plot           {url}{e['plot_url']}")
+
+
+def _evaluation_text(v: dict[str, Any], url: str) -> None:
+    print(f"{v['id']}  {v['state']:<9}  {v['checkpoint_id']} vs {v.get('baseline')}")
+    _kv(v, ("created_at", "created_by"))
+    if v.get("error"):
+        print(f"error            {v['error']}")
+    if v.get("summary"):
+        _summary_text(v["summary"], url)
+
+
+def _ev_create(c: Client, a: argparse.Namespace) -> int:
+    prompts: list[Any] | None = None
+    if a.prompts_file is not None:
+        data = json.loads(Path(a.prompts_file).read_text())
+        prompts = list(data.get("prompts", []) if isinstance(data, dict) else data)
+    if a.prompt:
+        prompts = [*(prompts or []), *a.prompt]
+    version = _resolve_version(c, a.dataset, a.version) if a.dataset and a.version else a.version
+    pairs = {"holdout_fraction": a.holdout_fraction} if a.holdout_fraction is not None else None
+    generation = {k: v for k, v in (("steps", a.steps), ("num_frames", a.num_frames)) if v is not None}
+    view = c.evaluations.create(
+        a.checkpoint,
+        baseline=None if a.baseline == "none" else a.baseline,
+        dataset=a.dataset,
+        version=version,
+        pairs=pairs,
+        prompts=prompts,
+        seeds=a.seed,
+        generation=generation or None,
+        clip_model=a.clip_model,
+        idempotency_key=a.idempotency_key,
+    )
+    print(f"created evaluation {view['id']}", file=sys.stderr, flush=True)
+    if a.wait:
+        return _ev_wait_for(c, a, view["id"])
+    return _show(a, view, lambda v: _evaluation_text(v, c.url))
+
+
+def _ev_wait_for(c: Client, a: argparse.Namespace, evaluation_id: str) -> int:
+    try:
+        view = c.evaluations.wait(evaluation_id, timeout=a.timeout, interval=a.interval)
+    except KeyboardInterrupt:
+        print(f"\ndetached: evaluation {evaluation_id} keeps running", file=sys.stderr)
+        return int(ExitCode.INTERRUPTED)
+    _show(a, view, lambda v: _evaluation_text(v, c.url))
+    return 0 if view["state"] == "succeeded" else int(ExitCode.FAILED)
+
+
+def _ev_wait(c: Client, a: argparse.Namespace) -> int:
+    return _ev_wait_for(c, a, a.id)
+
+
+def _ev_show(c: Client, a: argparse.Namespace) -> int:
+    view = c.evaluations.get(a.id)
+    if a.plot is not None:
+        c.evaluations.plot(a.id, a.plot)
+        print(f"saved the comparison plot to {a.plot}", file=sys.stderr)
+    return _show(a, view, lambda v: _evaluation_text(v, c.url))
+
+
+def _ev_list(c: Client, a: argparse.Namespace) -> int:
+    items = list(c.evaluations.list(checkpoint=a.checkpoint, state=a.state))
+
+    def row(v: dict[str, Any]) -> tuple[Any, ...]:
+        s = v.get("summary") or {}
+        return (v["id"], v["state"], v["checkpoint_id"], s.get("heldout_implicit_acc"),
+                s.get("motion_collapse"), v["created_at"])  # fmt: skip
+
+    return _show(
+        a,
+        items,
+        lambda xs: _table(
+            [row(v) for v in xs], ("ID", "STATE", "CHECKPOINT", "HELDOUT-ACC", "COLLAPSE", "CREATED")
+        ),
+    )
+
+
 # ------------------------------------------------------------------------------------------ register
 def _leaf(
     group: Any, name: str, fn: Command, help: str, common: argparse.ArgumentParser
@@ -924,6 +1030,36 @@ def register(sub: Any) -> None:
     )
     p.add_argument("id", help="a checkpoint id or 'base'")
     p.add_argument("--min-raters", type=int, default=None, help="raters a round needs to count as complete")
+
+    g = _group(sub, "evaluations", "evaluations of checkpoints: held-out accuracy, motion, plots")
+    p = _leaf(g, "create", _ev_create, "evaluate a checkpoint (a Job; --wait follows it)", common)
+    p.add_argument("checkpoint")
+    p.add_argument("--baseline", default="base", help="'base' (default), another checkpoint id, or 'none'")
+    p.add_argument("--dataset", default=None, help="whose held-out pairs (default: the fine-tune's)")
+    p.add_argument("--version", default=None, help="with --dataset: version id or digest, or 'latest'")
+    p.add_argument(
+        "--holdout-fraction", type=float, default=None, help="compile the version's held-out pairs"
+    )
+    p.add_argument("--prompt", action="append", default=None, help="a prompt of the prompt set (repeat)")
+    p.add_argument(
+        "--prompts-file", type=Path, default=None, help="JSON list of prompts or {prompt, first_frame}"
+    )
+    p.add_argument("--seed", type=int, action="append", default=None, help="a seed (repeat; default 0 and 1)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps of the generated clips")
+    p.add_argument("--num-frames", type=int, default=None, help="frames of the generated clips")
+    p.add_argument("--clip-model", default=None, help="a CLIP model id in the store (text-video alignment)")
+    p.add_argument("--idempotency-key", default=None, help="default: a new uuid4 (kept across retries)")
+    p.add_argument("--wait", action="store_true", help="wait until it ends (exit 1 unless it succeeded)")
+    _watch_options(p)
+    p = _leaf(g, "wait", _ev_wait, "wait until an evaluation ends (exit 1 unless it succeeded)", common)
+    p.add_argument("id")
+    _watch_options(p)
+    p = _leaf(g, "list", _ev_list, "list evaluations (newest first)", common)
+    p.add_argument("--checkpoint", default=None, help="only this checkpoint's")
+    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed"), default=None)
+    p = _leaf(g, "show", _ev_show, "show an evaluation (state, summary, per prompt)", common)
+    p.add_argument("id")
+    p.add_argument("--plot", type=Path, default=None, help="save the comparison PNG here")
 
     g = _group(sub, "rollouts", "which checkpoint each inference deployment serves")
     _leaf(g, "list", _ro_list, "list deployments' rollouts", common)

@@ -440,6 +440,91 @@ class Checkpoints(_Resource):
         return target
 
 
+# -------------------------------------------------------------------------------------- evaluations
+class Evaluations(_Resource):
+    """Evaluations of checkpoints (held-out accuracy, video statistics, motion collapse): Jobs with a
+    state you poll, a record once finished and a comparison plot."""
+
+    def create(
+        self,
+        checkpoint: str,
+        *,
+        baseline: str | None = "base",
+        dataset: str | None = None,
+        version: str | None = None,
+        pairs: Mapping[str, Any] | None = None,
+        prompts: Sequence[str | Mapping[str, Any]] | None = None,
+        seeds: Sequence[int] | None = None,
+        generation: Mapping[str, Any] | None = None,
+        dpo: Mapping[str, Any] | None = None,
+        clip_model: str | None = None,
+        motion_collapse_ratio: float | None = None,
+        idempotency_key: str | None = None,
+    ) -> View:
+        """Evaluate ``checkpoint`` against ``baseline`` (``"base"``, another checkpoint id, or None).
+        Held-out pairs: the fine-tune's by default, else ``dataset``/``version`` compiled with
+        ``pairs`` options; ``prompts``: strings or ``{"prompt", "first_frame"}`` (default: the
+        held-out prompts). Every retry carries the same Idempotency-Key."""
+        body: dict[str, Any] = {"checkpoint": checkpoint, "baseline": baseline}
+        optional = {
+            "dataset": dataset,
+            "version": version,
+            "pairs": dict(pairs) if pairs is not None else None,
+            "prompts": [{"prompt": p} if isinstance(p, str) else dict(p) for p in prompts]
+            if prompts is not None
+            else None,
+            "seeds": list(seeds) if seeds is not None else None,
+            "generation": dict(generation) if generation else None,
+            "dpo": dict(dpo) if dpo else None,
+            "clip_model": clip_model,
+            "motion_collapse_ratio": motion_collapse_ratio,
+        }
+        body.update({k: v for k, v in optional.items() if v is not None})
+        key = idempotency_key or new_key()
+        return dict(self._http.json("POST", "/v1/evaluations", json=body, idempotency_key=key))
+
+    def get(self, id: str) -> View:
+        return dict(self._http.json("GET", f"/v1/evaluations/{id}"))
+
+    def list(
+        self, *, checkpoint: str | None = None, state: str | None = None, page_size: int | None = None
+    ) -> Iterator[View]:
+        return self._http.pages("/v1/evaluations", {"checkpoint": checkpoint, "state": state}, page_size)
+
+    def wait(
+        self,
+        id: str,
+        on_progress: Callable[[View], None] | None = None,
+        *,
+        timeout: float | None = None,
+        interval: float = 1.0,
+    ) -> View:
+        """Poll until the evaluation succeeded or failed; returns the last view (raises
+        :class:`WaitTimeout` after ``timeout`` seconds; None: no limit)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            view = self.get(id)
+            if on_progress is not None:
+                on_progress(view)
+            if view["state"] in TERMINAL:
+                return view
+            if deadline is not None and time.monotonic() > deadline:
+                raise WaitTimeout(f"evaluation {id} still {view['state']} after {timeout:.0f} s")
+            time.sleep(interval)
+
+    def plot(self, id: str, path: str | Path) -> Path:
+        """Save the comparison PNG of a succeeded evaluation (``GET /v1/evaluations/{id}/comparison.png``)."""
+        resp = self._http.request("GET", f"/v1/evaluations/{id}/comparison.png", stream=True)
+        target = Path(path)
+        try:
+            with open(target, "wb") as fh:
+                for chunk in resp.iter_bytes(1024 * 1024):
+                    fh.write(chunk)
+        finally:
+            resp.close()
+        return target
+
+
 # ----------------------------------------------------------------------------------------- rollouts
 def ready_condition(view: View) -> View:
     """The rollout's ``Ready`` condition (False with a message when the view has no status)."""
@@ -568,6 +653,7 @@ class Client:
         self.ratings = Ratings(self)
         self.fine_tunes = FineTunes(self)
         self.checkpoints = Checkpoints(self)
+        self.evaluations = Evaluations(self)
         self.rollouts = Rollouts(self)
 
     @property

@@ -156,6 +156,10 @@ class ControlPlaneSettings(AuthFields):
     trainer_command: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["python", "-m", "services.trainer"]
     )
+    # The evaluation Job: the trainer image with this command (services/evaluator).
+    evaluator_command: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["python", "-m", "services.evaluator"]
+    )
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
     cpu_request: str = "2"
     memory_request: str = "8Gi"
@@ -223,7 +227,7 @@ class ControlPlaneSettings(AuthFields):
         """(nodes, gpus_per_node) of every allowed shape, the default first."""
         return [parse_shape(s) for s in self.shapes]
 
-    @field_validator("trainer_command", mode="before")
+    @field_validator("trainer_command", "evaluator_command", mode="before")
     @classmethod
     def _split_command(cls, value: object) -> object:
         if isinstance(value, str):

@@ -28,7 +28,11 @@ def build_executor(settings: ControlPlaneSettings, environ: dict[str, str]) -> E
         return KubernetesExecutor(load_api_client(settings.kube_context), settings)
     from services.controlplane.executors.local import LocalExecutor
 
-    env = {**environ, "HUVIDPO_TRAINER_WORK_DIR": str(settings.work_dir / "trainer")}
+    env = {
+        **environ,
+        "HUVIDPO_TRAINER_WORK_DIR": str(settings.work_dir / "trainer"),
+        "HUVIDPO_EVALUATOR_WORK_DIR": str(settings.work_dir / "evaluator"),
+    }
     return LocalExecutor(settings.work_dir, env, max_retries=settings.local_max_retries)
 
 

@@ -32,6 +32,7 @@ from services.controlplane import auth, openapi, problems
 from services.controlplane.deps import Context
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, run_inline
+from services.controlplane.domain.evaluations import EvaluationService, dispatch
 from services.controlplane.domain.finetunes import FineTuneService
 from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.ports import Executor
@@ -40,6 +41,7 @@ from services.controlplane.domain.util import Clock, utcnow
 from services.controlplane.limits import BodyLimitMiddleware, StreamSlots, body_limit
 from services.controlplane.metrics import Metrics, MetricsMiddleware
 from services.controlplane.routers import checkpoints, datasets, finetunes, health, objects, ratings, rollouts
+from services.controlplane.routers import evaluations as evaluations_router
 from services.controlplane.routers import models as models_router
 from services.controlplane.routers import preference as preference_router
 from services.controlplane.routers.rollouts import rollout_gate
@@ -78,6 +80,8 @@ def create_app(
         max_attempts=settings.max_attempts,
     )
     metrics.watch_finetunes(fts.count_by_state)
+    evs = EvaluationService(store, executor, ds, ckpts, clock)
+    metrics.watch_evaluations(evs.count_by_state, evs.latest_by_checkpoint)
     context = Context(
         settings=settings,
         store=store,
@@ -89,6 +93,7 @@ def create_app(
         metrics=metrics,
         cache_dir=cache_dir,
         models=ModelService(store, clock),
+        evaluations=evs,
     )
 
     @contextlib.asynccontextmanager
@@ -97,7 +102,7 @@ def create_app(
         watcher = None
         start_watch = getattr(executor, "start_watch", None)
         if background and start_watch is not None:
-            watcher = start_watch(fts.on_job_event, stop)
+            watcher = start_watch(dispatch(fts.on_job_event, evs.on_job_event), stop)
         if background and settings.rollout_gate_seconds > 0:
             rollout_gate(context).start(stop, settings.rollout_gate_seconds)
         try:
@@ -133,6 +138,7 @@ def create_app(
         models_router.router,
         finetunes.router,
         checkpoints.router,
+        evaluations_router.router,
         rollouts.router,
         objects.router,
         ratings.router,

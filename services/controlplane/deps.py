@@ -11,6 +11,7 @@ from services.common.settings import ControlPlaneSettings
 from services.common.store import ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.evaluations import EvaluationService
 from services.controlplane.domain.finetunes import FineTuneService
 from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.ports import Executor
@@ -30,6 +31,7 @@ class Context:
     metrics: Metrics
     cache_dir: Path
     models: ModelService
+    evaluations: EvaluationService
 
 
 def ctx(request: Request) -> Context:

@@ -43,6 +43,61 @@ class FineTuneStateCollector(Collector):
         yield family
 
 
+class EvaluationCollector(Collector):
+    """Evaluations by recorded state, and each checkpoint's latest succeeded evaluation as gauges
+    labelled by checkpoint id, computed from the records at scrape time (cached briefly)."""
+
+    def __init__(
+        self,
+        count: Callable[[], dict[str, int]],
+        latest: Callable[[], dict[str, Any]],
+        ttl_seconds: float = 10.0,
+    ) -> None:
+        self._read = lambda: (count(), latest())
+        self._ttl = ttl_seconds
+        self._cached: tuple[float, tuple[dict[str, int], dict[str, Any]]] | None = None
+
+    def collect(self):  # type: ignore[no-untyped-def]
+        now = time.monotonic()
+        if self._cached is None or now - self._cached[0] > self._ttl:
+            try:
+                self._cached = (now, self._read())
+            except Exception:
+                self._cached = self._cached or (now, ({}, {}))
+        counts, latest = self._cached[1]
+        family = GaugeMetricFamily(
+            "huvidpo_controlplane_evaluations", "Evaluations by recorded state", labels=["state"]
+        )
+        for state, n in sorted(counts.items()):
+            family.add_metric([state], n)
+        yield family
+        gauges = {
+            "heldout_accuracy": "Held-out implicit reward accuracy of the checkpoint's latest evaluation",
+            "heldout_reward_margin": "Mean held-out reward margin of the checkpoint's latest evaluation",
+            "motion_magnitude": "Mean optical-flow magnitude (px/frame) of the checkpoint's evaluation clips",
+            "motion_ratio": "The checkpoint's motion over the base model's on the same prompts and seeds",
+            "motion_collapse": "1 when the checkpoint's latest evaluation flags motion collapse, else 0",
+        }
+        families = {
+            k: GaugeMetricFamily(f"huvidpo_evaluation_{k}", text, labels=["checkpoint"])
+            for k, text in gauges.items()
+        }
+        for checkpoint, record in sorted(latest.items()):
+            mine = record.results.get(checkpoint)
+            video = mine.video if mine is not None else None
+            values = {
+                "heldout_accuracy": record.heldout_implicit_acc,
+                "heldout_reward_margin": record.heldout_reward_margin,
+                "motion_magnitude": video.motion if video is not None else None,
+                "motion_ratio": mine.motion_ratio if mine is not None else None,
+                "motion_collapse": None if record.motion_collapse is None else float(record.motion_collapse),
+            }
+            for k, v in values.items():
+                if v is not None:
+                    families[k].add_metric([checkpoint], float(v))
+        yield from families.values()
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -92,6 +147,11 @@ class Metrics:
 
     def watch_finetunes(self, count: Callable[[], dict[str, int]]) -> None:
         self.registry.register(FineTuneStateCollector(count))
+
+    def watch_evaluations(
+        self, count: Callable[[], dict[str, int]], latest: Callable[[], dict[str, Any]]
+    ) -> None:
+        self.registry.register(EvaluationCollector(count, latest))
 
 
 class MetricsMiddleware:

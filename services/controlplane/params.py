@@ -62,6 +62,15 @@ CheckpointIdPath = Annotated[
     ),
 ]
 
+EvaluationIdPath = Annotated[
+    str,
+    Path(
+        pattern=r"^ev-[a-z0-9]{1,40}$",
+        description="an evaluation id as the API returned it (`ev-<hex>`)",
+        examples=["ev-0123456789abcdef0123"],
+    ),
+]
+
 UploadIdPath = Annotated[
     str,
     Path(

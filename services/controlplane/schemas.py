@@ -386,6 +386,28 @@ class FineTuneMetrics(BaseModel):
 
 
 # -------------------------------------------------------------------------------------- checkpoints
+class EvaluationSummary(BaseModel):
+    """A succeeded evaluation in brief: the checkpoint's held-out accuracy and margin, its motion
+    against the base's, per prompt."""
+
+    evaluation_id: str
+    created_at: str
+    baseline: str | None
+    heldout_implicit_acc: float | None
+    heldout_reward_margin: float | None
+    heldout_pairs: int | None
+    motion: float | None = Field(description="mean optical-flow magnitude of its clips (px/frame)")
+    base_motion: float | None
+    motion_ratio: float | None
+    motion_collapse: bool | None
+    clip_score: float | None
+    per_prompt: dict[str, dict[str, Any]] = Field(
+        description="prompt -> {heldout: {implicit_acc, reward_margin, pairs}, motion}"
+    )
+    url: str
+    plot_url: str | None
+
+
 class CheckpointSample(BaseModel):
     index: int
     prompt: str
@@ -402,6 +424,10 @@ class Checkpoint(BaseModel):
     lineage: dict[str, Any]
     samples: list[CheckpointSample] = Field(
         default_factory=list, description="sample videos rendered at this checkpoint (empty when none)"
+    )
+    evaluation: EvaluationSummary | None = Field(
+        default=None,
+        description="its latest succeeded evaluation (GET /v1/checkpoints/{id} only; null in listings)",
     )
 
 
@@ -517,3 +543,106 @@ class RolloutAction(Strict):
 class Health(BaseModel):
     status: Literal["ok", "degraded", "unavailable"]
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+# -------------------------------------------------------------------------------------- evaluations
+class EvaluationPrompt(Strict):
+    prompt: str = Field(min_length=1, max_length=1000)
+    first_frame: str | None = Field(
+        default=None,
+        max_length=MAX_PATH_LEN,
+        description="an image file of the evaluation's dataset version (a path as its `files` list it); "
+        "none: a first frame drawn from the prompt",
+    )
+
+
+class EvaluationGeneration(Strict):
+    """How the clips are generated (``huvidpo.pipeline.GenerationConfig``); the clip size defaults
+    to the fine-tune's training size, the rest to the pipeline's defaults."""
+
+    num_frames: int | None = Field(default=None, ge=2, le=128)
+    height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    steps: int | None = Field(default=None, ge=1, le=999)
+    guidance_scale: float | None = Field(default=None, ge=0, le=100)
+    eta: float | None = Field(default=None, ge=0, le=1)
+    negative_prompt: str | None = Field(default=None, max_length=1000)
+    shared_noise_ratio: float | None = Field(default=None, ge=0, lt=1)
+    first_frame_steps: int | None = Field(default=None, ge=1, le=999)
+
+
+class EvaluationDPO(Strict):
+    """Overrides of the DPO settings of the held-out measure (default: the checkpoint's training config)."""
+
+    beta: float | None = Field(default=None, gt=0, le=1e6)
+    timestep_min: int | None = Field(default=None, ge=0, le=999)
+    timestep_max: int | None = Field(default=None, ge=1, le=1000)
+    eval_draws: int | None = Field(default=None, ge=1, le=64)
+    seed: int | None = Field(default=None, ge=0, le=BOUNDS["seed"].hi)
+    loss_skip_first_frame: bool | None = None
+
+
+class EvaluationCreate(Strict):
+    checkpoint: str = Field(
+        max_length=80, pattern=CHECKPOINT_PATTERN, description="the checkpoint to evaluate"
+    )
+    baseline: str | None = Field(
+        default="base",
+        max_length=80,
+        pattern=r"^(base|ckpt-[a-z0-9-]{1,63}-[0-9]{1,10})$",
+        description="compared with: 'base' (the base model), another checkpoint id, or null (none)",
+    )
+    dataset: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        min_length=1,
+        max_length=63,
+        description="whose held-out pairs (default: the checkpoint's fine-tune's dataset)",
+    )
+    version: VersionRef | None = Field(default=None, description="with dataset: its version (id or digest)")
+    pairs: PairsRequest | None = Field(
+        default=None,
+        description="compile the version's pairs with these options (holdout_fraction > 0) and use their "
+        "held-out pairs; default: the pairs the fine-tune held out",
+    )
+    prompts: list[EvaluationPrompt] | None = Field(
+        default=None, min_length=1, max_length=64, description="the prompt set; default: the held-out prompts"
+    )
+    seeds: list[Annotated[int, Field(ge=0, le=BOUNDS["seed"].hi)]] | None = Field(
+        default=None, min_length=1, max_length=16, description="one clip per prompt and seed (default [0, 1])"
+    )
+    generation: EvaluationGeneration = Field(default_factory=EvaluationGeneration)
+    dpo: EvaluationDPO = Field(default_factory=EvaluationDPO)
+    clip_model: str | None = Field(
+        default=None,
+        pattern=NAME_PATTERN,
+        min_length=1,
+        max_length=63,
+        description="a CLIP model in the store (models/{id}/, Hugging Face layout) for text-video "
+        "alignment; none: skipped",
+    )
+    motion_collapse_ratio: float = Field(
+        default=0.7, gt=0, le=1, description="motion below this share of the base's is motion collapse"
+    )
+
+
+class Evaluation(BaseModel):
+    id: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    error: str | None
+    checkpoint_id: str
+    baseline: str | None
+    created_at: str
+    created_by: str = ""
+    spec: dict[str, Any] = Field(description="what the Job evaluates (records.evaluation.EvaluationSpec)")
+    job: dict[str, Any] | None
+    summary: EvaluationSummary | None = Field(description="once succeeded")
+    record: dict[str, Any] | None = Field(
+        description="the full report once finished (records.evaluation.EvaluationRecord)"
+    )
+    plot_url: str | None
+
+
+class EvaluationList(BaseModel):
+    items: list[Evaluation]
+    next_page_token: str | None = None

@@ -526,3 +526,26 @@ async def test_the_logs_route_serves_the_trainer_output_from_kubernetes(
     assert r.status_code == 503
     assert r.headers["content-type"].startswith("application/problem+json")
     assert r.json()["type"].endswith("/service-unavailable")
+
+
+def test_an_evaluation_job_runs_the_evaluator_in_the_trainer_image_with_its_id(tmp_path: Path) -> None:
+    settings = _settings(tmp_path, gpu_count=1)
+    spec = JobSpec(
+        "ev-0123456789abcdef0123", {"checkpoint_id": "ckpt-ft-a-1", "base_model": "tiny"}, role="evaluator"
+    )
+    job = build_job(spec, settings, StoreSettings(backend="s3", endpoint="minio:9000"))
+    kubernetes_validate.validate(job, K8S_VERSION, strict=True)
+    pod = job["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert container["image"] == settings.trainer_image
+    assert container["command"] == ["python", "-m", "services.evaluator"]
+    plain = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    assert plain["HUVIDPO_EVALUATOR_EVALUATION_ID"] == "ev-0123456789abcdef0123"
+    assert plain["HUVIDPO_EVALUATOR_DEVICE"] == "cuda" and "HUVIDPO_TRAINER_FINETUNE_ID" not in plain
+    assert job["metadata"]["name"] == "huvidpo-ev-0123456789abcdef0123"
+    # The trainer's pod policies select it (same component); the role label tells the two apart.
+    assert pod["metadata"]["labels"]["app.kubernetes.io/component"] == "trainer"
+    assert pod["metadata"]["labels"]["huvidpo.dev/role"] == "evaluator"
+    assert "prometheus.io/scrape" not in pod["metadata"]["annotations"]  # it serves no metrics
+    # exit 2 (bad input) fails the Job at once, as for the trainer
+    assert job["spec"]["podFailurePolicy"]["rules"][0]["onExitCodes"]["values"] == [2]

@@ -469,3 +469,14 @@ async def test_the_trainjob_watch_moves_the_fine_tune_and_cancel_deletes_the_tra
         r = await asyncio.to_thread(c.post, f"/v1/fine-tunes/{ft2['id']}/cancel")
         assert r.json()["state"] == "cancelled"
         assert not _stored(kmock, "trainer.kubeflow.org/v1alpha1/trainjobs", job_name(ft2["id"]))
+
+
+def test_an_evaluation_trainjob_runs_the_evaluator(tmp_path: Path) -> None:
+    spec = JobSpec("ev-0123456789abcdef0123", {"checkpoint_id": "ckpt-ft-a-1"}, role="evaluator")
+    tj = build_trainjob(spec, _settings(tmp_path), StoreSettings(backend="s3"))
+    validate_trainjob(tj)
+    trainer = tj["spec"]["trainer"]
+    assert trainer["command"] == ["python", "-m", "services.evaluator"]
+    assert trainer["numNodes"] == 1 and trainer["numProcPerNode"] == 1
+    env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert env["HUVIDPO_EVALUATOR_EVALUATION_ID"] == "ev-0123456789abcdef0123"

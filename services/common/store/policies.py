@@ -44,7 +44,11 @@ trainer
     only the Job's own: narrowing them to one fine-tune needs a credential per Job (e.g. STS
     AssumeRole with a session policy on ``checkpoints/ckpt-<id>-*``), which this split does not do.
     ``evaluations/``: the evaluator Job (``python -m services.evaluator``, the trainer image and store
-    user) reads its spec and writes the record and plot: read, write.
+    user, run by the control plane through the fine-tunes' executor) reads its spec and writes the
+    record and plot: read, write, delete (``put_file`` deletes a plot whose file changed while it was
+    sent, as for checkpoints). The rest it reads is the trainer's already: the base model and CLIP
+    model (``models/``), the checkpoints, the dataset version with its held-out pairs and the first
+    frames (files of that version, ``datasets/``).
 inference
     ``models/``, ``checkpoints/`` and ``rollouts/``: the base model, the adapters it serves and the
     rollout record it follows: read.
@@ -130,7 +134,7 @@ GRANTS: dict[str, tuple[Grant, ...]] = {
         Grant(_all(keys.FINETUNES), R, "its spec and status"),
         Grant(keys.progress_key(ANY), W, "its progress records"),
         Grant(_all(keys.CHECKPOINTS), R | W | D, "publishes checkpoints, resumes from them"),
-        Grant(_all(keys.EVALUATIONS), R | W, "the evaluator Job: its spec, record and plot"),
+        Grant(_all(keys.EVALUATIONS), R | W | D, "the evaluator Job: its spec, record and plot"),
     ),
     "inference": (
         Grant(_all(keys.MODELS), R, "the base model"),

@@ -1,4 +1,5 @@
-"""Ports the domain talks through besides the ``ObjectStore``: the executor that runs trainer Jobs."""
+"""Ports the domain talks through besides the ``ObjectStore``: the executor that runs trainer (and
+evaluator) Jobs."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ Phase = Literal["pending", "running", "succeeded", "failed", "missing"]
 
 @dataclass(frozen=True)
 class JobSpec:
-    """What an executor needs to start the trainer for one fine-tune.
+    """What an executor needs to start the trainer for one fine-tune (or the evaluator for one
+    evaluation: ``role`` "evaluator", ``finetune_id`` then holds the evaluation's id).
 
     The trainer reads everything else (dataset, base model, hyperparameters) from the fine-tune record
     in the object store; ``lineage`` is copied into labels/annotations so the Job is traceable.
+    The evaluator is the same image with another command (``python -m services.evaluator``) reading
+    ``evaluations/{id}/spec.json``.
     """
 
     finetune_id: str
@@ -25,10 +29,15 @@ class JobSpec:
     nodes: int = 1
     gpus_per_node: int = 1
     attempt: int = 1
+    role: Literal["trainer", "evaluator"] = "trainer"
 
     @property
     def world_size(self) -> int:
         return self.nodes * self.gpus_per_node
+
+
+# The variable that tells each role's entrypoint which record it runs.
+ID_ENV = {"trainer": "HUVIDPO_TRAINER_FINETUNE_ID", "evaluator": "HUVIDPO_EVALUATOR_EVALUATION_ID"}
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,8 @@ CONTAINER = "trainer"
 MANAGED_BY = "huvidpo-controlplane"
 LABEL_FINETUNE = "huvidpo.dev/finetune-id"
 LABEL_ATTEMPT = "huvidpo.dev/attempt"
+# "evaluator" on an evaluation's Job (its LABEL_FINETUNE holds the evaluation id); absent on a fine-tune's.
+LABEL_ROLE = "huvidpo.dev/role"
 LABEL_QUEUE = "kueue.x-k8s.io/queue-name"
 SELECTOR = f"app.kubernetes.io/managed-by={MANAGED_BY}"
 WORK_DIR = "/work"
@@ -59,7 +61,10 @@ def trainer_command(spec: JobSpec, settings: ControlPlaneSettings, master: str |
     """The container command: the trainer itself, for every shape. With several processes the trainer
     starts this node's workers through torchrun's launcher from the ``PET_*`` variables of
     ``shape_env`` (services/trainer/ranks.py) and exits with the workers' own code (2 bad input, 75
-    transient), which ``podFailurePolicy`` acts on; a ``torchrun`` command would exit 1 for both."""
+    transient), which ``podFailurePolicy`` acts on; a ``torchrun`` command would exit 1 for both.
+    An evaluation's Job runs the evaluator (same image, same exit codes) instead."""
+    if spec.role == "evaluator":
+        return list(settings.evaluator_command)
     return list(settings.trainer_command)
 
 
@@ -106,11 +111,15 @@ def trainer_labels(spec: JobSpec) -> dict[str, str]:
     """Labels of every object of one attempt (the pods' too): lineage, fine-tune and attempt."""
     labels = {
         "app.kubernetes.io/name": "huvidpo-trainer",
+        # The evaluator too: it is the trainer image with the trainer's store user, so the
+        # admission and network policies of deploy/ that select trainer pods apply to it as well.
         "app.kubernetes.io/component": "trainer",
         "app.kubernetes.io/managed-by": MANAGED_BY,
         LABEL_FINETUNE: spec.finetune_id,
         LABEL_ATTEMPT: str(spec.attempt),
     }
+    if spec.role != "trainer":
+        labels[LABEL_ROLE] = spec.role
     for key in ("dataset", "base_model"):
         if spec.lineage.get(key):
             labels[f"huvidpo.dev/{key.replace('_', '-')}"] = _label_value(spec.lineage[key])
@@ -149,6 +158,13 @@ def trainer_resources(spec: JobSpec, settings: ControlPlaneSettings) -> dict[str
 
 
 def trainer_env(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSettings) -> list[dict[str, Any]]:
+    if spec.role == "evaluator":
+        return [
+            {"name": "HUVIDPO_EVALUATOR_EVALUATION_ID", "value": spec.finetune_id},
+            {"name": "HUVIDPO_EVALUATOR_WORK_DIR", "value": WORK_DIR},
+            {"name": "HUVIDPO_EVALUATOR_DEVICE", "value": "cuda" if settings.gpu_count > 0 else "cpu"},
+            *store_env(store, settings.store_secret),
+        ]
     return [
         {"name": "HUVIDPO_TRAINER_FINETUNE_ID", "value": spec.finetune_id},
         {"name": "HUVIDPO_TRAINER_WORK_DIR", "value": WORK_DIR},
@@ -301,18 +317,23 @@ def build_job(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSetting
                 ]
             },
             "template": {
-                "metadata": {
-                    "labels": dict(labels),
-                    "annotations": {
-                        **annotations,
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": str(TRAINER_METRICS_PORT),
-                        "prometheus.io/path": "/metrics",
-                    },
-                },
+                "metadata": {"labels": dict(labels), "annotations": pod_annotations(spec, annotations)},
                 "spec": pod_spec,
             },
         },
+    }
+
+
+def pod_annotations(spec: JobSpec, annotations: dict[str, str]) -> dict[str, str]:
+    """The pod's annotations: the trainer's tell Prometheus to scrape it; the evaluator serves no
+    metrics (the control plane exports its record's)."""
+    if spec.role == "evaluator":
+        return dict(annotations)
+    return {
+        **annotations,
+        "prometheus.io/scrape": "true",
+        "prometheus.io/port": str(TRAINER_METRICS_PORT),
+        "prometheus.io/path": "/metrics",
     }
 
 

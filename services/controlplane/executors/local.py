@@ -20,7 +20,7 @@ from pathlib import Path
 import psutil
 
 from services.common.records.exit_codes import ExitCode
-from services.controlplane.domain.ports import ExecStatus, JobSpec
+from services.controlplane.domain.ports import ID_ENV, ExecStatus, JobSpec
 
 EXIT_REASONS: dict[int, str] = {ExitCode.BAD_INPUT: "BadData", ExitCode.TRANSIENT: "TransientFailure"}
 
@@ -38,13 +38,16 @@ class LocalExecutor:
         max_retries: int = 2,
         command: list[str] | None = None,
         python: str = sys.executable,
+        evaluator_command: list[str] | None = None,
     ) -> None:
-        """``env`` is the trainer's whole environment (store and trainer settings, PATH...)."""
+        """``env`` is the trainer's (and the evaluator's) whole environment (store and trainer
+        settings, PATH...); ``command`` runs a fine-tune, ``evaluator_command`` an evaluation."""
         self.runs = Path(work_dir) / "runs"
         self.runs.mkdir(parents=True, exist_ok=True)
         self.env = dict(env)
         self.max_retries = max_retries
         self.command = command or [python, "-m", "services.trainer"]
+        self.evaluator_command = evaluator_command or [python, "-m", "services.evaluator"]
         self.python = python
         self._procs: dict[str, subprocess.Popen[bytes]] = {}
 
@@ -59,7 +62,8 @@ class LocalExecutor:
             os.close(fd)
         except FileExistsError:
             return self._ref(spec.finetune_id)
-        env = {**self.env, "HUVIDPO_TRAINER_FINETUNE_ID": spec.finetune_id}
+        env = {**self.env, ID_ENV[spec.role]: spec.finetune_id}
+        command = self.evaluator_command if spec.role == "evaluator" else self.command
         proc = subprocess.Popen(
             [
                 self.python,
@@ -68,7 +72,7 @@ class LocalExecutor:
                 str(d),
                 str(self.max_retries),
                 "--",
-                *self.command,
+                *command,
             ],
             env=env,
             stdin=subprocess.DEVNULL,

@@ -34,11 +34,11 @@ from services.controlplane.executors.kubernetes import (
     LABEL_QUEUE,
     MANAGED_BY,
     SELECTOR,
-    TRAINER_METRICS_PORT,
     KubernetesExecutor,
     _attempt_of,
     _unavailable,
     job_name,
+    pod_annotations,
     trainer_annotations,
     trainer_env,
     trainer_labels,
@@ -55,10 +55,13 @@ PATCH_MANAGER = "huvidpo.dev/controlplane"
 JOBSET_LABEL = "jobset.sigs.k8s.io/jobset-name"
 
 
-def trainjob_command(settings: ControlPlaneSettings) -> list[str]:
+def trainjob_command(settings: ControlPlaneSettings, spec: JobSpec | None = None) -> list[str]:
     """The trainer itself: it reads its topology from the runtime's ``PET_*`` env and starts this
     node's workers through torchrun's launcher, restarting nothing (services/trainer/ranks.py), and
-    exits with the workers' own code (2 bad input, 75 transient) where ``torchrun`` would exit 1."""
+    exits with the workers' own code (2 bad input, 75 transient) where ``torchrun`` would exit 1.
+    An evaluation's TrainJob (one node, one process) runs the evaluator instead."""
+    if spec is not None and spec.role == "evaluator":
+        return list(settings.evaluator_command)
     return list(settings.trainer_command)
 
 
@@ -73,12 +76,7 @@ def build_trainjob(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSe
         meta_labels[LABEL_QUEUE] = settings.queue_name
     annotations = trainer_annotations(spec)
     volumes, mounts = trainer_volumes(settings)
-    pod_annotations = {
-        **annotations,
-        "prometheus.io/scrape": "true",
-        "prometheus.io/port": str(TRAINER_METRICS_PORT),
-        "prometheus.io/path": "/metrics",
-    }
+    annotations_of_pod = pod_annotations(spec, annotations)
     pod_spec = m.TrainerV1alpha1PodSpecPatch(
         containers=[
             m.TrainerV1alpha1ContainerPatch(
@@ -116,7 +114,7 @@ def build_trainjob(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSe
                                 spec=m.TrainerV1alpha1JobSpecPatch(
                                     template=m.TrainerV1alpha1PodTemplatePatch(
                                         metadata=m.IoK8sApimachineryPkgApisMetaV1ObjectMeta(
-                                            labels=dict(labels), annotations=pod_annotations
+                                            labels=dict(labels), annotations=annotations_of_pod
                                         ),
                                         spec=pod_spec,
                                     )
@@ -143,7 +141,7 @@ def build_trainjob(spec: JobSpec, settings: ControlPlaneSettings, store: StoreSe
             activeDeadlineSeconds=settings.job_active_deadline_seconds,
             trainer=m.TrainerV1alpha1Trainer(
                 image=settings.trainer_image,
-                command=trainjob_command(settings),
+                command=trainjob_command(settings, spec),
                 env=[m.IoK8sApiCoreV1EnvVar.from_dict(e) for e in trainer_env(spec, settings, store)],
                 numNodes=spec.nodes,
                 numProcPerNode=spec.gpus_per_node,

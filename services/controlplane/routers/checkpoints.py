@@ -41,7 +41,9 @@ def list_checkpoints(
     responses=problems.common_responses(401, 404),
 )
 def get_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
-    return c.checkpoints.get(checkpoint_id)
+    view = c.checkpoints.get(checkpoint_id)
+    view["evaluation"] = c.evaluations.checkpoint_summary(checkpoint_id)
+    return view
 
 
 @router.delete(

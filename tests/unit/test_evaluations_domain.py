@@ -1,0 +1,71 @@
+"""The evaluations' state machine and watch routing (``domain/evaluations.py``), without a Job."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.common.records.evaluation import EvaluationRecord, EvaluationSpec, read_evaluation, write_spec
+from services.common.store import LocalStore
+from services.controlplane.domain.checkpoints import CheckpointService
+from services.controlplane.domain.datasets import DatasetService
+from services.controlplane.domain.evaluations import EvaluationService, derive_state, dispatch
+from services.controlplane.domain.ports import ExecStatus, JobSpec
+from tests.doubles import IdleExecutor
+
+
+def record(state: str, error: str | None = None) -> EvaluationRecord:
+    return EvaluationRecord.model_validate(
+        {"id": "ev-1", "checkpoint_id": "ckpt-ft-a-1", "created_at": "t", "state": state, "error": error}
+    )
+
+
+def test_the_evaluators_own_terminal_record_wins_over_the_job() -> None:
+    assert derive_state(record("failed", "bad pairs"), ExecStatus("failed", "BadData")) == (
+        "failed",
+        "bad pairs",
+    )
+    assert derive_state(record("succeeded"), ExecStatus("missing")) == ("succeeded", None)
+
+
+def test_a_job_that_ended_without_the_evaluators_word_fails_the_evaluation() -> None:
+    state, error = derive_state(record("running"), ExecStatus("failed", "SupervisorLost", "died"))
+    assert state == "failed" and error is not None and "SupervisorLost" in error
+    state, error = derive_state(record("queued"), ExecStatus("succeeded"))
+    assert state == "failed" and error is not None and "without writing its result" in error
+    assert derive_state(record("queued"), ExecStatus("running")) == ("running", None)
+    assert derive_state(None, ExecStatus("pending")) == ("queued", None)
+
+
+class Lost(IdleExecutor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.submitted: list[JobSpec] = []
+
+    def submit(self, spec: JobSpec) -> dict[str, str]:
+        self.submitted.append(spec)
+        return {"name": spec.finetune_id}
+
+    def status(self, finetune_id: str) -> ExecStatus:
+        return ExecStatus("failed", "SupervisorLost", "the supervisor died")
+
+
+def test_reading_a_lost_evaluation_records_it_failed(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "s")
+    service = EvaluationService(
+        store, Lost(), DatasetService(store, tmp_path / "c"), CheckpointService(store)
+    )
+    write_spec(
+        store, EvaluationSpec(id="ev-1", created_at="t", checkpoint_id="ckpt-ft-a-1", base_model="tiny")
+    )
+    view = service.get("ev-1")
+    assert view["state"] == "failed" and "SupervisorLost" in view["error"]
+    assert read_evaluation(store, "ev-1").state == "failed"  # persisted: every replica agrees
+    assert service.count_by_state()["failed"] == 1
+
+
+def test_watch_events_of_evaluation_jobs_go_to_the_evaluations() -> None:
+    seen: list[tuple[str, str]] = []
+    handler = dispatch(lambda i, s: seen.append(("ft", i)), lambda i, s: seen.append(("ev", i)))
+    handler("ft-abc", ExecStatus("running"))
+    handler("ev-abc", ExecStatus("running"))
+    assert seen == [("ft", "ft-abc"), ("ev", "ev-abc")]
