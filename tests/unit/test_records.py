@@ -113,8 +113,9 @@ def test_one_checkpoint_listing_for_trainer_finetunes_and_checkpoints(tmp_path: 
 
 def test_records_import_neither_torch_nor_the_libraries_heavy_parts() -> None:
     """The supervisor and the control plane import these at start: they must stay light. Of the
-    library they import only the training config (the typed hyperparameters are made from it), which
-    imports neither torch, diffusers nor numpy."""
+    library they import only the training config (the typed hyperparameters are made from it) and the
+    names it checks against (``huvidpo.precision``'s compile backends), which import neither torch,
+    diffusers nor numpy."""
     code = (
         "import sys, services.common.records.keys, services.common.records.exit_codes, "
         "services.common.records.listing, services.common.records.progress, services.common.records.lineage, "
@@ -122,7 +123,7 @@ def test_records_import_neither_torch_nor_the_libraries_heavy_parts() -> None:
         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'diffusers', 'numpy', 'peft')"
         " or (m.startswith('huvidpo.') and m not in ('huvidpo._lazy', 'huvidpo.bounds', 'huvidpo.models',"
         " 'huvidpo.models.patterns', 'huvidpo.training', 'huvidpo.training.config',"
-        " 'huvidpo.training.options'))))"
+        " 'huvidpo.training.options', 'huvidpo.precision'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
