@@ -135,7 +135,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="huvidpo", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="huvidpo",
+        description="HuViDPO: align text-to-video models with human preferences. Local commands (init-tiny, "
+        "generate, pairs, train, eval) run the library on this machine; the others talk to a HuViDPO "
+        "service (--url/HUVIDPO_URL, --token/HUVIDPO_TOKEN, --grpc-address/HUVIDPO_GRPC_ADDRESS; "
+        "docs/client.md).",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init-tiny", help="write a tiny random model (diffusers layout) for tests and demos")
