@@ -202,8 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Commands that run the library here (and load diffusers); the others only talk to a service.
+LOCAL_COMMANDS = ("init-tiny", "generate", "pairs", "train", "eval")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    quiet_libraries()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:2] == ["pairs", "compile"]:  # the remote compile; `huvidpo pairs DIR` stays local
         try:
@@ -213,6 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ModuleNotFoundError:
             pass
     args = build_parser().parse_args(argv)
+    if args.command in LOCAL_COMMANDS:
+        quiet_libraries()  # imports diffusers (seconds): not for the remote verbs
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return int(args.func(args))
     except (ValueError, FileNotFoundError) as exc:
