@@ -39,7 +39,19 @@ MARKER = re.compile(r"<!--\s*docs-test:(.*?)-->")
 SKIP = re.compile(r"^\s*skip\s*\((.+)\)\s*$", re.S)
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
 # Programs an untagged block may start with that need not be installed where the docs are parsed.
-KNOWN_PROGRAMS = {"python", "huvidpo", "grpcurl", "curl", "make", "kubectl", "docker", "kind", "go", "protoc", "npm"}
+KNOWN_PROGRAMS = {
+    "python",
+    "huvidpo",
+    "grpcurl",
+    "curl",
+    "make",
+    "kubectl",
+    "docker",
+    "kind",
+    "go",
+    "protoc",
+    "npm",
+}
 PROBLEM = "https://huvidpo.dev/problems/"
 EXPECTED_ERROR = re.compile(r"ERROR:|error:|\"type\": \"https://huvidpo\.dev/problems/|Traceback")
 
@@ -192,7 +204,9 @@ def check_output(where: str, cmd: Command, rc: int, actual: str) -> None:
             g["type"],
             g.get("status"),
         ):
-            raise DocsError(f"{head}: the docs show the problem {d['type']}, the command answered:\n{actual[-3000:]}")
+            raise DocsError(
+                f"{head}: the docs show the problem {d['type']}, the command answered:\n{actual[-3000:]}"
+            )
 
 
 # The state a block leaves for the next one of its document: its new shell variables and its directory.
@@ -237,7 +251,8 @@ class DocRun:
         self.state = self.workdir.parent / (self.workdir.name + ".docs-test")
         self.state.mkdir(exist_ok=True)
         (self.state / "cwd").write_text(str(self.workdir))
-        if self.repo is not None:  # `.venv/bin/...`, `protos`, `scripts/...` resolve as from the repository root
+        # `.venv/bin/...`, `protos`, `scripts/...` resolve as from the repository root.
+        if self.repo is not None:
             for entry in self.repo.iterdir():
                 if entry.name not in {".git"} and not (self.workdir / entry.name).exists():
                     (self.workdir / entry.name).symlink_to(entry)
@@ -286,7 +301,9 @@ class DocRun:
             rc, out = self._bash(self._script("set -e\n" + _CURL_FAILS + text + "\nset +e"), log)
             if rc != 0:
                 why = f"timed out after {self.timeout:.0f} s" if rc == -1 else f"exited {rc}"
-                raise DocsError(f"{block.where} ({block.lang} block) {why}:\n{text}\n--- output:\n{out[-4000:]}")
+                raise DocsError(
+                    f"{block.where} ({block.lang} block) {why}:\n{text}\n--- output:\n{out[-4000:]}"
+                )
         else:
             commands = console_commands(text)
             parts = []
@@ -300,7 +317,9 @@ class DocRun:
                     parts.append('[ "$__docs_rc" = 0 ] || { __docs_save; exit "$__docs_rc"; }')
             rc, out = self._bash(self._script("\n".join(parts)), log)
             if rc == -1:
-                raise DocsError(f"{block.where} (console block) timed out after {self.timeout:.0f} s:\n{out[-4000:]}")
+                raise DocsError(
+                    f"{block.where} (console block) timed out after {self.timeout:.0f} s:\n{out[-4000:]}"
+                )
             pieces = re.split(r"^@@docs-test (\d+) begin\n", out, flags=re.M)
             results: dict[int, str] = {int(pieces[k]): pieces[k + 1] for k in range(1, len(pieces) - 1, 2)}
             for i, cmd in enumerate(commands):
@@ -308,7 +327,9 @@ class DocRun:
                     raise DocsError(f"{block.where}: `{cmd.text.strip()}` did not run:\n{out[-4000:]}")
                 m = re.search(rf"^@@docs-test {i} rc=(\d+)\s*\Z", results[i], flags=re.M)
                 if not m:
-                    raise DocsError(f"{block.where}: `{cmd.text.strip()}` did not finish:\n{results[i][-4000:]}")
+                    raise DocsError(
+                        f"{block.where}: `{cmd.text.strip()}` did not finish:\n{results[i][-4000:]}"
+                    )
                 check_output(block.where, cmd, int(m[1]), results[i][: m.start()])
         self.ran.append(block.where)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -89,12 +89,10 @@ SMALL_TRAINING = (
     "--hp max_steps=4 --hp checkpoint_every=2 --hp num_frames=4 --hp height=32 --hp width=32 "
     "--hp batch_size=1 --hp lora_rank=4 --hp gradient_checkpointing=false"
 )
-_NEWEST_FT = (
-    "\"$(huvidpo fine-tunes list -o json | python -c 'import json,sys; print(json.load(sys.stdin)[0][\"id\"])')\""
-)
+_NEWEST_FT = '"$(huvidpo fine-tunes list -o json | python -c \'import json,sys; print(json.load(sys.stdin)[0]["id"])\')"'
 _NEWEST_CKPT = (
-    "\"$(huvidpo checkpoints list -o json | python -c "
-    "'import json,sys; print(max(json.load(sys.stdin), key=lambda c: c[\"step\"])[\"id\"])')\""
+    '"$(huvidpo checkpoints list -o json | python -c '
+    '\'import json,sys; print(max(json.load(sys.stdin), key=lambda c: c["step"])["id"])\')"'
 )
 
 
@@ -105,6 +103,8 @@ def _readme_subs(ctx: Ctx) -> list[tuple[str, str]]:
         ("ckpt-ft-...-200", _NEWEST_CKPT),
         ("ft-...", _NEWEST_FT),
         ("127.0.0.1:50051", ctx.s.grpc_address),
+        # generate --remote takes `huvidpo generate`'s defaults (16 frames of 320x512, 50 steps): minutes on a CPU
+        ("--out cat.mp4", "--out cat.mp4 --frames 4 --height 32 --width 32 --steps 2"),
     ]
 
 
@@ -114,7 +114,43 @@ def _controlplane_fixtures(ctx: Ctx) -> None:
     store_from_env(dict(ctx.s.store_env)).upload_dir(ctx.tiny, "imports/sd15")
 
 
+def _random_adapter(tiny: Path, out: Path, seed: int) -> None:
+    import torch
+
+    from huvidpo.lora import lora_config, lora_parameters, save_lora
+    from huvidpo.models import load_components
+
+    unet = load_components(tiny).unet
+    unet.add_adapter(lora_config(rank=4, alpha=4, dropout=0.0), adapter_name="default")
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora_parameters(unet, "default").values():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+    save_lora(unet, out, "default")
+
+
+def _ab_fixtures(ctx: Ctx) -> None:
+    """docs/rating-ui.md: a base model, two checkpoints' adapters, prompts and a first frame."""
+    assert ctx.tiny is not None
+    shutil.copytree(ctx.tiny, ctx.cwd / "models" / "base")
+    _random_adapter(ctx.tiny, ctx.cwd / "ckpt200" / "adapter", 1)
+    _random_adapter(ctx.tiny, ctx.cwd / "ckpt100" / "adapter", 2)
+    (ctx.cwd / "prompts.txt").write_text("a cat turns to smile\na dog jumps\n")
+    (ctx.cwd / "frames").mkdir()
+    _frame(ctx.cwd / "frames" / "cat.png")
+
+
 SETUPS: dict[str, Setup] = {
+    "docs/rating-ui.md": Setup(
+        stack="controlplane",
+        env=_client_env,
+        substitutions=lambda ctx: [
+            ("HUVIDPO_TOKEN=... ", ""),  # the token is in the environment
+            ("http://127.0.0.1:8080", ctx.s.controlplane_url),
+            ("--out ab-round2", "--out ab-round2 --frames 4 --height 64 --width 64 --steps 2"),
+        ],
+        fixtures=_ab_fixtures,
+    ),
     "README.md": Setup(stack="full", env=_client_env, substitutions=_readme_subs, fixtures=_readme_fixtures),
     "services/controlplane/README.md": Setup(
         stack="controlplane",
@@ -202,7 +238,12 @@ def test_every_shell_example_runs_or_says_why_not(
             stack.start_controlplane()
             if setup.stack == "full":
                 stack.start_inference(
-                    {"default_frames": "4", "default_height": "32", "default_width": "32", "default_steps": "2"}
+                    {
+                        "default_frames": "4",
+                        "default_height": "32",
+                        "default_width": "32",
+                        "default_steps": "2",
+                    }
                 )
         cwd.mkdir(parents=True, exist_ok=True)
         ctx = Ctx(cwd, stack, tiny_model_dir)
