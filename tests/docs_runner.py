@@ -294,7 +294,7 @@ class DocRun:
 
     def run(self, block: Block) -> None:
         """Run one block; raises DocsError with the block's place and output when it fails."""
-        n = len(self.ran)
+        n, started = len(self.ran), time.monotonic()
         log = self.state / f"block-{n}.log"
         text = self.substitute(block.text)
         if block.lang != "console":
@@ -331,7 +331,7 @@ class DocRun:
                         f"{block.where}: `{cmd.text.strip()}` did not finish:\n{results[i][-4000:]}"
                     )
                 check_output(block.where, cmd, int(m[1]), results[i][: m.start()])
-        self.ran.append(block.where)
+        self.ran.append(f"{block.where} ({time.monotonic() - started:.0f} s)")
 
     def _kill(self, pgid: int) -> None:
         for sig in (signal.SIGTERM, signal.SIGKILL):

@@ -230,6 +230,7 @@ def test_every_shell_example_runs_or_says_why_not(
     cwd = root / "cwd"
     stack = None
     started = time.monotonic()
+    run: DocRun | None = None
     try:
         if setup.stack:
             env = local_store_env(root / "store")
@@ -248,7 +249,11 @@ def test_every_shell_example_runs_or_says_why_not(
         cwd.mkdir(parents=True, exist_ok=True)
         ctx = Ctx(cwd, stack, tiny_model_dir)
         setup.fixtures(ctx)
-        run = DocRun(cwd, {**_base_env(), **setup.env(ctx)}, setup.substitutions(ctx), setup.timeout, REPO)
+        ready = time.monotonic()
+        subs = setup.substitutions(ctx)
+        stale = [old for old, _ in subs if not any(old in b.text for b in to_run)]
+        assert not stale, f"{doc}: the setup replaces text no block has any more (update it): {stale}"
+        run = DocRun(cwd, {**_base_env(), **setup.env(ctx)}, subs, setup.timeout, REPO)
         try:
             for block in to_run:
                 run.run(block)
@@ -257,9 +262,11 @@ def test_every_shell_example_runs_or_says_why_not(
     finally:
         if stack is not None:
             stack.stop()
+    assert run is not None
     with capsys.disabled():
         print(
-            f"\n{doc}: ran {len(run.ran)} block(s) in {time.monotonic() - started:.0f} s: {', '.join(run.ran)};"
+            f"\n{doc}: ran {len(run.ran)} block(s) in {time.monotonic() - started:.0f} s"
+            f" (setup {ready - started:.0f} s): {', '.join(run.ran)};"
             f" skipped {len(blocks) - len(to_run)}: "
             + "; ".join(f"{b.where} ({b.skip})" for b in blocks if b.skip is not None)
         )
