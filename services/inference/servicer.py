@@ -283,8 +283,8 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
             models=[
                 model_to_pb(m) for m in sorted(self.manager.models(), key=lambda m: (m.id != "base", m.id))
             ],
-            # the view's per-role traffic counts feed the heartbeat, not the API
-            rollout=pb.Rollout(**{k: v for k, v in r.items() if k != "traffic"}),
+            # The view also carries per-role traffic counts (for the heartbeat), which Rollout does not declare.
+            rollout=pb.Rollout(**{k: v for k, v in r.items() if k in pb.Rollout.DESCRIPTOR.fields_by_name}),
         )
 
     async def GetModel(
