@@ -17,9 +17,9 @@ import grpc
 import httpx
 import pytest
 
-from huvidpo.client._grpc import channel, run_generate, stub
 from demo.loop import publish_base_model
 from demo.stack import Stack, local_store_env
+from huvidpo.client._grpc import channel, run_generate, stub
 from services.inference.gen import inference_pb2 as pb
 from services.inference.testing import image_bytes, make_adapter, publish_checkpoint
 from tests.e2e.harness import Running, store_from_env

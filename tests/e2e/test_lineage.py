@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from demo.loop import LoopOptions, run_loop
+from huvidpo.client._grpc import channel, stub
 from services.common.publish import read_manifest
 from services.common.records import keys
 from services.common.records.lineage import CheckpointManifest, DatasetVersionManifest, content_digest
-from huvidpo.client._grpc import channel, stub
 from services.inference.gen import inference_pb2 as pb
 from tests.e2e.test_loop import OPTS
 
