@@ -393,7 +393,8 @@ def run_loop(
     cli(f"rollouts set {opts.deployment} {ckpt_id} --create --wait")
     rollout = client.rollouts.set(opts.deployment, ckpt_id, create=True)
     log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
-    client.rollouts.wait(opts.deployment, rollout["revision"], timeout=opts.timeout)
+    # (a replica that refuses the checkpoint never becomes ready: the wait ends with its reason)
+    client.rollouts.wait(opts.deployment, rollout["revision"], timeout=min(opts.timeout, 300.0))
     client.wait_serving(ckpt_id, timeout=opts.timeout)  # and its gRPC ListModels says so
     log(f"[rollout] the inference service serves {ckpt_id}")
     t = lap("rollout_seconds", t)
