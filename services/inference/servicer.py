@@ -278,15 +278,13 @@ class VideoGenerationServicer(pb_grpc.VideoGenerationServiceServicer):
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        # The view also carries per-role traffic counts (for the heartbeat); the gRPC Rollout has
-        # only the fields of the proto.
-        fields = pb.Rollout.DESCRIPTOR.fields_by_name
-        r = {k: v for k, v in self.manager.rollout_view().items() if k in fields}
+        r = self.manager.rollout_view()
         return pb.ListModelsResponse(
             models=[
                 model_to_pb(m) for m in sorted(self.manager.models(), key=lambda m: (m.id != "base", m.id))
             ],
-            rollout=pb.Rollout(**r),
+            # the view's per-role traffic counts feed the heartbeat, not the API
+            rollout=pb.Rollout(**{k: v for k, v in r.items() if k != "traffic"}),
         )
 
     async def GetModel(
