@@ -1,9 +1,12 @@
 """``python -m demo`` (``make demo``): the whole HuViDPO loop end to end on the embedded default.
 
-Writes the tiny model, starts the control plane (local executor) and the inference service on
-127.0.0.1, makes rated videos, uploads them through REST, compiles pairs, runs a DPO fine-tune as a
-local Job, rolls the checkpoint out, asks the gRPC service for a video from a first frame, and writes
-``video.mp4``, ``metrics.png`` and ``summary.json`` (with the lineage) into ``--out``.
+Writes the tiny model, starts the control plane (local executor), registers the model through REST
+(``huvidpo models register``), starts the inference service on 127.0.0.1, makes rated videos,
+uploads them through REST, compiles pairs, runs a DPO fine-tune as a local Job (sample videos at its
+checkpoint), rolls the checkpoint out, asks the gRPC service for a video from a first frame, and
+writes ``video.mp4``, ``sample.mp4``, ``metrics.png`` and ``summary.json`` (with the lineage) into
+``--out``. Every call goes through the SDK (``huvidpo.client.Client``) or the ``huvidpo`` CLI, and
+each step prints the CLI command that does the same.
 
 Other targets, same flow:
 
@@ -81,37 +84,27 @@ def main(argv: list[str] | None = None) -> int:
     # 1. the tiny model, written by the CLI (the same command a user runs)
     model_dir = work / "tiny-model"
     subprocess.run(
-        [str(Path(sys.executable).with_name("huvidpo")), "init-tiny", str(model_dir)]
-        if Path(sys.executable).with_name("huvidpo").exists()
-        else [sys.executable, "-m", "huvidpo", "init-tiny", str(model_dir)],
-        check=True,
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
+        [*_huvidpo(), "init-tiny", str(model_dir)], check=True, cwd=REPO, stdout=subprocess.DEVNULL
     )
-    from demo.loop import LATENT_SCALE, learning_options, publish_base_model, run_loop, unit_variance_latents
+    from demo.loop import LATENT_SCALE, learning_options, run_loop, unit_variance_latents
+    from huvidpo.client import Client
 
     unit_variance_latents(model_dir)
     log(
         f"[setup] tiny model written to {model_dir} (VAE scaling factor {LATENT_SCALE}: unit-variance latents)"
     )
+    log(f"  $ huvidpo init-tiny {model_dir}")
     store_env = _store_env(args, out)
-    store = _store(store_env)
+    store = _store(store_env)  # read by the held-out evaluation only (no REST route serves pairs)
     opts = learning_options(
         train_steps=args.steps,
         checkpoint_every=args.steps,
         gen_steps=args.gen_steps,
         train_seed=args.train_seed,
     )
-    digest = publish_base_model(store, model_dir, opts.base_model)
-    where = store_env.get("HUVIDPO_STORE_ROOT") or store_env.get("HUVIDPO_STORE_ENDPOINT")
-    log(
-        f"[setup] base model published as models/{opts.base_model} ({digest[:19]}…) in the {args.store} store {where}"
-    )
-
-    from demo.client import ControlPlaneClient
 
     stack: Stack | None = None
-    cp: ControlPlaneClient | None = None
+    client: Client | None = None
     finetune_id: list[str] = []
     ok = False
     try:
@@ -128,11 +121,27 @@ def main(argv: list[str] | None = None) -> int:
             extra = {"HUVIDPO_CONTROLPLANE_EXECUTOR": args.executor}
             extra.update({k: v for k, v in os.environ.items() if k.startswith("HUVIDPO_CONTROLPLANE_")})
             extra["HUVIDPO_CONTROLPLANE_EXECUTOR"] = args.executor
-            stack = Stack(work, store_env, extra)
+            stack = Stack(work, store_env, extra, base_model=f"models/{opts.base_model}")
             cp_proc = stack.start_controlplane()
+            where = store_env.get("HUVIDPO_STORE_ROOT") or store_env.get("HUVIDPO_STORE_ENDPOINT")
             log(
-                f"[setup] control plane on {stack.controlplane_url} ({args.executor} executor, pid {cp_proc.pid})"
+                f"[setup] control plane on {stack.controlplane_url} ({args.executor} executor, pid {cp_proc.pid}, "
+                f"{args.store} store {where})"
             )
+            cp_url, grpc_addr, token = stack.controlplane_url, stack.grpc_address, stack.token
+        log(
+            f"[setup] to repeat a step by hand: export HUVIDPO_URL={cp_url} HUVIDPO_GRPC_ADDRESS={grpc_addr} "
+            "HUVIDPO_TOKEN=<the demo's token> (docs/client.md)"
+        )
+
+        # 2. the base model, registered through POST /v1/models by the CLI (the layout is verified)
+        log(f"  $ huvidpo models register {model_dir} --name {opts.base_model}")
+        model = register_model(model_dir, opts.base_model, cp_url, token)
+        log(
+            f"[setup] base model registered as {model['prefix']} ({model['digest'][:19]}…, "
+            f"{model['files']} files, {model['unet']} UNet)"
+        )
+        if stack is not None:
             inf_proc = stack.start_inference(
                 {"default_frames": "8", "default_height": "64", "default_width": "64", "default_steps": "10"}
             )
@@ -140,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"[setup] inference gRPC on {stack.grpc_address}, metrics {stack.inference_metrics_url} "
                 f"(pid {inf_proc.pid}, serving the base model)"
             )
-            cp_url, grpc_addr, token = stack.controlplane_url, stack.grpc_address, stack.token
-        cp = ControlPlaneClient(cp_url, token)
-        summary = run_loop(cp, grpc_addr, store, work, out, opts, log, on_finetune=finetune_id.append)
-        summary["base_model"] = {"id": opts.base_model, "digest": digest}
+        client = Client(cp_url, token, grpc_addr, timeout=120.0)
+        summary = run_loop(client, store, work, out, opts, log, on_finetune=finetune_id.append)
+        summary["base_model"] = {"id": opts.base_model, "digest": model["digest"]}
         summary["targets"] = {"store": args.store, "executor": args.executor}
         summary["timings"]["demo_seconds"] = round(time.perf_counter() - t0, 2)
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
@@ -154,18 +162,43 @@ def main(argv: list[str] | None = None) -> int:
         log("[stop] interrupted")
         return 130
     finally:
-        if not ok and cp is not None and finetune_id:
+        if not ok and client is not None and finetune_id:
             try:  # a trainer runs in its own session: stop it with the API, not with our signal
-                if cp.finetune(finetune_id[0])["state"] not in ("succeeded", "failed", "cancelled"):
-                    cp.cancel_finetune(finetune_id[0])
+                if client.fine_tunes.get(finetune_id[0])["state"] not in ("succeeded", "failed", "cancelled"):
+                    client.fine_tunes.cancel(finetune_id[0])
                     log(f"[stop] cancelled fine-tune {finetune_id[0]}")
             except Exception as exc:
                 log(f"[stop] could not cancel fine-tune {finetune_id[0]}: {exc}")
-        if cp is not None:
-            cp.close()
+        if client is not None:
+            client.close()
         if stack is not None:
             codes = stack.stop()
             log(f"[stop] services stopped (exit codes {codes}); logs in {work / 'logs'}")
+
+
+def _huvidpo() -> list[str]:
+    """The ``huvidpo`` command of this environment."""
+    exe = Path(sys.executable).with_name("huvidpo")
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", "huvidpo"]
+
+
+def register_model(model_dir: Path, model_id: str, url: str, token: str | None) -> dict[str, Any]:
+    """``huvidpo models register DIR --name ID -o json`` (POST /v1/models); returns the model. The
+    same files registered again answer the existing model, so ``--keep`` reruns pass."""
+    env = {**os.environ, "HUVIDPO_URL": url}
+    env.pop("HUVIDPO_TOKEN", None)
+    if token:
+        env["HUVIDPO_TOKEN"] = token  # through the environment: never on a command line
+    proc = subprocess.run(
+        [*_huvidpo(), "models", "register", str(model_dir), "--name", model_id, "-o", "json"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise SystemExit(f"huvidpo models register failed (exit {proc.returncode}): {proc.stderr.strip()}")
+    return dict(json.loads(proc.stdout))
 
 
 def print_summary(summary: dict[str, Any], out: Path) -> None:
@@ -195,7 +228,11 @@ def print_summary(summary: dict[str, Any], out: Path) -> None:
     print(
         f"  generation  {gen['frames']}x{gen['height']}x{gen['width']} seed {gen['seed']} by {gen['checkpoint_id']}"
     )
-    print(f"  files       {out / 'video.mp4'}, {out / 'metrics.png'}, {out / 'summary.json'}")
+    samples = summary["checkpoint"].get("samples") or []
+    if samples:
+        print(f"  samples     {len(samples)} at the checkpoint: {', '.join(x['url'] for x in samples)}")
+    files = [out / "video.mp4", *([out / "sample.mp4"] if samples else []), out / "metrics.png"]
+    print(f"  files       {', '.join(map(str, files))}, {out / 'summary.json'}")
     print(
         f"  time        {summary['timings']['demo_seconds']:.1f} s ({', '.join(f'{k} {v}' for k, v in summary['timings'].items() if k != 'demo_seconds')})"
     )

@@ -1,8 +1,11 @@
 """The whole loop through the public interfaces, as one function the demo and the e2e tests share.
 
-rated videos -> REST upload (multipart) -> dataset version (digest) -> pairs -> DPO fine-tune (a Job)
--> checkpoint (manifest with lineage) -> rollout -> gRPC Generate from a first frame -> video that
-reports the checkpoint that made it.
+rated videos -> REST upload (an upload session) -> dataset version (digest) -> pairs -> DPO fine-tune
+(a Job) -> checkpoint (manifest with lineage, sample videos) -> rollout -> gRPC Generate from a first
+frame -> video that reports the checkpoint that made it.
+
+Every call goes through the SDK (``huvidpo.client.Client``), and each step logs the ``huvidpo`` CLI
+command that does the same (docs/client.md), so a reader can repeat the loop by hand.
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shlex
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -18,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from demo.client import ControlPlaneClient, channel, generate, stub, wait_serving_checkpoint
-from demo.metrics import finetune_metrics, metric_rows
+from demo.metrics import metric_rows
+from huvidpo.client import Client
 from services.common.store import ObjectStore
-from services.inference.gen import inference_pb2 as pb
 
 Log = Callable[[str], None]
 
@@ -49,6 +52,9 @@ class LoopOptions:
     holdout_fraction: float = 0.0
     video_speed: float | None = None  # px/frame of the synthetic squares (None: size / 16)
     train_seed: int = 1
+    # sample videos the trainer renders at each checkpoint (0: none); published with the checkpoint
+    sample_count: int = 0
+    sample_steps: int = 4
     # generation
     prompt: str = "a square slides to the right"
     gen_frames: int = 8
@@ -74,6 +80,9 @@ class LoopOptions:
         }
         if self.holdout_fraction:
             hp["holdout_fraction"] = self.holdout_fraction  # by prompt; its seed is ``seed``
+        if self.sample_count:
+            # the data's prompts and first frames, at the training size: a few seconds per checkpoint
+            hp.update(sample_count=self.sample_count, sample_steps=self.sample_steps)
         hp.update(self.extra_hyperparameters)
         return hp
 
@@ -99,7 +108,8 @@ LEARNING_HYPERPARAMETERS: dict[str, Any] = {
 
 def learning_options(**overrides: Any) -> LoopOptions:
     """The demo's options: 4 prompts of 12 clips (6 smooth, 6 flickering), one prompt held out
-    (36 held-out pairs, 108 training pairs), 100 DPO steps at the learning recipe."""
+    (36 held-out pairs, 108 training pairs), 100 DPO steps at the learning recipe, 2 sample videos
+    (4 DDIM steps) rendered at the checkpoint."""
     values: dict[str, Any] = {
         "prompts": 4,
         "videos_per_prompt": 12,
@@ -112,6 +122,8 @@ def learning_options(**overrides: Any) -> LoopOptions:
         "train_frames": 4,
         "train_size": 64,
         "extra_hyperparameters": dict(LEARNING_HYPERPARAMETERS),
+        "sample_count": 2,
+        "sample_steps": 4,
     }
     values.update(overrides)
     return LoopOptions(**values)
@@ -127,6 +139,7 @@ def unit_variance_latents(model_dir: Path, scale: float = LATENT_SCALE) -> None:
 
 
 def heldout_accuracy(
+    client: Client,
     store: ObjectStore,
     base_model: str,
     pairs_prefix: str,
@@ -137,7 +150,10 @@ def heldout_accuracy(
 ) -> dict[str, Any]:
     """Held-out implicit reward accuracy and mean reward margin (``huvidpo.training.dpo.evaluate_pairs``,
     fixed draws) of the reference (the base model) and of the checkpoint's adapter, on the pairs the
-    compiler held out (``heldout.jsonl`` under ``pairs_prefix``). Runs here, on one CPU thread."""
+    compiler held out (``heldout.jsonl`` under ``pairs_prefix``). Runs here, on one CPU thread.
+
+    The checkpoint comes through REST (``huvidpo checkpoints download``); the base model's files and
+    the compiled pairs are read from the store, as no REST route serves them."""
     import torch
 
     from huvidpo.data import read_pairs
@@ -149,7 +165,7 @@ def heldout_accuracy(
     work = work_dir / "heldout-eval"
     model_dir, ckpt_dir = work / "model", work / "checkpoint"
     fetch_published(store, f"models/{base_model}", model_dir)
-    fetch_published(store, f"checkpoints/{checkpoint_id}", ckpt_dir)
+    client.checkpoints.download(checkpoint_id, ckpt_dir)
     for name in ("pairs.jsonl", "heldout.jsonl"):
         store.get_file(pairs_prefix + name, work / name)
     cfg = DPOConfig.from_mapping(
@@ -246,8 +262,7 @@ def _describe(view: dict[str, Any]) -> str:
 
 
 def run_loop(
-    cp: ControlPlaneClient,
-    grpc_address: str,
+    client: Client,
     store: ObjectStore,
     work_dir: Path,
     out_dir: Path,
@@ -255,7 +270,9 @@ def run_loop(
     log: Log = print,
     on_finetune: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """Run the loop; writes ``video.mp4``, ``first_frame.png``, ``metrics.png`` and returns the summary.
+    """Run the loop through the SDK ``client`` (REST and gRPC); writes ``video.mp4``,
+    ``first_frame.png``, ``metrics.png`` (and ``sample.mp4`` when the trainer rendered samples) and
+    returns the summary. ``store`` is read only by the held-out evaluation (see :func:`heldout_accuracy`).
 
     ``on_finetune(id)`` is called as soon as the fine-tune exists (so a caller can cancel it on Ctrl-C).
     Raises when a step fails or when the lineage does not hold together."""
@@ -268,20 +285,29 @@ def run_loop(
         timings[name] = round(now - since, 2)
         return now
 
-    # 1. rated videos -> REST (multipart) -> an immutable dataset version named by its digest
+    def cli(command: str) -> None:
+        log(f"  $ huvidpo {command}")
+
+    # 1. rated videos -> REST (an upload session) -> an immutable dataset version named by its digest
     t = time.perf_counter()
     data_dir = make_rated_videos(work_dir / "rated-videos", opts)
     n_videos = len(list((data_dir / "videos").glob("*.mp4")))
     log(f"[data] {n_videos} synthetic rated videos in {data_dir}")
-    cp.ensure_dataset(opts.dataset, "synthetic rated videos of the demo")
-    version = cp.upload_version(opts.dataset, data_dir)
+    cli(f"datasets create {opts.dataset} --exist-ok")
+    client.datasets.create(opts.dataset, "synthetic rated videos of the demo", exist_ok=True)
+    cli(f"datasets upload {opts.dataset} {data_dir}")
+    version = client.datasets.upload(opts.dataset, data_dir)
     log(
         f"[data] uploaded through REST: dataset {opts.dataset!r} version {version['id'][:16]}… "
         f"({version.get('videos')} videos, {version.get('prompts')} prompts, {version.get('raters')} raters)"
     )
     # The fine-tune's pair options (seed; hold-out by prompt, seeded by it): it trains on these pairs.
     holdout: dict[str, Any] = {"holdout_fraction": opts.holdout_fraction} if opts.holdout_fraction else {}
-    pairs = cp.compile_pairs(opts.dataset, version["id"], seed=opts.train_seed, **holdout)
+    cli(
+        f"pairs compile --dataset {opts.dataset} --version {version['id']} --seed {opts.train_seed}"
+        + (f" --holdout-fraction {opts.holdout_fraction}" if holdout else "")
+    )
+    pairs = client.pairs.compile(opts.dataset, version["id"], seed=opts.train_seed, **holdout)
     log(f"[data] compiled {pairs['pairs']} preference pairs")
     if holdout:
         held = pairs["report"]["holdout"]
@@ -292,7 +318,14 @@ def run_loop(
     t = lap("upload_and_pairs_seconds", t)
 
     # 2. DPO fine-tune as a Job, progress while it runs
-    ft = cp.create_finetune(opts.dataset, version["id"], opts.base_model, opts.hyperparameters())
+    hp = opts.hyperparameters()
+    hp_file = work_dir / "hyperparameters.json"
+    hp_file.write_text(json.dumps(hp, indent=2) + "\n")
+    cli(
+        f"fine-tunes create --dataset {opts.dataset} --version {version['id']} "
+        f"--base-model {opts.base_model} --hyperparameters-file {hp_file} --watch"
+    )
+    ft = client.fine_tunes.create(opts.dataset, version["id"], opts.base_model, hp)
     if on_finetune is not None:
         on_finetune(ft["id"])
     log(
@@ -306,17 +339,27 @@ def run_loop(
             log(f"[fine-tune] {line}")
             last[0] = line
 
-    ft = cp.wait_finetune(ft["id"], show, timeout=opts.timeout)
+    ft = client.fine_tunes.wait(ft["id"], show, timeout=opts.timeout)
     if ft["state"] != "succeeded":
         raise RuntimeError(f"fine-tune {ft['id']} {ft['state']}: {ft.get('reason')} {ft.get('message')}")
     if not ft["checkpoints"]:
         raise RuntimeError(f"fine-tune {ft['id']} succeeded without a checkpoint")
     t = lap("finetune_seconds", t)
     ckpt_id = ft["checkpoints"][-1]
+    cli(f"checkpoints show {ckpt_id}")
+    ckpt = client.checkpoints.get(ckpt_id)
+    samples = []
+    for sample in ckpt.get("samples") or []:
+        samples.append({**sample, "url": client.url + sample["url"]})
+        log(f"[fine-tune] sample video {sample['index']} ({sample['prompt']!r}): {client.url}{sample['url']}")
+    sample_path = None
+    if samples:
+        sample_path = client.checkpoints.sample(ckpt_id, samples[0]["index"], out_dir / "sample.mp4")
+        log(f"[fine-tune] sample video {samples[0]['index']} saved to {sample_path}")
     heldout = None
     if holdout:
         heldout = heldout_accuracy(
-            store, opts.base_model, ft["pairs"]["prefix"], ckpt_id, data_dir, opts.hyperparameters(), work_dir
+            client, store, opts.base_model, ft["pairs"]["prefix"], ckpt_id, data_dir, hp, work_dir
         )
         ref, got = heldout["reference"], heldout["checkpoint"]
         log(
@@ -325,8 +368,8 @@ def run_loop(
             f"(mean reward margin {ref['reward_margin']:.2f} -> {got['reward_margin']:.2f})"
         )
         t = lap("heldout_eval_seconds", t)
-    body, source = finetune_metrics(cp, store, ft["id"])
-    metric_list = metric_rows(body)
+    cli(f"fine-tunes metrics {ft['id']}")
+    metric_list = metric_rows(client.fine_tunes.metrics(ft["id"]))
     plot = None
     if metric_list:
         from huvidpo.training import plot_metrics
@@ -341,58 +384,58 @@ def run_loop(
         )
         # The library's plot takes plain rows (it knows nothing of the services): the metrics it has.
         plot = plot_metrics(metric_list, out_dir / "metrics.png", accuracy_lines=lines)
-        via = "REST /metrics" if source == "rest" else "the store (this control plane has no /metrics route)"
-        log(f"[fine-tune] loss and reward accuracy plot: {plot} (metrics from {via})")
-
-    # 3. the newest checkpoint, rolled out through REST; wait until the service applied it
-    ckpt = cp.checkpoint(ckpt_id)
-    # The demo starts the deployment it serves on a fresh stack, so it asks for creation explicitly.
-    rollout = cp.set_rollout(opts.deployment, ckpt_id, create=True)
-    log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
-    with channel(grpc_address, cp.token) as ch:
-        s = stub(ch)
-        wait_serving_checkpoint(s, ckpt_id, timeout=opts.timeout)
-        log(f"[rollout] the inference service serves {ckpt_id}")
-        t = lap("rollout_seconds", t)
-
-        # 4. a video from a first frame, streamed progress, the checkpoint the service reports
-        frame = first_frame_png(next(iter(sorted((data_dir / "videos").glob("*.mp4")))), opts.gen_size)
-        (out_dir / "first_frame.png").write_bytes(frame)
-        req = pb.GenerateRequest(
-            prompt=opts.prompt,
-            first_frame_image=frame,
-            frames=opts.gen_frames,
-            height=opts.gen_size,
-            width=opts.gen_size,
-            steps=opts.gen_steps,
-            guidance_scale=7.5,
-            seed=opts.seed,
-            output_format=pb.OUTPUT_FORMAT_MP4,
-            fps=8,
+        log(
+            f"[fine-tune] loss and reward accuracy plot: {plot} (metrics from GET /v1/fine-tunes/{{id}}/metrics)"
         )
 
-        seen: set[tuple[int, int, int]] = set()
+    # 3. the newest checkpoint, rolled out through REST; wait until every replica serves it
+    # The demo starts the deployment it serves on a fresh stack, so it asks for creation explicitly.
+    cli(f"rollouts set {opts.deployment} {ckpt_id} --create --wait")
+    rollout = client.rollouts.set(opts.deployment, ckpt_id, create=True)
+    log(f"[rollout] {opts.deployment} -> {ckpt_id} (revision {rollout['revision']})")
+    # (a replica that refuses the checkpoint never becomes ready: the wait ends with its reason)
+    client.rollouts.wait(opts.deployment, rollout["revision"], timeout=min(opts.timeout, 300.0))
+    client.wait_serving(ckpt_id, timeout=opts.timeout)  # and its gRPC ListModels says so
+    log(f"[rollout] the inference service serves {ckpt_id}")
+    t = lap("rollout_seconds", t)
 
-        def on_progress(p: pb.Progress) -> None:
-            if (p.step, p.total, p.queue_position) in seen:
-                return
-            seen.add((p.step, p.total, p.queue_position))
-            if p.queue_position > 0:
-                log(f"[generate] queued (position {p.queue_position})")
-            elif p.total:
-                log(f"[generate] denoising step {p.step}/{p.total}")
-            else:
-                log("[generate] started")
-
-        result = generate(s, req, on_progress)
-    if result.WhichOneof("video") != "video_bytes":
-        import httpx
-
-        video_bytes = httpx.get(result.download_url, timeout=60).content
-    else:
-        video_bytes = result.video_bytes
+    # 4. a video from a first frame, streamed progress, the checkpoint the service reports
+    frame = first_frame_png(next(iter(sorted((data_dir / "videos").glob("*.mp4")))), opts.gen_size)
+    (out_dir / "first_frame.png").write_bytes(frame)
     video = out_dir / "video.mp4"
-    video.write_bytes(video_bytes)
+    cli(
+        f"generate --remote {client.grpc_address} --prompt {shlex.quote(opts.prompt)} "
+        f"--first-frame {out_dir / 'first_frame.png'} --frames {opts.gen_frames} --height {opts.gen_size} "
+        f"--width {opts.gen_size} --steps {opts.gen_steps} --guidance 7.5 --seed {opts.seed} --out {video}"
+    )
+    seen: set[tuple[int, int, int]] = set()
+
+    def on_progress(p: Any) -> None:
+        if (p.step, p.total, p.queue_position) in seen:
+            return
+        seen.add((p.step, p.total, p.queue_position))
+        if p.queue_position > 0:
+            log(f"[generate] queued (position {p.queue_position})")
+        elif p.total:
+            log(f"[generate] denoising step {p.step}/{p.total}")
+        else:
+            log("[generate] started")
+
+    gen = client.generate(
+        opts.prompt,
+        first_frame=frame,
+        out=video,
+        frames=opts.gen_frames,
+        height=opts.gen_size,
+        width=opts.gen_size,
+        steps=opts.gen_steps,
+        guidance_scale=7.5,
+        seed=opts.seed,
+        fps=8,
+        on_progress=on_progress,
+        timeout=opts.timeout,
+    )
+    result, video_bytes = gen.result, gen.video
     lap("generate_seconds", t)
     log(f"[generate] {video} ({len(video_bytes)} bytes) from checkpoint {result.checkpoint_id}")
 
@@ -419,10 +462,14 @@ def run_loop(
             "first_loss": metric_list[0].get("loss") if metric_list else None,
             "last_loss": metric_list[-1].get("loss") if metric_list else None,
             "checkpoints": ft["checkpoints"],
-            "metrics_source": source,
         },
         "heldout": heldout,
-        "checkpoint": {"id": ckpt_id, "lineage": lineage, "created_at": ckpt.get("created_at")},
+        "checkpoint": {
+            "id": ckpt_id,
+            "lineage": lineage,
+            "created_at": ckpt.get("created_at"),
+            "samples": samples,
+        },
         "rollout": {
             "deployment": opts.deployment,
             "revision": rollout["revision"],
@@ -448,6 +495,7 @@ def run_loop(
             "video": str(video),
             "first_frame": str(out_dir / "first_frame.png"),
             "plot": str(plot) if plot else None,
+            "sample": str(sample_path) if sample_path else None,
         },
         "timings": {**timings, "loop_seconds": round(time.perf_counter() - t0, 2)},
         "options": asdict(opts),

@@ -23,6 +23,16 @@ from services.inference.errors import CheckpointRefused
 
 # The only files a checkpoint may hold: weights in safetensors, never a pickle.
 CHECKPOINT_FILES = {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"}
+# The sample videos the trainer renders into a checkpoint (huvidpo.training.samples): media and their
+# JSON index, shown by the API and never loaded here.
+SAMPLE_SUFFIXES = (".mp4", ".gif", ".png", ".json")
+
+
+def _allowed_extra(path: str) -> bool:
+    """``state/`` (the trainer's resume state) and ``samples/`` media; never loaded by inference."""
+    if path.startswith("state/"):
+        return True
+    return path.startswith("samples/") and path.count("/") == 1 and path.endswith(SAMPLE_SUFFIXES)
 
 
 @dataclass(frozen=True)
@@ -69,8 +79,8 @@ def fetch_checkpoint(store: ObjectStore, checkpoint_id: str, cache_dir: Path) ->
     """Download and verify ``checkpoints/{checkpoint_id}/`` into ``cache_dir/checkpoints/``.
 
     Raises ``CheckpointRefused`` (stage ``fetch`` or ``checksum``) if it is not published or a file
-    differs from its manifest, and (stage ``files``) if it holds anything but the safetensors adapter
-    and the trainer's ``state/``; other store errors (an outage) propagate to be retried."""
+    differs from its manifest, and (stage ``files``) if it holds anything but the safetensors adapter,
+    the trainer's ``state/`` and its ``samples/`` (mp4, gif, png, json); other store errors (an outage) propagate to be retried."""
     prefix = keys.checkpoint_prefix(checkpoint_id)
     dest = _ensure(cache_dir) / "checkpoints" / _cache_name(checkpoint_id)
     tmp = Path(tempfile.mkdtemp(prefix=".fetch-", dir=cache_dir))
@@ -82,8 +92,9 @@ def fetch_checkpoint(store: ObjectStore, checkpoint_id: str, cache_dir: Path) ->
         except (ChecksumMismatch, InvalidKey) as exc:
             raise CheckpointRefused(checkpoint_id, str(exc), "checksum") from exc
         files = set(manifest["files"])
-        # state/ is the trainer's resume state (optimizer, RNG: JSON and safetensors); never loaded here.
-        unexpected = sorted(f for f in files - CHECKPOINT_FILES if not f.startswith("state/"))
+        # state/ is the trainer's resume state (optimizer, RNG: JSON and safetensors), samples/ its
+        # sample videos; neither is ever loaded here.
+        unexpected = sorted(f for f in files - CHECKPOINT_FILES if not _allowed_extra(f))
         if unexpected:
             raise CheckpointRefused(
                 checkpoint_id,

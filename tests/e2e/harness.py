@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from demo.client import ControlPlaneClient
 from demo.stack import Stack, free_port, s3_store_env
+from huvidpo.client import Client
 from services.common.settings import StoreSettings
 from services.common.store import ObjectStore, make_store
 
@@ -30,13 +30,14 @@ def store_from_env(env: dict[str, str]) -> ObjectStore:
 
 
 class Running:
-    """A started stack plus the handles a test uses."""
+    """A started stack plus the handles a test uses: ``cp`` is the SDK client of its control plane
+    and inference service."""
 
     def __init__(self, stack: Stack, store: ObjectStore, model_digest: str) -> None:
         self.stack = stack
         self.store = store
         self.model_digest = model_digest
-        self.cp = ControlPlaneClient(stack.controlplane_url, stack.token)
+        self.cp = Client(stack.controlplane_url, stack.token, stack.grpc_address, timeout=120.0)
 
     def close(self) -> None:
         self.cp.close()

@@ -17,9 +17,9 @@ import grpc
 import httpx
 import pytest
 
-from demo.client import channel, generate, stub
 from demo.loop import publish_base_model
 from demo.stack import Stack, local_store_env
+from huvidpo.client._grpc import channel, run_generate, stub
 from services.inference.gen import inference_pb2 as pb
 from services.inference.testing import image_bytes, make_adapter, publish_checkpoint
 from tests.e2e.harness import Running, store_from_env
@@ -64,11 +64,16 @@ def serving(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, adap
                 "max_queue": "64",
             }
         )
-        rollout = running.cp.set_rollout("default", "ckpt-ft-e2e-1", create=True)
-        running.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
+        rollout = running.cp.rollouts.set("default", "ckpt-ft-e2e-1", create=True)
+        running.cp.rollouts.wait("default", rollout["revision"], timeout=120)
         yield running
     finally:
         running.close()
+
+
+def _generate(s: Any, request: pb.GenerateRequest, timeout: float) -> pb.GenerationResult:
+    """One streamed Generate (the SDK's call, without its retries): raises ``grpc.RpcError``."""
+    return run_generate(s, request, None, timeout)
 
 
 def _request(seed: int = 0, **kw: Any) -> pb.GenerateRequest:
@@ -97,7 +102,7 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
             n = 0
             while not stop.is_set():
                 try:
-                    served.append(generate(s, _request(seed=i * 1000 + n), timeout=120).checkpoint_id)
+                    served.append(_generate(s, _request(seed=i * 1000 + n), timeout=120).checkpoint_id)
                 except BaseException as exc:
                     errors.append(exc)
                 n += 1
@@ -109,9 +114,9 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
         deadline = time.monotonic() + 120
         while served.count("ckpt-ft-e2e-1") < 3 and not errors and time.monotonic() < deadline:
             time.sleep(0.1)
-        rollout = serving.cp.set_rollout("default", "ckpt-ft-e2e-2")
+        rollout = serving.cp.rollouts.set("default", "ckpt-ft-e2e-2")
         # The rollout's status, from the replicas' heartbeats, says when every replica serves it.
-        view = serving.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
+        view = serving.cp.rollouts.wait("default", rollout["revision"], timeout=120)
         assert [(r["current"], r["up_to_date"]) for r in view["status"]["replicas"]] == [
             ("ckpt-ft-e2e-2", True)
         ]
@@ -130,8 +135,8 @@ def test_rollout_under_concurrent_generation_load_fails_no_request(serving: Any)
     last_a = max(i for i, c in enumerate(served) if c == "ckpt-ft-e2e-1")
     assert all(c == "ckpt-ft-e2e-2" for c in served[last_a + 1 :])
     # restore A for the next tests
-    rollout = serving.cp.set_rollout("default", "ckpt-ft-e2e-1")
-    serving.cp.wait_rollout_ready("default", rollout["revision"], timeout=120)
+    rollout = serving.cp.rollouts.set("default", "ckpt-ft-e2e-1")
+    serving.cp.rollouts.wait("default", rollout["revision"], timeout=120)
 
 
 def _refused_count(metrics_url: str) -> float:
@@ -155,14 +160,14 @@ def test_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
     store.put_bytes(key, bytes(blob))
     before = _refused_count(stack.inference_metrics_url)
 
-    rollout = serving.cp.set_rollout("default", "ckpt-ft-e2e-9")  # the record names it...
+    rollout = serving.cp.rollouts.set("default", "ckpt-ft-e2e-9")  # the record names it...
     assert rollout["current"] == "ckpt-ft-e2e-9"
     deadline = time.monotonic() + 60
     while _refused_count(stack.inference_metrics_url) <= before:  # ...the service refuses it
         assert time.monotonic() < deadline, "the corrupt checkpoint was not refused"
         time.sleep(0.3)
     # The rollout status shows it: the replica serves the old checkpoint, the rollout is not ready.
-    view = serving.cp.rollout("default")
+    view = serving.cp.rollouts.get("default")
     (replica,) = view["status"]["replicas"]
     assert replica["current"] == "ckpt-ft-e2e-1" and not replica["up_to_date"]
     (ready,) = view["status"]["conditions"]
@@ -175,13 +180,13 @@ def test_corrupt_checkpoint_is_refused_and_the_old_one_keeps_serving(
         assert current == ["ckpt-ft-e2e-1"]
         # the old checkpoint keeps serving requests
         for seed in range(2):
-            assert generate(s, _request(seed=seed), timeout=120).checkpoint_id == "ckpt-ft-e2e-1"
+            assert _generate(s, _request(seed=seed), timeout=120).checkpoint_id == "ckpt-ft-e2e-1"
     assert stack.inference is not None and stack.inference.alive()
-    serving.cp.set_rollout("default", "ckpt-ft-e2e-1")
+    serving.cp.rollouts.set("default", "ckpt-ft-e2e-1")
 
 
 def test_bad_rest_inputs_get_clear_problems_and_no_5xx(serving: Any) -> None:
-    cp = serving.cp.http
+    cp = serving.cp.http.client  # raw httpx (with the token): the problems themselves are checked
     url = serving.stack.controlplane_url
     cp.post("/v1/datasets", json={"name": "bad-inputs"})
     cases: list[tuple[str, str, dict[str, Any], int]] = [
@@ -300,7 +305,7 @@ def test_bad_grpc_inputs_get_clear_status_codes_and_crash_nothing(serving: Any) 
         s = stub(ch)
         for kw, code, mention in cases:
             with pytest.raises(grpc.RpcError) as info:
-                generate(s, _request(**kw), timeout=60)
+                _generate(s, _request(**kw), timeout=60)
             err = info.value
             assert err.code() == code, (kw.keys(), err.code(), err.details())
             assert mention.split("_")[0] in (err.details() or "").lower() or mention in (
@@ -313,7 +318,7 @@ def test_bad_grpc_inputs_get_clear_status_codes_and_crash_nothing(serving: Any) 
             s.GetModel(pb.GetModelRequest(id="nope"), timeout=10)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
         # still alive and serving a good request
-        assert generate(s, _request(), timeout=120).checkpoint_id == "ckpt-ft-e2e-1"
+        assert _generate(s, _request(), timeout=120).checkpoint_id == "ckpt-ft-e2e-1"
     assert serving.stack.inference.alive()
     metrics = httpx.get(serving.stack.inference_metrics_url, timeout=10).text
     internal = [

@@ -44,7 +44,7 @@ def test_store_unavailable_during_upload_gives_retryable_503_and_no_partial_vers
     env = fresh_bucket_env({**s3_endpoint, "endpoint": proxy.endpoint}, timeout_seconds="3")
     running = make_stack(store_env=env, inference=False)
     cp = running.cp
-    cp.ensure_dataset("outage")
+    cp.datasets.create("outage")
     data = make_rated_videos(
         tmp_path / "videos", LoopOptions(prompts=1, videos_per_prompt=2, video_frames=4, video_size=32)
     )
@@ -58,7 +58,8 @@ def test_store_unavailable_during_upload_gives_retryable_503_and_no_partial_vers
         ("files", (p.relative_to(data).as_posix(), p.read_bytes(), "application/octet-stream")) for p in files
     ]
 
-    r = cp.http.post("/v1/datasets/outage/versions", files=parts, timeout=120)
+    # the one-request upload route (not the SDK's sessions): the outage hits one streamed request
+    r = cp.http.client.post("/v1/datasets/outage/versions", files=parts, timeout=120)
     assert r.status_code == 503, r.text[:500]
     assert r.headers["content-type"].startswith("application/problem+json")
     assert "Retry-After" in r.headers
@@ -67,7 +68,7 @@ def test_store_unavailable_during_upload_gives_retryable_503_and_no_partial_vers
 
     proxy.up()
     # no version was published, not even a partial one
-    assert cp.call("GET", "/v1/datasets/outage/versions")["items"] == []
+    assert cp.datasets.versions("outage") == []
     assert not [
         k
         for k in (o.key for o in running.store.list("datasets/outage/", recursive=True))
@@ -76,12 +77,14 @@ def test_store_unavailable_during_upload_gives_retryable_503_and_no_partial_vers
 
     # the same upload after the outage: one complete version
     parts[0] = ("files", ("videos/zz_big.mp4", big, "video/mp4"))
-    version = cp.call("POST", "/v1/datasets/outage/versions", files=parts)
+    r = cp.http.client.post("/v1/datasets/outage/versions", files=parts, timeout=120)
+    assert r.status_code == 201, r.text[:500]
+    version = r.json()
     assert version["videos"] == 2
     assert "data/videos/zz_big.mp4" in version["files"] and version["files"]["data/videos/zz_big.mp4"][
         "size"
     ] == len(big)
-    assert [v["id"] for v in cp.call("GET", "/v1/datasets/outage/versions")["items"]] == [version["id"]]
+    assert [v["id"] for v in cp.datasets.versions("outage")] == [version["id"]]
     # The version references the video where the upload staged it (no copy at commit).
     stored = running.store.get_json(f"datasets/outage/{version['id']}/manifest.json")
     meta = stored["files"]["data/videos/zz_big.mp4"]

@@ -37,9 +37,9 @@ def _start_finetune(running: Any, tmp_path: Path, steps: int, checkpoint_every: 
         train_size=32,
     )
     data = make_rated_videos(tmp_path / "videos", opts)
-    running.cp.ensure_dataset("faults")
-    version = running.cp.upload_version("faults", data)
-    return running.cp.create_finetune("faults", version["id"], "tiny", opts.hyperparameters())
+    running.cp.datasets.create("faults", exist_ok=True)
+    version = running.cp.datasets.upload("faults", data)
+    return running.cp.fine_tunes.create("faults", version["id"], "tiny", opts.hyperparameters())
 
 
 def _trainer_process(stack: Stack, finetune_id: str) -> psutil.Process:
@@ -59,16 +59,16 @@ def test_trainer_killed_mid_run_resumes_from_its_last_checkpoint(make_stack: Any
     running = make_stack(inference=False)
     ft = _start_finetune(running, tmp_path, steps=6, checkpoint_every=2)
     # wait for the first published checkpoint, then kill the trainer without warning
-    view = running.cp.wait_finetune(
+    view = running.cp.fine_tunes.wait(
         ft["id"], until=lambda v: len(v["checkpoints"]) >= 1, timeout=600, interval=0.3
     )
     assert view["state"] == "running", view
     first = _trainer_process(running.stack, ft["id"])
-    killed_after = max(int(c.rsplit("-", 1)[1]) for c in running.cp.finetune(ft["id"])["checkpoints"])
+    killed_after = max(int(c.rsplit("-", 1)[1]) for c in running.cp.fine_tunes.get(ft["id"])["checkpoints"])
     first.send_signal(signal.SIGKILL)
     first.wait(30)
 
-    view = running.cp.wait_finetune(ft["id"], timeout=600)
+    view = running.cp.fine_tunes.wait(ft["id"], timeout=600)
     assert view["state"] == "succeeded", view
     p = view["progress"]
     assert p["step"] == 6 and p["attempts"] == 2
@@ -86,7 +86,7 @@ def test_trainer_killed_mid_run_resumes_from_its_last_checkpoint(make_stack: Any
     second = [r["step"] for r in records[starts[1] :] if r["event"] == "step"]
     assert second == list(range(resumed + 1, 7))
     # the resumed checkpoint's lineage still names the fine-tune and its dataset
-    final = running.cp.checkpoint(view["checkpoints"][-1])
+    final = running.cp.checkpoints.get(view["checkpoints"][-1])
     assert final["lineage"]["finetune_id"] == ft["id"]
     assert final["lineage"]["dataset_digest"] == view["lineage"]["dataset_digest"]
 
@@ -97,7 +97,7 @@ def test_control_plane_restarted_mid_finetune_reports_the_right_state(
     running = make_stack(inference=False)
     stack: Stack = running.stack
     ft = _start_finetune(running, tmp_path, steps=6, checkpoint_every=3)
-    running.cp.wait_finetune(
+    running.cp.fine_tunes.wait(
         ft["id"], until=lambda v: (v["progress"]["step"] or 0) >= 1, timeout=600, interval=0.3
     )
     trainer = _trainer_process(stack, ft["id"])
@@ -109,15 +109,15 @@ def test_control_plane_restarted_mid_finetune_reports_the_right_state(
     stack.start_controlplane()
     assert stack.controlplane.pid != old_pid
 
-    view = running.cp.finetune(ft["id"])
+    view = running.cp.fine_tunes.get(ft["id"])
     trainer_alive = trainer.is_running() and trainer.status() != psutil.STATUS_ZOMBIE
     assert view["state"] == ("running" if trainer_alive else "succeeded"), view
-    view = running.cp.wait_finetune(ft["id"], timeout=600)
+    view = running.cp.fine_tunes.wait(ft["id"], timeout=600)
     assert view["state"] == "succeeded", view
     assert view["progress"]["step"] == 6 and view["progress"]["attempts"] == 1
     assert view["checkpoints"] == [f"ckpt-{ft['id']}-3", f"ckpt-{ft['id']}-6"]
     # one fine-tune, one Job: the restart submitted nothing again
-    listed = running.cp.call("GET", "/v1/fine-tunes")["items"]
+    listed = list(running.cp.fine_tunes.list())
     assert [f["id"] for f in listed] == [ft["id"]]
     runs = os.listdir(stack.work_dir / "controlplane" / "runs")
     assert runs == [ft["id"]]

@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from demo.client import channel, stub
 from demo.loop import LoopOptions, run_loop
+from huvidpo.client._grpc import channel, stub
 from services.common.publish import read_manifest
 from services.common.records import keys
 from services.common.records.lineage import CheckpointManifest, DatasetVersionManifest, content_digest
@@ -25,9 +25,7 @@ def test_dataset_and_base_model_digests_are_equal_at_every_link_of_the_walk(
     running = make_stack()
     store = running.store
     opts = LoopOptions(**{**OPTS, "train_steps": 2, "checkpoint_every": 2})  # type: ignore[arg-type]
-    summary = run_loop(
-        running.cp, running.stack.grpc_address, store, tmp_path / "work", tmp_path / "out", opts
-    )
+    summary = run_loop(running.cp, store, tmp_path / "work", tmp_path / "out", opts)
 
     # dataset version: its id is the one digest of its file listing
     version = DatasetVersionManifest.model_validate(
@@ -41,7 +39,7 @@ def test_dataset_and_base_model_digests_are_equal_at_every_link_of_the_walk(
     assert running.model_digest == model_manifest["digest"] == base_model_digest
 
     # fine-tune (REST)
-    ft = running.cp.finetune(summary["finetune"]["id"])
+    ft = running.cp.fine_tunes.get(summary["finetune"]["id"])
     assert ft["lineage"]["dataset_digest"] == dataset_digest
     assert ft["lineage"]["base_model_digest"] == base_model_digest
 
@@ -49,7 +47,7 @@ def test_dataset_and_base_model_digests_are_equal_at_every_link_of_the_walk(
     ckpt_id = summary["checkpoint"]["id"]
     published = CheckpointManifest.model_validate(store.get_json(keys.checkpoint_manifest_key(ckpt_id)))
     assert not store.exists(keys.checkpoint_prefix(ckpt_id) + "state/manifest.json")
-    rest = running.cp.checkpoint(ckpt_id)
+    rest = running.cp.checkpoints.get(ckpt_id)
     for lineage in (published.lineage.model_dump(), rest["lineage"]):
         assert lineage["dataset_digest"] == dataset_digest
         assert lineage["base_model_digest"] == base_model_digest

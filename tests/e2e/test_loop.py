@@ -30,6 +30,8 @@ OPTS = dict(
     gen_frames=4,
     gen_size=32,
     gen_steps=3,
+    sample_count=1,  # one sample video at each checkpoint, 2 DDIM steps
+    sample_steps=2,
     timeout=600.0,
 )
 
@@ -47,6 +49,11 @@ def _check_outputs(summary: dict[str, Any], out: Path, opts: LoopOptions) -> Non
     assert summary["checkpoint"]["lineage"]["finetune_id"] == ft["id"]
     assert summary["generation"]["checkpoint_id"] == summary["checkpoint"]["id"] == ft["checkpoints"][-1]
     assert summary["dataset"]["pairs"] > 0
+    # the sample video the trainer rendered at the checkpoint, listed by REST and saved by the loop
+    (sample,) = summary["checkpoint"]["samples"]
+    assert sample["url"].endswith(f"/v1/checkpoints/{summary['checkpoint']['id']}/samples/0")
+    sample_video, _fps = read_video(out / "sample.mp4")
+    assert np.asarray(sample_video).shape[0] == opts.train_frames
     held = summary["heldout"]
     if opts.holdout_fraction:
         # One of the two prompts held out: its pair is evaluated, never trained on; the reference
@@ -88,7 +95,7 @@ def test_loop_on_the_embedded_default_moves_finetune_rollout_and_generation_metr
 
     opts = LoopOptions(**{**OPTS, "holdout_fraction": 0.5})  # type: ignore[arg-type]
     out = tmp_path / "out"
-    summary = run_loop(running.cp, stack.grpc_address, running.store, tmp_path / "work", out, opts, print)
+    summary = run_loop(running.cp, running.store, tmp_path / "work", out, opts, print)
     _check_outputs(summary, out, opts)
 
     # fine-tune: the trainer's own metrics were scraped while it ran...
@@ -122,9 +129,7 @@ def test_loop_against_the_real_s3_server(
     running = make_stack(store_env=env)
     opts = LoopOptions(**OPTS)  # type: ignore[arg-type]
     out = tmp_path / "out"
-    summary = run_loop(
-        running.cp, running.stack.grpc_address, running.store, tmp_path / "work", out, opts, print
-    )
+    summary = run_loop(running.cp, running.store, tmp_path / "work", out, opts, print)
     _check_outputs(summary, out, opts)
     # everything the loop made lives in the bucket, published manifest-last
     store = running.store

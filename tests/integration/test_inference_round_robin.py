@@ -1,5 +1,5 @@
 """The documented client setup (deploy/README.md, "Load that reaches every replica";
-``demo.client.channel``): ``round_robin`` over every replica's address spreads one client's calls over
+``huvidpo.client._grpc.channel``): ``round_robin`` over every replica's address spreads one client's calls over
 all replicas, and a call a draining replica refuses (UNAVAILABLE) is retried on another.
 
 The headless Service gives the ``dns:///`` target one address per ready pod; here two replicas on
@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from demo.client import channel
+from huvidpo.client._grpc import channel
 from services.common.settings import InferenceSettings
 from services.common.store import LocalStore
 from services.inference.gen import inference_pb2 as pb
