@@ -98,14 +98,20 @@ def test_a_checkpoint_trained_on_smooth_preferred_pairs_beats_its_base_on_heldou
 #   dropped): 1.13-1.23 (the base's "motion" there is leftover noise, which the checkpoint
 #   removes worse).
 # - A base that moves: stage 1 on squares sliding 4 px/frame (every UNet parameter, lr 1e-3, batch
-#   4; loss 0.44 -> 0.15, near its floor after 300 steps) denoises (error 0.29 at t=140, 0.04 at
-#   t=900) and its clips move 1.67 px/frame (50 steps) / 1.65 (20 steps), guidance 1. DPO with the
-#   learning config on static-preferred pairs (squares still vs sliding 4 px/frame) on it: held-out
-#   accuracy 1.0 (margin 12.9) and motion ratio 0.28 (50 steps) / 0.30 (20 steps) / 0.37 (guidance
-#   12.5); latent 0.55-0.61. The same run on t < 1000: accuracy 1.0, ratio 0.50 (guidance 1), 0.82
-#   (guidance 12.5). The control, DPO on smooth-preferred pairs (smooth vs flickering squares at 4
-#   px/frame) on the same base: accuracy 0.92, ratio 0.78 / 0.79: not flagged. So the drop comes from
-#   the static preference, not from any LoRA on this base.
+#   4; loss 0.44 -> 0.15, no lower after 600 steps than after 300) denoises (error 0.29 at t=140, 0.04
+#   at t=900). DPO with the learning config on static-preferred pairs (squares still vs sliding 4
+#   px/frame) on it, 600-step base, other first frames (static squares, seeds 777-780): held-out
+#   accuracy 1.0 (margin 12.9), base 1.67 px/frame, ratio 0.28 (50 steps) / 0.30 (20 steps) / 0.37
+#   (guidance 12.5), latent 0.55-0.61; the same run on t < 1000: ratio 0.50 (guidance 1), 0.82
+#   (guidance 12.5). 300-step base: ratio 0.37 on those frames.
+# - This test's set-up (300-step base, first frames below, 20 steps, guidance 1; base 2.26 px/frame):
+#   static-preferred, training seeds 0/1 on dataset seed 0 and seed 0 on dataset seed 1: accuracy
+#   1.0/1.0/1.0, ratio 0.210/0.213/0.223, evaluation 44-63 s; the test passed in 293 s at load 7-10.
+# - The control, DPO on smooth-preferred pairs (smooth vs flickering squares, 4 px/frame) on the same
+#   base: accuracy 0.94, ratio 0.58 here (0.78-0.79 on the 600-step base and the other first frames).
+#   So at 0.7 the flag is not specific on this model: preferring smooth clips also removes part of
+#   what Farneback reads as motion in the tiny VAE's clips (its frame-to-frame flicker). The static
+#   preference removes far more; the bound below (ratio < 0.4) holds for it and not for the control.
 STAGE1 = dict(
     num_frames=4, height=64, width=64, batch_size=4, max_steps=300, lr=1e-3, trainable_patterns=(".",),
     gradient_checkpointing=False, hflip_p=0.0, checkpoint_every=300, plot=False,
@@ -184,4 +190,5 @@ def test_a_checkpoint_trained_on_static_preferred_pairs_is_flagged_for_motion_co
     assert moving["video"]["motion"] > 1.0, moving["video"]
     assert report["heldout_implicit_acc"] >= 0.75, static["heldout"]
     assert report["motion_collapse"] is True, (static["video"], moving["video"])
-    assert static["motion_ratio"] < 0.5, static["motion_ratio"]
+    # Well below the smooth-preferred control's 0.58 (see above): the drop is the static preference's.
+    assert static["motion_ratio"] < 0.4, static["motion_ratio"]
