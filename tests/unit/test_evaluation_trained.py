@@ -105,8 +105,9 @@ def test_a_checkpoint_trained_on_smooth_preferred_pairs_beats_its_base_on_heldou
 #   (guidance 12.5), latent 0.55-0.61; the same run on t < 1000: ratio 0.50 (guidance 1), 0.82
 #   (guidance 12.5). 300-step base: ratio 0.37 on those frames.
 # - This test's set-up (300-step base, first frames below, 20 steps, guidance 1; base 2.26 px/frame):
-#   static-preferred, training seeds 0/1 on dataset seed 0 and seed 0 on dataset seed 1: accuracy
-#   1.0/1.0/1.0, ratio 0.210/0.213/0.223, evaluation 44-63 s; the test passed in 293 s at load 7-10.
+#   static-preferred, training seeds 0/1/2 on dataset seed 0 and seed 0 on dataset seed 1: accuracy
+#   1.0 each, ratio 0.210/0.213/0.204/0.223, evaluation 33-63 s; the test passed in 293 s (load
+#   7-10) and 112 s (load ~7).
 # - The control, DPO on smooth-preferred pairs (smooth vs flickering squares, 4 px/frame) on the same
 #   base: accuracy 0.94, ratio 0.58 here (0.78-0.79 on the 600-step base and the other first frames).
 #   So at 0.7 the flag is not specific on this model: preferring smooth clips also removes part of
