@@ -572,6 +572,17 @@ def peak_flops(name: str, override_tflops: float | None) -> float | None:
     return next((v for key, v in PEAK_BF16_FLOPS if key in name), None)
 
 
+@contextmanager
+def _uncompiled(module: torch.nn.Module) -> Iterator[None]:
+    """Run ``module`` eagerly inside: FlopCounterMode's dispatch mode cannot trace a compiled call."""
+    compiled = getattr(module, "_compiled_call_impl", None)
+    module._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        module._compiled_call_impl = compiled
+
+
 def _cuda_seconds(fn: Callable[[], None], repeats: int) -> float:
     """Median seconds of ``fn`` by CUDA events, after one warm-up call."""
     fn()
@@ -634,7 +645,8 @@ def _measure_precision(shape: Shape, prec: str, batches: list[int], peak: float 
         with torch.no_grad():
             unet(x, t, text)
 
-    flops, _, _ = _flops(forward)
+    with _uncompiled(unet):
+        flops, _, _ = _flops(forward)
     secs = _cuda_seconds(forward, repeats)
     res["unet_forward"] = {"batch": 2, "flops": flops, "seconds": secs, "mfu": mfu(flops, secs)}
     log(f"[cuda] {prec} UNet forward: {secs:.3f} s")
@@ -648,7 +660,8 @@ def _measure_precision(shape: Shape, prec: str, batches: list[int], peak: float 
         step = dpo_step_fn(unet, params, prec, shape, dev, fake=False)
         row: dict[str, Any] = {"checkpointing": ckpt}
         try:
-            step_flops, _, _ = _flops(step)  # also the warm-up (optimizer state allocated)
+            with _uncompiled(unet):
+                step_flops, _, _ = _flops(step)  # also the warm-up (optimizer state allocated)
             model_flops = model_flops or step_flops
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()

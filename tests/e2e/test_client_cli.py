@@ -72,7 +72,15 @@ class Cli:
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            # A shell that starts the suite in the background (`.ci/run &`) leaves SIGINT ignored, and
+            # Python then never raises KeyboardInterrupt: give the CLI the terminal's default, as a
+            # person's Ctrl-C would find it.
+            preexec_fn=_default_sigint,
         )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 @dataclass
