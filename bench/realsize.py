@@ -746,6 +746,8 @@ def print_cuda(r: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    from huvidpo.precision import COMPILE_BACKENDS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--estimate", action="store_true", help="FLOPs and peak bytes from fake tensors (no GPU)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -765,7 +767,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--compile",
         default="off",
-        help="GPU runs: torch.compile the UNet first (off, inductor, aot_eager, eager)",
+        choices=COMPILE_BACKENDS,
+        help="GPU runs: torch.compile the UNet first",
     )
     args = ap.parse_args(argv)
     if args.height % 8 or args.width % 8 or args.frames < 2:
