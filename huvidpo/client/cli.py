@@ -120,6 +120,14 @@ def _kv(view: dict[str, Any], keys: Sequence[str]) -> None:
         print(f"{k:<16} {'' if v is None else v}")
 
 
+def _byte_unit(total: int) -> tuple[int, str]:
+    """The unit a byte count of ``total`` reads best in: 0.1 MiB of 0.1 MiB says nothing; 106.6 KiB does."""
+    for scale, unit in ((2**30, "GiB"), (2**20, "MiB"), (2**10, "KiB")):
+        if total >= scale:
+            return scale, unit
+    return 1, "B"
+
+
 class _Bar:
     """A one-line byte counter on stderr (rewritten in place on a terminal, every 10% otherwise)."""
 
@@ -136,7 +144,8 @@ class _Bar:
         if pct == self.last:
             return
         self.last = pct
-        line = f"{self.what}: {done / 2**20:.1f}/{total / 2**20:.1f} MiB ({pct}%)"
+        scale, unit = _byte_unit(total)
+        line = f"{self.what}: {done / scale:.1f}/{total / scale:.1f} {unit} ({pct}%)"
         print(("\r" + line) if self.tty else line, end="" if self.tty else "\n", file=sys.stderr, flush=True)
 
     def close(self) -> None:

@@ -110,6 +110,18 @@ def _message(msg: str) -> str:
     return msg.removeprefix("Value error, ")
 
 
+def _error_message(e: Any) -> str:
+    """A validation error in words: a value outside a declared pattern says the form it must take and
+    what was sent (services/controlplane/forms.py), not the regular expression."""
+    if e.get("type") == "string_pattern_mismatch":
+        from services.controlplane.forms import pattern_mismatch
+
+        worded = pattern_mismatch((e.get("ctx") or {}).get("pattern", ""), e.get("input"))
+        if worded is not None:
+            return worded
+    return _message(e.get("msg", ""))
+
+
 def _is_json(content_type: str) -> bool:
     media = content_type.split(";", 1)[0].strip().lower()
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
@@ -235,7 +247,7 @@ def install(app: FastAPI) -> None:
         if wrong_method is not None:
             return wrong_method
         field_errors = [
-            FieldProblem(field=_loc_to_field(e.get("loc", ())), message=_message(e.get("msg", "")))
+            FieldProblem(field=_loc_to_field(e.get("loc", ())), message=_error_message(e))
             for e in exc.errors()
         ]
         first = field_errors[0] if field_errors else None

@@ -525,3 +525,22 @@ def test_generate_needs_a_model_or_remote_and_refuses_local_only_options_remotel
     rc = main(["generate", "--remote", "127.0.0.1:1", "--lora", str(tmp_path), "--prompt", "x", "--out", out])
     assert rc == ExitCode.USAGE
     assert capsys.readouterr().err.strip() == "huvidpo generate: error: --lora is not available with --remote"
+
+
+@pytest.mark.parametrize(
+    ("done", "total", "line"),
+    [
+        (0, 109_171, "up: 0.0/106.6 KiB (0%)"),
+        (54_000, 109_171, "up: 52.7/106.6 KiB (49%)"),
+        (2_359_296, 4_718_592, "up: 2.2/4.5 MiB (50%)"),
+        (300, 600, "up: 300.0/600.0 B (50%)"),
+        (2**30, 3 * 2**30, "up: 1.0/3.0 GiB (33%)"),
+    ],
+)
+def test_upload_progress_reads_in_the_unit_of_the_whole_upload(
+    done: int, total: int, line: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from huvidpo.client.cli import _Bar
+
+    _Bar("up")(done, total)
+    assert capsys.readouterr().err.strip() == line

@@ -173,3 +173,54 @@ def test_a_trailing_newline_is_not_part_of_a_valid_name(check: Any) -> None:
     assert check(good)
     with pytest.raises(InvalidRequest):
         check(good + "\n")
+
+
+def _patterns(node: Any) -> set[str]:
+    if isinstance(node, dict):
+        found = {node["pattern"]} if isinstance(node.get("pattern"), str) else set()
+        return found.union(*(_patterns(v) for v in node.values()))
+    if isinstance(node, list):
+        return set().union(*(_patterns(v) for v in node))
+    return set()
+
+
+def test_every_pattern_the_schema_declares_has_its_form_in_words(spec: dict[str, Any]) -> None:
+    from services.controlplane.forms import FORMS
+
+    patterns = _patterns(spec)
+    assert len(patterns) >= 10  # the walk found the document's patterns
+    assert sorted(patterns - set(FORMS)) == []
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "field", "words", "sent"),
+    [
+        (
+            "post",
+            "/v1/evaluations",
+            {"checkpoint": "bad one"},
+            "checkpoint",
+            "a checkpoint id, ckpt-",
+            "'bad one'",
+        ),
+        ("get", "/v1/checkpoints/nope", None, "path:checkpoint_id", "a checkpoint id, ckpt-", "'nope'"),
+        ("post", "/v1/datasets", {"name": "Bad Name!"}, "name", "1-63 characters of a-z", "'Bad Name!'"),
+        ("get", "/v1/datasets/cats/versions/v1", None, "path:version", "its id (64 lower-case hex", "'v1'"),
+    ],
+)
+def test_a_value_outside_a_pattern_is_told_the_form_in_words_not_the_regex(
+    client: TestClient, method: str, path: str, body: Any, field: str, words: str, sent: str
+) -> None:
+    r = client.request(method.upper(), path, headers=AUTH, json=body)
+    p = problem(r, 422, InvalidRequest.kind)
+    assert p["field"] == field
+    assert (
+        p["detail"].startswith(f"{field}: expected ") and words in p["detail"] and p["detail"].endswith(sent)
+    )
+    assert "pattern" not in p["detail"] and "^" not in p["detail"]
+
+
+def test_a_long_value_is_echoed_cut_short(client: TestClient) -> None:
+    r = client.get("/v1/datasets/cats/versions/" + "X" * 60 + "Y" * 200, headers=AUTH)
+    detail = problem(r, 422, InvalidRequest.kind)["detail"]
+    assert "Y" * 10 not in detail and detail.endswith("…")
