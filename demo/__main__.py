@@ -83,17 +83,15 @@ def main(argv: list[str] | None = None) -> int:
 
     # 1. the tiny model, written by the CLI (the same command a user runs)
     model_dir = work / "tiny-model"
-    subprocess.run(
-        [*_huvidpo(), "init-tiny", str(model_dir)], check=True, cwd=REPO, stdout=subprocess.DEVNULL
-    )
-    from demo.loop import LATENT_SCALE, learning_options, run_loop, unit_variance_latents
+    from demo.loop import LATENT_SCALE, learning_options, run_loop
     from huvidpo.client import Client
 
-    unit_variance_latents(model_dir)
+    init = ["init-tiny", str(model_dir), "--latent-scale", str(LATENT_SCALE)]
+    subprocess.run([*_huvidpo(), *init], check=True, cwd=REPO, stdout=subprocess.DEVNULL)
     log(
         f"[setup] tiny model written to {model_dir} (VAE scaling factor {LATENT_SCALE}: unit-variance latents)"
     )
-    log(f"  $ huvidpo init-tiny {model_dir}")
+    log(f"  $ huvidpo {' '.join(init)}")
     store_env = _store_env(args, out)
     store = _store(store_env)  # read by the held-out evaluation only (no REST route serves pairs)
     opts = learning_options(

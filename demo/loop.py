@@ -91,7 +91,7 @@ class LoopOptions:
 # found the recipe; the demo holds out whole prompts instead of videos). Smooth squares moving 1 px/frame
 # beat flickering ones; unit-variance latents (LATENT_SCALE) and timesteps below 150, where the two
 # kinds of clip differ more than the noise; LoRA on the attention and temporal layers without dropout.
-LATENT_SCALE = 3.0
+LATENT_SCALE = 3.0  # huvidpo.models.tiny.UNIT_VARIANCE_LATENT_SCALE (this module loads no torch)
 LEARNING_HYPERPARAMETERS: dict[str, Any] = {
     "batch_size": 4,
     "lr": 5e-3,
@@ -127,15 +127,6 @@ def learning_options(**overrides: Any) -> LoopOptions:
     }
     values.update(overrides)
     return LoopOptions(**values)
-
-
-def unit_variance_latents(model_dir: Path, scale: float = LATENT_SCALE) -> None:
-    """Set the model's VAE scaling factor so its latents have about unit variance (SD picks its
-    0.18215 for that reason; the tiny random VAE needs ``LATENT_SCALE``)."""
-    cfg_path = model_dir / "vae" / "config.json"
-    cfg = json.loads(cfg_path.read_text())
-    cfg["scaling_factor"] = scale
-    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def heldout_accuracy(

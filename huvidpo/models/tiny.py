@@ -138,16 +138,28 @@ def tiny_components(seed: int = 0, sparse_causal: SparseCausalMode = "first+prev
     return ModelComponents(unet, vae, text_encoder, tokenizer, dict(SD_SCHEDULER_CONFIG))
 
 
-def write_tiny_model(directory: str | os.PathLike[str], seed: int = 0, unet_2d: bool = False) -> Path:
+# The tiny random VAE's latents have about unit variance at this scaling factor (SD-1.x picks its 0.18215
+# for the same reason); the demo's learning recipe and the learning tests train on it.
+UNIT_VARIANCE_LATENT_SCALE = 3.0
+
+
+def write_tiny_model(
+    directory: str | os.PathLike[str], seed: int = 0, unet_2d: bool = False, latent_scale: float | None = None
+) -> Path:
     """Write a complete tiny model directory (diffusers layout, safetensors) and return its path.
 
     ``unet_2d``: ``unet/`` holds a plain SD-1.x ``UNet2DConditionModel`` (seeded random weights) in
-    place of the VideoUNet, as a Stable Diffusion checkpoint does; ``load_components`` inflates it."""
+    place of the VideoUNet, as a Stable Diffusion checkpoint does; ``load_components`` inflates it.
+    ``latent_scale``: the VAE's ``scaling_factor`` (default SD's 0.18215; :data:`UNIT_VARIANCE_LATENT_SCALE`
+    gives this random VAE's latents about unit variance, on which a DPO fine-tune learns quickly)."""
     import json
     import shutil
 
     d = Path(directory)
-    tiny_components(seed).save_pretrained(d)
+    comps = tiny_components(seed)
+    if latent_scale is not None:
+        comps.vae.register_to_config(scaling_factor=float(latent_scale))
+    comps.save_pretrained(d)
     if unet_2d:
         shutil.rmtree(d / "unet")
         torch.manual_seed(seed)

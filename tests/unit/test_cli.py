@@ -20,6 +20,28 @@ def test_init_tiny_writes_a_loadable_diffusers_directory(tmp_path: Path) -> None
     assert not list((tmp_path / "m").rglob("*.bin"))
 
 
+def test_init_tiny_latent_scale_gives_the_random_vae_unit_variance_latents(tmp_path: Path) -> None:
+    import torch
+
+    from demo.loop import LATENT_SCALE
+    from huvidpo.data import make_synthetic_dataset
+    from huvidpo.models.components import load_components
+    from huvidpo.models.tiny import UNIT_VARIANCE_LATENT_SCALE
+
+    assert LATENT_SCALE == UNIT_VARIANCE_LATENT_SCALE  # the demo's recipe trains on what the CLI writes
+    stds = {}
+    data = make_synthetic_dataset(tmp_path / "d", n_prompts=1, videos_per_prompt=2, num_frames=4, size=64)
+    clip = torch.from_numpy(read_video(next((data / "videos").glob("*.mp4")))[0]).float()  # (f, h, w, 3)
+    pixels = clip.permute(0, 3, 1, 2) / 127.5 - 1.0
+    for name, extra in (("sd", []), ("unit", ["--latent-scale", str(UNIT_VARIANCE_LATENT_SCALE)])):
+        assert main(["init-tiny", str(tmp_path / name), *extra]) == 0
+        comps = load_components(tmp_path / name)
+        with torch.no_grad():
+            stds[name] = float((comps.vae.encode(pixels).latent_dist.mean * comps.latent_scale).std())
+    assert load_components(tmp_path / "sd").latent_scale == 0.18215
+    assert 0.5 < stds["unit"] < 2.0 and stds["sd"] < 0.15  # SD's factor leaves them ~16x too small
+
+
 def test_generate_writes_an_mp4_from_a_first_frame(tiny_model_dir: Path, tmp_path: Path) -> None:
     img = tmp_path / "frame.png"
     Image.fromarray(np.full((30, 50, 3), 200, np.uint8)).save(img)
