@@ -65,6 +65,13 @@ def _message(exc: BaseException, args: argparse.Namespace | None = None) -> str:
     return str(exc)
 
 
+def _usage_message(exc: Exception) -> str:
+    """A missing local file as the path the user gave, not Python's ``[Errno 2] ...``."""
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return f"no such file or directory: {exc.filename}"
+    return str(exc)
+
+
 def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         verb = " ".join(x for x in (args.command, getattr(args, "verb", None)) if x)
@@ -75,7 +82,7 @@ def _run(fn: Command) -> Callable[[argparse.Namespace], int]:
             print(f"huvidpo {verb}: error: {_message(exc, args)}", file=sys.stderr)
             return int(exit_code(exc))
         except (FileNotFoundError, ValueError) as exc:
-            print(f"huvidpo {verb}: error: {exc}", file=sys.stderr)
+            print(f"huvidpo {verb}: error: {_usage_message(exc)}", file=sys.stderr)
             return int(ExitCode.USAGE)
         except KeyboardInterrupt as exc:
             upload = getattr(exc, "upload_id", None)
@@ -622,16 +629,31 @@ def _rollout_text(v: dict[str, Any]) -> None:
 def _rollout_change(change: Callable[[Client, argparse.Namespace], dict[str, Any]]) -> Command:
     def cmd(c: Client, a: argparse.Namespace) -> int:
         view = change(c, a)
+        asked = int(view["revision"])
         if a.wait:
+            print(f"waiting until every replica serves revision {asked}...", file=sys.stderr, flush=True)
+            view = c.rollouts.wait(a.deployment, asked, timeout=a.timeout)
+        # What changed the rollout after this command's revision (the gate may roll a canary back while
+        # the replicas load it): said on stderr, so -o json stays the view; a rolled-back canary fails.
+        later = [e for e in _history_of(c, a.deployment, view) if int(e["revision"]) > asked]
+        for e in later:
+            decision = f" (gate: {e['decision']})" if e.get("decision") else ""
             print(
-                f"waiting until every replica serves revision {view['revision']}...",
+                f"meanwhile revision {e['revision']}: {e['action']} by {e.get('actor') or '-'}{decision}",
                 file=sys.stderr,
-                flush=True,
             )
-            view = c.rollouts.wait(a.deployment, view["revision"], timeout=a.timeout)
-        return _show(a, view, _rollout_text)
+            for r in e.get("reasons") or []:
+                print(f"  - {r}", file=sys.stderr)
+        _show(a, view, _rollout_text)
+        rolled_back = any(e.get("decision") == "rollback" for e in later)
+        return int(ExitCode.FAILED) if rolled_back else 0
 
     return cmd
+
+
+def _history_of(c: Client, deployment: str, view: dict[str, Any]) -> list[dict[str, Any]]:
+    history = view.get("history")
+    return list(history) if isinstance(history, list) else list(c.rollouts.history(deployment))
 
 
 def _policy(a: argparse.Namespace) -> dict[str, Any] | None:
@@ -759,6 +781,9 @@ def remote_generate(args: argparse.Namespace) -> int:
         )
         print(("\r\033[K" + line) if tty else line, end="" if tty else "\n", file=sys.stderr, flush=True)
 
+    if args.first_frame is not None and not Path(args.first_frame).is_file():
+        print(f"huvidpo generate: error: --first-frame {args.first_frame}: no such file", file=sys.stderr)
+        return int(ExitCode.USAGE)
     out = Path(args.out)
     try:
         with Client(None, args.token, args.remote, retries=max(0, args.retries)) as c:

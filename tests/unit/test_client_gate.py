@@ -200,3 +200,44 @@ def test_canary_policy_options_evaluate_and_history_with_the_gate_s_reasons(
     # a policy the API refuses names its field
     code = main(["rollouts", "canary", "web", CKPTS[1], "--percent", "10", "--policy-min-accuracy", "2"])
     assert code == ExitCode.REFUSED and "min_heldout_accuracy" in capsys.readouterr().err
+
+
+def test_a_canary_the_gate_rolls_back_while_the_cli_waits_is_reported_and_fails(
+    app: tuple[TestClient, LocalStore, Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``rollouts canary ... --wait`` printed the rolled-back rollout ("canary -") and exited 0 when the
+    background gate rolled the canary back before the replicas served it (seen by hand, issue 19)."""
+    from huvidpo.client.client import Rollouts
+
+    _, store, _ = app
+    run(capsys, "rollouts", "set", "web", CKPTS[0], "--create")
+    write_evaluation(store, "ev-low", CKPTS[1], acc=0.6, collapse=False)
+
+    def gate_acts_then_served(self: Rollouts, deployment: str, revision: int | None = None, **_: Any) -> Any:
+        self.evaluate(deployment)  # the control plane's gate loop, between the canary and its serving
+        return self.get(deployment)
+
+    monkeypatch.setattr(Rollouts, "wait", gate_acts_then_served)
+    argv = [
+        "rollouts",
+        "canary",
+        "web",
+        CKPTS[1],
+        "--percent",
+        "10",
+        "--policy-min-accuracy",
+        "0.95",
+        "--wait",
+    ]
+    assert main(argv) == ExitCode.FAILED
+    out = capsys.readouterr()
+    assert "meanwhile revision 3: rollback by rollout-gate (gate: rollback)" in out.err
+    assert "  - held-out implicit accuracy 0.600 < 0.95 (evaluation ev-low)" in out.err
+    assert out.out.startswith(f"web  revision 3  current {CKPTS[0]}  canary -")
+
+    # a change nothing undid: exit 0 and nothing said on stderr; -o json stays the view alone
+    monkeypatch.setattr(Rollouts, "wait", lambda self, d, revision=None, **_: self.get(d))
+    view = json.loads(run(capsys, "rollouts", "set", "web", CKPTS[2], "--wait", "-o", "json"))
+    assert view["current"] == CKPTS[2]

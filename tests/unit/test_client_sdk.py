@@ -544,3 +544,18 @@ def test_upload_progress_reads_in_the_unit_of_the_whole_upload(
 
     _Bar("up")(done, total)
     assert capsys.readouterr().err.strip() == line
+
+
+def test_a_missing_local_file_is_named_as_given_not_as_an_errno(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = tmp_path / "nope.png"
+    argv = ["generate", "--remote", "127.0.0.1:9", "--prompt", "x", "--first-frame", str(missing)]
+    assert main([*argv, "--out", str(tmp_path / "v.mp4")]) == 2  # before any connection
+    assert (
+        capsys.readouterr().err.strip() == f"huvidpo generate: error: --first-frame {missing}: no such file"
+    )
+    records = tmp_path / "ratings.jsonl"
+    assert main(["ratings", "add", "cats", "--file", str(records), "--url", "http://127.0.0.1:9"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"huvidpo ratings add: error: no such file or directory: {records}", err
