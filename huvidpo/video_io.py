@@ -296,6 +296,24 @@ def load_image(image: ImageInput) -> Image.Image:
         raise ImageDecodeError(f"cannot decode image {_name(image)}: {exc}") from exc
 
 
+# Containers a first frame may come from (a dataset's clip): frame 0 is the image.
+VIDEO_SUFFIXES = frozenset({".mp4", ".webm", ".mov", ".mkv", ".avi"})
+
+
+def load_first_frame(path: str | os.PathLike[str]) -> Image.Image:
+    """A first frame from a file: an image (PNG, JPEG, GIF's first frame, ...) or frame 0 of a video
+    (decoding stops there), as an RGB image. Raises ``FileNotFoundError``, :class:`ImageDecodeError` or
+    ``VideoDecodeError``."""
+    p = Path(path)
+    if p.suffix.lower() not in VIDEO_SUFFIXES:
+        return load_image(p)
+    if not p.is_file():
+        raise FileNotFoundError(2, "No such file or directory", str(p))
+    frames: list[np.ndarray] = []
+    decode_frames(p, frames.append, stop_after=1)
+    return Image.fromarray(frames[0])
+
+
 def cover_size(src_width: int, src_height: int, height: int, width: int) -> tuple[int, int]:
     """``(width, height)`` in px an image of ``src_width x src_height`` is resized to (aspect kept) so it
     covers ``height x width``: what :func:`resize_center_crop` allocates before its crop. A thin image

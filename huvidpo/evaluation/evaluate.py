@@ -60,7 +60,9 @@ class EvaluationError(ValueError):
 
 @dataclass
 class PromptCase:
-    """One prompt of the prompt set, with its first frame (an image file; None: drawn from the prompt)."""
+    """One prompt of the prompt set, with its first frame: an image file or a video whose frame 0 is
+    used; None: frame 0 of a held-out video of the prompt when the evaluation has held-out pairs of it
+    (``EvaluationSpec.heldout_first_frames``), else drawn from the prompt."""
 
     prompt: str
     first_frame: str | None = None
@@ -96,6 +98,7 @@ class EvaluationSpec:
     device: str | None = None
     batch_size: int = 4
     id: str = "local"
+    heldout_first_frames: bool = True
 
 
 # -- inputs ------------------------------------------------------------------------------------
@@ -219,6 +222,37 @@ def _load_heldout(spec: EvaluationSpec, dpo: Any) -> tuple[list[Any], dict[str, 
     return pairs, paths, frames
 
 
+def _first_frames(
+    spec: EvaluationSpec, heldout: tuple[list[Any], dict[str, str], dict[str, int]] | None
+) -> tuple[list[Any], list[str | None]]:
+    """Each prompt's first frame as an image (None: drawn from the prompt) and the file it came from.
+    A prompt without one takes frame 0 of a video it was held out with (the chosen video of its first
+    held-out pair, by id), so the default evaluation conditions on a real first frame and measures
+    first-frame fidelity, as generation does in the product."""
+    from huvidpo.video_io import ImageDecodeError, VideoDecodeError, load_first_frame
+
+    images: list[Any] = []
+    names: list[str | None] = []
+    for case in spec.prompts:
+        path = case.first_frame
+        if path is None and heldout is not None and spec.heldout_first_frames:
+            own = sorted((p.chosen_id, p.rejected_id) for p in heldout[0] if p.prompt == case.prompt)
+            path = heldout[1][own[0][0]] if own else None
+        if path is None:
+            images.append(None)
+            names.append(None)
+            continue
+        try:
+            images.append(load_first_frame(path))
+        except (OSError, ImageDecodeError, VideoDecodeError) as exc:
+            raise EvaluationError(
+                f"first frame {Path(path).name} of prompt {case.prompt!r} is not a readable image or video",
+                field="prompts",
+            ) from exc
+        names.append(Path(path).name)
+    return images, names
+
+
 def _dpo_config(spec: EvaluationSpec, generation: Any) -> Any:
     from huvidpo.training.config import ConfigError, DPOConfig
 
@@ -267,7 +301,9 @@ def _heldout(
     }
 
 
-def _generate(pipe: Any, spec: EvaluationSpec, generation: Any) -> list[tuple[int, int, np.ndarray]]:
+def _generate(
+    pipe: Any, spec: EvaluationSpec, generation: Any, images: list[Any]
+) -> list[tuple[int, int, np.ndarray]]:
     """Every (prompt index, seed, frames) of the prompt set, in batches of ``batch_size``."""
     cases = [(i, seed) for i, _ in enumerate(spec.prompts) for seed in spec.seeds]
     out: list[tuple[int, int, np.ndarray]] = []
@@ -275,7 +311,7 @@ def _generate(pipe: Any, spec: EvaluationSpec, generation: Any) -> list[tuple[in
         chunk = cases[lo : lo + spec.batch_size]
         results = pipe.generate_batch(
             [spec.prompts[i].prompt for i, _ in chunk],
-            [spec.prompts[i].first_frame for i, _ in chunk],
+            [images[i] for i, _ in chunk],
             generation,
             seeds=[s for _, s in chunk],
         )
@@ -287,6 +323,7 @@ def _video_results(
     spec: EvaluationSpec,
     clips: list[tuple[int, int, np.ndarray]],
     firsts: list[np.ndarray | None],
+    names: list[str | None],
     scorer: Any,
 ) -> tuple[dict[str, Any], list[dict[str, Any]], float | None]:
     per_case: dict[int, list[tuple[int, ClipStatistics, float | None]]] = {}
@@ -300,7 +337,7 @@ def _video_results(
         scores = [s for _, _, s in rows if s is not None]
         prompts.append({
             "prompt": case.prompt,
-            "first_frame": Path(case.first_frame).name if case.first_frame else None,
+            "first_frame": names[i],
             "seeds": [seed for seed, _, _ in rows],
             **mean_statistics([st for _, st, _ in rows]),
             "clip_score": float(np.mean(scores)) if scores else None,
@@ -322,7 +359,7 @@ def run_evaluation(spec: EvaluationSpec, progress: Progress | None = None) -> di
     from huvidpo.models import load_components
     from huvidpo.pipeline import GenerationConfig, HuViDPOPipeline
     from huvidpo.training.common import make_clip_source
-    from huvidpo.video_io import load_image, resize_center_crop
+    from huvidpo.video_io import resize_center_crop
 
     say = progress or (lambda _msg: None)
     started = time.perf_counter()
@@ -334,18 +371,10 @@ def run_evaluation(spec: EvaluationSpec, progress: Progress | None = None) -> di
         raise EvaluationError(f"generation settings: {exc}", field="generation") from exc
     dpo = _dpo_config(spec, generation)
     heldout = _load_heldout(spec, dpo) if spec.heldout_pairs else None
-    firsts: list[np.ndarray | None] = []
-    for case in spec.prompts:
-        if case.first_frame is None:
-            firsts.append(None)
-            continue
-        try:
-            image = load_image(case.first_frame)
-        except (OSError, ValueError) as exc:
-            raise EvaluationError(
-                f"first frame {case.first_frame} is not a readable image", field="prompts"
-            ) from exc
-        firsts.append(resize_center_crop(image, generation.height, generation.width))
+    images, names = _first_frames(spec, heldout)
+    firsts = [
+        None if im is None else resize_center_crop(im, generation.height, generation.width) for im in images
+    ]
     scorer, clip_skipped = None, None
     device = spec.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if spec.clip_model:
@@ -387,8 +416,10 @@ def run_evaluation(spec: EvaluationSpec, progress: Progress | None = None) -> di
                 res["heldout_skipped"] = None
             if spec.prompts:
                 say(f"{name}: {len(spec.prompts) * len(spec.seeds)} clips")
-                clips = _generate(pipe, spec, generation)
-                res["video"], res["prompts"], res["clip_score"] = _video_results(spec, clips, firsts, scorer)
+                clips = _generate(pipe, spec, generation, images)
+                res["video"], res["prompts"], res["clip_score"] = _video_results(
+                    spec, clips, firsts, names, scorer
+                )
             else:
                 res["video"], res["prompts"], res["clip_score"] = None, [], None
             res["clip_skipped"] = clip_skipped if spec.prompts else "no prompt set given"

@@ -152,6 +152,9 @@ def test_an_evaluation_job_runs_and_its_record_reaches_the_api_metrics_sdk_and_c
         assert summary["motion"] is not None and summary["base_motion"] is not None
         assert isinstance(summary["motion_collapse"], bool)
         assert view["record"]["results"][live.checkpoint]["adapter"] == f"checkpoints/{live.checkpoint}/"
+        # Each default (held-out) prompt starts from frame 0 of one of its held-out videos: fidelity measured.
+        for prompt in view["record"]["results"][live.checkpoint]["prompts"]:
+            assert prompt["first_frame"].endswith(".mp4") and prompt["first_frame_psnr"] is not None, prompt
         (live.work / "report.json").write_text(json.dumps(view["record"], indent=2))
 
         # The checkpoint shows its latest succeeded evaluation.

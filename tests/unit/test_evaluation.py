@@ -258,3 +258,44 @@ def test_motion_collapse_is_flagged_when_the_checkpoints_clips_stop_moving(
     assert ck["motion_collapse"] is True and ck["motion_ratio"] < 0.05
     assert rep["motion_collapse"] is True
     assert EvaluationRecord.from_report(rep, "ev-2").motion_collapse is True
+
+
+def test_first_frames_come_from_held_out_videos_or_a_video_file(
+    inputs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A held-out prompt without a first frame takes frame 0 of the chosen video of its first held-out
+    pair (by id), so the default evaluation conditions on a real frame and measures first-frame
+    fidelity; a first frame given as a video (a dataset clip, as REST evaluations name them) is its
+    frame 0; ``heldout_first_frames=False`` draws it from the prompt."""
+    from huvidpo.data import read_pairs
+    from huvidpo.video_io import load_first_frame, read_video
+
+    pairs = read_pairs(inputs["pairs"])
+    down = min((p.chosen_id, p.rejected_id) for p in pairs if p.prompt == "a square slides down")[0]
+    clip = next(v for v in (inputs["data"] / "videos").glob("*.mp4") if v.stem != down)
+    assert np.array_equal(np.asarray(load_first_frame(clip)), read_video(clip)[0][0])
+
+    prompts = [PromptCase("a square slides down"), PromptCase("a cat", str(clip)), PromptCase("a dog")]
+    gen = GenerationConfig(**SIZE, steps=1, guidance_scale=1.0)
+    r = run_evaluation(spec(inputs, tmp_path / "a", prompts=prompts, seeds=[0], generation=gen))
+    held, given, drawn = r["results"]["base"]["prompts"]
+    assert held["first_frame"] == f"{down}.mp4" and held["first_frame_psnr"] is not None
+    assert given["first_frame"] == clip.name and given["first_frame_psnr"] is not None
+    assert drawn["first_frame"] is None and drawn["first_frame_psnr"] is None  # no held-out pair of it
+
+    r = run_evaluation(
+        spec(
+            inputs, tmp_path / "b", prompts=prompts[:1], seeds=[0], generation=gen, heldout_first_frames=False
+        )
+    )
+    assert r["results"]["base"]["prompts"][0]["first_frame"] is None
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    with pytest.raises(
+        EvaluationError, match=r"first frame broken\.mp4 of prompt 'a cat' is not a readable"
+    ) as exc:
+        run_evaluation(
+            spec(inputs, tmp_path / "c", prompts=[PromptCase("a cat", str(broken))], generation=gen)
+        )
+    assert exc.value.field == "prompts"
