@@ -920,6 +920,28 @@ def _ev_list(c: Client, a: argparse.Namespace) -> int:
     )
 
 
+# ------------------------------------------------------------------------------------------- delete
+DELETE_HELP = {
+    "model": "delete a base model (admin; refused while a fine-tune of it is active or has checkpoints)",
+    "dataset": "delete a dataset or, with --version, one version (admin; refused while a fine-tune holds it)",
+    "fine-tune": "delete a finished fine-tune with no checkpoint left (admin)",
+    "checkpoint": "delete a checkpoint (admin; refused while a rollout serves it or its fine-tune runs)",
+}
+
+
+def _deleter(what: str, delete: Callable[[Client, argparse.Namespace], None]) -> Command:
+    """A ``delete`` verb: one line on success; a refusal (409) names what holds it, exit 4."""
+
+    def cmd(c: Client, a: argparse.Namespace) -> int:
+        delete(c, a)
+        name = getattr(a, "id", None) or a.name
+        version = getattr(a, "version", None)
+        print(f"deleted {what} {name}" + (f" version {version}" if version else ""))
+        return 0
+
+    return cmd
+
+
 # ------------------------------------------------------------------------------------------ register
 def _leaf(
     group: Any, name: str, fn: Command, help: str, common: argparse.ArgumentParser
@@ -966,6 +988,10 @@ def register(sub: Any) -> None:
     _leaf(g, "list", _models_list, "list the registered base models", common)
     p = _leaf(g, "show", _models_show, "show one base model", common)
     p.add_argument("id")
+    p = _leaf(
+        g, "delete", _deleter("model", lambda c, a: c.models.delete(a.id)), DELETE_HELP["model"], common
+    )
+    p.add_argument("id")
 
     g = _group(sub, "datasets", "datasets of rated videos and their versions")
     p = _leaf(g, "create", _datasets_create, "create a dataset", common)
@@ -983,6 +1009,12 @@ def register(sub: Any) -> None:
     _leaf(g, "list", _datasets_list, "list datasets", common)
     p = _leaf(g, "show", _datasets_show, "show a dataset and its versions", common)
     p.add_argument("name")
+    p = _leaf(
+        g, "delete", _deleter("dataset", lambda c, a: c.datasets.delete(a.name, a.version)),
+        DELETE_HELP["dataset"], common,
+    )  # fmt: skip
+    p.add_argument("name")
+    p.add_argument("--version", default=None, help="delete only this version (id or digest)")
     p = _leaf(
         g, "pairs", _pairs_compile, "compile a version's preference pairs (same as pairs compile)", common
     )
@@ -1037,6 +1069,11 @@ def register(sub: Any) -> None:
     p.add_argument("id")
     p = _leaf(g, "cancel", _ft_cancel, "cancel a fine-tune", common)
     p.add_argument("id")
+    p = _leaf(
+        g, "delete", _deleter("fine-tune", lambda c, a: c.fine_tunes.delete(a.id)), DELETE_HELP["fine-tune"],
+        common,
+    )  # fmt: skip
+    p.add_argument("id")
     p = _leaf(g, "events", _ft_events, "the typed progress events (start, step, checkpoint, end)", common)
     p.add_argument("id")
     p.add_argument("--after", type=int, default=-1, help="only events with seq > AFTER")
@@ -1051,6 +1088,11 @@ def register(sub: Any) -> None:
     p = _leaf(g, "list", _ck_list, "list checkpoints", common)
     p.add_argument("--fine-tune", default=None, help="only this fine-tune's")
     p = _leaf(g, "show", _ck_show, "show a checkpoint (files, lineage, sample videos)", common)
+    p.add_argument("id")
+    p = _leaf(
+        g, "delete", _deleter("checkpoint", lambda c, a: c.checkpoints.delete(a.id)),
+        DELETE_HELP["checkpoint"], common,
+    )  # fmt: skip
     p.add_argument("id")
     p = _leaf(g, "download", _ck_download, "download a checkpoint's files (sha256-checked)", common)
     p.add_argument("id")

@@ -108,6 +108,10 @@ class Models(_Resource):
     def get(self, id: str) -> View:
         return dict(self._http.json("GET", f"/v1/models/{id}"))
 
+    def delete(self, id: str) -> None:
+        """Delete a base model (``admin``); a ``Conflict`` names the fine-tunes that still hold it."""
+        self._http.request("DELETE", f"/v1/models/{id}")
+
 
 # ----------------------------------------------------------------------------------------- datasets
 class Datasets(_Resource):
@@ -128,6 +132,12 @@ class Datasets(_Resource):
 
     def get(self, name: str) -> View:
         return dict(self._http.json("GET", f"/v1/datasets/{name}"))
+
+    def delete(self, name: str, version: str | None = None) -> None:
+        """Delete a dataset, or one version of it (``admin``); a ``Conflict`` names the fine-tunes that
+        still hold it (active, or with checkpoints)."""
+        path = f"/v1/datasets/{name}" + (f"/versions/{version}" if version else "")
+        self._http.request("DELETE", path)
 
     def versions(self, name: str) -> builtins.list[View]:
         return list(self._http.json("GET", f"/v1/datasets/{name}/versions")["items"])
@@ -290,6 +300,10 @@ class FineTunes(_Resource):
     def get(self, id: str) -> View:
         return dict(self._http.json("GET", f"/v1/fine-tunes/{id}"))
 
+    def delete(self, id: str) -> None:
+        """Delete a finished fine-tune with no checkpoint left (``admin``)."""
+        self._http.request("DELETE", f"/v1/fine-tunes/{id}")
+
     def list(
         self,
         *,
@@ -380,6 +394,10 @@ class Checkpoints(_Resource):
 
     def get(self, id: str) -> View:
         return dict(self._http.json("GET", f"/v1/checkpoints/{id}"))
+
+    def delete(self, id: str) -> None:
+        """Delete a checkpoint no rollout serves and no active fine-tune may resume from (``admin``)."""
+        self._http.request("DELETE", f"/v1/checkpoints/{id}")
 
     def download(self, id: str, directory: str | Path, *, on_progress: Progress | None = None) -> Path:
         """Every file of the checkpoint (and its manifest) into ``directory``, each checked against

@@ -241,3 +241,23 @@ def test_a_canary_the_gate_rolls_back_while_the_cli_waits_is_reported_and_fails(
     monkeypatch.setattr(Rollouts, "wait", lambda self, d, revision=None, **_: self.get(d))
     view = json.loads(run(capsys, "rollouts", "set", "web", CKPTS[2], "--wait", "-o", "json"))
     assert view["current"] == CKPTS[2]
+
+
+def test_delete_verbs_say_what_was_deleted_or_what_holds_it(
+    app: tuple[TestClient, LocalStore, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``checkpoints|datasets|fine-tunes|models delete``: one line on success; a refusal (409) names
+    what holds it (exit 4), a missing one is exit 3 (same control plane as the gate tests)."""
+    run(capsys, "rollouts", "set", "web", CKPTS[0], "--create")
+    assert run(capsys, "checkpoints", "delete", CKPTS[2]) == f"deleted checkpoint {CKPTS[2]}\n"
+    assert main(["checkpoints", "show", CKPTS[2]]) == ExitCode.NOT_FOUND
+    capsys.readouterr()
+    assert main(["checkpoints", "delete", CKPTS[0]]) == ExitCode.REFUSED
+    err = capsys.readouterr().err
+    assert f"checkpoint {CKPTS[0]} cannot be deleted: it is the current checkpoint of deployment 'web'" in err
+    assert err.rstrip().endswith("(HTTP 409)")
+    run(capsys, "datasets", "create", "scratch")
+    assert run(capsys, "datasets", "delete", "scratch") == "deleted dataset scratch\n"
+    assert main(["models", "delete", "nope"]) == ExitCode.NOT_FOUND
+    assert "model 'nope' not found (HTTP 404)" in capsys.readouterr().err
+    assert main(["fine-tunes", "delete", "ft-nope"]) == ExitCode.NOT_FOUND

@@ -284,3 +284,30 @@ def test_checkpoints_hold_their_dataset_and_rollouts_hold_their_checkpoints(
     assert_problem(client.get(f"/v1/fine-tunes/{ft}", headers=AUTH), 404, "not-found")
     assert store.list(f"finetunes/{ft}/") == []
     assert client.delete(f"/v1/datasets/cats/versions/{v['id']}", headers=AUTH).status_code == 204
+
+
+def test_a_base_model_is_held_by_its_fine_tunes_until_they_hold_nothing(
+    env: dict[str, Any], synthetic_dir: Path
+) -> None:
+    client, executor, store, tmp = env["client"], env["executor"], env["store"], env["tmp"]
+    v = _upload(client, synthetic_dir)
+    ft = _finetune(client, v["id"])["id"]
+    active = assert_problem(client.delete("/v1/models/tiny", headers=AUTH), 409, "conflict")["detail"]
+    assert active == f"model tiny cannot be deleted: fine-tune {ft} is queued"
+    executor.phases[ft] = ExecStatus("succeeded")
+    ckpt = publish_checkpoint(store, tmp, ft, 10)
+    held = assert_problem(client.delete("/v1/models/tiny", headers=AUTH), 409, "conflict")["detail"]
+    assert ckpt in held
+    assert client.get("/v1/models/tiny", headers=AUTH).status_code == 200  # a refusal loses nothing
+
+    assert client.delete(f"/v1/checkpoints/{ckpt}", headers=AUTH).status_code == 204
+    assert client.delete("/v1/models/tiny", headers=AUTH).status_code == 204
+    assert_problem(client.get("/v1/models/tiny", headers=AUTH), 404, "not-found")
+    assert store.list("models/tiny/") == []
+    assert_problem(client.delete("/v1/models/tiny", headers=AUTH), 404, "not-found")
+    # the fine-tune's record stays, naming its base model; a new one against it is refused
+    assert client.get(f"/v1/fine-tunes/{ft}", headers=AUTH).json()["base_model"] == "tiny"
+    hp = {"max_steps": 1, "num_frames": 4, "height": 32, "width": 32}
+    body = {"dataset": "cats", "version": v["id"], "base_model": "tiny", "hyperparameters": hp}
+    problem = assert_problem(client.post("/v1/fine-tunes", json=body, headers=AUTH), 422, "validation-error")
+    assert problem["field"] == "base_model"

@@ -294,6 +294,12 @@ class ModelService:
     def discard(self, staging: str) -> None:
         self.store.delete_prefix(staging)
 
+    def delete(self, model_id: str) -> None:
+        """Unpublish (the manifest first: readers stop seeing it), then delete every file under
+        ``models/{id}/``. Whether it may be deleted is the retention rule's (``Retention.delete_model``)."""
+        self.store.delete(keys.model_manifest_key(model_id))
+        self.store.delete_prefix(keys.model_prefix(model_id))
+
 
 def validate_source(prefix: str) -> str:
     """A ``from_prefix``: a relative store prefix under ``imports/``, returned ending in ``/``."""

@@ -10,6 +10,11 @@
   Idempotency-Key. Its checkpoints are never deleted with it: each is deleted on its own.
 - A **checkpoint** may be deleted when no rollout serves it (as ``current`` or ``canary`` of any
   deployment) and its fine-tune is not active (a retried trainer resumes from its latest checkpoint).
+- A **base model** may be deleted when no fine-tune of it still holds it, as for a dataset version:
+  its checkpoints are adapters of that model, useless (unservable, unevaluable) without it. The
+  manifest goes first, so no reader sees a half-deleted model. What an inference service was started
+  with (``HUVIDPO_INFERENCE_BASE_MODEL``) is outside the control plane's records: a replica that has
+  it loaded keeps serving, one that restarts finds it gone.
 
 Everything refused is a ``Conflict`` (409) that names what holds it.
 """
@@ -22,19 +27,25 @@ from services.common.records.keys import parse_checkpoint_id
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.errors import Conflict, NotFound
 from services.controlplane.domain.finetunes import ACTIVE, FineTuneService
+from services.controlplane.domain.models import ModelService
 from services.controlplane.domain.rollouts import RolloutService
 
 
 class Retention:
-    """Deletes datasets, versions, fine-tunes and checkpoints under the rule above."""
+    """Deletes datasets, versions, fine-tunes, checkpoints and base models under the rule above."""
 
     def __init__(
-        self, finetunes: FineTuneService, checkpoints: CheckpointService, rollouts: RolloutService
+        self,
+        finetunes: FineTuneService,
+        checkpoints: CheckpointService,
+        rollouts: RolloutService,
+        models: ModelService | None = None,
     ) -> None:
         self.finetunes = finetunes
         self.datasets = finetunes.datasets
         self.checkpoints = checkpoints
         self.rollouts = rollouts
+        self.models = models or ModelService(finetunes.store, finetunes.clock)
 
     def delete_dataset(self, name: str) -> None:
         self.datasets.delete(name, self.finetunes.holds)
@@ -44,6 +55,19 @@ class Retention:
 
     def delete_finetune(self, finetune_id: str) -> None:
         self.finetunes.delete(finetune_id)
+
+    def delete_model(self, model_id: str) -> None:
+        self.models.get(model_id)  # NotFound first
+        held: builtins.list[str] = []
+        token: str | None = None
+        while True:
+            page, token = self.finetunes.list(base_model=model_id, page_size=200, page_token=token)
+            held.extend(reason for reason in (self.finetunes.holds(v["id"]) for v in page) if reason)
+            if token is None:
+                break
+        if held:
+            raise Conflict(f"model {model_id} cannot be deleted: {'; '.join(held)}")
+        self.models.delete(model_id)
 
     def checkpoint_holders(self, checkpoint_id: str) -> builtins.list[str]:
         """Why ``checkpoint_id`` may not be deleted now (empty: it may)."""

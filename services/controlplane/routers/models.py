@@ -18,6 +18,7 @@ from services.controlplane.deps import Context, ctx
 from services.controlplane.domain.errors import InvalidRequest, PayloadTooLarge, UnsupportedMediaType
 from services.controlplane.domain.models import ModelService, StagedFile
 from services.controlplane.domain.names import NAME_PATTERN, validate_name
+from services.controlplane.domain.retention import Retention
 from services.controlplane.params import NamePath, PageSize, PageToken
 from services.controlplane.schemas import Model, ModelList, ModelRegister
 from services.controlplane.uploads import MultipartStream, stream_multipart
@@ -184,3 +185,15 @@ def list_models(
 )
 def get_model(model_id: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.models.get(validate_name(model_id, "id"))
+
+
+@router.delete(
+    "/{model_id}",
+    dependencies=[needs("admin")],
+    status_code=204,
+    responses=problems.common_responses(401, 403, 404, 409, 422),
+    summary="Delete a base model no fine-tune still holds (409 names what holds it)",
+)
+def delete_model(model_id: NamePath, c: Context = Depends(ctx)) -> Response:
+    Retention(c.finetunes, c.checkpoints, c.rollouts, c.models).delete_model(model_id)
+    return Response(status_code=204)
