@@ -891,6 +891,10 @@ def _ev_wait_for(c: Client, a: argparse.Namespace, evaluation_id: str) -> int:
     return 0 if view["state"] == "succeeded" else int(ExitCode.FAILED)
 
 
+def _ev_cancel(c: Client, a: argparse.Namespace) -> int:
+    return _show(a, c.evaluations.cancel(a.id), lambda v: _evaluation_text(v, c.url))
+
+
 def _ev_wait(c: Client, a: argparse.Namespace) -> int:
     return _ev_wait_for(c, a, a.id)
 
@@ -1132,7 +1136,11 @@ def register(sub: Any) -> None:
     _watch_options(p)
     p = _leaf(g, "list", _ev_list, "list evaluations (newest first)", common)
     p.add_argument("--checkpoint", default=None, help="only this checkpoint's")
-    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed"), default=None)
+    p.add_argument("--state", choices=("queued", "running", "succeeded", "failed", "cancelled"), default=None)
+    p = _leaf(
+        g, "cancel", _ev_cancel, "cancel an evaluation that has not finished (its Job is stopped)", common
+    )
+    p.add_argument("id")
     p = _leaf(g, "show", _ev_show, "show an evaluation (state, summary, per prompt)", common)
     p.add_argument("id")
     p.add_argument("--plot", type=Path, default=None, help="save the comparison PNG here")

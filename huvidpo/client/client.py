@@ -504,6 +504,10 @@ class Evaluations(_Resource):
     def get(self, id: str) -> View:
         return dict(self._http.json("GET", f"/v1/evaluations/{id}"))
 
+    def cancel(self, id: str) -> View:
+        """Cancel an evaluation that has not finished (its Job is stopped); a ``Conflict`` once it has."""
+        return dict(self._http.json("POST", f"/v1/evaluations/{id}/cancel"))
+
     def list(
         self, *, checkpoint: str | None = None, state: str | None = None, page_size: int | None = None
     ) -> Iterator[View]:

@@ -628,7 +628,7 @@ class EvaluationCreate(Strict):
 
 class Evaluation(BaseModel):
     id: str
-    state: Literal["queued", "running", "succeeded", "failed"]
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"]
     error: str | None
     checkpoint_id: str
     baseline: str | None

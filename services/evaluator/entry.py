@@ -161,6 +161,14 @@ def run(store: ObjectStore, settings: EvaluatorSettings) -> int:
     except StoreUnavailable as exc:
         log.warning("object store unavailable: %s", exc)
         return ExitCode.TRANSIENT
+    try:
+        cancelled = store.exists(keys.evaluation_cancel_key(eid))
+    except StoreUnavailable as exc:
+        log.warning("object store unavailable: %s", exc)
+        return ExitCode.TRANSIENT
+    if cancelled:  # cancelled before its Job started: nothing to run, nothing to write
+        log.info("evaluation %s was cancelled; not running it", eid)
+        return ExitCode.OK
     record = EvaluationRecord(
         id=eid,
         checkpoint_id=spec.checkpoint_id,

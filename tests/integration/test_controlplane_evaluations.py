@@ -225,3 +225,34 @@ def test_unknown_evaluations_are_404(live: Live) -> None:
     assert httpx.get(f"{live.url}/v1/evaluations/ev-nope/comparison.png").status_code == 404
     code, _ = cli(live, "evaluations", "show", "ev-nope")
     assert code == ExitCode.NOT_FOUND
+
+
+def test_a_running_evaluation_is_cancelled_its_job_stopped_and_it_stays_cancelled(live: Live) -> None:
+    with Client(live.url) as c:
+        slow = {"steps": 50, "guidance_scale": 1.0}  # long enough to be caught running
+        ev = c.evaluations.create(live.checkpoint, seeds=[0, 1, 2, 3], generation=slow)
+        deadline = time.monotonic() + 120
+        while c.evaluations.get(ev["id"])["state"] == "queued" and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert c.evaluations.get(ev["id"])["state"] == "running"
+        run = json.loads(next((live.work / "work").rglob(f"{ev['id']}/run.json")).read_text())
+
+        code, out = cli(live, "evaluations", "cancel", ev["id"])
+        assert code == 0 and out.splitlines()[0].split()[:2] == [ev["id"], "cancelled"], out
+        assert "cancelled on request" in out
+        with pytest.raises(ProcessLookupError):  # the Job's process group is gone
+            os.killpg(int(run["pid"]), 0)
+        time.sleep(1.0)
+        view = c.evaluations.get(ev["id"])
+        assert view["state"] == "cancelled" and view["summary"] is None
+        assert c.evaluations.cancel(ev["id"])["state"] == "cancelled"  # again: a no-op
+        assert [v["id"] for v in c.evaluations.list(state="cancelled")] == [ev["id"]]
+
+        done = next(iter(c.evaluations.list(state="succeeded")), None)
+        if done is not None:  # the first test's evaluation: finished, nothing to cancel
+            r = httpx.post(f"{live.url}/v1/evaluations/{done['id']}/cancel")
+            assert r.status_code == 409 and "already succeeded" in r.json()["detail"], r.text
+    line, deadline = 'huvidpo_controlplane_evaluations{state="cancelled"} 1.0', time.monotonic() + 60
+    while line not in httpx.get(f"{live.url}/metrics").text:  # the scrape caches the counts a few seconds
+        assert time.monotonic() < deadline, f"{line} never reached /metrics"
+        time.sleep(1.0)

@@ -69,3 +69,46 @@ def test_watch_events_of_evaluation_jobs_go_to_the_evaluations() -> None:
     handler("ft-abc", ExecStatus("running"))
     handler("ev-abc", ExecStatus("running"))
     assert seen == [("ft", "ft-abc"), ("ev", "ev-abc")]
+
+
+class Recording(IdleExecutor):
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancelled: list[str] = []
+
+    def cancel(self, finetune_id: str) -> None:
+        self.cancelled.append(finetune_id)
+
+
+def test_a_cancel_stops_the_job_and_wins_over_what_the_evaluator_writes_after_it(tmp_path: Path) -> None:
+    import pytest
+
+    from services.common.records.evaluation import write_evaluation
+    from services.controlplane.domain.errors import Conflict
+
+    store = LocalStore(tmp_path / "s")
+    executor = Recording()
+    service = EvaluationService(
+        store, executor, DatasetService(store, tmp_path / "c"), CheckpointService(store)
+    )
+    for eid in ("ev-1", "ev-2"):
+        write_spec(
+            store, EvaluationSpec(id=eid, created_at="t", checkpoint_id="ckpt-ft-a-1", base_model="tiny")
+        )
+    write_evaluation(store, record("running"))
+
+    view = service.cancel("ev-1", by="ann")
+    assert view["state"] == "cancelled" and view["error"] == "cancelled on request by ann"
+    assert executor.cancelled == ["ev-1"]
+    assert service.cancel("ev-1", by="bob")["error"] == "cancelled on request by ann"  # a no-op
+    # the evaluator's Job finishing after the cancel writes its record: the cancel still wins
+    write_evaluation(store, record("succeeded"))
+    assert service.get("ev-1")["state"] == "cancelled"
+    assert service.latest_by_checkpoint() == {}  # a cancelled evaluation is no evidence for the gate
+    assert service.count_by_state()["cancelled"] == 1
+    assert [v["id"] for v in service.list(state="cancelled")[0]] == ["ev-1"]
+
+    write_evaluation(store, record("succeeded").model_copy(update={"id": "ev-2"}))
+    with pytest.raises(Conflict, match="evaluation ev-2 already succeeded; nothing to cancel"):
+        service.cancel("ev-2")
+    assert executor.cancelled == ["ev-1", "ev-1"]

@@ -121,3 +121,16 @@ def test_no_spec_or_no_id_is_exit_2(tmp_path: Path) -> None:
     assert run(s, EvaluatorSettings(evaluation_id="ev-x", work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
     assert run(s, EvaluatorSettings(evaluation_id="", work_dir=tmp_path / "w")) == ExitCode.BAD_INPUT
     assert not s.exists(keys.evaluation_key("ev-x"))
+
+
+def test_an_evaluation_cancelled_before_its_job_starts_is_not_run(
+    store: tuple[LocalStore, str], tmp_path: Path
+) -> None:
+    s, version = store
+    write_spec(s, spec(version))
+    s.put_json(
+        keys.evaluation_cancel_key("ev-1"), {"at": "t", "by": "ann", "message": "cancelled on request"}
+    )
+    assert run(s, EvaluatorSettings(evaluation_id="ev-1", work_dir=tmp_path / "w")) == ExitCode.OK
+    assert not s.exists(keys.evaluation_key("ev-1"))  # nothing ran, nothing written
+    assert not (tmp_path / "w").exists()

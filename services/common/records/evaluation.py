@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from services.common.records import keys
 from services.common.store import ObjectStore
 
-EvaluationState = Literal["queued", "running", "succeeded", "failed"]
+EvaluationState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
 class PromptRef(BaseModel):

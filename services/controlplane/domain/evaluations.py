@@ -45,15 +45,15 @@ from services.common.records.finetune import read_spec as read_finetune_spec
 from services.common.store import ObjectNotFound, ObjectReader, ObjectStore
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, PairOptions
-from services.controlplane.domain.errors import IdempotencyKeyReused, InvalidRequest, NotFound
+from services.controlplane.domain.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
 from services.controlplane.domain.names import NAME_RE, validate_digest, validate_name
 from services.controlplane.domain.ports import ExecStatus, Executor, JobSpec
 from services.controlplane.domain.util import Clock, iso, new_id, paginate, read_json_or_none, utcnow
 
 log = logging.getLogger(__name__)
 
-STATES = ("queued", "running", "succeeded", "failed")
-TERMINAL = frozenset({"succeeded", "failed"})
+STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 ID_PREFIX = "ev-"
 MAX_IDEMPOTENCY_KEY = 255
 MAX_DEFAULT_PROMPTS = 16
@@ -348,9 +348,34 @@ class EvaluationService:
 
     def _record(self, evaluation_id: str) -> EvaluationRecord | None:
         try:
-            return read_evaluation(self.store, evaluation_id)
+            record = read_evaluation(self.store, evaluation_id)
         except (ObjectNotFound, ValidationError, ValueError):
             return None
+        if record.state != "cancelled":
+            # A cancel wins over what the evaluator wrote after it (its Job stopping takes a moment).
+            cancelled = read_json_or_none(self.store, keys.evaluation_cancel_key(evaluation_id))
+            if isinstance(cancelled, dict):
+                return record.model_copy(update={"state": "cancelled", "error": cancelled.get("message")})
+        return record
+
+    # ------------------------------------------------------------------------------- cancel
+    def cancel(self, evaluation_id: str, by: str = "") -> dict[str, Any]:
+        """Stop an evaluation that has not finished: the cancel marker first (it wins over any record
+        written later), then the record, then the Job. Cancelling a cancelled one is a no-op; a
+        finished one is a ``Conflict``."""
+        spec, record = self._load(evaluation_id)
+        record, _ = self.reconcile(spec, record)
+        if record.state in ("succeeded", "failed"):
+            raise Conflict(f"evaluation {evaluation_id} already {record.state}; nothing to cancel")
+        if record.state != "cancelled":
+            message = "cancelled on request" + (f" by {by}" if by else "")
+            self.store.put_json(
+                keys.evaluation_cancel_key(evaluation_id),
+                {"at": iso(self.clock()), "by": by, "message": message},
+            )
+            write_evaluation(self.store, record.model_copy(update={"state": "cancelled", "error": message}))
+        self.executor.cancel(evaluation_id)
+        return self.get(evaluation_id)
 
     def reconcile(
         self, spec: EvaluationSpec, record: EvaluationRecord | None, status: ExecStatus | None = None

@@ -69,7 +69,7 @@ def create_evaluation(
 )
 def list_evaluations(
     checkpoint: Annotated[str | None, Query(pattern=CHECKPOINT_ID_PATTERN, max_length=80)] = None,
-    state: Literal["queued", "running", "succeeded", "failed"] | None = Query(None),
+    state: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = Query(None),
     page_size: PageSize = 50,
     page_token: PageToken = None,
     c: Context = Depends(ctx),
@@ -86,6 +86,18 @@ def list_evaluations(
 )
 def get_evaluation(evaluation_id: EvaluationIdPath, c: Context = Depends(ctx)) -> dict[str, Any]:
     return c.evaluations.get(evaluation_id)
+
+
+@router.post(
+    "/{evaluation_id}/cancel",
+    response_model=Evaluation,
+    responses=problems.common_responses(401, 403, 404, 409, 422),
+    summary="Cancel an evaluation that has not finished (its Job is stopped; 409 once it has)",
+)
+def cancel_evaluation(
+    evaluation_id: EvaluationIdPath, c: Context = Depends(ctx), who: Principal = needs("train")
+) -> dict[str, Any]:
+    return c.evaluations.cancel(evaluation_id, by=who.name)
 
 
 @router.get(
