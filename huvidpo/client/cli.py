@@ -848,7 +848,8 @@ def _evaluation_text(v: dict[str, Any], url: str) -> None:
     print(f"{v['id']}  {v['state']:<9}  {v['checkpoint_id']} vs {v.get('baseline')}")
     _kv(v, ("created_at", "created_by"))
     if v.get("error"):
-        print(f"error            {v['error']}")
+        label = "reason" if v["state"] == "cancelled" else "error"
+        print(f"{label:<16} {v['error']}")
     if v.get("summary"):
         _summary_text(v["summary"], url)
 

@@ -239,7 +239,7 @@ def test_a_running_evaluation_is_cancelled_its_job_stopped_and_it_stays_cancelle
 
         code, out = cli(live, "evaluations", "cancel", ev["id"])
         assert code == 0 and out.splitlines()[0].split()[:2] == [ev["id"], "cancelled"], out
-        assert "cancelled on request" in out
+        assert "reason           cancelled on request" in out
         with pytest.raises(ProcessLookupError):  # the Job's process group is gone
             os.killpg(int(run["pid"]), 0)
         time.sleep(1.0)
