@@ -832,8 +832,19 @@ def _summary_text(e: dict[str, Any], url: str) -> None:
     collapse = {True: "MOTION COLLAPSE", False: "no collapse", None: "not checked"}[e.get("motion_collapse")]
     print(f"  motion         {_fmt(e.get('motion'))} px/frame (base {_fmt(e.get('base_motion'))}, "
           f"ratio {_fmt(e.get('motion_ratio'))}): {collapse}")  # fmt: skip
+    if e.get("warp_error") is not None:
+        print(f"  consistency    warp error {_fmt(e['warp_error'])} (base {_fmt(e.get('base_warp_error'))}), "
+              f"flicker {_fmt(e.get('flicker'))} (base {_fmt(e.get('base_flicker'))}); lower is steadier")  # fmt: skip
+    if e.get("first_frame_psnr") is not None:
+        print(
+            f"  first frame    PSNR {e['first_frame_psnr']:.1f} dB (base {_fmt(e.get('base_first_frame_psnr'))} dB)"
+        )
+    elif "first_frame_psnr" in e:
+        print("  first frame    not measured: no prompt had a first frame")
     if e.get("clip_score") is not None:
         print(f"  CLIP score     {e['clip_score']:.4f}")
+    elif e.get("clip_skipped"):
+        print(f"  CLIP           skipped: {e['clip_skipped']}")
     for prompt, p in sorted((e.get("per_prompt") or {}).items()):
         h = p.get("heldout") or {}
         parts = [f"acc {h['implicit_acc']:.3f} ({h.get('pairs')} pairs)"] if h else []

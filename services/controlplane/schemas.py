@@ -401,6 +401,17 @@ class EvaluationSummary(BaseModel):
     motion_ratio: float | None
     motion_collapse: bool | None
     clip_score: float | None
+    clip_skipped: str | None = Field(None, description="why text-video alignment was not measured")
+    warp_error: float | None = Field(
+        None, description="mean frame-to-frame difference after optical-flow warping (lower: more consistent)"
+    )
+    base_warp_error: float | None = None
+    flicker: float | None = Field(None, description="high-frequency temporal energy (lower: less flicker)")
+    base_flicker: float | None = None
+    first_frame_psnr: float | None = Field(
+        None, description="frame 0 against the given first frame (dB; null: no first frame given)"
+    )
+    base_first_frame_psnr: float | None = None
     per_prompt: dict[str, dict[str, Any]] = Field(
         description="prompt -> {heldout: {implicit_acc, reward_margin, pairs}, motion}"
     )

@@ -181,6 +181,17 @@ def test_an_evaluation_job_runs_and_its_record_reaches_the_api_metrics_sdk_and_c
     assert code == 0 and json.loads(out)["summary"]["evaluation_id"] == first["id"]
     code, out = cli(live, "evaluations", "wait", first["id"])
     assert code == 0 and "held-out" in out and "motion" in out
+    # every statistic the record holds reaches the summary and the CLI, the base's beside the checkpoint's
+    for stat in ("warp_error", "flicker", "first_frame_psnr"):
+        assert summary[stat] is not None and summary[f"base_{stat}"] is not None, (stat, summary)
+    assert summary["clip_skipped"] and "clip_model" in summary["clip_skipped"]
+    lines = {ln.split()[0]: ln for ln in out.splitlines() if ln.startswith("  ")}
+    assert (
+        f"warp error {summary['warp_error']:.4g} (base {summary['base_warp_error']:.4g})"
+        in lines["consistency"]
+    )
+    assert f"PSNR {summary['first_frame_psnr']:.1f} dB" in lines["first"]
+    assert "skipped: no CLIP model configured" in lines["CLIP"]
     code, out = cli(live, "evaluations", "list", "--checkpoint", live.checkpoint)
     assert code == 0 and first["id"] in out and "succeeded" in out
     code, out = cli(live, "checkpoints", "show", live.checkpoint)

@@ -528,6 +528,12 @@ def summary(record: EvaluationRecord) -> dict[str, Any]:
         "motion_ratio": mine.motion_ratio if mine is not None else None,
         "motion_collapse": record.motion_collapse,
         "clip_score": mine.clip_score if mine is not None else None,
+        "clip_skipped": mine.clip_skipped if mine is not None else None,
+        **{
+            f"{prefix}{stat}": getattr(r.video, stat) if r is not None and r.video is not None else None
+            for prefix, r in (("", mine), ("base_", base))
+            for stat in ("warp_error", "flicker", "first_frame_psnr")
+        },
         "per_prompt": per_prompt,
         "url": f"/v1/evaluations/{record.id}",
         "plot_url": f"/v1/evaluations/{record.id}/comparison.png" if record.plot else None,
