@@ -25,10 +25,23 @@ from pydantic import ValidationError
 
 from services.common.publish import NotPublished, fetch_published
 from services.common.records import keys
-from services.common.records.evaluation import EvaluationRecord, EvaluationSpec, read_spec, write_evaluation
+from services.common.records.evaluation import (
+    EvaluationRecord,
+    EvaluationSpec,
+    read_evaluation_with_etag,
+    read_spec,
+    write_evaluation,
+)
 from services.common.records.exit_codes import ExitCode
 from services.common.settings import EvaluatorSettings, SettingsError, StoreSettings, load_settings
-from services.common.store import ChecksumMismatch, ObjectNotFound, ObjectStore, StoreUnavailable, make_store
+from services.common.store import (
+    ChecksumMismatch,
+    ObjectNotFound,
+    ObjectStore,
+    PreconditionFailed,
+    StoreUnavailable,
+    make_store,
+)
 
 log = logging.getLogger("huvidpo.evaluator")
 
@@ -162,11 +175,16 @@ def run(store: ObjectStore, settings: EvaluatorSettings) -> int:
         log.warning("object store unavailable: %s", exc)
         return ExitCode.TRANSIENT
     try:
-        cancelled = store.exists(keys.evaluation_cancel_key(eid))
+        stored, etag = read_evaluation_with_etag(store, eid)
+    except ObjectNotFound:
+        stored, etag = None, None
+    except (ValidationError, ValueError):  # unreadable: written over, as its etag says
+        info = store.stat(keys.evaluation_key(eid))
+        stored, etag = None, info.etag if info is not None else None
     except StoreUnavailable as exc:
         log.warning("object store unavailable: %s", exc)
         return ExitCode.TRANSIENT
-    if cancelled:  # cancelled before its Job started: nothing to run, nothing to write
+    if stored is not None and stored.state == "cancelled":  # before its Job started: nothing to run
         log.info("evaluation %s was cancelled; not running it", eid)
         return ExitCode.OK
     record = EvaluationRecord(
@@ -177,8 +195,10 @@ def run(store: ObjectStore, settings: EvaluatorSettings) -> int:
         state="running",
     )
     work = Path(settings.work_dir) / eid
+    # Every write of the record is a compare-and-swap on the one before: a cancel in between (the
+    # control plane writes "cancelled" the same way) makes the next write fail, and the cancel stands.
     try:
-        write_evaluation(store, record)
+        etag = write_evaluation(store, record, if_match=etag, if_none_match=etag is None)
         work.mkdir(parents=True, exist_ok=True)
         report = evaluate(store, spec, work, settings.device)
         from huvidpo.evaluation.evaluate import plot_comparison
@@ -189,7 +209,10 @@ def run(store: ObjectStore, settings: EvaluatorSettings) -> int:
             report, eid, checkpoint_id=spec.checkpoint_id, baseline=spec.baseline, created_at=spec.created_at,
             plot=keys.evaluation_plot_key(eid),
         )  # fmt: skip
-        write_evaluation(store, final)
+        write_evaluation(store, final, if_match=etag)
+    except PreconditionFailed:
+        log.info("evaluation %s was cancelled while it ran; its result is not written", eid)
+        return ExitCode.OK
     except Exception as exc:
         code, message = _classify(exc)
         # Name the user's objects, not this Job's local copies of them.
@@ -199,7 +222,11 @@ def run(store: ObjectStore, settings: EvaluatorSettings) -> int:
             return code
         log.error("evaluation %s failed (exit %d): %s", eid, code, message)
         try:
-            write_evaluation(store, record.model_copy(update={"state": "failed", "error": message[:2000]}))
+            failed = record.model_copy(update={"state": "failed", "error": message[:2000]})
+            write_evaluation(store, failed, if_match=etag)
+        except PreconditionFailed:
+            log.info("evaluation %s was cancelled while it ran", eid)
+            return ExitCode.OK
         except StoreUnavailable:
             return ExitCode.TRANSIENT
         return code

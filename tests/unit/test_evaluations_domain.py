@@ -83,7 +83,8 @@ class Recording(IdleExecutor):
 def test_a_cancel_stops_the_job_and_wins_over_what_the_evaluator_writes_after_it(tmp_path: Path) -> None:
     import pytest
 
-    from services.common.records.evaluation import write_evaluation
+    from services.common.records.evaluation import read_evaluation_with_etag, write_evaluation
+    from services.common.store import PreconditionFailed
     from services.controlplane.domain.errors import Conflict
 
     store = LocalStore(tmp_path / "s")
@@ -97,12 +98,14 @@ def test_a_cancel_stops_the_job_and_wins_over_what_the_evaluator_writes_after_it
         )
     write_evaluation(store, record("running"))
 
+    _, evaluators_etag = read_evaluation_with_etag(store, "ev-1")  # what the running evaluator holds
     view = service.cancel("ev-1", by="ann")
     assert view["state"] == "cancelled" and view["error"] == "cancelled on request by ann"
     assert executor.cancelled == ["ev-1"]
     assert service.cancel("ev-1", by="bob")["error"] == "cancelled on request by ann"  # a no-op
-    # the evaluator's Job finishing after the cancel writes its record: the cancel still wins
-    write_evaluation(store, record("succeeded"))
+    # the evaluator's Job finishing after the cancel writes its record over its own: refused, the cancel wins
+    with pytest.raises(PreconditionFailed):
+        write_evaluation(store, record("succeeded"), if_match=evaluators_etag)
     assert service.get("ev-1")["state"] == "cancelled"
     assert service.latest_by_checkpoint() == {}  # a cancelled evaluation is no evidence for the gate
     assert service.count_by_state()["cancelled"] == 1

@@ -14,7 +14,13 @@ from PIL import Image
 
 from services.common.publish import publish_dir
 from services.common.records import keys
-from services.common.records.evaluation import EvaluationSpec, read_evaluation, write_spec
+from services.common.records.evaluation import (
+    EvaluationRecord,
+    EvaluationSpec,
+    read_evaluation,
+    write_evaluation,
+    write_spec,
+)
 from services.common.records.exit_codes import ExitCode
 from services.common.settings import EvaluatorSettings
 from services.common.store import LocalStore
@@ -128,9 +134,34 @@ def test_an_evaluation_cancelled_before_its_job_starts_is_not_run(
 ) -> None:
     s, version = store
     write_spec(s, spec(version))
-    s.put_json(
-        keys.evaluation_cancel_key("ev-1"), {"at": "t", "by": "ann", "message": "cancelled on request"}
+    cancelled = EvaluationRecord(
+        id="ev-1", checkpoint_id=CKPT, created_at="t", state="cancelled", error="by ann"
     )
+    write_evaluation(s, cancelled)
     assert run(s, EvaluatorSettings(evaluation_id="ev-1", work_dir=tmp_path / "w")) == ExitCode.OK
-    assert not s.exists(keys.evaluation_key("ev-1"))  # nothing ran, nothing written
+    assert read_evaluation(s, "ev-1") == cancelled  # nothing ran, nothing written
     assert not (tmp_path / "w").exists()
+
+
+def test_a_cancel_while_the_evaluation_runs_stands_over_its_result(
+    store: tuple[LocalStore, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The control plane's cancel lands between the evaluator's "running" and its result: the
+    result's compare-and-swap fails, the evaluator stops (exit 0), the record stays cancelled."""
+    import services.evaluator.entry as entry
+
+    s, version = store
+    write_spec(s, spec(version))
+    real = entry.evaluate
+
+    def cancelled_meanwhile(*args: Any, **kw: Any) -> Any:
+        report = real(*args, **kw)
+        running = read_evaluation(s, "ev-1")
+        assert running.state == "running"
+        write_evaluation(s, running.model_copy(update={"state": "cancelled", "error": "by ann"}))
+        return report
+
+    monkeypatch.setattr(entry, "evaluate", cancelled_meanwhile)
+    assert run(s, EvaluatorSettings(evaluation_id="ev-1", work_dir=tmp_path / "w")) == ExitCode.OK
+    record = read_evaluation(s, "ev-1")
+    assert record.state == "cancelled" and record.error == "by ann" and record.results == {}

@@ -158,14 +158,28 @@ def read_spec(store: ObjectStore, evaluation_id: str) -> EvaluationSpec:
     return EvaluationSpec.model_validate_json(store.get_bytes(keys.evaluation_spec_key(evaluation_id)))
 
 
-def write_evaluation(store: ObjectStore, record: EvaluationRecord) -> None:
-    store.put_bytes(
+def write_evaluation(
+    store: ObjectStore, record: EvaluationRecord, *, if_match: str | None = None, if_none_match: bool = False
+) -> str | None:
+    """Write the record; returns its etag. With ``if_match`` only over the record of that etag, with
+    ``if_none_match`` only where there is none (``PreconditionFailed`` otherwise): the evaluator and a
+    cancel write so, and whichever comes second sees the other."""
+    info = store.put_bytes(
         keys.evaluation_key(record.id),
         record.model_dump_json(indent=2).encode(),
         content_type="application/json",
+        if_match=if_match,
+        if_none_match=if_none_match,
     )
+    return info.etag
 
 
 def read_evaluation(store: ObjectStore, evaluation_id: str) -> EvaluationRecord:
     """The stored record (``ObjectNotFound`` when there is none)."""
     return EvaluationRecord.model_validate_json(store.get_bytes(keys.evaluation_key(evaluation_id)))
+
+
+def read_evaluation_with_etag(store: ObjectStore, evaluation_id: str) -> tuple[EvaluationRecord, str | None]:
+    """The stored record and the etag of the bytes read, for a later ``write_evaluation(if_match=)``."""
+    data, etag = store.get_bytes_with_etag(keys.evaluation_key(evaluation_id))
+    return EvaluationRecord.model_validate_json(data), etag

@@ -129,10 +129,5 @@ def evaluation_spec_key(evaluation_id: str) -> str:
     return evaluation_prefix(evaluation_id) + "spec.json"
 
 
-def evaluation_cancel_key(evaluation_id: str) -> str:
-    """Written by a cancel; it wins over any record the evaluator writes later."""
-    return evaluation_prefix(evaluation_id) + "cancelled.json"
-
-
 def evaluation_plot_key(evaluation_id: str) -> str:
     return evaluation_prefix(evaluation_id) + "comparison.png"

@@ -36,13 +36,14 @@ from services.common.records.evaluation import (
     EvaluationSpec,
     PromptRef,
     read_evaluation,
+    read_evaluation_with_etag,
     read_spec,
     write_evaluation,
     write_spec,
 )
 from services.common.records.finetune import FineTuneSpec
 from services.common.records.finetune import read_spec as read_finetune_spec
-from services.common.store import ObjectNotFound, ObjectReader, ObjectStore
+from services.common.store import ObjectNotFound, ObjectReader, ObjectStore, PreconditionFailed
 from services.controlplane.domain.checkpoints import CheckpointService
 from services.controlplane.domain.datasets import DatasetService, PairOptions
 from services.controlplane.domain.errors import Conflict, IdempotencyKeyReused, InvalidRequest, NotFound
@@ -348,32 +349,39 @@ class EvaluationService:
 
     def _record(self, evaluation_id: str) -> EvaluationRecord | None:
         try:
-            record = read_evaluation(self.store, evaluation_id)
+            return read_evaluation(self.store, evaluation_id)
         except (ObjectNotFound, ValidationError, ValueError):
             return None
-        if record.state != "cancelled":
-            # A cancel wins over what the evaluator wrote after it (its Job stopping takes a moment).
-            cancelled = read_json_or_none(self.store, keys.evaluation_cancel_key(evaluation_id))
-            if isinstance(cancelled, dict):
-                return record.model_copy(update={"state": "cancelled", "error": cancelled.get("message")})
-        return record
 
     # ------------------------------------------------------------------------------- cancel
     def cancel(self, evaluation_id: str, by: str = "") -> dict[str, Any]:
-        """Stop an evaluation that has not finished: the cancel marker first (it wins over any record
-        written later), then the record, then the Job. Cancelling a cancelled one is a no-op; a
-        finished one is a ``Conflict``."""
-        spec, record = self._load(evaluation_id)
-        record, _ = self.reconcile(spec, record)
-        if record.state in ("succeeded", "failed"):
-            raise Conflict(f"evaluation {evaluation_id} already {record.state}; nothing to cancel")
-        if record.state != "cancelled":
-            message = "cancelled on request" + (f" by {by}" if by else "")
-            self.store.put_json(
-                keys.evaluation_cancel_key(evaluation_id),
-                {"at": iso(self.clock()), "by": by, "message": message},
-            )
-            write_evaluation(self.store, record.model_copy(update={"state": "cancelled", "error": message}))
+        """Stop an evaluation that has not finished: the record becomes ``cancelled`` by a
+        compare-and-swap, then the Job is stopped. The evaluator writes its records by
+        compare-and-swap too, so whichever writes second sees the other: a cancel is never undone by
+        an evaluator finishing meanwhile (its write fails and it stops). Cancelling a cancelled one is
+        a no-op; a finished one is a ``Conflict``."""
+        spec, _ = self._load(evaluation_id)
+        message = "cancelled on request" + (f" by {by}" if by else "")
+        for _attempt in range(5):
+            try:
+                stored, etag = read_evaluation_with_etag(self.store, evaluation_id)
+            except (ObjectNotFound, ValidationError, ValueError):
+                stored, etag = None, None
+            record, _ = self.reconcile(spec, stored)
+            if record.state in ("succeeded", "failed"):
+                raise Conflict(f"evaluation {evaluation_id} already {record.state}; nothing to cancel")
+            if record.state == "cancelled":
+                break
+            try:
+                write_evaluation(
+                    self.store,
+                    record.model_copy(update={"state": "cancelled", "error": message}),
+                    if_match=etag,
+                    if_none_match=etag is None,
+                )
+                break
+            except PreconditionFailed:
+                continue  # the evaluator wrote meanwhile: look again
         self.executor.cancel(evaluation_id)
         return self.get(evaluation_id)
 
