@@ -635,7 +635,7 @@ def _rollout_change(change: Callable[[Client, argparse.Namespace], dict[str, Any
             view = c.rollouts.wait(a.deployment, asked, timeout=a.timeout)
         # What changed the rollout after this command's revision (the gate may roll a canary back while
         # the replicas load it): said on stderr, so -o json stays the view; a rolled-back canary fails.
-        later = [e for e in _history_of(c, a.deployment, view) if int(e["revision"]) > asked]
+        later = [e for e in view["history"] if int(e["revision"]) > asked]
         for e in later:
             decision = f" (gate: {e['decision']})" if e.get("decision") else ""
             print(
@@ -649,11 +649,6 @@ def _rollout_change(change: Callable[[Client, argparse.Namespace], dict[str, Any
         return int(ExitCode.FAILED) if rolled_back else 0
 
     return cmd
-
-
-def _history_of(c: Client, deployment: str, view: dict[str, Any]) -> list[dict[str, Any]]:
-    history = view.get("history")
-    return list(history) if isinstance(history, list) else list(c.rollouts.history(deployment))
 
 
 def _policy(a: argparse.Namespace) -> dict[str, Any] | None:

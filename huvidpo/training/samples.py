@@ -34,7 +34,6 @@ from huvidpo.training.config import ConfigError, TrainConfig
 
 SAMPLES_DIR = "samples"
 SAMPLES_JSON = "samples.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 log = logging.getLogger("huvidpo.training")
 
@@ -86,22 +85,10 @@ def plan_samples(cfg: TrainConfig, sources: Sequence[tuple[str, str | None]]) ->
 
 
 def first_frame(path: Path) -> np.ndarray:
-    """Frame 0 of a video, or an image, as ``(h, w, 3)`` uint8."""
-    from huvidpo.video_io import load_image
+    """Frame 0 of a video, or an image, as ``(h, w, 3)`` uint8 (``video_io.load_first_frame``)."""
+    from huvidpo.video_io import load_first_frame
 
-    if path.suffix.lower() in IMAGE_SUFFIXES:
-        return np.asarray(load_image(path), dtype=np.uint8)
-    import av
-
-    from huvidpo.video_io import VideoDecodeError
-
-    try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                return np.asarray(frame.to_ndarray(format="rgb24"), dtype=np.uint8)
-    except (av.error.FFmpegError, OSError) as exc:
-        raise VideoDecodeError(f"cannot decode the sample first frame {path.name}: {exc}") from exc
-    raise VideoDecodeError(f"{path.name} has no frame to start a sample from")
+    return np.asarray(load_first_frame(path), dtype=np.uint8)
 
 
 @contextmanager
