@@ -18,14 +18,21 @@ from services.controlplane.domain.names import (
     VERSION_PATTERN,
 )
 from services.controlplane.domain.util import PAGE_TOKEN_PATTERN
-from services.controlplane.params import CHECKPOINT_ID_PATTERN, OBJECT_KEY_PATTERN
+from services.controlplane.params import (
+    CHECKPOINT_ID_PATTERN,
+    EVALUATION_ID_PATTERN,
+    NAME_FORM,
+    OBJECT_KEY_PATTERN,
+    RATING_ID_PATTERN,
+    UPLOAD_ID_PATTERN,
+)
 from services.controlplane.schemas import CHECKPOINT_PATTERN, DATASET_FILE_PATTERN, SERVED_PATTERN
 
 _CHECKPOINT = "a checkpoint id, ckpt-<fine-tune id>-<step> (`huvidpo checkpoints list` shows them)"
 _SERVED = f"`base` or {_CHECKPOINT}"
 
 FORMS: dict[str, str] = {
-    NAME_PATTERN: "1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit",
+    NAME_PATTERN: NAME_FORM,
     VERSION_PATTERN: "a dataset version: its id (64 lower-case hex digits) or its digest (sha256:<id>); "
     "`huvidpo datasets show NAME` lists them",
     DIGEST_PATTERN: "64 lower-case hex digits",
@@ -33,9 +40,9 @@ FORMS: dict[str, str] = {
     CHECKPOINT_PATTERN: _CHECKPOINT,
     SERVED_PATTERN: _SERVED,
     f"^(base|{CHECKPOINT_ID_PATTERN.strip('^$')})$": _SERVED,
-    r"^ev-[a-z0-9]{1,40}$": "an evaluation id as the API returned it, ev-<hex>",
-    r"^up-[A-Za-z0-9]{1,64}$": "an upload session id as the API returned it, up-<id>",
-    r"^[A-Za-z0-9]*-[A-Za-z0-9-]*$": "a rating id as the API returned it",
+    EVALUATION_ID_PATTERN: "an evaluation id as the API returned it, ev-<hex>",
+    UPLOAD_ID_PATTERN: "an upload session id as the API returned it, up-<id>",
+    RATING_ID_PATTERN: "a rating id as the API returned it",
     RELATIVE_PATH_PATTERN: "a relative path of at most 8 parts of letters, digits, '.', '_' and '-', "
     "none starting with '.'",
     DATASET_FILE_PATTERN: "a relative path of at most 8 parts of letters, digits, '.', '_' and '-', none "

@@ -25,10 +25,13 @@ from services.controlplane.domain.util import MAX_PAGE_SIZE, PAGE_TOKEN_MAX_LEN,
 # Keys of the objects a presigned URL names: '/'-separated segments of letters, digits, '.', '_' and
 # '-', none starting with '.' (the store refuses '.', '..', empty and reserved segments).
 OBJECT_KEY_PATTERN = r"^[A-Za-z0-9_-][A-Za-z0-9._-]*(/[A-Za-z0-9_-][A-Za-z0-9._-]*)*$"
-_NAME = "1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
+EVALUATION_ID_PATTERN = r"^ev-[a-z0-9]{1,40}$"
+UPLOAD_ID_PATTERN = r"^up-[A-Za-z0-9]{1,64}$"
+RATING_ID_PATTERN = r"^[A-Za-z0-9]*-[A-Za-z0-9-]*$"
+NAME_FORM = "1-63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit"
 
 NamePath = Annotated[
-    str, Path(pattern=NAME_PATTERN, min_length=1, max_length=63, description=f"a resource name: {_NAME}")
+    str, Path(pattern=NAME_PATTERN, min_length=1, max_length=63, description=f"a resource name: {NAME_FORM}")
 ]
 """A dataset, deployment or base-model name in the path."""
 
@@ -65,7 +68,7 @@ CheckpointIdPath = Annotated[
 EvaluationIdPath = Annotated[
     str,
     Path(
-        pattern=r"^ev-[a-z0-9]{1,40}$",
+        pattern=EVALUATION_ID_PATTERN,
         description="an evaluation id as the API returned it (`ev-<hex>`)",
         examples=["ev-0123456789abcdef0123"],
     ),
@@ -74,7 +77,7 @@ EvaluationIdPath = Annotated[
 UploadIdPath = Annotated[
     str,
     Path(
-        pattern=r"^up-[A-Za-z0-9]{1,64}$",
+        pattern=UPLOAD_ID_PATTERN,
         description="an upload session id as the API returned it (`up-<hex>`)",
         examples=["up-0123456789abcdef"],
     ),
@@ -85,7 +88,7 @@ UploadIdPath = Annotated[
 RatingIdPath = Annotated[
     str,
     Path(
-        pattern=r"^[A-Za-z0-9]*-[A-Za-z0-9-]*$",
+        pattern=RATING_ID_PATTERN,
         max_length=80,
         description="a stored rating's id as the API returned it",
         examples=["r-0123456789abcdef01234567"],

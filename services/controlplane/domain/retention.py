@@ -39,13 +39,13 @@ class Retention:
         finetunes: FineTuneService,
         checkpoints: CheckpointService,
         rollouts: RolloutService,
-        models: ModelService | None = None,
+        models: ModelService,
     ) -> None:
         self.finetunes = finetunes
         self.datasets = finetunes.datasets
         self.checkpoints = checkpoints
         self.rollouts = rollouts
-        self.models = models or ModelService(finetunes.store, finetunes.clock)
+        self.models = models
 
     def delete_dataset(self, name: str) -> None:
         self.datasets.delete(name, self.finetunes.holds)

@@ -54,7 +54,7 @@ def get_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -
     summary="Delete a checkpoint (409 naming the rollout while a deployment serves it)",
 )
 def delete_checkpoint(checkpoint_id: CheckpointIdPath, c: Context = Depends(ctx)) -> Response:
-    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_checkpoint(checkpoint_id)
+    Retention(c.finetunes, c.checkpoints, c.rollouts, c.models).delete_checkpoint(checkpoint_id)
     return Response(status_code=204)
 
 

@@ -113,7 +113,7 @@ def get_dataset(name: NamePath, c: Context = Depends(ctx)) -> dict[str, Any]:
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
 def delete_dataset(name: NamePath, c: Context = Depends(ctx)) -> Response:
-    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_dataset(name)
+    Retention(c.finetunes, c.checkpoints, c.rollouts, c.models).delete_dataset(name)
     return Response(status_code=204)
 
 
@@ -290,7 +290,7 @@ def get_version(name: NamePath, version: VersionPath, c: Context = Depends(ctx))
     responses=problems.common_responses(401, 403, 404, 409, 422),
 )
 def delete_version(name: NamePath, version: VersionPath, c: Context = Depends(ctx)) -> Response:
-    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_version(name, version)
+    Retention(c.finetunes, c.checkpoints, c.rollouts, c.models).delete_version(name, version)
     return Response(status_code=204)
 
 

@@ -103,7 +103,7 @@ def get_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> dict
     summary="Delete a finished fine-tune without checkpoints (409 while active or while it has checkpoints)",
 )
 def delete_finetune(finetune_id: FineTuneIdPath, c: Context = Depends(ctx)) -> Response:
-    Retention(c.finetunes, c.checkpoints, c.rollouts).delete_finetune(finetune_id)
+    Retention(c.finetunes, c.checkpoints, c.rollouts, c.models).delete_finetune(finetune_id)
     return Response(status_code=204)
 
 
